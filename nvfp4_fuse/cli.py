@@ -1,0 +1,195 @@
+"""The command line: ``nvfp4-fuse convert | verify | push | sample``.
+
+Exit codes: 0 success, 1 internal error, 2 bad input (one clear line naming file and tensor),
+3 a verification check failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, InputError, Nvfp4FuseError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="ModelOpt NVFP4 per-expert MoE checkpoints -> fused-expert layouts.")
+err = Console(stderr=True)
+out = Console()
+
+
+def _resolve(source: str, revision: Optional[str]) -> tuple[Path, Path | None]:
+    """Local folder, or a Hub repo id resolved through the cache. Returns (folder, trust root)."""
+    p = Path(source)
+    if p.exists():
+        if revision:
+            raise InputError("--revision applies to Hub repo ids, not to local folders")
+        return p, None
+    from . import hub
+
+    folder = hub.resolve_source(source, revision=revision)
+    # Hub cache snapshots are symlinks into the repo's blobs/ folder: trust the repo folder.
+    trust = folder.parents[1] if folder.parent.name == "snapshots" else None
+    return folder, trust
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+        disable=not err.is_terminal and os.environ.get("NVFP4_FUSE_PROGRESS") != "1",
+    )
+
+
+def _print_plan(plan: Any, out_dir: Path, workers: int) -> None:
+    from .plan import disk_free, human
+
+    src = plan.source
+    t = Table(title=f"nvfp4-fuse plan: target {plan.target.name}", show_lines=False)
+    for c in ("expert module", "experts", "hidden", "intermediate", "gate/up scale_2 differ", "input-scale max/min"):
+        t.add_column(c, justify="right" if c != "expert module" else "left")
+    for p, layer in plan.layers.items():
+        t.add_row(
+            p,
+            str(layer.dims.experts),
+            str(layer.dims.hidden),
+            str(layer.dims.inter),
+            f"{layer.rescaled_experts}" + (" (rescaled)" if layer.rescaled_experts and plan.target.scale_2 == "merge-max" else " (kept both)" if layer.rescaled_experts else ""),
+            f"{layer.input_scale_spread:.3g}",
+        )
+    out.print(t)
+    s = Table(title="output shards")
+    s.add_column("file")
+    s.add_column("tensors", justify="right")
+    s.add_column("bytes", justify="right")
+    for sh in plan.shards:
+        s.add_row(sh.name, str(len(sh.tensors)), human(sh.data_bytes))
+    out.print(s)
+    need = plan.output_bytes_estimate()
+    out.print(f"source: {src.root} ({len(src.headers)} shards, {len(src.tensor_file)} tensors, {len(src.sidecars)} other files)")
+    out.print(f"target: {plan.target.name}: {plan.target.description}")
+    out.print(f"disk needed: {human(need)}; free at {out_dir}: {human(disk_free(out_dir))}")
+    out.print(f"peak memory (estimate, {workers} workers): {human(plan.peak_memory_estimate(workers))}")
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="Source checkpoint: a local folder or a Hub repo id (org/name)."),
+    output: Path = typer.Argument(..., help="Output folder (created)."),
+    target: str = typer.Option("mega-moe", help="Output layout: mega-moe (DeepGEMM MegaMoE), vllm-fused (128x4 swizzle), linear."),
+    w13_order: str = typer.Option("gate-up", help="Row order of w13 for vllm-fused/linear: gate-up or up-gate."),
+    max_shard_size: str = typer.Option("5GB", help="Largest output shard (a tensor is never split)."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Reader threads."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever the output folder holds."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (from headers only) and exit."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision, for a repo id."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Convert a per-expert ModelOpt NVFP4 MoE checkpoint into a fused-expert layout."""
+    from .convert import ConvertOptions, convert as run_convert, make_plan
+    from .plan import human, parse_size
+
+    opts = ConvertOptions(target, w13_order, parse_size(max_shard_size), workers, overwrite, dry_run)
+    if dry_run and not Path(source).exists():
+        from . import hub
+
+        out.print(hub.describe_remote_plan(source, revision=revision, target=target))
+        return
+    folder, trust = _resolve(source, revision)
+    plan = make_plan(folder, opts, trust_root=trust)
+    if dry_run:
+        _print_plan(plan, output, workers)
+        return
+    with _progress() as prog:
+        task = prog.add_task("convert", total=plan.total_size)
+        res = run_convert(folder, output, opts, plan=plan, source_label=source, on_bytes=lambda n: prog.advance(task, n))
+    if json_out:
+        out.print_json(
+            json.dumps(
+                {
+                    "output": str(res.out_dir),
+                    "target": plan.target.name,
+                    "already_complete": res.already_complete,
+                    "resumed_shards": res.resumed_shards,
+                    "seconds": res.seconds,
+                    "layers": [r.to_json() for r in res.layers],
+                    "files": res.files,
+                }
+            )
+        )
+        return
+    if res.already_complete:
+        out.print(f"[green]{output} already holds this conversion (manifest matches); nothing to do.")
+        return
+    t = Table(title=f"converted to {plan.target.name} in {res.seconds:.1f} s")
+    for c in ("expert module", "experts", "rescaled", "max rescale change", "input-scale max/min"):
+        t.add_column(c, justify="left" if c == "expert module" else "right")
+    for r in res.layers:
+        t.add_row(r.prefix, str(r.experts), str(r.rescaled_experts), f"{100 * r.max_rescale_change:.2f}%", f"{r.input_scale_spread:.3g}")
+    out.print(t)
+    if res.resumed_shards:
+        out.print(f"resumed: kept {len(res.resumed_shards)} complete shard(s) from an earlier run")
+    out.print(f"wrote {len(plan.shards)} shard(s), {human(plan.total_size)} of tensors, to {output}")
+
+
+@app.command()
+def sample(
+    output: Path = typer.Argument(..., help="Folder to write the sample checkpoint into."),
+    scheme: str = typer.Option("deepseek", help="Tensor names: deepseek, hf, mixtral, compressed-tensors."),
+    layers: int = typer.Option(3, help="Layers (with --dense-first-layer, layer 0 is dense)."),
+    experts: int = typer.Option(8, help="Routed experts per MoE layer."),
+    hidden: int = typer.Option(256, help="Hidden size H."),
+    intermediate: int = typer.Option(128, help="Expert intermediate size I."),
+    shards: int = typer.Option(3, help="Number of shards."),
+    unequal_scale_2: bool = typer.Option(False, "--unequal-scale-2", help="Give gate and up different weight_scale_2."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (default: random)."),
+) -> None:
+    """Write a small real-format ModelOpt NVFP4 MoE checkpoint (random weights, real quantization)."""
+    from .sample import SampleSpec, make_sample_checkpoint
+
+    spec = SampleSpec(scheme, layers, experts, hidden, intermediate, shards, unequal_scale_2, seed=seed)
+    make_sample_checkpoint(output, spec)
+    out.print(f"sample checkpoint ({scheme} names, {layers} layers, {experts} experts) written to {output}")
+
+
+def main() -> None:
+    try:
+        rc = app(standalone_mode=False)
+    except Nvfp4FuseError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted; rerun the same command to resume")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click's usage errors come through here too
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(EXIT_BAD_INPUT)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        err.print_exception()
+        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e}")
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
+
+__all__ = ["app", "main", "__version__"]

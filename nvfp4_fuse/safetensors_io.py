@@ -1,0 +1,339 @@
+"""safetensors I/O: strict header reading, bounded reads by offset, and the streaming shard writer.
+
+Reading: every shard's header is parsed here with the checks safetensors itself makes (contiguous,
+non-overlapping byte ranges that cover the whole file, byte counts that match dtype and shape, a
+100 MB header cap) plus those it does not (duplicate JSON keys, which safetensors silently resolves to
+the last one). The file is then opened once with ``safetensors.safe_open`` too, so the library's own
+parser agrees before any byte is used. Tensor bytes are read with ``os.pread`` by offset: one expert
+at a time, no mmap, so resident memory stays bounded by what is being converted.
+
+Writing: :class:`StreamingShardWriter` takes the complete list of tensors (name, dtype, shape) first,
+writes the header, then accepts each tensor's bytes in order, in as many chunks as the caller likes,
+hashing them on the way. Nothing is ever held for a whole shard. The file is written under a
+temporary name, fsynced, and renamed into place only when every declared byte has arrived.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+MAX_HEADER_SIZE = 100_000_000
+PARTIAL_SUFFIX = ".partial"
+
+# dtype string -> bits per element (safetensors' names)
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}  # fmt: skip
+
+TORCH_DTYPES = {
+    "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I16": torch.int16, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I32": torch.int32, "F32": torch.float32, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def tensor_nbytes(dtype: str, shape: list[int] | tuple[int, ...]) -> int:
+    bits = DTYPE_BITS[dtype] * math.prod(shape)
+    if bits % 8:
+        raise ValueError(f"{dtype}{list(shape)} does not end on a byte boundary")
+    return bits // 8
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # relative to the data section
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass
+class ShardHeader:
+    path: Path
+    data_start: int  # absolute offset of the data section
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] | None
+    file_size: int
+    raw_header: bytes = field(repr=False, default=b"")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DuplicateKey(k)
+        d[k] = v
+    return d
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def loads_strict_json(text: str | bytes, *, what: str, file: str) -> Any:
+    """json.loads that rejects duplicate keys and reports errors as InputError."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError:
+        raise InputError(f"{what} is not valid UTF-8", file=file) from None
+    except _DuplicateKey as e:
+        raise InputError(f"{what} has the key {e.args[0]!r} twice", file=file) from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{what} is not valid JSON ({e.msg} at char {e.pos})", file=file) from None
+
+
+def read_header(path: Path) -> ShardHeader:
+    """Parse and validate one safetensors file's header; raise InputError naming file and tensor."""
+    path = Path(path)
+    f = str(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise InputError(f"file is {size} bytes, too short for a safetensors header", file=f)
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_SIZE:
+                raise InputError(f"header length {n} is over the {MAX_HEADER_SIZE}-byte limit", file=f)
+            if 8 + n > size:
+                raise InputError(f"header length {n} runs past the end of the {size}-byte file (truncated?)", file=f)
+            raw = fh.read(n)
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror}", file=f) from None
+    if not raw.lstrip(b" ").startswith(b"{"):
+        raise InputError("header does not start with '{'", file=f)
+    obj = loads_strict_json(raw, what="safetensors header", file=f)
+    if not isinstance(obj, dict):
+        raise InputError("header is not a JSON object", file=f)
+    metadata = obj.pop("__metadata__", None)
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise InputError("__metadata__ must map strings to strings", file=f)
+    tensors: dict[str, TensorInfo] = {}
+    for name, spec in obj.items():
+        if not isinstance(spec, dict) or set(spec) - {"dtype", "shape", "data_offsets"} or len(spec) != 3:
+            raise InputError("tensor entry must have exactly dtype, shape and data_offsets", file=f, tensor=name)
+        dtype, shape, offs = spec["dtype"], spec["shape"], spec["data_offsets"]
+        if dtype not in DTYPE_BITS:
+            raise InputError(f"unknown dtype {dtype!r}", file=f, tensor=name)
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise InputError(f"shape {shape!r} is not a list of non-negative integers", file=f, tensor=name)
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)
+            or offs[0] > offs[1]
+        ):
+            raise InputError(f"data_offsets {offs!r} are not [begin, end] with begin <= end", file=f, tensor=name)
+        try:
+            want = tensor_nbytes(dtype, shape)
+        except ValueError as e:
+            raise InputError(str(e), file=f, tensor=name) from None
+        if offs[1] - offs[0] != want:
+            raise InputError(
+                f"{dtype}{shape} needs {want} bytes but data_offsets {offs} hold {offs[1] - offs[0]}", file=f, tensor=name
+            )
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), offs[0], offs[1])
+    # Contiguous, non-overlapping cover of the data section, as safetensors requires.
+    data_len = size - 8 - n
+    pos = 0
+    for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if t.begin < pos:
+            raise InputError(f"byte range [{t.begin}, {t.end}) overlaps the previous tensor", file=f, tensor=t.name)
+        if t.begin > pos:
+            raise InputError(f"hole in the data section before byte {t.begin}", file=f, tensor=t.name)
+        pos = t.end
+    if pos > data_len:
+        raise InputError(f"tensors end at data byte {pos} but the file holds only {data_len} (truncated?)", file=f)
+    if pos < data_len:
+        raise InputError(f"{data_len - pos} bytes after the last tensor are not covered by the header", file=f)
+    _check_with_safetensors(path)
+    return ShardHeader(path, 8 + n, tensors, metadata, size, raw)
+
+
+def _check_with_safetensors(path: Path) -> None:
+    """Let safetensors' own parser confirm the layout (it reads only the header)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+    except Exception as e:  # safetensors raises its own SafetensorError and friends
+        raise InputError(f"safetensors rejects the file: {e}", file=str(path)) from None
+
+
+class ShardReader:
+    """Reads tensors of one shard by offset with pread; keeps one file descriptor open."""
+
+    def __init__(self, header: ShardHeader):
+        self.header = header
+        self._fd = os.open(header.path, os.O_RDONLY)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytearray:
+        t = self.header.tensors[name]
+        if length is None:
+            length = t.nbytes - start
+        buf = bytearray(length)
+        view = memoryview(buf)
+        off = self.header.data_start + t.begin + start
+        got = 0
+        while got < length:
+            n = os.preadv(self._fd, [view[got:]], off + got)
+            if n <= 0:
+                raise InputError(f"file ended while reading {length} bytes (truncated?)", file=str(self.header.path), tensor=name)
+            got += n
+        return buf
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        t = self.header.tensors[name]
+        if t.dtype not in TORCH_DTYPES:
+            raise InputError(f"dtype {t.dtype} cannot be read as a tensor here", file=str(self.header.path), tensor=name)
+        buf = self.read_bytes(name)
+        if not buf:
+            return torch.empty(t.shape, dtype=TORCH_DTYPES[t.dtype])
+        return torch.frombuffer(buf, dtype=TORCH_DTYPES[t.dtype]).reshape(t.shape)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor (any shape, 0-d included), without a copy if contiguous."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+@dataclass(frozen=True)
+class OutEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
+
+
+def build_header(entries: list[OutEntry], metadata: dict[str, str] | None) -> bytes:
+    """8-byte length + JSON header padded with spaces to a multiple of 8; tensors laid out in order."""
+    obj: dict[str, Any] = {}
+    if metadata:
+        obj["__metadata__"] = metadata
+    pos = 0
+    for e in entries:
+        n = e.nbytes
+        obj[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    js = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    js += b" " * (-len(js) % 8)
+    return struct.pack("<Q", len(js)) + js
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StreamingShardWriter:
+    """Header first, then each declared tensor's bytes in order; sha256 computed while writing.
+
+    ``write(data)`` appends bytes to the current tensor and moves on when it is full, so callers can
+    hand over one expert's slice at a time. ``finish()`` checks that every declared byte arrived,
+    fsyncs, renames the temporary file into place, fsyncs the folder and returns (size, sha256).
+    Anything else (an exception, a crash) leaves only the ``.partial`` file, never a complete-looking
+    shard.
+    """
+
+    def __init__(self, path: Path, entries: list[OutEntry], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self.entries = entries
+        self._sizes = [e.nbytes for e in entries]
+        self._idx = 0
+        self._left = self._sizes[0] if self._sizes else 0
+        self._hash = hashlib.sha256()
+        self._fh = open(self.tmp, "wb")
+        header = build_header(entries, metadata)
+        self._size = 0
+        self._raw_write(header)
+        self._skip_empty()
+
+    def _raw_write(self, data: bytes | bytearray | memoryview) -> None:
+        self._fh.write(data)
+        self._hash.update(data)
+        self._size += len(data)
+
+    def _skip_empty(self) -> None:
+        while self._idx < len(self._sizes) and self._left == 0:
+            self._idx += 1
+            self._left = self._sizes[self._idx] if self._idx < len(self._sizes) else 0
+
+    @property
+    def current(self) -> str | None:
+        return self.entries[self._idx].name if self._idx < len(self.entries) else None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        while len(mv):
+            if self._idx >= len(self._sizes):
+                raise RuntimeError(f"{self.path.name}: {len(mv)} bytes more than the header declares")
+            n = min(self._left, len(mv))
+            self._raw_write(mv[:n])
+            mv = mv[n:]
+            self._left -= n
+            self._skip_empty()
+
+    def finish(self) -> tuple[int, str]:
+        if self._idx < len(self._sizes):
+            raise RuntimeError(f"{self.path.name}: tensor {self.current} is missing {self._left} bytes")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        return self._size, self._hash.hexdigest()
+
+    def abort(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_file_atomic(path: Path, data: bytes) -> tuple[int, str]:
+    """Write a small file under a temporary name, fsync, rename; returns (size, sha256)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return len(data), hashlib.sha256(data).hexdigest()

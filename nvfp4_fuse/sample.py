@@ -1,0 +1,235 @@
+"""A small but real-format ModelOpt NVFP4 MoE checkpoint, for the demo, the tests and the benchmark.
+
+Weights are random bf16 values quantized with ModelOpt's NVFP4 recipe (``nvfp4.quantize``), written
+as sharded safetensors with an index, ``config.json``, ``hf_quant_config.json`` and a few sidecars,
+in any of the naming schemes the converter reads. Options make gate/up ``weight_scale_2`` unequal
+(as in pre-0.43 exports and some re-exports) and give every expert its own input scale; experts of
+one layer are spread over several shards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .nvfp4 import E2M1_MAX, E4M3_MAX, quantize
+from .safetensors_io import OutEntry, StreamingShardWriter, tensor_bytes
+
+SCHEMES = ("hf", "mixtral", "deepseek", "compressed-tensors")
+
+
+@dataclass
+class SampleSpec:
+    scheme: str = "deepseek"
+    layers: int = 2
+    experts: int = 8
+    hidden: int = 256
+    inter: int = 128
+    shards: int = 3
+    unequal_scale_2: bool = False
+    unequal_input_scales: bool = True
+    dense_first_layer: bool = True  # DeepSeek-style: layer 0 is a dense MLP
+    shared_experts: bool = True
+    seed: int | None = None
+    fast: bool = False  # random codes and scales instead of quantizing random weights (for big benchmarks)
+
+
+def _names(scheme: str, layer: int) -> tuple[str, str, dict[str, str]]:
+    """(expert prefix, block prefix, projection names) of one layer in a naming scheme."""
+    if scheme == "deepseek":
+        return f"layers.{layer}.ffn.experts", f"layers.{layer}", {"gate": "w1", "up": "w3", "down": "w2"}
+    if scheme == "mixtral":
+        return (
+            f"model.layers.{layer}.block_sparse_moe.experts",
+            f"model.layers.{layer}",
+            {"gate": "w1", "up": "w3", "down": "w2"},
+        )
+    return f"model.layers.{layer}.mlp.experts", f"model.layers.{layer}", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def _nvfp4_linear(
+    name: str, rows: int, cols: int, gen: torch.Generator, *, scale_2: float | None, input_scale: float, ct: bool, fast: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    if fast:
+        packed = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=gen)
+        # positive normal E4M3 bytes (exponent 1..14): never NaN, never negative
+        scale = torch.randint(0x08, 0x78, (rows, cols // 16), dtype=torch.uint8, generator=gen).view(torch.float8_e4m3fn)
+        s2 = scale_2 if scale_2 is not None else 1e-4
+    else:
+        w = torch.randn(rows, cols, generator=gen) * 0.02
+        # heavier tails on a few rows, like real weights
+        w[:: max(1, rows // 7)] *= 4
+        packed, scale, s2 = quantize(w, scale_2)
+    s2t = torch.tensor(s2, dtype=torch.float32)
+    ist = torch.tensor(input_scale, dtype=torch.float32)
+    if ct:
+        yield f"{name}.weight_packed", packed
+        yield f"{name}.weight_scale", scale
+        yield f"{name}.weight_global_scale", torch.reciprocal(s2t).reshape(1)
+        yield f"{name}.input_global_scale", torch.reciprocal(ist).reshape(1)
+    else:
+        yield f"{name}.weight", packed
+        yield f"{name}.weight_scale", scale
+        yield f"{name}.weight_scale_2", s2t
+        yield f"{name}.input_scale", ist
+
+
+def _layer_tensors(spec: SampleSpec, layer: int, gen: torch.Generator) -> Iterator[tuple[str, torch.Tensor]]:
+    h, i = spec.hidden, spec.inter
+    ct = spec.scheme == "compressed-tensors"
+    prefix, block, proj = _names(spec.scheme, layer)
+    yield f"{block}.input_layernorm.weight", torch.ones(h, dtype=torch.bfloat16)
+    yield f"{block}.self_attn.o_proj.weight", (torch.randn(h, h, generator=gen) * 0.02).to(torch.bfloat16)
+    if spec.dense_first_layer and layer == 0:
+        mlp = prefix.rsplit(".", 1)[0]
+        for role, rows, cols in (("gate", i, h), ("up", i, h), ("down", h, i)):
+            yield from _nvfp4_linear(f"{mlp}.{proj[role]}", rows, cols, gen, scale_2=None, input_scale=0.01, ct=ct, fast=spec.fast)
+        return
+    mlp = prefix.rsplit(".", 1)[0]
+    yield f"{mlp}.gate.weight", (torch.randn(spec.experts, h, generator=gen) * 0.02).to(torch.bfloat16)
+    if spec.shared_experts:
+        for role, rows, cols in (("gate", i, h), ("up", i, h), ("down", h, i)):
+            yield from _nvfp4_linear(
+                f"{mlp}.shared_experts.{proj[role]}", rows, cols, gen, scale_2=None, input_scale=0.02, ct=ct, fast=spec.fast
+            )
+    for e in range(spec.experts):
+        amax = float(torch.empty(()).uniform_(0.05, 0.2, generator=gen))
+        shared_s2 = amax / (E2M1_MAX * E4M3_MAX)
+        if spec.unequal_scale_2:
+            s2_gate = shared_s2 * float(torch.empty(()).uniform_(0.3, 1.0, generator=gen))
+            s2_up = shared_s2 * float(torch.empty(()).uniform_(0.3, 1.0, generator=gen))
+        else:
+            s2_gate = s2_up = shared_s2
+        if spec.unequal_input_scales:
+            in_gu = float(torch.empty(()).uniform_(0.005, 0.05, generator=gen))
+            in_down = float(torch.empty(()).uniform_(0.005, 0.05, generator=gen))
+        else:
+            in_gu = in_down = 0.02
+        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['gate']}", i, h, gen, scale_2=s2_gate, input_scale=in_gu, ct=ct, fast=spec.fast)
+        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['up']}", i, h, gen, scale_2=s2_up, input_scale=in_gu, ct=ct, fast=spec.fast)
+        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['down']}", h, i, gen, scale_2=None, input_scale=in_down, ct=ct, fast=spec.fast)
+
+
+_DTYPE_NAME = {torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32", torch.bfloat16: "BF16"}
+
+
+def _configs(spec: SampleSpec) -> dict[str, dict]:
+    h, i = spec.hidden, spec.inter
+    cfg: dict = {
+        "architectures": ["DeepseekV3ForCausalLM" if spec.scheme == "deepseek" else "MixtralForCausalLM" if spec.scheme == "mixtral" else "Qwen3MoeForCausalLM"],
+        "model_type": "deepseek_v3" if spec.scheme == "deepseek" else "mixtral" if spec.scheme == "mixtral" else "qwen3_moe",
+        "hidden_size": h,
+        "moe_intermediate_size": i,
+        "num_hidden_layers": spec.layers,
+        "n_routed_experts": spec.experts,
+        "num_experts": spec.experts,
+        "torch_dtype": "bfloat16",
+    }
+    group = {"num_bits": 4, "type": "float", "group_size": 16}
+    if spec.scheme == "compressed-tensors":
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors",
+            "format": "nvfp4-pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {**group, "strategy": "tensor_group", "symmetric": True, "dynamic": False},
+                    "input_activations": {**group, "strategy": "tensor_group", "symmetric": True, "dynamic": "local"},
+                }
+            },
+            "ignore": ["lm_head", "re:.*mlp.gate$"],
+        }
+        return {"config.json": cfg}
+    exclude = ["lm_head", "*.mlp.gate", "*.ffn.gate", "*.block_sparse_moe.gate", "*self_attn*"]
+    cfg["quantization_config"] = {
+        "quant_method": "modelopt",
+        "quant_algo": "NVFP4",
+        "producer": {"name": "modelopt", "version": "0.45.0"},
+        "config_groups": {
+            "group_0": {"input_activations": {**group, "dynamic": False}, "weights": {**group, "dynamic": False}, "targets": ["Linear"]}
+        },
+        "ignore": exclude,
+    }
+    hq = {
+        "producer": {"name": "modelopt", "version": "0.45.0"},
+        "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": exclude},
+    }
+    return {"config.json": cfg, "hf_quant_config.json": hq}
+
+
+def make_sample_checkpoint(out: Path, spec: SampleSpec | None = None) -> Path:
+    """Write a sample checkpoint into ``out`` (created); returns ``out``."""
+    spec = spec or SampleSpec()
+    if spec.scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(spec.seed if spec.seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    h = spec.hidden
+    # Materialise lazily, layer by layer, shard by shard: big benchmark checkpoints stay within memory.
+    def all_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        yield "model.embed_tokens.weight" if spec.scheme != "deepseek" else "embed.weight", (
+            torch.randn(64, h, generator=gen) * 0.02
+        ).to(torch.bfloat16)
+        for layer in range(spec.layers):
+            yield from _layer_tensors(spec, layer, gen)
+        yield "lm_head.weight" if spec.scheme != "deepseek" else "head.weight", (torch.randn(64, h, generator=gen) * 0.02).to(torch.bfloat16)
+
+    # Sizes are needed up front to split evenly: estimate from the spec, then fill shards in order.
+    total = _estimate_bytes(spec)
+    per_shard = math.ceil(total / spec.shards)
+    weight_map: dict[str, str] = {}
+    shard_names = [f"model-{k + 1:05d}-of-{spec.shards:05d}.safetensors" for k in range(spec.shards)]
+    pending: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    k = 0
+
+    def flush(items: list[tuple[str, torch.Tensor]], name: str) -> None:
+        entries = [OutEntry(n, _DTYPE_NAME[t.dtype], tuple(t.shape)) for n, t in items]
+        w = StreamingShardWriter(out / name, entries, {"format": "pt"})
+        for _, t in items:
+            w.write(tensor_bytes(t))
+        w.finish()
+        for n, _ in items:
+            weight_map[n] = name
+
+    for name, t in all_tensors():
+        pending.append((name, t))
+        size += t.numel() * t.element_size()
+        if size >= per_shard and k < spec.shards - 1:
+            flush(pending, shard_names[k])
+            pending, size, k = [], 0, k + 1
+    flush(pending, shard_names[k])
+    if k < spec.shards - 1:  # fewer tensors than shards: rename so names stay consistent
+        n_real = k + 1
+        renamed = {}
+        for j in range(n_real):
+            new = f"model-{j + 1:05d}-of-{n_real:05d}.safetensors"
+            (out / shard_names[j]).rename(out / new)
+            renamed[shard_names[j]] = new
+        weight_map = {t: renamed[f] for t, f in weight_map.items()}
+    total_size = sum((out / f).stat().st_size for f in set(weight_map.values()))
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for name, obj in _configs(spec).items():
+        (out / name).write_text(json.dumps(obj, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}) + "\n")
+    (out / "README.md").write_text(f"Sample NVFP4 MoE checkpoint ({spec.scheme} names), made by nvfp4-fuse.\n")
+    return out
+
+
+def _estimate_bytes(spec: SampleSpec) -> int:
+    h, i = spec.hidden, spec.inter
+    lin = lambda r, c: r * c // 2 + r * c // 16 + 8  # noqa: E731
+    per_expert = 2 * lin(i, h) + lin(h, i)
+    moe_layers = spec.layers - (1 if spec.dense_first_layer else 0)
+    total = moe_layers * (spec.experts + (1 if spec.shared_experts else 0)) * per_expert
+    total += spec.layers * (h * h * 2 + h * 2) + 2 * 64 * h * 2
+    return total

@@ -1,0 +1,202 @@
+"""Output layouts. Each target is a few declarative choices plus the per-expert transforms they imply.
+
+A target says: how w13 rows are ordered (gate then up, up then gate, or interleaved in groups), how
+block scales are laid out (linear, 128x4-swizzled, DeepGEMM MegaMoE), how gate/up ``weight_scale_2``
+are combined (merged by max with a rescale of the smaller half, or both kept), and how per-expert
+``input_scale`` values are combined. The converter asks a target for its output tensors' names,
+dtypes and shapes, then feeds it one expert at a time; no target ever sees a whole layer of weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import mega_moe
+from .errors import InputError
+from .naming import fused_name
+from .safetensors_io import OutEntry
+from .swizzle import padded_shape, swizzle_128x4
+
+LAYOUT_VERSION = "nvfp4-fuse/v1"
+
+
+@dataclass(frozen=True)
+class LayerDims:
+    experts: int
+    hidden: int  # H: input width of gate/up, output rows of down
+    inter: int  # I: output rows of gate/up, input width of down
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    w13_rows: str  # "gate-up" | "up-gate" | "interleave8"
+    scale_layout: str  # "linear" | "swizzle128x4" | "mega-moe"
+    scale_2: str  # "merge-max" ([E], smaller half rescaled) | "keep-both" ([E, 2], gate then up)
+    w13_input_scale: str  # "expert-max" ([E], max of gate/up) | "layer-max" ([], max over all)
+    description: str
+
+    # -- shapes ---------------------------------------------------------------------------------
+    def check_dims(self, prefix: str, d: LayerDims) -> None:
+        if self.scale_layout == "mega-moe":
+            mega_moe.check_mega_moe_shape(2 * d.inter, d.hidden, f"{prefix} w13 (gate+up)")
+            mega_moe.check_mega_moe_shape(d.hidden, d.inter, f"{prefix} w2 (down)")
+
+    def _scale_entry(self, name: str, e: int, rows: int, cols: int) -> OutEntry:
+        k16 = cols // 16
+        if self.scale_layout == "linear":
+            return OutEntry(name, "F8_E4M3", (e, rows, k16))
+        if self.scale_layout == "swizzle128x4":
+            return OutEntry(name, "F8_E4M3", (e, *padded_shape(rows, k16)))
+        if self.scale_layout == "mega-moe":
+            return OutEntry(name, "I32", (e, cols // 64, rows))
+        raise AssertionError(self.scale_layout)
+
+    def out_entries(self, prefix: str, d: LayerDims) -> list[OutEntry]:
+        e, h, i = d.experts, d.hidden, d.inter
+        w13_s2 = (e,) if self.scale_2 == "merge-max" else (e, 2)
+        w13_in = (e,) if self.w13_input_scale == "expert-max" else ()
+        return [
+            OutEntry(fused_name(prefix, "w13_weight"), "U8", (e, 2 * i, h // 2)),
+            self._scale_entry(fused_name(prefix, "w13_weight_scale"), e, 2 * i, h),
+            OutEntry(fused_name(prefix, "w13_weight_scale_2"), "F32", w13_s2),
+            OutEntry(fused_name(prefix, "w13_input_scale"), "F32", w13_in),
+            OutEntry(fused_name(prefix, "w2_weight"), "U8", (e, h, i // 2)),
+            self._scale_entry(fused_name(prefix, "w2_weight_scale"), e, h, i),
+            OutEntry(fused_name(prefix, "w2_weight_scale_2"), "F32", (e,)),
+            OutEntry(fused_name(prefix, "w2_input_scale"), "F32", (e,)),
+        ]
+
+    # -- per-expert transforms ------------------------------------------------------------------
+    def join_rows(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """Stack one expert's gate and up rows (weights or linear scales) in this target's order."""
+        if self.w13_rows == "gate-up":
+            return torch.cat((gate, up), dim=0)
+        if self.w13_rows == "up-gate":
+            return torch.cat((up, gate), dim=0)
+        if self.w13_rows == "interleave8":
+            return mega_moe.interleave_gate_up(gate, up)
+        raise AssertionError(self.w13_rows)
+
+    def split_rows(self, w13: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of :meth:`join_rows`: (gate, up)."""
+        half = w13.shape[0] // 2
+        if self.w13_rows == "gate-up":
+            return w13[:half], w13[half:]
+        if self.w13_rows == "up-gate":
+            return w13[half:], w13[:half]
+        if self.w13_rows == "interleave8":
+            return mega_moe.deinterleave_gate_up(w13)
+        raise AssertionError(self.w13_rows)
+
+    def lay_out_scales(self, scale: torch.Tensor) -> torch.Tensor:
+        """One expert's linear [rows, K/16] E4M3 scales (rows already joined) -> on-disk layout."""
+        if self.scale_layout == "linear":
+            return scale.contiguous()
+        if self.scale_layout == "swizzle128x4":
+            return swizzle_128x4(scale)
+        if self.scale_layout == "mega-moe":
+            return mega_moe.layout_expert_scales(scale)
+        raise AssertionError(self.scale_layout)
+
+    def natural_scales(self, stored: torch.Tensor, rows: int, k16: int) -> torch.Tensor:
+        """Inverse of :meth:`lay_out_scales` for one expert: -> float8_e4m3fn [rows, k16]."""
+        from .swizzle import unswizzle_128x4
+
+        if self.scale_layout == "linear":
+            return stored.view(torch.float8_e4m3fn)
+        if self.scale_layout == "swizzle128x4":
+            return unswizzle_128x4(stored.view(torch.uint8), rows, k16).view(torch.float8_e4m3fn)
+        if self.scale_layout == "mega-moe":
+            return mega_moe.unlayout_expert_scales(stored, rows, k16)
+        raise AssertionError(self.scale_layout)
+
+    # -- global scales --------------------------------------------------------------------------
+    def rescale_ratios(self, s2_gate: torch.Tensor, s2_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-expert factors for the gate and up block scales ([E] fp32; 1.0 means a pure copy)."""
+        if self.scale_2 == "keep-both":
+            one = torch.ones_like(s2_gate)
+            return one, one
+        c = torch.maximum(s2_gate, s2_up)
+        rg = torch.where(s2_gate == c, torch.ones_like(c), s2_gate / c)
+        ru = torch.where(s2_up == c, torch.ones_like(c), s2_up / c)
+        return rg, ru
+
+    def global_tensors(self, prefix: str, sc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The small per-layer tensors, from the per-expert scalars (fp32 [E] each)."""
+        if self.scale_2 == "merge-max":
+            w13_s2 = torch.maximum(sc["gate.weight_scale_2"], sc["up.weight_scale_2"])
+        else:
+            w13_s2 = torch.stack((sc["gate.weight_scale_2"], sc["up.weight_scale_2"]), dim=1)
+        in13 = torch.maximum(sc["gate.input_scale"], sc["up.input_scale"])
+        if self.w13_input_scale == "layer-max":
+            in13 = in13.max()
+        return {
+            fused_name(prefix, "w13_weight_scale_2"): w13_s2.contiguous(),
+            fused_name(prefix, "w13_input_scale"): in13.contiguous(),
+            fused_name(prefix, "w2_weight_scale_2"): sc["down.weight_scale_2"].contiguous(),
+            fused_name(prefix, "w2_input_scale"): sc["down.input_scale"].contiguous(),
+        }
+
+    def describe(self, w13_order: str) -> dict[str, str]:
+        """The ``fused_experts`` block written into config.json / hf_quant_config.json."""
+        d = {
+            "layout": LAYOUT_VERSION,
+            "target": self.name,
+            "w13_rows": self.w13_rows,
+            "scale_layout": self.scale_layout,
+            "w13_weight_scale_2": self.scale_2,
+            "w13_input_scale": self.w13_input_scale,
+            "w2_input_scale": "per-expert",
+        }
+        if self.scale_layout == "mega-moe":
+            d.update(mega_moe.LOADER_NOTES)
+        return d
+
+
+_TARGETS = {
+    "mega-moe": Target(
+        "mega-moe",
+        w13_rows="interleave8",
+        scale_layout="mega-moe",
+        scale_2="keep-both",
+        w13_input_scale="layer-max",
+        description="DeepGEMM NVFP4 MegaMoE (vLLM --moe-backend deep_gemm_mega_moe): gate/up rows "
+        "interleaved by 8, int32-packed UTCCP-permuted MN-major scales, gate and up scale_2 kept",
+    ),
+    "vllm-fused": Target(
+        "vllm-fused",
+        w13_rows="gate-up",
+        scale_layout="swizzle128x4",
+        scale_2="merge-max",
+        w13_input_scale="expert-max",
+        description="CUTLASS/FlashInfer-style fused MoE: [gate; up] rows, 128x4-swizzled scales, merged scale_2",
+    ),
+    "linear": Target(
+        "linear",
+        w13_rows="gate-up",
+        scale_layout="linear",
+        scale_2="merge-max",
+        w13_input_scale="expert-max",
+        description="Like vllm-fused with plain [E, rows, K/16] block scales",
+    ),
+}
+TARGET_NAMES = tuple(_TARGETS)
+DEFAULT_TARGET = "mega-moe"
+
+
+def get_target(name: str, *, w13_order: str = "gate-up") -> Target:
+    if name not in _TARGETS:
+        raise InputError(f"unknown target {name!r}; choose one of {', '.join(_TARGETS)}")
+    t = _TARGETS[name]
+    if w13_order not in ("gate-up", "up-gate"):
+        raise InputError(f"--w13-order must be gate-up or up-gate, not {w13_order!r}")
+    if w13_order != "gate-up":
+        if t.w13_rows == "interleave8":
+            raise InputError(f"target {name} fixes the w13 row order (gate/up interleaved by 8); drop --w13-order")
+        from dataclasses import replace
+
+        t = replace(t, w13_rows=w13_order)
+    return t
