@@ -20,7 +20,7 @@ from rich.table import Table
 from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, InputError, Nvfp4FuseError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="ModelOpt NVFP4 per-expert MoE checkpoints -> fused-expert layouts.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="ModelOpt NVFP4 per-expert MoE checkpoints -> fused-expert layouts.")
 err = Console(stderr=True)
 out = Console()
 
