@@ -1,0 +1,443 @@
+"""Pure-torch reference of the weight layout DeepGEMM's NVFP4 MegaMoE kernel consumes.
+
+Target ``mega-moe``: the bytes a loader has to hand to ``deep_gemm.fp4_fp4_mega_moe`` for the routed
+experts, written so that no transform is left to do at load time. Everything here runs on CPU
+tensors and is exactly invertible (a byte permutation plus a lossless 4-bytes-into-int32 packing).
+
+What the upstream code does (read, not copied; see docs/mega-moe-layout.md for the full record)
+-----------------------------------------------------------------------------------------------
+Sources, by repository / path / commit (stored file id in brackets):
+
+* deepseek-ai/DeepGEMM ``deep_gemm/mega/__init__.py`` @ 3a04a69435187162c223fb0ec918b65a4f596dd0
+  [69122991728] (identical transform at 794783af91d1d81dd26d64ccceef23c7978a9885 [69092657269]):
+  ``transform_weights_for_mega_moe``, ``_interleave_weights``, ``_transpose_sf_for_utccp``,
+  ``_validate_nvfp4_weights`` and the ``fp4_fp4_mega_moe`` docstring.
+* deepseek-ai/DeepGEMM ``csrc/apis/nvfp4_mega_moe.hpp`` @ 794783af91d1d81dd26d64ccceef23c7978a9885
+  [68839827271]: host asserts of the NVFP4 kernel.
+* deepseek-ai/DeepGEMM ``csrc/utils/layout.hpp`` @ 057ca5964aae0879ff2e0eb71ee05a3cb0ba3df7
+  [71581758782]: ``check_sf_layout``.
+* deepseek-ai/DeepGEMM ``docs/scaling-factor-format.md`` @ a23e1f08eec4a5bb3ff90c4431bf299f3f48adf7
+  [69304419768], sections 6.3 and 6.6; ``tests/test_nvfp4_mega_moe.py`` @ 3a04a694... [69163240657].
+* vllm-project/vllm ``vllm/model_executor/layers/quantization/modelopt.py`` @
+  61c303093b13fad792b6495e4a64ffcb9f5d0065 [59343740174], class ``ModelOptNvFp4MegaMoE``, and
+  ``vllm/model_executor/layers/fused_moe/prepare_megamoe.py`` @ the same commit [59397598827].
+
+Per expert, with ``H`` = hidden and ``I`` = intermediate size:
+
+1. L1 values: ModelOpt's fused ``w13`` is ``[gate | up]`` rows ([2I, H/2] packed E2M1, low nibble =
+   even column). The kernel wants the rows interleaved in groups of 8, gate first:
+   gate 0..7, up 0..7, gate 8..15, up 8..15, ... L2 values ([H, I/2]) are unchanged.
+2. Block scales: one E4M3 per 16 values along K. Four consecutive K-groups are packed into one int32
+   (the upstream code does ``.view(torch.uint8).view(torch.int32)`` on little-endian hosts, and
+   vLLM's activation stager builds the word as ``sum(byte_j << 8*j)``): byte j of word p holds group
+   4p+j. That gives a logical ``[N, K/64]`` int32 matrix per expert, which the kernel takes
+   MN-major: for E experts, strides ``(N*K/64, 1, N)`` -- i.e. physically ``[K/64, N]`` contiguous.
+3. L1 scales get the same gate/up 8-row interleave as the values (applied after packing, on the
+   int32 rows; a row permutation commutes with per-row packing).
+4. L1 and L2 scales then get the "UTCCP" transpose inside every block of 128 rows: viewing the block
+   as [4, 32] and transposing to [32, 4], so new row ``b*4 + a`` holds old row ``a*32 + b``
+   (a < 4, b < 32). It requires N % 128 == 0.
+5. Shape rules. The transform itself needs N % 128 == 0 (UTCCP), K % 64 == 0 (whole int32 words; no
+   padding anywhere, and with N % 128 == 0 the TMA alignment ``align(N, 4)`` adds none either). The
+   NVFP4 kernel additionally asserts ``hidden % 512 == 0 and intermediate_hidden % 512 == 0``
+   (nvfp4_mega_moe.hpp). vLLM's adapter checks only multiples of 256, which is weaker than the
+   kernel: the kernel's rule wins and :func:`check_mega_moe_shape` enforces it by default.
+
+The kernel takes the values as torch.int8; the bytes are the uint8 ones stored here (``.view``).
+
+Global scales (not part of this layout; how vLLM's loader derives them, modelopt.py @ 61c30309):
+``l1_alphas[E, 2]`` (gate, up), ``l2_alphas[E]`` and ``a2_scales[E]``, all fp32. With ModelOpt's
+``w13_weight_scale_2[E, 2]``, ``w13_input_scale[E_global, 2]``, ``w2_weight_scale_2[E]``,
+``w2_input_scale[E_global]``::
+
+    a1        = the single value of w13_input_scale  (must be identical for all experts and shards)
+    l1_alphas = w13_weight_scale_2 * a1                # FC1 input global scale folded in
+    l2_alphas = w2_weight_scale_2
+    a2_scales = full([E], the single value of w2_input_scale)   # also must be uniform
+    activation quantization uses global scale 1 / a1
+
+See :func:`vllm_alphas`. vLLM reads ModelOpt's *natural* per-expert tensors and runs
+``transform_weights_for_mega_moe`` itself after loading; it has no path that reads pre-transformed
+bytes, so a ``mega-moe`` checkpoint needs a loader that skips that call.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .errors import InputError
+from .nvfp4 import BLOCK
+
+GATE_UP_GROUP = 8  # rows per gate/up run in the L1 interleave
+UTCCP_BLOCK = 128  # rows per UTCCP block
+UTCCP_SPLIT = (4, 32)  # a block is read as [4, 32] and stored as [32, 4]
+SCALES_PER_WORD = 4  # E4M3 scales per int32
+K_PER_WORD = SCALES_PER_WORD * BLOCK  # 64 values of K per int32 scale word
+KERNEL_DIM_MULTIPLE = 512  # fp4_fp4_mega_moe: hidden % 512 == 0 and intermediate % 512 == 0
+
+
+# --------------------------------------------------------------------------------------------
+# shape rules
+
+
+def check_mega_moe_shape(rows: int, cols: int, what: str, *, kernel_rules: bool = True) -> None:
+    """Raise :class:`InputError` unless a GEMM operand of logical shape [rows=N, cols=K] fits the layout.
+
+    Always: N > 0 and N % 128 == 0 (UTCCP works on 128-row blocks; it also makes the 8-row gate/up
+    interleave and the TMA alignment exact, so nothing is padded), K > 0 and K % 64 == 0 (four
+    16-value E4M3 scales per int32 word). With ``kernel_rules`` (the default) also N % 512 == 0 and
+    K % 512 == 0: DeepGEMM's NVFP4 kernel asserts hidden % 512 == 0 and intermediate % 512 == 0,
+    and N, K are hidden / 2*intermediate (w13) or hidden / intermediate (w2).
+    ``what`` names the tensor in the message.
+    """
+    problems = []
+    if rows <= 0 or rows % UTCCP_BLOCK:
+        problems.append(f"rows N={rows} must be a positive multiple of {UTCCP_BLOCK} (UTCCP 128-row blocks)")
+    if cols <= 0 or cols % K_PER_WORD:
+        problems.append(
+            f"columns K={cols} must be a positive multiple of {K_PER_WORD} "
+            f"({SCALES_PER_WORD} E4M3 scales of {BLOCK} values per int32)"
+        )
+    if kernel_rules:
+        if rows > 0 and rows % KERNEL_DIM_MULTIPLE:
+            problems.append(
+                f"rows N={rows} must be a multiple of {KERNEL_DIM_MULTIPLE} "
+                "(fp4_fp4_mega_moe needs hidden and intermediate sizes that are multiples of 512)"
+            )
+        if cols > 0 and cols % KERNEL_DIM_MULTIPLE:
+            problems.append(
+                f"columns K={cols} must be a multiple of {KERNEL_DIM_MULTIPLE} "
+                "(fp4_fp4_mega_moe needs hidden and intermediate sizes that are multiples of 512)"
+            )
+    if problems:
+        raise InputError(f"mega-moe layout does not fit {what} [{rows}, {cols}]: " + "; ".join(problems), tensor=what)
+
+
+# --------------------------------------------------------------------------------------------
+# byte-level helpers
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """1-byte float tensors as uint8 (so stack/reshape work on every backend); others unchanged."""
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8)
+    return t
+
+
+def _restore(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return bits.view(dtype) if dtype != bits.dtype else bits
+
+
+# --------------------------------------------------------------------------------------------
+# gate/up interleave (rows, dim -2)
+
+
+def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, group: int = GATE_UP_GROUP) -> torch.Tensor:
+    """[..., R, C] gate and up -> [..., 2R, C]: ``group`` gate rows, ``group`` up rows, repeated.
+
+    Row ``j`` of the result is gate row ``(j // (2*group))*group + j % group`` when
+    ``j % (2*group) < group``, else the up row of that index. Any dtype; output contiguous.
+    """
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise InputError(f"gate {tuple(gate.shape)}/{gate.dtype} and up {tuple(up.shape)}/{up.dtype} differ")
+    if gate.dim() < 2:
+        raise InputError("gate/up interleave needs tensors with a row and a column dimension")
+    rows, cols = gate.shape[-2], gate.shape[-1]
+    if rows % group:
+        raise InputError(f"gate/up rows ({rows}) must be a multiple of the interleave group ({group})")
+    lead = gate.shape[:-2]
+    g = _bits(gate).reshape(*lead, rows // group, 1, group, cols)
+    u = _bits(up).reshape(*lead, rows // group, 1, group, cols)
+    out = torch.cat((g, u), dim=-3).reshape(*lead, 2 * rows, cols).contiguous()
+    return _restore(out, gate.dtype)
+
+
+def deinterleave_gate_up(w13: torch.Tensor, group: int = GATE_UP_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`interleave_gate_up`: [..., 2R, C] -> (gate [..., R, C], up [..., R, C])."""
+    if w13.dim() < 2:
+        raise InputError("gate/up de-interleave needs a tensor with a row and a column dimension")
+    rows2, cols = w13.shape[-2], w13.shape[-1]
+    if rows2 % (2 * group):
+        raise InputError(f"interleaved rows ({rows2}) must be a multiple of 2*group ({2 * group})")
+    lead = w13.shape[:-2]
+    v = _bits(w13).reshape(*lead, rows2 // (2 * group), 2, group, cols)
+    gate = v.select(-3, 0).reshape(*lead, rows2 // 2, cols).contiguous()
+    up = v.select(-3, 1).reshape(*lead, rows2 // 2, cols).contiguous()
+    return _restore(gate, w13.dtype), _restore(up, w13.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# E4M3 scales <-> int32 words
+
+
+def pack_scales_k64(scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 scales [..., N, K/16] (float8_e4m3fn or raw uint8) -> int32 [..., N, K/64].
+
+    Word p of a row is little-endian: byte j (bits 8j..8j+7) is the scale of K-group 4p+j. Built
+    arithmetically, so the result does not depend on the host's byte order.
+    """
+    if scale.dtype not in (torch.float8_e4m3fn, torch.uint8):
+        raise InputError(f"block scales must be float8_e4m3fn or uint8, got {scale.dtype}")
+    if scale.dim() < 2:
+        raise InputError("block scales need a row and a column dimension")
+    k16 = scale.shape[-1]
+    if k16 % SCALES_PER_WORD:
+        raise InputError(f"scale columns ({k16}) must be a multiple of {SCALES_PER_WORD} to pack into int32")
+    b = _bits(scale).to(torch.int64).reshape(*scale.shape[:-1], k16 // SCALES_PER_WORD, SCALES_PER_WORD)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    word = torch.where(word >= 2**31, word - 2**32, word)  # two's complement into int32 range
+    return word.to(torch.int32).contiguous()
+
+
+def unpack_scales_k64(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_scales_k64`: int32 [..., N, K/64] -> float8_e4m3fn [..., N, K/16]."""
+    if packed.dtype != torch.int32:
+        raise InputError(f"packed scales must be int32, got {packed.dtype}")
+    if packed.dim() < 2:
+        raise InputError("packed scales need a row and a column dimension")
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    parts = [((w >> (8 * j)) & 0xFF) for j in range(SCALES_PER_WORD)]
+    b = torch.stack(parts, dim=-1).to(torch.uint8)
+    return b.reshape(*packed.shape[:-1], packed.shape[-1] * SCALES_PER_WORD).contiguous().view(torch.float8_e4m3fn)
+
+
+# --------------------------------------------------------------------------------------------
+# UTCCP row transpose (rows, dim -2, 128-row blocks)
+
+
+def _check_utccp_rows(x: torch.Tensor) -> int:
+    if x.dim() < 2:
+        raise InputError("UTCCP permutation needs a row and a column dimension")
+    rows = x.shape[-2]
+    if rows % UTCCP_BLOCK:
+        raise InputError(f"UTCCP permutation needs rows ({rows}) that are a multiple of {UTCCP_BLOCK}")
+    return rows
+
+
+def utccp_permute(x: torch.Tensor) -> torch.Tensor:
+    """Rows of [..., N, C] (N % 128 == 0): in every 128-row block, new row b*4+a = old row a*32+b."""
+    rows = _check_utccp_rows(x)
+    a, b = UTCCP_SPLIT
+    lead, cols = x.shape[:-2], x.shape[-1]
+    v = _bits(x).reshape(*lead, rows // UTCCP_BLOCK, a, b, cols).transpose(-3, -2)
+    return _restore(v.reshape(*lead, rows, cols).contiguous(), x.dtype)
+
+
+def utccp_unpermute(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`utccp_permute`: in every 128-row block, row a*32+b = stored row b*4+a."""
+    rows = _check_utccp_rows(x)
+    a, b = UTCCP_SPLIT
+    lead, cols = x.shape[:-2], x.shape[-1]
+    v = _bits(x).reshape(*lead, rows // UTCCP_BLOCK, b, a, cols).transpose(-3, -2)
+    return _restore(v.reshape(*lead, rows, cols).contiguous(), x.dtype)
+
+
+def kernel_scale_view(on_disk: torch.Tensor) -> torch.Tensor:
+    """On-disk scales [..., K/64, N] (contiguous) -> the kernel's logical [..., N, K/64] MN-major view.
+
+    For a stacked [E, K/64, N] tensor the view has strides (N*K/64, 1, N), which is what
+    ``_validate_nvfp4_weights`` demands. No copy.
+    """
+    return on_disk.transpose(-1, -2)
+
+
+# --------------------------------------------------------------------------------------------
+# whole experts
+
+
+class NaturalExpert(NamedTuple):
+    """One expert (or E stacked experts) in ModelOpt's natural layout."""
+
+    gate_w: torch.Tensor  # uint8 [..., I, H/2]
+    gate_s: torch.Tensor  # float8_e4m3fn [..., I, H/16]
+    up_w: torch.Tensor  # uint8 [..., I, H/2]
+    up_s: torch.Tensor  # float8_e4m3fn [..., I, H/16]
+    down_w: torch.Tensor  # uint8 [..., H, I/2]
+    down_s: torch.Tensor  # float8_e4m3fn [..., H, I/16]
+
+
+def _dims(gate_w, gate_s, up_w, up_s, down_w, down_s, lead: int) -> tuple[int, int]:
+    """Validate a natural expert (``lead`` leading dims) and return (H, I)."""
+    named = dict(gate_w=gate_w, gate_s=gate_s, up_w=up_w, up_s=up_s, down_w=down_w, down_s=down_s)
+    for n, t in named.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != lead + 2:
+            raise InputError(f"{n} must be a {lead + 2}-D tensor", tensor=n)
+    for n in ("gate_w", "up_w", "down_w"):
+        if named[n].dtype != torch.uint8:
+            raise InputError(f"{n} must be packed E2M1 uint8, got {named[n].dtype}", tensor=n)
+    for n in ("gate_s", "up_s", "down_s"):
+        if named[n].dtype not in (torch.float8_e4m3fn, torch.uint8):
+            raise InputError(f"{n} must be float8_e4m3fn (or its uint8 bytes), got {named[n].dtype}", tensor=n)
+    lead_shape = gate_w.shape[:lead]
+    inter, hidden = gate_w.shape[-2], gate_w.shape[-1] * 2
+    expect = dict(
+        gate_w=(inter, hidden // 2),
+        gate_s=(inter, hidden // BLOCK),
+        up_w=(inter, hidden // 2),
+        up_s=(inter, hidden // BLOCK),
+        down_w=(hidden, inter // 2),
+        down_s=(hidden, inter // BLOCK),
+    )
+    for n, t in named.items():
+        want = (*lead_shape, *expect[n])
+        if tuple(t.shape) != tuple(want):
+            raise InputError(f"{n} is {tuple(t.shape)}, expected {tuple(want)} (H={hidden}, I={inter})", tensor=n)
+    if hidden % BLOCK or inter % BLOCK:
+        raise InputError(f"H={hidden} and I={inter} must be multiples of {BLOCK}")
+    return hidden, inter
+
+
+def _to_mega(gate_w, gate_s, up_w, up_s, down_w, down_s, lead: int, kernel_rules: bool) -> dict[str, torch.Tensor]:
+    hidden, inter = _dims(gate_w, gate_s, up_w, up_s, down_w, down_s, lead)
+    check_mega_moe_shape(2 * inter, hidden, "w13", kernel_rules=kernel_rules)
+    check_mega_moe_shape(hidden, inter, "w2", kernel_rules=kernel_rules)
+    w13_s = utccp_permute(interleave_gate_up(pack_scales_k64(gate_s), pack_scales_k64(up_s)))
+    w2_s = utccp_permute(pack_scales_k64(down_s))
+    return {
+        "w13_weight": interleave_gate_up(gate_w, up_w),
+        "w13_weight_scale": w13_s.transpose(-1, -2).contiguous(),
+        "w2_weight": down_w.contiguous(),
+        "w2_weight_scale": w2_s.transpose(-1, -2).contiguous(),
+    }
+
+
+def _from_mega(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, lead: int, kernel_rules: bool) -> NaturalExpert:
+    named = dict(
+        w13_weight=w13_weight, w13_weight_scale=w13_weight_scale, w2_weight=w2_weight, w2_weight_scale=w2_weight_scale
+    )
+    for n, t in named.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != lead + 2:
+            raise InputError(f"{n} must be a {lead + 2}-D tensor", tensor=n)
+    for n, dt in (("w13_weight", torch.uint8), ("w2_weight", torch.uint8)):
+        if named[n].dtype != dt:
+            raise InputError(f"{n} must be {dt}, got {named[n].dtype}", tensor=n)
+    for n in ("w13_weight_scale", "w2_weight_scale"):
+        if named[n].dtype != torch.int32:
+            raise InputError(f"{n} must be int32, got {named[n].dtype}", tensor=n)
+    lead_shape = w13_weight.shape[:lead]
+    inter2, hidden = w13_weight.shape[-2], w13_weight.shape[-1] * 2
+    inter = inter2 // 2
+    expect = dict(
+        w13_weight=(inter2, hidden // 2),
+        w13_weight_scale=(hidden // K_PER_WORD, inter2),
+        w2_weight=(hidden, inter // 2),
+        w2_weight_scale=(inter // K_PER_WORD, hidden),
+    )
+    check_mega_moe_shape(inter2, hidden, "w13", kernel_rules=kernel_rules)
+    check_mega_moe_shape(hidden, inter, "w2", kernel_rules=kernel_rules)
+    for n, t in named.items():
+        want = (*lead_shape, *expect[n])
+        if tuple(t.shape) != tuple(want):
+            raise InputError(f"{n} is {tuple(t.shape)}, expected {tuple(want)} (H={hidden}, I={inter})", tensor=n)
+    gate_w, up_w = deinterleave_gate_up(w13_weight)
+    g_words, u_words = deinterleave_gate_up(utccp_unpermute(w13_weight_scale.transpose(-1, -2)))
+    down_s = unpack_scales_k64(utccp_unpermute(w2_weight_scale.transpose(-1, -2)))
+    return NaturalExpert(
+        gate_w, unpack_scales_k64(g_words), up_w, unpack_scales_k64(u_words), w2_weight.contiguous(), down_s
+    )
+
+
+def to_mega_moe_expert(
+    gate_w: torch.Tensor,
+    gate_s: torch.Tensor,
+    up_w: torch.Tensor,
+    up_s: torch.Tensor,
+    down_w: torch.Tensor,
+    down_s: torch.Tensor,
+    *,
+    kernel_rules: bool = True,
+) -> dict[str, torch.Tensor]:
+    """One ModelOpt expert -> its on-disk mega-moe tensors (all contiguous).
+
+    In: gate/up values uint8 [I, H/2], gate/up scales E4M3 [I, H/16], down values uint8 [H, I/2],
+    down scales E4M3 [H, I/16] (scales may be float8_e4m3fn or raw uint8).
+
+    Out: ``w13_weight`` uint8 [2I, H/2] (gate/up 8-row interleave), ``w13_weight_scale`` int32
+    [H/64, 2I], ``w2_weight`` uint8 [H, I/2] (unchanged), ``w2_weight_scale`` int32 [I/64, H]. The
+    scale tensors hold the kernel's MN-major scales in physical order: ``.T`` (or
+    :func:`kernel_scale_view`) is the logical [N, K/64] matrix the kernel reads.
+    ``kernel_rules=False`` relaxes the 512-multiple rule to the layout's own (N%128, K%64).
+    """
+    return _to_mega(gate_w, gate_s, up_w, up_s, down_w, down_s, 0, kernel_rules)
+
+
+def from_mega_moe_expert(
+    w13_weight: torch.Tensor,
+    w13_weight_scale: torch.Tensor,
+    w2_weight: torch.Tensor,
+    w2_weight_scale: torch.Tensor,
+    *,
+    kernel_rules: bool = True,
+) -> NaturalExpert:
+    """Inverse of :func:`to_mega_moe_expert`; scales come back as float8_e4m3fn [rows, K/16]."""
+    return _from_mega(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, 0, kernel_rules)
+
+
+def to_mega_moe(
+    gate_w: torch.Tensor,
+    gate_s: torch.Tensor,
+    up_w: torch.Tensor,
+    up_s: torch.Tensor,
+    down_w: torch.Tensor,
+    down_s: torch.Tensor,
+    *,
+    kernel_rules: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Batched :func:`to_mega_moe_expert` over a leading expert dim E.
+
+    Shapes out: [E, 2I, H/2], [E, H/64, 2I], [E, H, I/2], [E, I/64, H] -- equal to stacking the
+    per-expert results. ``kernel_scale_view`` of a stacked scale tensor has strides (N*K/64, 1, N).
+    """
+    return _to_mega(gate_w, gate_s, up_w, up_s, down_w, down_s, 1, kernel_rules)
+
+
+def from_mega_moe(
+    w13_weight: torch.Tensor,
+    w13_weight_scale: torch.Tensor,
+    w2_weight: torch.Tensor,
+    w2_weight_scale: torch.Tensor,
+    *,
+    kernel_rules: bool = True,
+) -> NaturalExpert:
+    """Batched inverse of :func:`to_mega_moe`."""
+    return _from_mega(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, 1, kernel_rules)
+
+
+# --------------------------------------------------------------------------------------------
+# global scales, as vLLM's ModelOpt adapter derives them
+
+
+def vllm_alphas(
+    w13_weight_scale_2: torch.Tensor,
+    w13_input_scale: torch.Tensor,
+    w2_weight_scale_2: torch.Tensor,
+    w2_input_scale: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """``l1_alphas`` [E, 2], ``l2_alphas`` [E], ``a2_scales`` [E] and ``a1_scale`` [] (all fp32).
+
+    Follows ModelOptNvFp4MegaMoE.process_weights_after_loading (vllm-project/vllm modelopt.py @
+    61c30309): the input scales must be one finite positive value across all experts and both
+    shards (else :class:`InputError`); ``l1_alphas = w13_weight_scale_2 * a1`` (column 0 gate,
+    column 1 up), ``l2_alphas = w2_weight_scale_2``, ``a2_scales`` = that uniform w2 input scale
+    repeated per expert. vLLM quantizes the FC1 input with global scale ``1 / a1``.
+    """
+
+    def uniform(name: str, t: torch.Tensor) -> torch.Tensor:
+        v = t.detach().to(torch.float32).reshape(-1)
+        if v.numel() == 0 or not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
+            raise InputError(f"{name} must hold finite positive values", tensor=name)
+        if not bool((v == v[0]).all()):
+            raise InputError(f"{name} must be identical across all experts and shards for mega-moe", tensor=name)
+        return v[0].reshape(())
+
+    for name, t in (("w13_weight_scale_2", w13_weight_scale_2), ("w2_weight_scale_2", w2_weight_scale_2)):
+        v = t.detach().to(torch.float32)
+        if v.numel() == 0 or not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
+            raise InputError(f"{name} must hold finite positive values", tensor=name)
+    a1 = uniform("w13_input_scale", w13_input_scale)
+    a2 = uniform("w2_input_scale", w2_input_scale)
+    l1 = w13_weight_scale_2.to(torch.float32).reshape(-1, 2).contiguous() * a1
+    l2 = w2_weight_scale_2.to(torch.float32).reshape(-1).contiguous()
+    return {"l1_alphas": l1, "l2_alphas": l2, "a2_scales": torch.full_like(l2, float(a2)), "a1_scale": a1}
