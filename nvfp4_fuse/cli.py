@@ -59,14 +59,14 @@ def _print_plan(plan: Any, out_dir: Path, workers: int) -> None:
     src = plan.source
     t = Table(title=f"nvfp4-fuse plan: target {plan.target.name}", show_lines=False)
     for c in ("expert module", "experts", "hidden", "intermediate", "gate/up scale_2 differ", "input-scale max/min"):
-        t.add_column(c, justify="right" if c != "expert module" else "left")
+        t.add_column(c, justify="right" if c != "expert module" else "left", no_wrap=c == "expert module")
     for p, layer in plan.layers.items():
         t.add_row(
             p,
             str(layer.dims.experts),
             str(layer.dims.hidden),
             str(layer.dims.inter),
-            f"{layer.rescaled_experts}" + (" (rescaled)" if layer.rescaled_experts and plan.target.scale_2 == "merge-max" else " (kept both)" if layer.rescaled_experts else ""),
+            f"{layer.scale_2_mismatches}" + (" (kept both)" if plan.target.scale_2 == "keep-both" else " (rescaled)" if layer.scale_2_mismatches else ""),
             f"{layer.input_scale_spread:.3g}",
         )
     out.print(t)
@@ -135,13 +135,116 @@ def convert(
         return
     t = Table(title=f"converted to {plan.target.name} in {res.seconds:.1f} s")
     for c in ("expert module", "experts", "rescaled", "max rescale change", "input-scale max/min"):
-        t.add_column(c, justify="left" if c == "expert module" else "right")
+        t.add_column(c, justify="left" if c == "expert module" else "right", no_wrap=c == "expert module")
     for r in res.layers:
         t.add_row(r.prefix, str(r.experts), str(r.rescaled_experts), f"{100 * r.max_rescale_change:.2f}%", f"{r.input_scale_spread:.3g}")
     out.print(t)
     if res.resumed_shards:
         out.print(f"resumed: kept {len(res.resumed_shards)} complete shard(s) from an earlier run")
     out.print(f"wrote {len(plan.shards)} shard(s), {human(plan.total_size)} of tensors, to {output}")
+
+
+@app.command()
+def verify(
+    source: str = typer.Argument(..., help="The source checkpoint: a local folder or a Hub repo id."),
+    converted: Path = typer.Argument(..., help="The converted folder."),
+    sample_n: Optional[int] = typer.Option(None, "--sample", help="Check N random experts a layer (default: all)."),
+    device: str = typer.Option("auto", help="auto, cuda or cpu (the CPU runs the torch reference: slower)."),
+    skip_hashes: bool = typer.Option(False, "--skip-hashes", help="Compare file sizes with the manifest but do not re-hash."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision, for a repo id."),
+    seed: Optional[int] = typer.Option(None, help="Seed for --sample."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Prove the converted checkpoint decodes to what the source did (exit 3 when a check fails)."""
+    from .errors import CheckFailed
+    from .verify import verify as run_verify
+
+    if sample_n is not None and sample_n < 1:
+        raise InputError("--sample must be at least 1")
+    folder, trust = _resolve(source, revision)
+    try:
+        res = run_verify(
+            folder, converted, sample=sample_n, device=device, hash_files=not skip_hashes, trust_root=trust, source_label=source, seed=seed
+        )
+    except CheckFailed as e:
+        if json_out:
+            out.print_json(json.dumps({"ok": False, "error": str(e)}))
+        raise
+    _write_verify_summary(converted, res.to_json())
+    if json_out:
+        out.print_json(json.dumps(res.to_json()))
+        return
+    t = Table(title=f"verify: {converted} ({res.target}) against {source}")
+    for c in ("expert module", "experts checked", "rescaled", "max abs error", "max rel error"):
+        t.add_column(c, justify="left" if c == "expert module" else "right", no_wrap=c == "expert module")
+    for r in res.layers:
+        t.add_row(r.prefix, f"{r.checked}/{r.experts}", str(r.rescaled), f"{r.max_abs:.3g}", f"{100 * r.max_rel:.3f}%")
+    out.print(t)
+    if res.note:
+        out.print(f"note: {res.note}")
+    out.print(
+        f"[green]OK[/green]: {res.files_hashed} files match the manifest, {res.copied_tensors} other tensors byte-identical, "
+        f"every checked expert exact in bytes and within bounds in value ({res.device}, {res.seconds:.1f} s)"
+    )
+
+
+@app.command()
+def push(
+    converted: Path = typer.Argument(..., help="A complete converted folder."),
+    repo_id: str = typer.Argument(..., help="Hub repo id to create or update (org/name)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    revision: Optional[str] = typer.Option(None, help="Branch to push to (created if missing)."),
+    commit_message: Optional[str] = typer.Option(None, help="Commit message."),
+    base_model: Optional[str] = typer.Option(None, help="base_model for the model card (default: the source recorded by convert, if a repo id)."),
+    no_card: bool = typer.Option(False, "--no-card", help="Do not write a model card (README.md)."),
+    force: bool = typer.Option(False, "--force", help="Push even if the folder is not a complete, matching conversion."),
+) -> None:
+    """Upload a converted folder to the Hugging Face Hub, with a model card, then check the Hub's hashes."""
+    from . import hub
+    from .manifest import load_manifest
+
+    man = load_manifest(converted)
+    card = None
+    if not no_card and man is not None:
+        src = man.source.get("source") if isinstance(man.source, dict) else None
+        base = base_model or (src if isinstance(src, str) and not Path(src).exists() and src.count("/") == 1 else None)
+        verify_summary = _read_verify_summary(converted)
+        card = hub.render_model_card(base_model=base, repo_id=repo_id, manifest=man.to_json(), verify_summary=verify_summary, serve_hint="")
+    res = hub.push(converted, repo_id, private=private, revision=revision, commit_message=commit_message, force=force, card=card)
+    out.print(f"[green]pushed[/green] {len(res.checked)} files to {res.repo_url} (commit {res.commit_oid}); Hub hashes match the local files")
+
+
+VERIFY_SUMMARY_NAME = "nvfp4-fuse-verify.json"
+
+
+def _manifest_digest(folder: Path) -> str | None:
+    from .manifest import MANIFEST_NAME, sha256_file
+
+    p = Path(folder) / MANIFEST_NAME
+    return sha256_file(p) if p.is_file() else None
+
+
+def _write_verify_summary(folder: Path, summary: dict) -> None:
+    """Record a passed verify next to the manifest it checked (the model card quotes it)."""
+    from .safetensors_io import write_file_atomic
+
+    body = dict(summary, manifest_sha256=_manifest_digest(folder))
+    write_file_atomic(Path(folder) / VERIFY_SUMMARY_NAME, (json.dumps(body, indent=1) + "\n").encode())
+
+
+def _read_verify_summary(folder: Path) -> dict | None:
+    """The last passed verify's summary, if it was of this very manifest."""
+    p = Path(folder) / VERIFY_SUMMARY_NAME
+    if not p.is_file():
+        return None
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(d, dict) or d.get("manifest_sha256") != _manifest_digest(folder):
+        return None
+    d.pop("manifest_sha256", None)
+    return d
 
 
 @app.command()

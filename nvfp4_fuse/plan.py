@@ -54,6 +54,11 @@ class ExpertLayer:
         return int(((self.ratio_gate != 1) | (self.ratio_up != 1)).sum())
 
     @property
+    def scale_2_mismatches(self) -> int:
+        """Experts whose gate and up weight_scale_2 differ (compared exactly)."""
+        return int((self.scalars["gate.weight_scale_2"] != self.scalars["up.weight_scale_2"]).sum())
+
+    @property
     def input_scale_spread(self) -> float:
         v = torch.cat([self.scalars[f"{r}.input_scale"] for r in ("gate", "up")])
         return float(v.max() / v.min())

@@ -10,6 +10,7 @@ dtypes and shapes, then feeds it one expert at a time; no target ever sees a who
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,6 +21,26 @@ from .safetensors_io import OutEntry
 from .swizzle import padded_shape, swizzle_128x4
 
 LAYOUT_VERSION = "nvfp4-fuse/v1"
+
+# How a loader of the mega-moe layout gets the kernel's global scales (see nvfp4_fuse/mega_moe.py).
+MEGA_MOE_LOADER = {
+    "l1_alphas": "w13_input_scale * w13_weight_scale_2  ([E, 2]: gate, up)",
+    "l2_alphas": "w2_weight_scale_2",
+    "a2_scales": "w2_input_scale",
+    "activation_global_scale": "1 / w13_input_scale",
+    "weight_scale_view": "w*_weight_scale.transpose(1, 2)  (MN-major [E, N, K/64] int32)",
+    "weight_dtype": "w*_weight.view(torch.int8)",
+}
+
+
+def mega_moe_scales(scale: torch.Tensor) -> torch.Tensor:
+    """One expert's E4M3 scales [N, K/16] (w13 rows already interleaved) -> on-disk int32 [K/64, N]."""
+    return mega_moe.utccp_permute(mega_moe.pack_scales_k64(scale)).T.contiguous()
+
+
+def mega_moe_scales_inverse(stored: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`mega_moe_scales`: int32 [K/64, N] -> float8_e4m3fn [N, K/16]."""
+    return mega_moe.unpack_scales_k64(mega_moe.utccp_unpermute(stored.view(torch.int32).T.contiguous()))
 
 
 @dataclass(frozen=True)
@@ -98,7 +119,7 @@ class Target:
         if self.scale_layout == "swizzle128x4":
             return swizzle_128x4(scale)
         if self.scale_layout == "mega-moe":
-            return mega_moe.layout_expert_scales(scale)
+            return mega_moe_scales(scale)
         raise AssertionError(self.scale_layout)
 
     def natural_scales(self, stored: torch.Tensor, rows: int, k16: int) -> torch.Tensor:
@@ -110,7 +131,7 @@ class Target:
         if self.scale_layout == "swizzle128x4":
             return unswizzle_128x4(stored.view(torch.uint8), rows, k16).view(torch.float8_e4m3fn)
         if self.scale_layout == "mega-moe":
-            return mega_moe.unlayout_expert_scales(stored, rows, k16)
+            return mega_moe_scales_inverse(stored)
         raise AssertionError(self.scale_layout)
 
     # -- global scales --------------------------------------------------------------------------
@@ -140,7 +161,7 @@ class Target:
             fused_name(prefix, "w2_input_scale"): sc["down.input_scale"].contiguous(),
         }
 
-    def describe(self, w13_order: str) -> dict[str, str]:
+    def describe(self, w13_order: str) -> dict[str, Any]:
         """The ``fused_experts`` block written into config.json / hf_quant_config.json."""
         d = {
             "layout": LAYOUT_VERSION,
@@ -152,7 +173,7 @@ class Target:
             "w2_input_scale": "per-expert",
         }
         if self.scale_layout == "mega-moe":
-            d.update(mega_moe.LOADER_NOTES)
+            d["loader"] = dict(MEGA_MOE_LOADER)
         return d
 
 

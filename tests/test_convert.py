@@ -255,3 +255,44 @@ def test_memory_does_not_hold_a_layer(make_ckpt, tmp_path, monkeypatch):
     assert largest_copied < layer_w13
     # one expert's w13, or one copied (non-expert) tensor; never a stacked layer
     assert max(biggest) <= max(per_expert_w13, largest_copied)
+
+
+# ---------------------------------------------------------------------------------------------------
+# mega-moe: the streaming writer must produce exactly what the reference transform gives
+
+
+@pytest.mark.parametrize("scheme", ["deepseek", "hf"])
+def test_mega_moe_matches_reference_transform(make_ckpt, tmp_path, scheme):
+    from nvfp4_fuse.mega_moe import to_mega_moe
+
+    src = make_ckpt(scheme=scheme, layers=2, experts=3, hidden=512, inter=512, shards=3, unequal_scale_2=True)
+    out = tmp_path / "out"
+    res = convert(src, out, ConvertOptions())  # the default target
+    assert all(r.max_rescale_change == 0 for r in res.layers), "mega-moe keeps both scale_2: no rescale"
+    s, o = load_all(src), load_all(out)
+    for p, n in expert_prefixes(s).items():
+        parts = [torch.stack([src_part(s, p, e, r, f) for e in range(n)]) for r in ("gate", "up") for f in ("weight", "weight_scale")]
+        parts += [torch.stack([src_part(s, p, e, "down", f) for e in range(n)]) for f in ("weight", "weight_scale")]
+        ref = to_mega_moe(*parts)
+        for part, want in ref.items():
+            got = o[f"{p}.{part}"]
+            assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape), part
+            assert raw(got) == raw(want), part
+        sc = lambda r, f: torch.stack([src_part(s, p, e, r, f) for e in range(n)])  # noqa: E731
+        assert raw(o[f"{p}.w13_weight_scale_2"]) == raw(torch.stack([sc("gate", "weight_scale_2"), sc("up", "weight_scale_2")], 1))
+        assert o[f"{p}.w13_input_scale"].shape == ()
+        assert float(o[f"{p}.w13_input_scale"]) == max(float(sc("gate", "input_scale").max()), float(sc("up", "input_scale").max()))
+        assert raw(o[f"{p}.w2_weight_scale_2"]) == raw(sc("down", "weight_scale_2"))
+        assert raw(o[f"{p}.w2_input_scale"]) == raw(sc("down", "input_scale"))
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]["fused_experts"]
+    assert cfg["target"] == "mega-moe" and "l1_alphas" in cfg["loader"]
+
+
+def test_mega_moe_refuses_shapes_the_kernel_cannot_take(make_ckpt, tmp_path):
+    from nvfp4_fuse.errors import InputError
+
+    src = make_ckpt(layers=2, experts=2, hidden=256, inter=128)
+    with pytest.raises(InputError, match="multiple of 512"):
+        convert(src, tmp_path / "out", ConvertOptions(target="mega-moe"))
+    with pytest.raises(InputError, match="--w13-order"):
+        convert(src, tmp_path / "out", ConvertOptions(target="mega-moe", w13_order="up-gate"))

@@ -1,0 +1,375 @@
+"""``nvfp4-fuse verify``: prove that a converted checkpoint decodes to what its source did.
+
+Three layers of checks, streamed expert by expert like ``convert`` (bounded memory):
+
+1. Structure: a manifest is present and every file matches its size and sha256; the plan rebuilt
+   from the source and the manifest's options names exactly the tensors, dtypes, shapes and shard
+   assignment found in the output's index and headers; configs equal what ``convert`` writes; every
+   sidecar and every non-expert tensor is byte-identical.
+2. Exactness: for every expert, the packed weight bytes equal the source's after undoing the row
+   order; the block scales, after undoing the layout, equal the source's, or, for a rescaled half,
+   the round-to-nearest-even rescale of them; the small per-layer tensors equal what the scalars give.
+3. Numerics: both checkpoints' experts are dequantized by the Triton compare kernel (on the GPU;
+   on the CPU the torch reference of the same computation, which is slower) and compared. Halves
+   whose scales were copied must decode bit-identically; rescaled halves must stay within half an
+   E4M3 step (6.25%) per element, or, where the new block scale is subnormal, within half its spacing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import CheckFailed, InputError
+from .manifest import MANIFEST_NAME, check_files, load_manifest
+from .nvfp4 import rescale_block_scales
+from .plan import INDEX_NAME, ExpertLayer, Plan, build_plan, scan_source
+from .safetensors_io import ShardReader, tensor_bytes
+from .targets import Target, get_target
+
+HALF_STEP = 0.0625  # half an E4M3 step, relative, in the normal range
+E4M3_MIN_NORMAL = 2.0**-6
+SUBNORMAL_HALF_SPACING = 2.0**-10
+
+
+@dataclass
+class LayerResult:
+    prefix: str
+    experts: int
+    checked: int = 0
+    rescaled: int = 0
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class VerifyResult:
+    source: str
+    converted: str
+    target: str
+    device: str
+    layers: list[LayerResult] = field(default_factory=list)
+    files_hashed: int = 0
+    copied_tensors: int = 0
+    seconds: float = 0.0
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["layers"] = [l.to_json() for l in self.layers]
+        d["ok"] = True
+        return d
+
+
+def _fail(msg: str) -> CheckFailed:
+    return CheckFailed(msg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# structure
+
+
+def _target_from_output(out_dir: Path, manifest: Any) -> tuple[Target, dict[str, Any]]:
+    opts = dict(manifest.options)
+    try:
+        target = get_target(opts["target"], w13_order=opts.get("w13_order", "gate-up"))
+    except KeyError:
+        raise InputError("manifest options name no target", file=str(out_dir / MANIFEST_NAME)) from None
+    return target, opts
+
+
+def _check_structure(plan: Plan, conv_dir: Path, conv_src: Any) -> None:
+    from .convert import rewrite_configs
+
+    want_map = plan.weight_map()
+    idx_path = conv_dir / INDEX_NAME
+    idx = json.loads(idx_path.read_text())
+    got_map = idx.get("weight_map", {})
+    missing = sorted(set(want_map) - set(got_map))
+    extra = sorted(set(got_map) - set(want_map))
+    if missing:
+        raise _fail(f"output lacks tensor {missing[0]} (and {len(missing) - 1} more)" if len(missing) > 1 else f"output lacks tensor {missing[0]}")
+    if extra:
+        raise _fail(f"output has unexpected tensor {extra[0]}")
+    for name, shard in want_map.items():
+        if got_map[name] != shard:
+            raise _fail(f"index puts {name} in {got_map[name]}, the plan in {shard}")
+    if idx.get("metadata", {}).get("total_size") != plan.total_size:
+        raise _fail(f"index total_size {idx.get('metadata', {}).get('total_size')} != {plan.total_size}")
+    for shard in plan.shards:
+        hdr = conv_src.headers.get(shard.name)
+        if hdr is None:
+            raise _fail(f"shard {shard.name} is missing")
+        for t in shard.tensors:
+            info = hdr.tensors.get(t.entry.name)
+            if info is None or info.dtype != t.entry.dtype or info.shape != t.entry.shape:
+                got = f"{info.dtype}{list(info.shape)}" if info else "nothing"
+                raise _fail(f"{shard.name}: {t.entry.name} is {got}, expected {t.entry.dtype}{list(t.entry.shape)}")
+    for name, data in rewrite_configs(plan).items():
+        if (conv_dir / name).read_bytes() != data:
+            raise _fail(f"{name} differs from what convert writes for this source and options")
+    for rel in plan.source.sidecars:
+        if rel in ("config.json", "hf_quant_config.json"):
+            continue
+        p = conv_dir / rel
+        if not p.is_file() or p.read_bytes() != (plan.source.root / rel).read_bytes():
+            raise _fail(f"sidecar {rel} is missing or differs from the source")
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-expert checks
+
+
+class _Readers:
+    def __init__(self, headers: dict[str, Any]):
+        self.r = {f: ShardReader(h) for f, h in headers.items()}
+
+    def close(self) -> None:
+        for x in self.r.values():
+            x.close()
+
+
+def _slice(readers: _Readers, conv_map: dict[str, str], name: str, e: int, experts: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    r = readers.r[conv_map[name]]
+    total = r.header.tensors[name].nbytes
+    per = total // experts
+    buf = r.read_bytes(name, e * per, per)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape) if per else torch.empty(shape, dtype=dtype)
+
+
+def _whole(readers: _Readers, conv_map: dict[str, str], name: str) -> torch.Tensor:
+    return readers.r[conv_map[name]].read_tensor(name)
+
+
+def _expected_scales(src: torch.Tensor, ratio: float) -> torch.Tensor:
+    return src if ratio == 1.0 else rescale_block_scales(src, ratio)
+
+
+def _compare_backend(device: str) -> Callable[..., Any]:
+    if device == "cuda":
+        from .kernels.compare import compare_nvfp4
+
+        return compare_nvfp4
+    from .kernels.reference import compare_nvfp4_ref
+
+    return compare_nvfp4_ref
+
+
+def _rows_s2(tgt: Target, i_rows: int, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per-row scale_2 [E, 2I] in the target's w13 row order from per-expert gate/up values [E]."""
+    gg = g[:, None, None].expand(-1, i_rows, 1)
+    uu = u[:, None, None].expand(-1, i_rows, 1)
+    return torch.stack([tgt.join_rows(gg[k], uu[k]) for k in range(g.shape[0])])[..., 0].contiguous()
+
+
+def _verify_layer(
+    plan: Plan,
+    layer: ExpertLayer,
+    experts: list[int],
+    src_r: _Readers,
+    conv_r: _Readers,
+    conv_map: dict[str, str],
+    device: str,
+    batch_bytes: int,
+) -> LayerResult:
+    tgt = plan.target
+    p, d = layer.prefix, layer.dims
+    E, H, I = d.experts, d.hidden, d.inter
+    res = LayerResult(p, E, rescaled=layer.rescaled_experts)
+    # small per-layer tensors
+    for name, want in tgt.global_tensors(p, layer.scalars).items():
+        got = _whole(conv_r, conv_map, name)
+        if got.shape != want.shape or bytes(tensor_bytes(got)) != bytes(tensor_bytes(want)):
+            raise _fail(f"{name} differs from the values derived from the source scales")
+    w13s_entry = next(e for e in tgt.out_entries(p, d) if e.name.endswith("w13_weight_scale"))
+    w2s_entry = next(e for e in tgt.out_entries(p, d) if e.name.endswith("w2_weight_scale"))
+    s_dtype = torch.int32 if w13s_entry.dtype == "I32" else torch.uint8
+    conv_s2 = _whole(conv_r, conv_map, f"{p}.w13_weight_scale_2")
+    if conv_s2.dim() == 1:
+        s2_g_conv = s2_u_conv = conv_s2
+    else:
+        s2_g_conv, s2_u_conv = conv_s2[:, 0], conv_s2[:, 1]
+    conv_s2_down = _whole(conv_r, conv_map, f"{p}.w2_weight_scale_2")
+    compare = _compare_backend(device)
+    swizzled = tgt.scale_layout == "swizzle128x4"  # the compare kernel reads these scales in place
+    per_expert = 3 * I * H // 2
+    step = max(1, batch_bytes // max(1, per_expert))
+    assert layer.ratio_gate is not None and layer.ratio_up is not None
+    for b0 in range(0, len(experts), step):
+        chunk = experts[b0 : b0 + step]
+        A13w, A13s, B13w, B13s, A2w, A2s, B2w, B2s = [], [], [], [], [], [], [], []
+        for e in chunk:
+            gw = src_r.r[layer.ref(e, "gate", "weight").file].read_tensor(layer.ref(e, "gate", "weight").info.name)
+            uw = src_r.r[layer.ref(e, "up", "weight").file].read_tensor(layer.ref(e, "up", "weight").info.name)
+            dw = src_r.r[layer.ref(e, "down", "weight").file].read_tensor(layer.ref(e, "down", "weight").info.name)
+            gs = src_r.r[layer.ref(e, "gate", "weight_scale").file].read_tensor(layer.ref(e, "gate", "weight_scale").info.name).view(torch.float8_e4m3fn)
+            us = src_r.r[layer.ref(e, "up", "weight_scale").file].read_tensor(layer.ref(e, "up", "weight_scale").info.name).view(torch.float8_e4m3fn)
+            ds = src_r.r[layer.ref(e, "down", "weight_scale").file].read_tensor(layer.ref(e, "down", "weight_scale").info.name).view(torch.float8_e4m3fn)
+            cw13 = _slice(conv_r, conv_map, f"{p}.w13_weight", e, E, torch.uint8, (2 * I, H // 2))
+            cs13 = _slice(conv_r, conv_map, w13s_entry.name, e, E, s_dtype, w13s_entry.shape[1:])
+            cw2 = _slice(conv_r, conv_map, f"{p}.w2_weight", e, E, torch.uint8, (H, I // 2))
+            cs2 = _slice(conv_r, conv_map, w2s_entry.name, e, E, s_dtype, w2s_entry.shape[1:])
+            # exactness: weights
+            cg, cu = tgt.split_rows(cw13)
+            for what, got, want in (("gate", cg, gw), ("up", cu, uw), ("down", cw2, dw)):
+                if not torch.equal(got, want):
+                    bad = (got != want).nonzero()[0].tolist()
+                    part = "w2_weight" if what == "down" else "w13_weight"
+                    raise _fail(f"{p}.{part}: expert {e} {what} packed bytes differ from the source at [{bad[0]}, {bad[1]}]")
+            # exactness: scales (undo the layout, then the row order)
+            nat13 = tgt.natural_scales(cs13, 2 * I, H // 16)
+            nat2 = tgt.natural_scales(cs2, H, I // 16)
+            ng, nu = tgt.split_rows(nat13)
+            rg, ru = float(layer.ratio_gate[e]), float(layer.ratio_up[e])
+            for what, got, want in (
+                ("gate", ng, _expected_scales(gs, rg)),
+                ("up", nu, _expected_scales(us, ru)),
+                ("down", nat2, ds),
+            ):
+                if not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
+                    bad = (got.view(torch.uint8) != want.view(torch.uint8)).nonzero()[0].tolist()
+                    part = "w2_weight_scale" if what == "down" else "w13_weight_scale"
+                    how = "the source's" if (what == "down" or (rg if what == "gate" else ru) == 1.0) else "the rescaled source's"
+                    raise _fail(f"{p}.{part}: expert {e} {what} block scale at [{bad[0]}, {bad[1]}] differs from {how}")
+            A13w.append(tgt.join_rows(gw, uw))
+            A13s.append(tgt.join_rows(gs, us))
+            B13w.append(cw13)
+            B13s.append(cs13 if swizzled else nat13)
+            A2w.append(dw)
+            A2s.append(ds)
+            B2w.append(cw2)
+            B2s.append(cs2 if swizzled else nat2)
+        idx = torch.tensor(chunk)
+        s2a13 = _rows_s2(tgt, I, layer.scalars["gate.weight_scale_2"][idx], layer.scalars["up.weight_scale_2"][idx])
+        s2b13 = _rows_s2(tgt, I, s2_g_conv[idx], s2_u_conv[idx])
+        dev = torch.device(device)
+        mv = lambda xs: torch.stack(xs).to(dev)  # noqa: E731
+        st13 = compare(mv(A13w), mv(A13s), s2a13.to(dev), mv(B13w), mv(B13s), s2b13.to(dev), b_swizzled=swizzled)
+        st2 = compare(
+            mv(A2w), mv(A2s), layer.scalars["down.weight_scale_2"][idx].to(dev), mv(B2w), mv(B2s), conv_s2_down[idx].to(dev), b_swizzled=swizzled
+        )
+        for k, e in enumerate(chunk):
+            copied13 = float(layer.ratio_gate[e]) == 1.0 and float(layer.ratio_up[e]) == 1.0
+            for part, st, exact in (("w13", st13, copied13), ("w2", st2, True)):
+                n_diff, nonfinite = int(st.n_diff[k]), bool(st.nonfinite[k])
+                mabs, mrel = float(st.max_abs[k]), float(st.max_rel[k])
+                if nonfinite:
+                    raise _fail(f"{p}.{part}_weight: expert {e} decodes to NaN or Inf")
+                if exact and n_diff:
+                    raise _fail(f"{p}.{part}_weight: expert {e} should decode bit-identically but {n_diff} values differ")
+                if not exact and mrel > HALF_STEP:
+                    nat = tgt.natural_scales(B13s[k], 2 * I, H // 16) if swizzled else B13s[k]
+                    _check_rescaled_elementwise(p, e, A13w[k], A13s[k], s2a13[k], B13w[k], nat, s2b13[k])
+                res.max_abs = max(res.max_abs, mabs)
+                res.max_rel = max(res.max_rel, mrel)
+            res.checked += 1
+    return res
+
+
+def _check_rescaled_elementwise(p: str, e: int, aw, as_, as2, bw, bs, bs2) -> None:
+    """Slow path for a rescaled expert over 6.25%: allow half the subnormal spacing where the new scale is subnormal."""
+    from .nvfp4 import dequantize
+
+    a = dequantize(aw, as_, 1.0) * as2[:, None]
+    b = dequantize(bw, bs, 1.0) * bs2[:, None]
+    s_new = bs.view(torch.float8_e4m3fn).to(torch.float32).repeat_interleave(16, dim=-1)
+    vals = dequantize(bw, torch.ones_like(bs.view(torch.float8_e4m3fn).to(torch.float32)).to(torch.float8_e4m3fn), 1.0).abs()
+    sub = s_new < E4M3_MIN_NORMAL
+    tol = torch.where(sub, vals * SUBNORMAL_HALF_SPACING * bs2[:, None], HALF_STEP * a.abs()) * (1 + 1e-6)
+    bad = (a - b).abs() > tol
+    if bool(bad.any()):
+        r, c = bad.nonzero()[0].tolist()
+        raise _fail(
+            f"{p}.w13_weight: expert {e} value at [{r}, {c}] is {float(b[r, c]):.6g}, source {float(a[r, c]):.6g}: "
+            f"more than half an E4M3 step apart"
+        )
+
+
+def _check_copied_tensors(plan: Plan, src_r: _Readers, conv_r: _Readers, conv_map: dict[str, str], chunk: int = 64 << 20) -> int:
+    n = 0
+    for shard in plan.shards:
+        for t in shard.tensors:
+            if t.kind != "copy":
+                continue
+            assert t.source is not None
+            sr, cr = src_r.r[t.source.file], conv_r.r[conv_map[t.entry.name]]
+            size = t.entry.nbytes
+            for start in range(0, size, chunk):
+                ln = min(chunk, size - start)
+                if sr.read_bytes(t.source.info.name, start, ln) != cr.read_bytes(t.entry.name, start, ln):
+                    raise _fail(f"{t.entry.name} is not byte-identical to the source (in bytes {start}..{start + ln})")
+            n += 1
+    return n
+
+
+def pick_device(device: str) -> tuple[str, str]:
+    """('cuda'|'cpu', note)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda but no CUDA device is visible")
+    if device not in ("cuda", "cpu"):
+        raise InputError(f"--device must be auto, cuda or cpu, not {device!r}")
+    note = "" if device == "cuda" else "no GPU: numerics run on the CPU through the torch reference of the kernels (slower)"
+    return device, note
+
+
+def verify(
+    source_dir: Path,
+    conv_dir: Path,
+    *,
+    sample: int | None = None,
+    device: str = "auto",
+    hash_files: bool = True,
+    batch_bytes: int = 256 << 20,
+    trust_root: Path | None = None,
+    source_label: str | None = None,
+    on_layer: Callable[[LayerResult], None] | None = None,
+    seed: int | None = None,
+) -> VerifyResult:
+    import time
+
+    t0 = time.perf_counter()
+    dev, note = pick_device(device)
+    conv_dir = Path(conv_dir)
+    if not conv_dir.is_dir():
+        raise InputError("converted folder does not exist", file=str(conv_dir))
+    manifest = load_manifest(conv_dir)
+    if manifest is None:
+        raise _fail(f"{conv_dir} has no {MANIFEST_NAME}: the conversion is incomplete (rerun convert to resume)")
+    problems = check_files(conv_dir, manifest, hash_files=hash_files)
+    if problems:
+        raise _fail(f"output files do not match the manifest: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    target, opts = _target_from_output(conv_dir, manifest)
+    src = scan_source(source_dir, trust_root=trust_root)
+    if src.fingerprint() != manifest.input_fingerprint:
+        raise _fail("the source's headers and configs are not those this output was converted from (fingerprint differs)")
+    plan = build_plan(src, target, {k: opts[k] for k in ("target", "w13_order", "max_shard_size")}, opts["max_shard_size"])
+    conv = scan_source(conv_dir)
+    _check_structure(plan, conv_dir, conv)
+    conv_map = conv.tensor_file
+    result = VerifyResult(source_label or str(source_dir), str(conv_dir), target.name, dev, note=note, files_hashed=len(manifest.files) if hash_files else 0)
+    rng = random.Random(seed)
+    src_r, conv_r = _Readers(src.headers), _Readers(conv.headers)
+    try:
+        result.copied_tensors = _check_copied_tensors(plan, src_r, conv_r, conv_map)
+        for layer in plan.layers.values():
+            n = layer.dims.experts
+            experts = list(range(n)) if not sample or sample >= n else sorted(rng.sample(range(n), sample))
+            lr = _verify_layer(plan, layer, experts, src_r, conv_r, conv_map, dev, batch_bytes)
+            result.layers.append(lr)
+            if on_layer:
+                on_layer(lr)
+    finally:
+        src_r.close()
+        conv_r.close()
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,155 @@
+"""verify: passes on a real conversion, and names tensor, expert and index for every kind of damage."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from nvfp4_fuse.convert import ConvertOptions, convert
+from nvfp4_fuse.errors import CheckFailed
+from nvfp4_fuse.manifest import MANIFEST_NAME
+from nvfp4_fuse.safetensors_io import read_header
+from nvfp4_fuse.verify import verify
+
+P = "layers.1.ffn.experts"
+
+
+def _locate(folder: Path, name: str) -> tuple[Path, int, int]:
+    idx = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / idx["weight_map"][name]
+    h = read_header(shard)
+    t = h.tensors[name]
+    return shard, h.data_start + t.begin, t.nbytes
+
+
+def _flip(folder: Path, name: str, rel: int, xor: int = 0x11) -> None:
+    shard, start, _ = _locate(folder, name)
+    with open(shard, "r+b") as f:
+        f.seek(start + rel)
+        b = f.read(1)[0]
+        f.seek(start + rel)
+        f.write(bytes([b ^ xor]))
+
+
+@pytest.fixture
+def converted(make_ckpt, tmp_path):
+    def make(target: str = "vllm-fused", **kw):
+        kw = {"layers": 2, "experts": 4, "hidden": 64, "inter": 32, "unequal_scale_2": True, **kw}
+        src = make_ckpt(**kw)
+        out = tmp_path / f"out-{target}-{random.randrange(10**9)}"
+        convert(src, out, ConvertOptions(target=target))
+        return src, out
+
+    return make
+
+
+@pytest.mark.parametrize("target", ["vllm-fused", "linear"])
+@pytest.mark.parametrize("unequal", [False, True])
+def test_verify_passes_and_reports(converted, target, unequal):
+    src, out = converted(target, unequal_scale_2=unequal)
+    res = verify(src, out, device="cpu")
+    assert [l.prefix for l in res.layers] == [P]
+    layer = res.layers[0]
+    assert layer.checked == 4
+    assert layer.rescaled == (4 if unequal else 0)
+    if unequal:
+        assert 0 < layer.max_rel <= 0.0625
+    else:
+        assert layer.max_abs == 0 and layer.max_rel == 0
+    assert res.copied_tensors > 0 and res.files_hashed > 0
+
+
+def test_verify_sample_checks_n_experts(converted):
+    src, out = converted(experts=6)
+    res = verify(src, out, device="cpu", sample=2)
+    assert res.layers[0].checked == 2
+
+
+def _expect_fail(src: Path, out: Path, needle: str, **kw) -> str:
+    with pytest.raises(CheckFailed) as ei:
+        verify(src, out, device="cpu", **kw)
+    msg = str(ei.value)
+    assert needle in msg, msg
+    return msg
+
+
+def test_tampered_file_fails_the_hash_check(converted):
+    src, out = converted()
+    _flip(out, f"{P}.w13_weight", 5)
+    _expect_fail(src, out, "sha256 differs from manifest")
+
+
+def test_tampered_weight_byte_is_located(converted):
+    src, out = converted()
+    # expert 2, up half (gate-up order: rows 32..63), row 40, byte 7
+    per_expert = 64 * 32
+    _flip(out, f"{P}.w13_weight", 2 * per_expert + 40 * 32 + 7)
+    msg = _expect_fail(src, out, "w13_weight: expert 2 up packed bytes differ", hash_files=False)
+    assert "[8, 7]" in msg
+
+
+def test_tampered_swizzled_scale_is_located(converted):
+    src, out = converted()
+    _, _, n = _locate(out, f"{P}.w2_weight_scale")
+    per_expert = n // 4
+    _flip(out, f"{P}.w2_weight_scale", 3 * per_expert + 0, xor=0x01)  # swizzle offset 0 = scale (0, 0)
+    msg = _expect_fail(src, out, "w2_weight_scale: expert 3 down block scale at [0, 0]", hash_files=False)
+    assert "differs" in msg
+
+
+def test_tampered_global_scale(converted):
+    src, out = converted()
+    _flip(out, f"{P}.w13_input_scale", 4 * 1 + 2)
+    _expect_fail(src, out, f"{P}.w13_input_scale differs", hash_files=False)
+
+
+def test_tampered_copied_tensor(converted):
+    src, out = converted()
+    _flip(out, "layers.1.self_attn.o_proj.weight", 100)
+    _expect_fail(src, out, "layers.1.self_attn.o_proj.weight is not byte-identical", hash_files=False)
+
+
+def test_incomplete_output_is_never_complete(converted):
+    src, out = converted()
+    (out / MANIFEST_NAME).unlink()
+    _expect_fail(src, out, "conversion is incomplete")
+
+
+def test_other_source_is_refused(converted, make_ckpt):
+    _, out = converted()
+    other_shape = make_ckpt(layers=2, experts=5, hidden=64, inter=32, unequal_scale_2=True)
+    _expect_fail(other_shape, out, "not those this output was converted from")
+    # same headers, other bytes: the header fingerprint matches, the byte checks do not
+    other_bytes = make_ckpt(layers=2, experts=4, hidden=64, inter=32, unequal_scale_2=True)
+    _expect_fail(other_bytes, out, "not byte-identical")
+
+
+def test_verify_cli_exit_codes_and_json(converted):
+    src, out = converted()
+    r = run_cli("verify", str(src), str(out), "--json", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    body = json.loads(r.stdout)
+    assert body["ok"] and body["layers"][0]["checked"] == 4
+    assert (out / "nvfp4-fuse-verify.json").exists()
+    _flip(out, f"{P}.w2_weight", 3)
+    r = run_cli("verify", str(src), str(out), "--device", "cpu", "--skip-hashes")
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "w2_weight: expert 0 down packed bytes differ" in r.stderr
+    r = run_cli("verify", str(src), str(out / "nope"))
+    assert r.returncode == 2
+
+
+def test_verify_mega_moe_is_bit_identical(make_ckpt, tmp_path):
+    src = make_ckpt(layers=2, experts=3, hidden=512, inter=512, unequal_scale_2=True)
+    out = tmp_path / "mm"
+    convert(src, out, ConvertOptions())
+    res = verify(src, out, device="cpu")
+    assert res.target == "mega-moe"
+    assert all(l.max_abs == 0 and l.max_rel == 0 for l in res.layers)
+    # a flipped int32 scale word is found and named in natural coordinates
+    _flip(out, f"{P}.w13_weight_scale", 4 * 5 + 1, xor=0x01)
+    _expect_fail(src, out, "w13_weight_scale: expert 0", hash_files=False)
