@@ -61,13 +61,16 @@ def _print_plan(plan: Any, out_dir: Path, workers: int) -> None:
     for c in ("expert module", "experts", "hidden", "intermediate", "gate/up scale_2 differ", "input-scale max/min"):
         t.add_column(c, justify="right" if c != "expert module" else "left", no_wrap=c == "expert module")
     for p, layer in plan.layers.items():
+        known = bool(layer.scalars)
         t.add_row(
             p,
             str(layer.dims.experts),
             str(layer.dims.hidden),
             str(layer.dims.inter),
-            f"{layer.scale_2_mismatches}" + (" (kept both)" if plan.target.scale_2 == "keep-both" else " (rescaled)" if layer.scale_2_mismatches else ""),
-            f"{layer.input_scale_spread:.3g}",
+            (f"{layer.scale_2_mismatches}" + (" (kept both)" if plan.target.scale_2 == "keep-both" else " (rescaled)" if layer.scale_2_mismatches else ""))
+            if known
+            else "n/a",
+            f"{layer.input_scale_spread:.3g}" if known else "n/a",
         )
     out.print(t)
     s = Table(title="output shards")
@@ -79,6 +82,9 @@ def _print_plan(plan: Any, out_dir: Path, workers: int) -> None:
     out.print(s)
     need = plan.output_bytes_estimate()
     out.print(f"source: {src.root} ({len(src.headers)} shards, {len(src.tensor_file)} tensors, {len(src.sidecars)} other files)")
+    for p, layer in plan.layers.items():
+        if layer.scalars and layer.input_scale_spread > 256:
+            out.print(f"[yellow]warning:[/yellow] {p}: input scales span {layer.input_scale_spread:.0f}x; merging them by max costs precision above ~256x")
     out.print(f"target: {plan.target.name}: {plan.target.description}")
     out.print(f"disk needed: {human(need)}; free at {out_dir}: {human(disk_free(out_dir))}")
     out.print(f"peak memory (estimate, {workers} workers): {human(plan.peak_memory_estimate(workers))}")
@@ -102,10 +108,15 @@ def convert(
     from .plan import human, parse_size
 
     opts = ConvertOptions(target, w13_order, parse_size(max_shard_size), workers, overwrite, dry_run)
-    if dry_run and not Path(source).exists():
+    if dry_run and not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
         from . import hub
+        from .plan import build_plan, source_from_remote_headers
+        from .targets import get_target
 
-        out.print(hub.describe_remote_plan(source, revision=revision, target=target))
+        src = source_from_remote_headers(source, hub.remote_safetensors_headers(source, revision=revision))
+        plan = build_plan(src, get_target(target, w13_order=w13_order), opts.fingerprinted(), opts.max_shard_size, with_scalars=False)
+        _print_plan(plan, output, workers)
+        out.print("(planned from the Hub's shard headers alone: scalar scales not read, sidecar sizes not counted)")
         return
     folder, trust = _resolve(source, revision)
     plan = make_plan(folder, opts, trust_root=trust)

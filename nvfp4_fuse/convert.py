@@ -26,7 +26,7 @@ import torch
 
 from . import __version__
 from .errors import InputError
-from .manifest import MANIFEST_NAME, Manifest, fingerprint, load_manifest, sha256_file
+from .manifest import Manifest, fingerprint, load_manifest, save_manifest, sha256_file
 from .nvfp4 import check_block_scale_bytes, rescale_block_scales
 from .plan import INDEX_NAME, ExpertLayer, OutShard, OutTensor, Plan, build_plan, disk_free, human, scan_source
 from .safetensors_io import PARTIAL_SUFFIX, ShardReader, StreamingShardWriter, fsync_dir, tensor_bytes, write_file_atomic
@@ -385,7 +385,7 @@ def convert(
         files=files,
         source={"source": source_label or str(source_dir), "layers": {p: r.to_json() for p, r in reports.items()}},
     )
-    write_file_atomic(out / MANIFEST_NAME, (json.dumps(manifest.to_json(), indent=1) + "\n").encode())
+    save_manifest(out, manifest)
     (out / PROGRESS_NAME).unlink(missing_ok=True)
     fsync_dir(out)
     result.files = files

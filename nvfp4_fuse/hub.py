@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import EXIT_INTERNAL, CheckFailed, InputError, Nvfp4FuseError
-from .manifest import HASH_CHUNK, MANIFEST_NAME, Manifest, check_files, load_manifest, sha256_file
+from .manifest import HASH_CHUNK, MANIFEST_NAME, Manifest, check_files, load_manifest, save_manifest, sha256_file
 
 log = logging.getLogger("nvfp4_fuse.hub")
 
@@ -550,6 +550,14 @@ def push(
     if card is not None:
         _write_text_atomic(folder / README_NAME, card)
         card_written = True
+        if manifest is not None and trust_manifest:
+            # The card replaces the source's README: record it so the folder still matches its manifest
+            # (and verify knows this one file is ours, not a copied sidecar).
+            data = (folder / README_NAME).read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            manifest.files[README_NAME] = {"size": len(data), "sha256": digest}
+            manifest.model_card = digest
+            save_manifest(folder, manifest)
 
     files = local_upload_files(folder)
     if not files:

@@ -43,6 +43,7 @@ class Manifest:
     input_fingerprint: str
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"size", "sha256"}
     source: dict[str, Any] = field(default_factory=dict)
+    model_card: str | None = None  # sha256 of the README.md that `push` wrote over the source's
 
     @property
     def options_fingerprint(self) -> str:
@@ -60,6 +61,7 @@ class Manifest:
             "input_fingerprint": self.input_fingerprint,
             "source": self.source,
             "files": dict(sorted(self.files.items())),
+            "model_card": self.model_card,
         }
 
     @classmethod
@@ -75,6 +77,7 @@ class Manifest:
                 input_fingerprint=d["input_fingerprint"],
                 files=d["files"],
                 source=d.get("source", {}),
+                model_card=d.get("model_card"),
             )
         except (KeyError, TypeError) as e:
             raise InputError(f"manifest is missing field {e}", file=MANIFEST_NAME) from None
@@ -88,6 +91,12 @@ def load_manifest(folder: Path) -> Manifest | None:
         return Manifest.from_json(json.loads(p.read_text()))
     except json.JSONDecodeError as e:
         raise InputError(f"manifest is not valid JSON: {e}", file=str(p)) from None
+
+
+def save_manifest(folder: Path, manifest: Manifest) -> None:
+    from .safetensors_io import write_file_atomic
+
+    write_file_atomic(Path(folder) / MANIFEST_NAME, (json.dumps(manifest.to_json(), indent=1) + "\n").encode())
 
 
 def check_files(folder: Path, manifest: Manifest, *, hash_files: bool = True) -> list[str]:

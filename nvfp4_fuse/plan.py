@@ -422,15 +422,33 @@ def shard_file_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def build_plan(src: Source, target: Target, options: dict[str, Any], max_shard_size: int) -> Plan:
+def source_from_remote_headers(label: str, remote: dict[str, Any]) -> Source:
+    """A Source built from Hub headers alone (``hub.remote_safetensors_headers``), for a dry-run plan."""
+    headers: dict[str, ShardHeader] = {}
+    for fname, hdr in remote["headers"].items():
+        tensors = {}
+        for name, spec in hdr.items():
+            if name == "__metadata__":
+                continue
+            b, e = spec["data_offsets"]
+            tensors[name] = TensorInfo(name, spec["dtype"], tuple(spec["shape"]), b, e)
+        headers[fname] = ShardHeader(Path(fname), 0, tensors, hdr.get("__metadata__"), 0)
+    order = sorted(((f, t) for f, h in headers.items() for t in h.tensors.values()), key=lambda x: (x[0], x[1].begin))
+    return Source(Path(label), headers, {t.name: f for f, t in order}, [], {}, remote.get("sharded", True))
+
+
+def build_plan(src: Source, target: Target, options: dict[str, Any], max_shard_size: int, *, with_scalars: bool = True) -> Plan:
+    """The plan; ``with_scalars=False`` (a remote dry run) skips reading the scalar scales."""
     check_quant_config(src)
     layers, _others = group_experts(src)
     if not layers:
         raise InputError("no routed-expert NVFP4 tensors (<prefix>.experts.<e>.<proj>.<field>) found", file=str(src.root))
-    readers = {f: ShardReader(h) for f, h in src.headers.items()}
+    readers = {f: ShardReader(h) for f, h in src.headers.items()} if with_scalars else {}
     try:
         for layer in layers.values():
             target.check_dims(layer.prefix, layer.dims)
+            if not with_scalars:
+                continue
             read_scalars(src, layer, readers)
             layer.ratio_gate, layer.ratio_up = target.rescale_ratios(
                 layer.scalars["gate.weight_scale_2"], layer.scalars["up.weight_scale_2"]

@@ -86,7 +86,7 @@ def _target_from_output(out_dir: Path, manifest: Any) -> tuple[Target, dict[str,
     return target, opts
 
 
-def _check_structure(plan: Plan, conv_dir: Path, conv_src: Any) -> None:
+def _check_structure(plan: Plan, conv_dir: Path, conv_src: Any, *, model_card: str | None = None) -> None:
     from .convert import rewrite_configs
 
     want_map = plan.weight_map()
@@ -119,6 +119,8 @@ def _check_structure(plan: Plan, conv_dir: Path, conv_src: Any) -> None:
     for rel in plan.source.sidecars:
         if rel in ("config.json", "hf_quant_config.json"):
             continue
+        if rel == "README.md" and model_card is not None:
+            continue  # push replaced it with the model card; the manifest's hash covers it
         p = conv_dir / rel
         if not p.is_file() or p.read_bytes() != (plan.source.root / rel).read_bytes():
             raise _fail(f"sidecar {rel} is missing or differs from the source")
@@ -354,7 +356,7 @@ def verify(
         raise _fail("the source's headers and configs are not those this output was converted from (fingerprint differs)")
     plan = build_plan(src, target, {k: opts[k] for k in ("target", "w13_order", "max_shard_size")}, opts["max_shard_size"])
     conv = scan_source(conv_dir)
-    _check_structure(plan, conv_dir, conv)
+    _check_structure(plan, conv_dir, conv, model_card=manifest.model_card)
     conv_map = conv.tensor_file
     result = VerifyResult(source_label or str(source_dir), str(conv_dir), target.name, dev, note=note, files_hashed=len(manifest.files) if hash_files else 0)
     rng = random.Random(seed)
