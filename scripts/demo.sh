@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# End-to-end demo on this machine: sets up .venv, writes a small real-format ModelOpt NVFP4 MoE
+# checkpoint (DeepSeek names, gate/up scale_2 unequal as in pre-0.43 exports), converts it to the
+# default mega-moe layout and to vllm-fused, and verifies both. Output goes to ./demo-out.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+. .venv/bin/activate
+OUT=${DEMO_OUT:-demo-out}
+rm -rf "$OUT"
+mkdir -p "$OUT"
+export NVFP4_FUSE_PROGRESS=${NVFP4_FUSE_PROGRESS:-0}
+
+echo "== 1. a sample ModelOpt NVFP4 checkpoint (3 layers, 8 experts, H=512, I=512, 3 shards)"
+nvfp4-fuse sample "$OUT/src" --scheme deepseek --layers 3 --experts 8 --hidden 512 --intermediate 512 --shards 3 --unequal-scale-2
+
+echo "== 2. the plan, from headers only"
+nvfp4-fuse convert "$OUT/src" "$OUT/mega-moe" --dry-run
+
+echo "== 3. convert to mega-moe (default target) and verify"
+nvfp4-fuse convert "$OUT/src" "$OUT/mega-moe"
+nvfp4-fuse verify "$OUT/src" "$OUT/mega-moe"
+
+echo "== 4. convert to vllm-fused (merged scale_2, 128x4 swizzle) and verify"
+nvfp4-fuse convert "$OUT/src" "$OUT/vllm-fused" --target vllm-fused --max-shard-size 2MB
+nvfp4-fuse verify "$OUT/src" "$OUT/vllm-fused"
+
+echo "== 5. a rerun finds the finished conversion and does nothing"
+nvfp4-fuse convert "$OUT/src" "$OUT/mega-moe"
+
+echo "== summary"
+python - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for t in ("mega-moe", "vllm-fused"):
+    m = json.loads((out / t / "nvfp4-fuse-manifest.json").read_text())
+    v = json.loads((out / t / "nvfp4-fuse-verify.json").read_text())
+    idx = json.loads((out / t / "model.safetensors.index.json").read_text())
+    names = [n for n in idx["weight_map"] if n.startswith("layers.1.ffn.experts.")]
+    print(f"{t:11s} layout {m['layout']}, {len(m['files'])} files, fused tensors: {', '.join(sorted(n.rsplit('.', 1)[1] for n in names))}")
+    for l in v["layers"]:
+        print(f"{'':11s} {l['prefix']}: {l['checked']}/{l['experts']} experts verified, rescaled {l['rescaled']}, max rel error {100 * l['max_rel']:.2f}%")
+PY
+echo "demo finished: see $OUT/"
