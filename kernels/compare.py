@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .dequant import _block_factors, _nibble, is_interpreted, prepare
 from .reference import as_batched, dequantize_nvfp4_ref
@@ -43,7 +44,7 @@ def _max_nan(a, b):
 
 @triton.jit
 def _compare_full(wa, sa, s2a, wb, sb, s2b, abs_ptr, rel_ptr, cnt_ptr, flag_ptr, tile,
-                  BPP: tl.constexpr, REL_RN: tl.constexpr):
+                  BPP: tl.constexpr, REL_RN: tl.constexpr, INTERPRET: tl.constexpr):
     acc_abs = tl.zeros([BPP, 2], tl.float32)
     acc_rel = tl.zeros([BPP, 2], tl.float32)
     acc_cnt = tl.zeros([BPP, 2], tl.int32)
@@ -54,10 +55,12 @@ def _compare_full(wa, sa, s2a, wb, sb, s2b, abs_ptr, rel_ptr, cnt_ptr, flag_ptr,
         acc_abs = _max_nan(acc_abs, ad)
         if REL_RN:
             q = tl.math.div_rn(ad, tl.abs(a))
+        elif INTERPRET:
+            q = ad / tl.abs(a)  # the interpreter has no libdevice; numpy divides exactly
         else:
-            q = ad / tl.abs(a)
+            q = libdevice.fast_dividef(ad, tl.abs(a))  # div.approx: 2 instructions; div.full costs ~7
         acc_rel = _max_nan(acc_rel, tl.where(a != 0, q, 0.0))
-        acc_cnt += (a != b).to(tl.int32)
+        acc_cnt += tl.where(a != b, 1, 0)
     t_abs = tl.reduce(tl.reshape(acc_abs, [2 * BPP]), 0, _max_nan)
     t_rel = tl.reduce(tl.reshape(acc_rel, [2 * BPP]), 0, _max_nan)
     tl.store(abs_ptr + tile, t_abs)
@@ -72,7 +75,7 @@ def _compare_kernel(wa_ptr, sa_ptr, s2a_ptr, wb_ptr, sb_ptr, s2b_ptr,
                     M, K16, Mp, Kp, nblk, T,
                     BPP: tl.constexpr, A_SWZ: tl.constexpr, A_ROW: tl.constexpr,
                     B_SWZ: tl.constexpr, B_ROW: tl.constexpr, EVEN: tl.constexpr,
-                    FAST_PATH: tl.constexpr, REL_RN: tl.constexpr):
+                    FAST_PATH: tl.constexpr, REL_RN: tl.constexpr, INTERPRET: tl.constexpr):
     t = tl.program_id(0)
     e = tl.program_id(1).to(tl.int64)
     tile = e * T + t
@@ -106,9 +109,9 @@ def _compare_kernel(wa_ptr, sa_ptr, s2a_ptr, wb_ptr, sb_ptr, s2b_ptr,
             tl.store(cnt_ptr + tile, 0)
             tl.store(flag_ptr + tile, 0)
         else:
-            _compare_full(wa, sa, s2a, wb, sb, s2b, abs_ptr, rel_ptr, cnt_ptr, flag_ptr, tile, BPP, REL_RN)
+            _compare_full(wa, sa, s2a, wb, sb, s2b, abs_ptr, rel_ptr, cnt_ptr, flag_ptr, tile, BPP, REL_RN, INTERPRET)
     else:
-        _compare_full(wa, sa, s2a, wb, sb, s2b, abs_ptr, rel_ptr, cnt_ptr, flag_ptr, tile, BPP, REL_RN)
+        _compare_full(wa, sa, s2a, wb, sb, s2b, abs_ptr, rel_ptr, cnt_ptr, flag_ptr, tile, BPP, REL_RN, INTERPRET)
 
 
 @dataclass
@@ -132,16 +135,13 @@ class CompareResult:
         return int(bad[0, 0]) if bad.numel() else None
 
 
-def compare_nvfp4(a_packed, a_scales, a_scale_2, b_packed, b_scales, b_scale_2, *,
+def compare_tiles(a_packed, a_scales, a_scale_2, b_packed, b_scales, b_scale_2, *,
                   a_swizzled: bool = False, b_swizzled: bool = False, exact_rel: bool = False,
-                  fast_path: bool = True, bpp: int | None = None, num_warps: int | None = None) -> CompareResult:
-    """Compare two NVFP4 encodings of the same [E, M, K] weights without materialising them.
-
-    Each side: packed uint8 [E, M, K/2]; scales float8_e4m3fn/uint8, linear [E, M, K/16] or
-    (``*_swizzled``) 128x4-swizzled [E, Mp, Kp]; scale_2 fp32 [E] or [E, M]. 2-D inputs are one expert.
-    """
-    A = prepare(a_packed, a_scales, a_scale_2, a_swizzled)
-    B = prepare(b_packed, b_scales, b_scale_2, b_swizzled)
+                  fast_path: bool = True, check: bool = True, bpp: int | None = None,
+                  num_warps: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Launch the compare kernel only: returns ({stat: [E, T] per-tile tensor}, elements per expert)."""
+    A = prepare(a_packed, a_scales, a_scale_2, a_swizzled, check)
+    B = prepare(b_packed, b_scales, b_scale_2, b_swizzled, check)
     wa, sa, s2a, e, m, k16, _, _, a_row, _ = A
     wb, sb, s2b, eb, mb, k16b, _, _, b_row, _ = B
     if (e, m, k16) != (eb, mb, k16b):
@@ -151,27 +151,53 @@ def compare_nvfp4(a_packed, a_scales, a_scale_2, b_packed, b_scales, b_scale_2, 
     mp, kp = (m + 127) // 128 * 128, (k16 + 3) // 4 * 4
     nblk = m * k16
     bpp = bpp or COMPARE_BPP
-    T = triton.cdiv(nblk, bpp) if nblk else 0
+    T = triton.cdiv(nblk, bpp)
     dev = wa.device
-    t_abs = torch.zeros((e, T), dtype=torch.float32, device=dev)
-    t_rel = torch.zeros((e, T), dtype=torch.float32, device=dev)
-    t_cnt = torch.zeros((e, T), dtype=torch.int32, device=dev)
-    t_flag = torch.zeros((e, T), dtype=torch.int8, device=dev)
+    tiles = {  # every program writes its tile's four entries
+        "max_abs": torch.empty((e, T), dtype=torch.float32, device=dev),
+        "max_rel": torch.empty((e, T), dtype=torch.float32, device=dev),
+        "n_diff": torch.empty((e, T), dtype=torch.int32, device=dev),
+        "nonfinite": torch.empty((e, T), dtype=torch.int8, device=dev),
+    }
     if T and e:
         _compare_kernel[(T, e)](
-            wa, sa, s2a, wb, sb, s2b, t_abs, t_rel, t_cnt, t_flag,
+            wa, sa, s2a, wb, sb, s2b, tiles["max_abs"], tiles["max_rel"], tiles["n_diff"], tiles["nonfinite"],
             m, k16, mp, kp, nblk, T,
             BPP=bpp, A_SWZ=a_swizzled, A_ROW=a_row, B_SWZ=b_swizzled, B_ROW=b_row,
-            EVEN=nblk % bpp == 0, FAST_PATH=fast_path, REL_RN=exact_rel,
+            EVEN=nblk % bpp == 0, FAST_PATH=fast_path, REL_RN=exact_rel, INTERPRET=is_interpreted(_compare_kernel),
             num_warps=num_warps or COMPARE_WARPS, enable_fp_fusion=False)
-    zero_f = torch.zeros(e, dtype=torch.float32, device=dev)
+    return tiles, m * k16 * 16
+
+
+def compare_nvfp4(a_packed, a_scales, a_scale_2, b_packed, b_scales, b_scale_2, *,
+                  a_swizzled: bool = False, b_swizzled: bool = False, exact_rel: bool = False,
+                  fast_path: bool = True, check: bool = True, bpp: int | None = None,
+                  num_warps: int | None = None) -> CompareResult:
+    """Compare two NVFP4 encodings of the same [E, M, K] weights without materialising them.
+
+    Each side: packed uint8 [E, M, K/2]; scales float8_e4m3fn/uint8, linear [E, M, K/16] or
+    (``*_swizzled``) 128x4-swizzled [E, Mp, Kp]; scale_2 fp32 [E] or [E, M]. 2-D inputs are one
+    expert. ``exact_rel`` makes max_rel use the correctly rounded division on the GPU too;
+    ``fast_path`` lets identical tiles skip the arithmetic; ``check`` as in ``dequantize_nvfp4``.
+    """
+    tiles, per_expert = compare_tiles(
+        a_packed, a_scales, a_scale_2, b_packed, b_scales, b_scale_2, a_swizzled=a_swizzled,
+        b_swizzled=b_swizzled, exact_rel=exact_rel, fast_path=fast_path, check=check, bpp=bpp,
+        num_warps=num_warps)
+    t_abs, t_rel, t_cnt, t_flag = tiles["max_abs"], tiles["max_rel"], tiles["n_diff"], tiles["nonfinite"]
+    e, T = t_abs.shape
+    dev = t_abs.device
+    if T == 0:
+        zero = torch.zeros(e, dtype=torch.float32, device=dev)
+        return CompareResult(zero, zero.clone(), torch.zeros(e, dtype=torch.int64, device=dev),
+                             torch.zeros(e, dtype=torch.bool, device=dev), per_expert, tiles)
     return CompareResult(
-        max_abs=t_abs.amax(dim=1) if T else zero_f,
-        max_rel=t_rel.amax(dim=1) if T else zero_f.clone(),
+        max_abs=t_abs.amax(dim=1),
+        max_rel=t_rel.amax(dim=1),
         n_diff=t_cnt.sum(dim=1, dtype=torch.int64),
-        nonfinite=(t_flag != 0).any(dim=1) if T else torch.zeros(e, dtype=torch.bool, device=dev),
-        elements_per_expert=m * k16 * 16,
-        tiles={"max_abs": t_abs, "max_rel": t_rel, "n_diff": t_cnt, "nonfinite": t_flag},
+        nonfinite=(t_flag != 0).any(dim=1),
+        elements_per_expert=per_expert,
+        tiles=tiles,
     )
 
 
