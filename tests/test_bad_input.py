@@ -180,12 +180,12 @@ def test_columns_not_multiple_of_16(make_ckpt, tmp_path):
 
 
 def test_cli_success_exit_code_and_dry_run(make_ckpt, tmp_path):
-    src = make_ckpt(layers=2, experts=4, hidden=128, inter=64)
+    src = make_ckpt(layers=2, experts=2, hidden=512, inter=512)
     r = run_cli("convert", str(src), str(tmp_path / "dry"), "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "layers.1.ffn.experts" in r.stdout and "disk needed" in r.stdout
     assert not (tmp_path / "dry").exists()
-    r = run_cli("convert", str(src), str(tmp_path / "out"), "--target", "vllm-fused")
+    r = run_cli("convert", str(src), str(tmp_path / "out"))  # default target: mega-moe
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "nvfp4-fuse-manifest.json").exists()
     r = run_cli("convert", str(src), str(tmp_path / "out2"), "--target", "nope")
