@@ -9,7 +9,8 @@ Per program (a "tile": ``BPP`` consecutive 16-value blocks of one expert, row-ma
 
 - ``max_abs``: max |A-B| in fp32, NaN-propagating (NaN/inf when A or B holds NaN/inf there);
 - ``max_rel``: max |A-B| / |A| over elements with A != 0;
-- ``n_diff``: count of elements with A != B as fp32 *values* (-0 == +0; NaN counts as different);
+- ``n_diff``: count of elements whose fp32 difference A - B is not zero: A != B as values (-0 == +0),
+  where any NaN counts as a difference, and so does an inf equal on both sides (inf - inf is NaN);
 - ``nonfinite``: 1 when some |A-B| in the tile is NaN or inf (i.e. A or B is NaN/inf), else 0.
 
 Tiles whose packed words, scale bytes and scale_2 values are all identical (and whose values are
@@ -30,10 +31,11 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .dequant import _block_factors, _nibble, is_interpreted, prepare
+from .dequant import _e4m3_to_f32, _nibble, _swizzle_off, is_interpreted, prepare
 from .reference import as_batched, dequantize_nvfp4_ref
 
 COMPARE_BPP = 128
+COMPARE_NSUB = 4
 COMPARE_WARPS = 4
 
 
@@ -43,8 +45,54 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _compare_full(wa, sa, s2a, wb, sb, s2b, abs_ptr, rel_ptr, cnt_ptr, flag_ptr, tile,
-                  BPP: tl.constexpr, REL_RN: tl.constexpr, INTERPRET: tl.constexpr):
+def _load_raw(wa_ptr, sa_ptr, s2a_ptr, wb_ptr, sb_ptr, s2b_ptr, e, lb, M, K16, Mp, Kp, nblk,
+              A_SWZ: tl.constexpr, A_ROW: tl.constexpr, B_SWZ: tl.constexpr, B_ROW: tl.constexpr,
+              EVEN: tl.constexpr):
+    """Raw loads for local blocks ``lb`` of expert ``e``: words [BPP, 2] and scale bytes [BPP] of
+    both sides, and their scale_2 ([BPP, 1] per row, else scalars). Nothing here waits on a load."""
+    mask = lb < nblk
+    wofs = (e * M * K16 + lb)[:, None] * 2 + tl.arange(0, 2)[None, :]
+    if EVEN:
+        wa = tl.load(wa_ptr + wofs)
+        wb = tl.load(wb_ptr + wofs)
+    else:
+        wa = tl.load(wa_ptr + wofs, mask=mask[:, None], other=0)
+        wb = tl.load(wb_ptr + wofs, mask=mask[:, None], other=0)
+    ba, s2a = _scale_loads(sa_ptr, s2a_ptr, e, lb, mask, M, K16, Mp, Kp, A_SWZ, A_ROW, EVEN)
+    bb, s2b = _scale_loads(sb_ptr, s2b_ptr, e, lb, mask, M, K16, Mp, Kp, B_SWZ, B_ROW, EVEN)
+    return wa, wb, ba, bb, s2a, s2b
+
+
+@triton.jit
+def _scale_loads(s_ptr, s2_ptr, e, lb, mask, M, K16, Mp, Kp,
+                 SWIZZLED: tl.constexpr, S2_PER_ROW: tl.constexpr, EVEN: tl.constexpr):
+    r = lb // K16
+    if SWIZZLED:
+        soff = e * Mp * Kp + _swizzle_off(r, lb - r * K16, Kp)
+    else:
+        soff = e * M * K16 + lb
+    if EVEN:
+        sbyte = tl.load(s_ptr + soff)
+    else:
+        sbyte = tl.load(s_ptr + soff, mask=mask, other=0)
+    if S2_PER_ROW:
+        if EVEN:
+            s2 = tl.load(s2_ptr + e * M + r)[:, None]
+        else:
+            s2 = tl.load(s2_ptr + e * M + r, mask=mask, other=0.0)[:, None]
+    else:
+        s2 = tl.load(s2_ptr + e)
+    return sbyte, s2
+
+
+@triton.jit
+def _compare_full(wa, wb, ba, bb, s2a, s2b, BPP: tl.constexpr, REL_RN: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """(max |a-b|, max |a-b|/|a| over a != 0, count of a-b != 0) over one sub-tile."""
+    sa = (_e4m3_to_f32(ba.to(tl.int32)) * 3.3230699894622794e35)[:, None]  # * 2^118, see dequant.py
+    sb = (_e4m3_to_f32(bb.to(tl.int32)) * 3.3230699894622794e35)[:, None]
+    s2a = s2a * 256.0
+    s2b = s2b * 256.0
     acc_abs = tl.zeros([BPP, 2], tl.float32)
     acc_rel = tl.zeros([BPP, 2], tl.float32)
     acc_cnt = tl.zeros([BPP, 2], tl.int32)
@@ -58,60 +106,59 @@ def _compare_full(wa, sa, s2a, wb, sb, s2b, abs_ptr, rel_ptr, cnt_ptr, flag_ptr,
         elif INTERPRET:
             q = ad / tl.abs(a)  # the interpreter has no libdevice; numpy divides exactly
         else:
-            q = libdevice.fast_dividef(ad, tl.abs(a))  # div.approx: 2 instructions; div.full costs ~7
+            q = tl.abs(libdevice.fast_dividef(ad, a))  # div.approx: 2 instructions; div.full costs ~7
         acc_rel = _max_nan(acc_rel, tl.where(a != 0, q, 0.0))
-        acc_cnt += tl.where(a != b, 1, 0)
+        # |a-b| as int bits is 0 for equal values (-0 == +0) and > 0 otherwise, NaN included
+        acc_cnt += tl.minimum(ad.to(tl.int32, bitcast=True), 1)
     t_abs = tl.reduce(tl.reshape(acc_abs, [2 * BPP]), 0, _max_nan)
     t_rel = tl.reduce(tl.reshape(acc_rel, [2 * BPP]), 0, _max_nan)
-    tl.store(abs_ptr + tile, t_abs)
-    tl.store(rel_ptr + tile, t_rel)
-    tl.store(cnt_ptr + tile, tl.sum(acc_cnt))
-    tl.store(flag_ptr + tile, (t_abs <= 3.4028234663852886e38) == 0)  # NaN or inf
+    return t_abs, t_rel, tl.sum(acc_cnt)
 
 
 @triton.jit
 def _compare_kernel(wa_ptr, sa_ptr, s2a_ptr, wb_ptr, sb_ptr, s2b_ptr,
                     abs_ptr, rel_ptr, cnt_ptr, flag_ptr,
                     M, K16, Mp, Kp, nblk, T,
-                    BPP: tl.constexpr, A_SWZ: tl.constexpr, A_ROW: tl.constexpr,
+                    BPP: tl.constexpr, NSUB: tl.constexpr, A_SWZ: tl.constexpr, A_ROW: tl.constexpr,
                     B_SWZ: tl.constexpr, B_ROW: tl.constexpr, EVEN: tl.constexpr,
                     FAST_PATH: tl.constexpr, REL_RN: tl.constexpr, INTERPRET: tl.constexpr):
+    """One program = one tile = NSUB sub-tiles of BPP blocks, walked in order with the next
+    sub-tile's loads issued before the current one is processed."""
     t = tl.program_id(0)
     e = tl.program_id(1).to(tl.int64)
-    tile = e * T + t
-    lb = t * BPP + tl.arange(0, BPP)
-    mask = lb < nblk
-    wofs = (e * M * K16 + lb)[:, None] * 2 + tl.arange(0, 2)[None, :]
-    if EVEN:
-        wa = tl.load(wa_ptr + wofs)
-        wb = tl.load(wb_ptr + wofs)
-    else:
-        wa = tl.load(wa_ptr + wofs, mask=mask[:, None], other=0)
-        wb = tl.load(wb_ptr + wofs, mask=mask[:, None], other=0)
-    ba, sa, s2a = _block_factors(sa_ptr, s2a_ptr, e, lb, mask, M, K16, 0, Mp, Kp, A_SWZ, A_ROW, EVEN)
-    bb, sb, s2b = _block_factors(sb_ptr, s2b_ptr, e, lb, mask, M, K16, 0, Mp, Kp, B_SWZ, B_ROW, EVEN)
-    sa = sa[:, None]
-    sb = sb[:, None]
-    if A_ROW:
-        s2a = s2a[:, None]
-    if B_ROW:
-        s2b = s2b[:, None]
-    if FAST_PATH:
-        # identical words, scale bytes and scale_2, no NaN scale, |scale_2 * 2^8| < 2^108: all values
-        # are equal and finite, so every statistic is 0 (s2 here carries the kernel's 2^8 factor).
-        # (int32 arithmetic: the interpreter cannot broadcast a scalar bool in `&`)
-        same_blk = ((ba == bb) & ((ba & 0x7F) != 0x7F)).to(tl.int32)[:, None] * (wa == wb).to(tl.int32)
-        s2_ok = ((s2a == s2b).to(tl.int32) * (tl.abs(s2a) < 3.2451855365842673e32).to(tl.int32))
-        n_same = tl.sum(same_blk * s2_ok)
-        if n_same == 2 * BPP:
-            tl.store(abs_ptr + tile, 0.0)
-            tl.store(rel_ptr + tile, 0.0)
-            tl.store(cnt_ptr + tile, 0)
-            tl.store(flag_ptr + tile, 0)
+    lb0 = t * (BPP * NSUB) + tl.arange(0, BPP)
+    wa, wb, ba, bb, s2a, s2b = _load_raw(wa_ptr, sa_ptr, s2a_ptr, wb_ptr, sb_ptr, s2b_ptr, e, lb0,
+                                         M, K16, Mp, Kp, nblk, A_SWZ, A_ROW, B_SWZ, B_ROW, EVEN)
+    t_abs = tl.zeros([], tl.float32)
+    t_rel = tl.zeros([], tl.float32)
+    t_cnt = tl.zeros([], tl.int32)
+    for i in range(NSUB):
+        # prefetch (the last iteration re-reads its own sub-tile: an L2 hit, and no branch)
+        nxt = lb0 + tl.minimum(i + 1, NSUB - 1) * BPP
+        wa2, wb2, ba2, bb2, s2a2, s2b2 = _load_raw(wa_ptr, sa_ptr, s2a_ptr, wb_ptr, sb_ptr, s2b_ptr, e, nxt,
+                                                   M, K16, Mp, Kp, nblk, A_SWZ, A_ROW, B_SWZ, B_ROW, EVEN)
+        if FAST_PATH:
+            # identical words, scale bytes and scale_2, no NaN scale byte, |scale_2| < 2^100: every
+            # value is equal and finite, so the sub-tile adds nothing. (int32 products, not `&`: the
+            # interpreter cannot broadcast a scalar bool.)
+            same_blk = ((ba == bb) & ((ba & 0x7F) != 0x7F)).to(tl.int32)[:, None] * (wa == wb).to(tl.int32)
+            s2_ok = (s2a == s2b).to(tl.int32) * (tl.abs(s2a) < 1.2676506002282294e30).to(tl.int32)
+            if tl.sum(same_blk * s2_ok) != 2 * BPP:
+                s_abs, s_rel, s_cnt = _compare_full(wa, wb, ba, bb, s2a, s2b, BPP, REL_RN, INTERPRET)
+                t_abs = _max_nan(t_abs, s_abs)
+                t_rel = _max_nan(t_rel, s_rel)
+                t_cnt += s_cnt
         else:
-            _compare_full(wa, sa, s2a, wb, sb, s2b, abs_ptr, rel_ptr, cnt_ptr, flag_ptr, tile, BPP, REL_RN, INTERPRET)
-    else:
-        _compare_full(wa, sa, s2a, wb, sb, s2b, abs_ptr, rel_ptr, cnt_ptr, flag_ptr, tile, BPP, REL_RN, INTERPRET)
+            s_abs, s_rel, s_cnt = _compare_full(wa, wb, ba, bb, s2a, s2b, BPP, REL_RN, INTERPRET)
+            t_abs = _max_nan(t_abs, s_abs)
+            t_rel = _max_nan(t_rel, s_rel)
+            t_cnt += s_cnt
+        wa, wb, ba, bb, s2a, s2b = wa2, wb2, ba2, bb2, s2a2, s2b2
+    tile = e * T + t
+    tl.store(abs_ptr + tile, t_abs)
+    tl.store(rel_ptr + tile, t_rel)
+    tl.store(cnt_ptr + tile, t_cnt)
+    tl.store(flag_ptr + tile, (t_abs <= 3.4028234663852886e38) == 0)  # NaN or inf
 
 
 @dataclass
@@ -138,7 +185,7 @@ class CompareResult:
 def compare_tiles(a_packed, a_scales, a_scale_2, b_packed, b_scales, b_scale_2, *,
                   a_swizzled: bool = False, b_swizzled: bool = False, exact_rel: bool = False,
                   fast_path: bool = True, check: bool = True, bpp: int | None = None,
-                  num_warps: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+                  nsub: int | None = None, num_warps: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """Launch the compare kernel only: returns ({stat: [E, T] per-tile tensor}, elements per expert)."""
     A = prepare(a_packed, a_scales, a_scale_2, a_swizzled, check)
     B = prepare(b_packed, b_scales, b_scale_2, b_swizzled, check)
@@ -151,7 +198,8 @@ def compare_tiles(a_packed, a_scales, a_scale_2, b_packed, b_scales, b_scale_2, 
     mp, kp = (m + 127) // 128 * 128, (k16 + 3) // 4 * 4
     nblk = m * k16
     bpp = bpp or COMPARE_BPP
-    T = triton.cdiv(nblk, bpp)
+    nsub = nsub or COMPARE_NSUB
+    T = triton.cdiv(nblk, bpp * nsub)
     dev = wa.device
     tiles = {  # every program writes its tile's four entries
         "max_abs": torch.empty((e, T), dtype=torch.float32, device=dev),
@@ -163,8 +211,8 @@ def compare_tiles(a_packed, a_scales, a_scale_2, b_packed, b_scales, b_scale_2, 
         _compare_kernel[(T, e)](
             wa, sa, s2a, wb, sb, s2b, tiles["max_abs"], tiles["max_rel"], tiles["n_diff"], tiles["nonfinite"],
             m, k16, mp, kp, nblk, T,
-            BPP=bpp, A_SWZ=a_swizzled, A_ROW=a_row, B_SWZ=b_swizzled, B_ROW=b_row,
-            EVEN=nblk % bpp == 0, FAST_PATH=fast_path, REL_RN=exact_rel, INTERPRET=is_interpreted(_compare_kernel),
+            BPP=bpp, NSUB=nsub, A_SWZ=a_swizzled, A_ROW=a_row, B_SWZ=b_swizzled, B_ROW=b_row,
+            EVEN=nblk % (bpp * nsub) == 0, FAST_PATH=fast_path, REL_RN=exact_rel, INTERPRET=is_interpreted(_compare_kernel),
             num_warps=num_warps or COMPARE_WARPS, enable_fp_fusion=False)
     return tiles, m * k16 * 16
 
@@ -172,7 +220,7 @@ def compare_tiles(a_packed, a_scales, a_scale_2, b_packed, b_scales, b_scale_2, 
 def compare_nvfp4(a_packed, a_scales, a_scale_2, b_packed, b_scales, b_scale_2, *,
                   a_swizzled: bool = False, b_swizzled: bool = False, exact_rel: bool = False,
                   fast_path: bool = True, check: bool = True, bpp: int | None = None,
-                  num_warps: int | None = None) -> CompareResult:
+                  nsub: int | None = None, num_warps: int | None = None) -> CompareResult:
     """Compare two NVFP4 encodings of the same [E, M, K] weights without materialising them.
 
     Each side: packed uint8 [E, M, K/2]; scales float8_e4m3fn/uint8, linear [E, M, K/16] or
@@ -183,7 +231,7 @@ def compare_nvfp4(a_packed, a_scales, a_scale_2, b_packed, b_scales, b_scale_2, 
     tiles, per_expert = compare_tiles(
         a_packed, a_scales, a_scale_2, b_packed, b_scales, b_scale_2, a_swizzled=a_swizzled,
         b_swizzled=b_swizzled, exact_rel=exact_rel, fast_path=fast_path, check=check, bpp=bpp,
-        num_warps=num_warps)
+        nsub=nsub, num_warps=num_warps)
     t_abs, t_rel, t_cnt, t_flag = tiles["max_abs"], tiles["max_rel"], tiles["n_diff"], tiles["nonfinite"]
     e, T = t_abs.shape
     dev = t_abs.device

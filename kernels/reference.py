@@ -96,7 +96,7 @@ class CompareStats:
 
     max_abs: torch.Tensor   # fp32: max |A-B| (NaN-propagating; not finite when `nonfinite`)
     max_rel: torch.Tensor   # fp32: max |A-B| / |A| over A != 0
-    n_diff: torch.Tensor    # int64: number of elements with A != B (value compare: -0 == +0)
+    n_diff: torch.Tensor    # int64: number of elements with A - B != 0 (-0 == +0; NaN, and inf - inf, count)
     nonfinite: torch.Tensor  # bool: some |A-B| is NaN or inf (A or B holds NaN/inf)
 
 
@@ -111,7 +111,7 @@ def compare_stats_from_values(a: torch.Tensor, b: torch.Tensor) -> CompareStats:
     return CompareStats(
         max_abs=max_abs,
         max_rel=max_rel,
-        n_diff=(a != b).sum(dim=1),
+        n_diff=((a - b) != 0).sum(dim=1),
         nonfinite=~torch.isfinite(max_abs),
     )
 

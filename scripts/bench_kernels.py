@@ -54,7 +54,10 @@ from nvfp4_fuse.swizzle import swizzle_128x4  # noqa: E402
 
 SHAPES = ["128x1536x2048", "128x2048x768", "32x4096x7168"]
 CHECK_SHAPES = [(3, 300, 1040), (4, 1536, 2048), (2, 256, 7168)]  # padded M and K/16; unpadded; wide
-CONFIGS = [(bpp, w) for bpp in (64, 128, 256, 512) for w in (4, 8)]
+# (BPP, num_warps, NSUB): dequant has no NSUB (0); a compare program walks NSUB sub-tiles of BPP blocks
+DEQ_CONFIGS = [(64, 4, 0), (128, 4, 0), (128, 8, 0), (256, 8, 0)]
+CMP_CONFIGS = [(128, 4, 1), (128, 4, 2), (128, 4, 4), (128, 4, 8), (256, 8, 1), (256, 8, 4), (256, 8, 8),
+               (64, 2, 4), (64, 2, 8), (64, 2, 16)]
 DEQUANT_GOAL, COMPARE_GOAL = 0.85, 0.80
 
 
@@ -86,7 +89,7 @@ def bits(x):
 
 
 # ----------------------------------------------------------------------------------------- checks
-def check_correctness(dev, configs, default_cfg) -> list[str]:
+def check_correctness(dev, deq_configs, cmp_configs) -> list[str]:
     seed = int.from_bytes(os.urandom(6), "little")
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
@@ -109,7 +112,7 @@ def check_correctness(dev, configs, default_cfg) -> list[str]:
     # Every variant with the default config on three shapes (padded M and K/16; unpadded; wide), and
     # every swept config on the variants the timing runs use.
     shapes = CHECK_SHAPES
-    default = [default_cfg]
+    default = deq_configs[:1]
     n = 0
     for si, (e, m, k) in enumerate(shapes):
         for per_row in (False, True):
@@ -120,7 +123,7 @@ def check_correctness(dev, configs, default_cfg) -> list[str]:
                 for od in (torch.bfloat16, torch.float32):
                     want = ref.dequantize_nvfp4_ref(p, sc, s2, swizzled=swz, out_dtype=od)
                     timed = si == 1 and not per_row and od == torch.bfloat16
-                    for bpp, w in (configs if timed else default):
+                    for bpp, w, _ in (deq_configs if timed else default):
                         got = dq.dequantize_nvfp4(p, sc, s2, swizzled=swz, out_dtype=od, bpp=bpp, num_warps=w)
                         n += 1
                         if not torch.equal(bits(got), bits(want)):
@@ -133,6 +136,7 @@ def check_correctness(dev, configs, default_cfg) -> list[str]:
     log(f"  dequant: {n} runs checked bit for bit")
 
     n = 0
+    default = cmp_configs[:1]
     for si, (e, m, k) in enumerate(shapes):
         pa, sa, s2a = rand_encoding(e, m, k, dev, per_row=True, gen=gen)
         pb, sb, s2b = rand_encoding(e, m, k, dev, gen=gen)
@@ -142,25 +146,25 @@ def check_correctness(dev, configs, default_cfg) -> list[str]:
         pb[1, : m // 2] = pa[1, : m // 2]
         swb = swizzle_gpu(sb)
         want = ref.compare_nvfp4_ref(pa, sa, s2a, pb, swb, s2b, b_swizzled=True)
-        for bpp, w in (configs if si == 1 else default):
-            for fast in ((True, False) if (bpp, w) == default[0] else (True,)):
+        for bpp, w, ns in (cmp_configs if si == 1 else default):
+            for fast in ((True, False) if (bpp, w, ns) == default[0] else (True,)):
                 # identical values, different layouts
                 r = cmp.compare_nvfp4(pa, sa, s2_rows, pa.clone(), swa, s2b, b_swizzled=True,
-                                      fast_path=fast, bpp=bpp, num_warps=w)
+                                      fast_path=fast, bpp=bpp, nsub=ns, num_warps=w)
                 n += 1
                 if int(r.n_diff.sum()) or float(r.max_abs.max()) or bool(r.nonfinite.any()):
-                    fail(f"compare identical {e}x{m}x{k} bpp={bpp} w={w} fast={fast}")
+                    fail(f"compare identical {e}x{m}x{k} bpp={bpp} w={w} nsub={ns} fast={fast}")
                 # differing values: exact stats with exact_rel, and the fast division within 2 ulp
-                for exact in ((False, True) if (bpp, w) == default[0] else (False,)):
+                for exact in ((False, True) if (bpp, w, ns) == default[0] else (False,)):
                     r = cmp.compare_nvfp4(pa, sa, s2a, pb, swb, s2b, b_swizzled=True,
-                                          fast_path=fast, exact_rel=exact, bpp=bpp, num_warps=w)
+                                          fast_path=fast, exact_rel=exact, bpp=bpp, nsub=ns, num_warps=w)
                     n += 1
                     ok = (torch.equal(r.max_abs, want.max_abs) and torch.equal(r.n_diff, want.n_diff)
                           and torch.equal(r.nonfinite, want.nonfinite))
                     rel_ok = (torch.equal(r.max_rel, want.max_rel) if exact
                               else bool(torch.allclose(r.max_rel, want.max_rel, rtol=3e-7, atol=0)))
                     if not (ok and rel_ok):
-                        fail(f"compare stats {e}x{m}x{k} bpp={bpp} w={w} fast={fast} exact_rel={exact}: "
+                        fail(f"compare stats {e}x{m}x{k} bpp={bpp} w={w} nsub={ns} fast={fast} exact_rel={exact}: "
                              f"abs {r.max_abs.tolist()[:3]} vs {want.max_abs.tolist()[:3]}, "
                              f"rel {r.max_rel.tolist()[:3]} vs {want.max_rel.tolist()[:3]}, "
                              f"n {r.n_diff.tolist()[:3]} vs {want.n_diff.tolist()[:3]}")
@@ -191,7 +195,7 @@ def time_copy(dev, nbytes=2 << 30):
     return 2 * nbytes / (ms * 1e-3), ms
 
 
-def time_shape(dev, shape, configs, copy_bw, with_torch, results):
+def time_shape(dev, shape, deq_configs, cmp_configs, copy_bw, with_torch, results):
     e, m, k = map(int, shape.split("x"))
     n = e * m * k
     gen = torch.Generator(device=dev)
@@ -206,29 +210,28 @@ def time_shape(dev, shape, configs, copy_bw, with_torch, results):
     cmp_bytes = n * 2 * (0.5 + 1 / 16)
 
     cases = {
-        "dequant linear -> bf16": (deq_bytes, lambda c: lambda: dq.dequantize_nvfp4(
+        "dequant linear -> bf16": (deq_bytes, deq_configs, lambda c: lambda: dq.dequantize_nvfp4(
             pa, sa, s2, out_dtype=torch.bfloat16, check=False, bpp=c[0], num_warps=c[1])),
-        "dequant swizzled -> bf16": (deq_bytes, lambda c: lambda: dq.dequantize_nvfp4(
+        "dequant swizzled -> bf16": (deq_bytes, deq_configs, lambda c: lambda: dq.dequantize_nvfp4(
             pa, sw, s2, swizzled=True, out_dtype=torch.bfloat16, check=False, bpp=c[0], num_warps=c[1])),
-        "compare, identical values (fast path)": (cmp_bytes, lambda c: lambda: cmp.compare_tiles(
-            pa, sa, s2_rows, pb_same, sw, s2, b_swizzled=True, check=False, bpp=c[0], num_warps=c[1])),
-        "compare, all values differ (full path)": (cmp_bytes, lambda c: lambda: cmp.compare_tiles(
-            pa, sa, s2_rows, pb, swb, s2b, b_swizzled=True, check=False, bpp=c[0], num_warps=c[1])),
+        "compare, identical values (fast path)": (cmp_bytes, cmp_configs, lambda c: lambda: cmp.compare_tiles(
+            pa, sa, s2_rows, pb_same, sw, s2, b_swizzled=True, check=False, bpp=c[0], num_warps=c[1], nsub=c[2])),
+        "compare, all values differ (full path)": (cmp_bytes, cmp_configs, lambda c: lambda: cmp.compare_tiles(
+            pa, sa, s2_rows, pb, swb, s2b, b_swizzled=True, check=False, bpp=c[0], num_warps=c[1], nsub=c[2])),
     }
-    for name, (nbytes, make) in cases.items():
+    for name, (nbytes, configs, make) in cases.items():
         for c in configs:
             try:
                 ms = bench(make(c))
             except Exception as exc:  # a config that fails to compile or launch is reported, not fatal
-                log(f"  {shape} {name} bpp={c[0]} w={c[1]}: ERROR {type(exc).__name__}: {str(exc)[:200]}")
+                log(f"  {shape} {name} cfg={c}: ERROR {type(exc).__name__}: {str(exc)[:200]}")
                 continue
             bw = nbytes / (ms * 1e-3)
-            results.append(dict(shape=shape, kernel=name, bpp=c[0], warps=c[1], ms=ms, bytes=nbytes,
+            results.append(dict(shape=shape, kernel=name, cfg=list(c), ms=ms, bytes=nbytes,
                                 tbps=bw / 1e12, frac_copy=bw / copy_bw))
-            log(f"  {shape:>14} {name:<40} bpp={c[0]:<4} w={c[1]}  {ms:8.4f} ms  {bw / 1e12:5.2f} TB/s  "
+            log(f"  {shape:>14} {name:<40} {str(c):<13}  {ms:8.4f} ms  {bw / 1e12:5.2f} TB/s  "
                 f"{bw / copy_bw:6.1%} of copy")
     # extra single-config rows: fp32 output, wrapper overhead, exact division, torch reference
-    c = (dq.DEQUANT_BPP, dq.DEQUANT_WARPS)
     extra = {}
     try:
         extra["dequant linear -> fp32"] = (n * (0.5 + 1 / 16 + 4), bench(lambda: dq.dequantize_nvfp4(
@@ -249,7 +252,7 @@ def time_shape(dev, shape, configs, copy_bw, with_torch, results):
         torch.cuda.empty_cache()
     for name, (nbytes, ms) in extra.items():
         bw = nbytes / (ms * 1e-3)
-        results.append(dict(shape=shape, kernel=name, bpp=c[0], warps=c[1], ms=ms, bytes=nbytes,
+        results.append(dict(shape=shape, kernel=name, cfg=None, ms=ms, bytes=nbytes,
                             tbps=bw / 1e12, frac_copy=bw / copy_bw, extra=True))
         log(f"  {shape:>14} {name:<40} default   {ms:8.4f} ms  {bw / 1e12:5.2f} TB/s  {bw / copy_bw:6.1%} of copy")
     del pa, sa, s2, s2_rows, sw, pb_same, pb, sb, s2b, swb
@@ -265,8 +268,8 @@ def best_configs(results):
         shapes = sorted({r["shape"] for r in rows})
         fastest = {s: min(r["ms"] for r in rows if r["shape"] == s) for s in shapes}
         scores = {}
-        for cfg in sorted({(r["bpp"], r["warps"]) for r in rows}):
-            sel = [r for r in rows if (r["bpp"], r["warps"]) == cfg]
+        for cfg in sorted({tuple(r["cfg"]) for r in rows}):
+            sel = [r for r in rows if tuple(r["cfg"]) == cfg]
             if len(sel) == len(shapes):
                 scores[cfg] = math.exp(sum(math.log(r["ms"] / fastest[r["shape"]]) for r in sel) / len(sel))
         if scores:
@@ -277,7 +280,7 @@ def best_configs(results):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated ExMxK")
-    ap.add_argument("--sweep", action="store_true", help="time every (BPP, num_warps) in CONFIGS")
+    ap.add_argument("--sweep", action="store_true", help="time every config in DEQ_CONFIGS / CMP_CONFIGS")
     ap.add_argument("--torch-max-elements", type=float, default=5e8, help="skip the torch reference above this")
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args()
@@ -288,13 +291,14 @@ def main():
     env = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                triton=triton.__version__, cuda=torch.version.cuda, command=" ".join(sys.argv))
     log(json.dumps(env))
-    default = [(dq.DEQUANT_BPP, dq.DEQUANT_WARPS)]
-    if (cmp.COMPARE_BPP, cmp.COMPARE_WARPS) not in default:
-        default.append((cmp.COMPARE_BPP, cmp.COMPARE_WARPS))
-    configs = CONFIGS if args.sweep else default
+    deq_default = (dq.DEQUANT_BPP, dq.DEQUANT_WARPS, 0)
+    cmp_default = (cmp.COMPARE_BPP, cmp.COMPARE_WARPS, cmp.COMPARE_NSUB)
+    # the default first: the full correctness matrix runs with it
+    deq_configs = [deq_default] + ([c for c in DEQ_CONFIGS if c != deq_default] if args.sweep else [])
+    cmp_configs = [cmp_default] + ([c for c in CMP_CONFIGS if c != cmp_default] if args.sweep else [])
 
     t0 = time.time()
-    fails = check_correctness(dev, configs, default[0])
+    fails = check_correctness(dev, deq_configs, cmp_configs)
     log(f"correctness: {'FAILED' if fails else 'ok'} ({time.time() - t0:.0f} s)")
     out = dict(env=env, correctness_failures=fails, results=[])
     if fails:
@@ -307,7 +311,8 @@ def main():
     log(f"device copy: {copy_bw / 1e12:.3f} TB/s (2 GiB read + 2 GiB written in {copy_ms:.3f} ms)")
     for shape in args.shapes.split(","):
         e, m, k = map(int, shape.split("x"))
-        time_shape(dev, shape, configs, copy_bw, e * m * k <= args.torch_max_elements, out["results"])
+        time_shape(dev, shape, deq_configs, cmp_configs, copy_bw, e * m * k <= args.torch_max_elements,
+                   out["results"])
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1))
     copy_check, _ = time_copy(dev)
@@ -319,12 +324,12 @@ def main():
 
     log(f"\ncopy {copy_bw / 1e12:.3f} TB/s before, {copy_check / 1e12:.3f} TB/s after; "
         f"{env['device']}, torch {env['torch']}, triton {env['triton']}")
-    log("| shape (E x M x K) | kernel | BPP, warps | time (ms) | effective TB/s | vs copy |")
+    log("| shape (E x M x K) | kernel | BPP, warps, NSUB | time (ms) | effective TB/s | vs copy |")
     log("| --- | --- | --- | --- | --- | --- |")
     for r in out["results"]:
         chosen = best.get(r["kernel"])
-        if r.get("extra") or chosen is None or (r["bpp"], r["warps"]) == tuple(chosen):
-            cfg = "default" if r.get("extra") else f"{r['bpp']}, {r['warps']}"
+        if r.get("extra") or chosen is None or tuple(r["cfg"]) == tuple(chosen):
+            cfg = "default" if r.get("extra") else ", ".join(map(str, r["cfg"]))
             log(f"| {r['shape']} | {r['kernel']} | {cfg} | {r['ms']:.4f} | {r['tbps']:.2f} | {r['frac_copy']:.1%} |")
     log(f"best configs: {best}; total {time.time() - t0:.0f} s")
 

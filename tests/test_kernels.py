@@ -149,10 +149,11 @@ def test_compare_identical_across_layouts(seed, fast_path, shape):
     assert first_difference(1, packed, scales, s2_rows, packed, swizzle_all(scales), s2, b_swizzled=True) is None
 
 
+@pytest.mark.parametrize("nsub", [1, 3])
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "full"])
 @pytest.mark.parametrize("layouts", [(False, False), (True, False), (False, True), (True, True)],
                          ids=["lin-lin", "swz-lin", "lin-swz", "swz-swz"])
-def test_compare_stats_match_torch(seed, fast_path, layouts):
+def test_compare_stats_match_torch(seed, fast_path, layouts, nsub):
     """Random A and a B that shares some blocks with A: every statistic equals the torch one exactly."""
     e, m, k = PADDED
     a_sw, b_sw = layouts
@@ -164,7 +165,9 @@ def test_compare_stats_match_torch(seed, fast_path, layouts):
     pb[1, :10] = pa[1, :10]  # same nibbles, different scales: rescaled-looking rows
     A = (pa, swizzle_all(sa) if a_sw else sa, s2a)
     B = (pb, swizzle_all(sb) if b_sw else sb, s2b)
-    got = compare_nvfp4(*A, *B, a_swizzled=a_sw, b_swizzled=b_sw, fast_path=fast_path, bpp=16, exact_rel=True)
+    got = compare_nvfp4(*A, *B, a_swizzled=a_sw, b_swizzled=b_sw, fast_path=fast_path, bpp=16, nsub=nsub,
+                        exact_rel=True)
+    assert got.tiles["n_diff"].shape == (e, -(-m * k // 16 // (16 * nsub)))
     want = compare_nvfp4_ref(*A, *B, a_swizzled=a_sw, b_swizzled=b_sw)
     assert_stats_equal(got, want, seed)
     assert got.n_diff[0] == 0 and got.n_diff[1] > 0
