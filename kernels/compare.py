@@ -34,9 +34,11 @@ from triton.language.extra import libdevice
 from .dequant import _e4m3_to_f32, _nibble, _swizzle_off, is_interpreted, prepare
 from .reference import as_batched, dequantize_nvfp4_ref
 
-COMPARE_BPP = 128
-COMPARE_NSUB = 4
-COMPARE_WARPS = 4
+# Defaults picked on an H100 (docs/benchmarks.md, "## Kernels"): one 16-value block per thread, 8
+# sub-tiles per program.
+COMPARE_BPP = 64
+COMPARE_NSUB = 8
+COMPARE_WARPS = 2
 
 
 @triton.jit
