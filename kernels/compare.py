@@ -5,7 +5,8 @@ row), dequantizes both in registers with exactly the math of ``dequant.py`` (so 
 ``nvfp4_fuse.nvfp4.dequantize`` bit for bit) and writes only statistics: ~1.125 B/element of traffic
 instead of materialising bf16 copies.
 
-Per program (a "tile": ``BPP`` consecutive 16-value blocks of one expert, row-major) it writes:
+Per program (a "tile": ``BPP * NSUB`` consecutive 16-value blocks of one expert, row-major, walked as
+NSUB sub-tiles of BPP blocks) it writes:
 
 - ``max_abs``: max |A-B| in fp32, NaN-propagating (NaN/inf when A or B holds NaN/inf there);
 - ``max_rel``: max |A-B| / |A| over elements with A != 0;
@@ -13,12 +14,12 @@ Per program (a "tile": ``BPP`` consecutive 16-value blocks of one expert, row-ma
   where any NaN counts as a difference, and so does an inf equal on both sides (inf - inf is NaN);
 - ``nonfinite``: 1 when some |A-B| in the tile is NaN or inf (i.e. A or B is NaN/inf), else 0.
 
-Tiles whose packed words, scale bytes and scale_2 values are all identical (and whose values are
+Sub-tiles whose packed words, scale bytes and scale_2 values are all identical (and whose values are
 provably finite: no NaN scale byte, |scale_2| < 2^100) skip the arithmetic: their statistics are
 zero by construction. That is the common case when a conversion only re-lays out the data.
 
-On the GPU, ``max_rel`` uses the fast fp32 division (``div.full.f32``, within 2 ulp of the rounded
-quotient) unless ``exact_rel=True``; ``max_abs``, ``n_diff`` and ``nonfinite`` are exact. Under the
+On the GPU, ``max_rel`` uses the fast fp32 division (``div.approx.ftz.f32``, within 2 ulp of the rounded
+quotient for |A| in [2^-126, 2^126]) unless ``exact_rel=True`` (``div.rn``, ~3x slower full path); ``max_abs``, ``n_diff`` and ``nonfinite`` are exact. Under the
 interpreter every statistic is exact.
 """
 
