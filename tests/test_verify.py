@@ -153,3 +153,25 @@ def test_verify_mega_moe_is_bit_identical(make_ckpt, tmp_path):
     # a flipped int32 scale word is found and named in natural coordinates
     _flip(out, f"{P}.w13_weight_scale", 4 * 5 + 1, xor=0x01)
     _expect_fail(src, out, "w13_weight_scale: expert 0", hash_files=False)
+
+
+def test_rescale_bound_covers_subnormal_and_clamped_scales_and_catches_a_two_step_error():
+    import torch
+
+    from nvfp4_fuse.nvfp4 import rescale_block_scales
+    from nvfp4_fuse.verify import _check_rescaled_elementwise
+
+    rows = 64
+    w = torch.randint(0, 256, (rows, 16), dtype=torch.uint8)
+    s = torch.randint(0x01, 0x30, (rows, 2), dtype=torch.uint8).view(torch.float8_e4m3fn)  # many subnormal
+    s2_src, c = 1e-4, 3.7e-4
+    r = float(torch.tensor(s2_src, dtype=torch.float32) / torch.tensor(c, dtype=torch.float32))
+    new = rescale_block_scales(s, r)
+    as2 = torch.full((rows,), s2_src, dtype=torch.float32)
+    bs2 = torch.full((rows,), c, dtype=torch.float32)
+    _check_rescaled_elementwise("p", 0, w, s, as2, w, new, bs2)  # passes
+    bad = new.view(torch.uint8).clone()
+    k = int((bad > 0x10).nonzero()[0, 0])
+    bad[k] += 2  # two E4M3 steps off
+    with pytest.raises(CheckFailed, match="more than half an E4M3 step"):
+        _check_rescaled_elementwise("p", 0, w, s, as2, w, bad.view(torch.float8_e4m3fn), bs2)
