@@ -164,6 +164,7 @@ def verify(
     skip_hashes: bool = typer.Option(False, "--skip-hashes", help="Compare file sizes with the manifest but do not re-hash."),
     revision: Optional[str] = typer.Option(None, help="Hub revision, for a repo id."),
     seed: Optional[int] = typer.Option(None, help="Seed for --sample."),
+    workers: int = typer.Option(min(8, os.cpu_count() or 1), help="Reader threads."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Prove the converted checkpoint decodes to what the source did (exit 3 when a check fails)."""
@@ -175,7 +176,15 @@ def verify(
     folder, trust = _resolve(source, revision)
     try:
         res = run_verify(
-            folder, converted, sample=sample_n, device=device, hash_files=not skip_hashes, trust_root=trust, source_label=source, seed=seed
+            folder,
+            converted,
+            sample=sample_n,
+            device=device,
+            hash_files=not skip_hashes,
+            workers=max(1, workers),
+            trust_root=trust,
+            source_label=source,
+            seed=seed,
         )
     except CheckFailed as e:
         if json_out:

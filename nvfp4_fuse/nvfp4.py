@@ -38,7 +38,8 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
-    return _E2M1_LUT[codes.long()]
+    lut = _E2M1_LUT if codes.device.type == "cpu" else _E2M1_LUT.to(codes.device)
+    return lut[codes.long()]
 
 
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import random
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -171,6 +173,83 @@ def _rows_s2(tgt: Target, i_rows: int, g: torch.Tensor, u: torch.Tensor) -> torc
     return torch.stack([tgt.join_rows(gg[k], uu[k]) for k in range(g.shape[0])])[..., 0].contiguous()
 
 
+@dataclass
+class _ExpertPair:
+    """One expert of both checkpoints, already checked for exactness, in the compare's form."""
+
+    e: int
+    a13w: torch.Tensor  # source w13 packed, in the target's row order
+    a13s: torch.Tensor  # source w13 linear scales, same order
+    b13w: torch.Tensor
+    b13s: torch.Tensor  # converted scales: swizzled as stored, else natural
+    a2w: torch.Tensor
+    a2s: torch.Tensor
+    b2w: torch.Tensor
+    b2s: torch.Tensor
+
+
+class _LayerCtx:
+    def __init__(self, plan: Plan, layer: ExpertLayer, src_r: _Readers, conv_r: _Readers, conv_map: dict[str, str]):
+        self.tgt = plan.target
+        self.layer = layer
+        self.src_r, self.conv_r, self.conv_map = src_r, conv_r, conv_map
+        d = layer.dims
+        entries = {e.name.rsplit(".", 1)[1]: e for e in self.tgt.out_entries(layer.prefix, d)}
+        self.w13s, self.w2s = entries["w13_weight_scale"], entries["w2_weight_scale"]
+        self.s_dtype = torch.int32 if self.w13s.dtype == "I32" else torch.uint8
+        self.swizzled = self.tgt.scale_layout == "swizzle128x4"  # the compare kernel reads these in place
+
+    def src(self, e: int, role: str, fld: str) -> torch.Tensor:
+        ref = self.layer.ref(e, role, fld)
+        t = self.src_r.r[ref.file].read_tensor(ref.info.name)
+        return t.view(torch.float8_e4m3fn) if fld == "weight_scale" else t
+
+    def load(self, e: int) -> _ExpertPair:
+        """Read one expert of both checkpoints and check it byte for byte (runs on a worker thread)."""
+        tgt, layer, p = self.tgt, self.layer, self.layer.prefix
+        E, H, I = layer.dims.experts, layer.dims.hidden, layer.dims.inter
+        gw, uw, dw = self.src(e, "gate", "weight"), self.src(e, "up", "weight"), self.src(e, "down", "weight")
+        gs, us, ds = self.src(e, "gate", "weight_scale"), self.src(e, "up", "weight_scale"), self.src(e, "down", "weight_scale")
+        cw13 = _slice(self.conv_r, self.conv_map, f"{p}.w13_weight", e, E, torch.uint8, (2 * I, H // 2))
+        cs13 = _slice(self.conv_r, self.conv_map, self.w13s.name, e, E, self.s_dtype, self.w13s.shape[1:])
+        cw2 = _slice(self.conv_r, self.conv_map, f"{p}.w2_weight", e, E, torch.uint8, (H, I // 2))
+        cs2 = _slice(self.conv_r, self.conv_map, self.w2s.name, e, E, self.s_dtype, self.w2s.shape[1:])
+        # exactness: weights, after undoing the row order
+        cg, cu = tgt.split_rows(cw13)
+        for what, got, want in (("gate", cg, gw), ("up", cu, uw), ("down", cw2, dw)):
+            if not torch.equal(got, want):
+                bad = (got != want).nonzero()[0].tolist()
+                part = "w2_weight" if what == "down" else "w13_weight"
+                raise _fail(f"{p}.{part}: expert {e} {what} packed bytes differ from the source at [{bad[0]}, {bad[1]}]")
+        # exactness: scales, after undoing the layout and the row order
+        assert layer.ratio_gate is not None and layer.ratio_up is not None
+        nat13 = tgt.natural_scales(cs13, 2 * I, H // 16)
+        nat2 = tgt.natural_scales(cs2, H, I // 16)
+        ng, nu = tgt.split_rows(nat13)
+        rg, ru = float(layer.ratio_gate[e]), float(layer.ratio_up[e])
+        for what, got, want, ratio in (
+            ("gate", ng, _expected_scales(gs, rg), rg),
+            ("up", nu, _expected_scales(us, ru), ru),
+            ("down", nat2, ds, 1.0),
+        ):
+            if not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
+                bad = (got.view(torch.uint8) != want.view(torch.uint8)).nonzero()[0].tolist()
+                part = "w2_weight_scale" if what == "down" else "w13_weight_scale"
+                how = "the source's" if ratio == 1.0 else "the rescaled source's"
+                raise _fail(f"{p}.{part}: expert {e} {what} block scale at [{bad[0]}, {bad[1]}] differs from {how}")
+        return _ExpertPair(
+            e,
+            tgt.join_rows(gw, uw),
+            tgt.join_rows(gs, us),
+            cw13,
+            cs13.view(torch.uint8) if self.swizzled else nat13,
+            dw,
+            ds,
+            cw2,
+            cs2.view(torch.uint8) if self.swizzled else nat2,
+        )
+
+
 def _verify_layer(
     plan: Plan,
     layer: ExpertLayer,
@@ -180,6 +259,7 @@ def _verify_layer(
     conv_map: dict[str, str],
     device: str,
     batch_bytes: int,
+    pool: ThreadPoolExecutor,
 ) -> LayerResult:
     tgt = plan.target
     p, d = layer.prefix, layer.dims
@@ -190,85 +270,49 @@ def _verify_layer(
         got = _whole(conv_r, conv_map, name)
         if got.shape != want.shape or bytes(tensor_bytes(got)) != bytes(tensor_bytes(want)):
             raise _fail(f"{name} differs from the values derived from the source scales")
-    w13s_entry = next(e for e in tgt.out_entries(p, d) if e.name.endswith("w13_weight_scale"))
-    w2s_entry = next(e for e in tgt.out_entries(p, d) if e.name.endswith("w2_weight_scale"))
-    s_dtype = torch.int32 if w13s_entry.dtype == "I32" else torch.uint8
+    ctx = _LayerCtx(plan, layer, src_r, conv_r, conv_map)
     conv_s2 = _whole(conv_r, conv_map, f"{p}.w13_weight_scale_2")
-    if conv_s2.dim() == 1:
-        s2_g_conv = s2_u_conv = conv_s2
-    else:
-        s2_g_conv, s2_u_conv = conv_s2[:, 0], conv_s2[:, 1]
+    s2_g_conv, s2_u_conv = (conv_s2, conv_s2) if conv_s2.dim() == 1 else (conv_s2[:, 0], conv_s2[:, 1])
     conv_s2_down = _whole(conv_r, conv_map, f"{p}.w2_weight_scale_2")
     compare = _compare_backend(device)
-    swizzled = tgt.scale_layout == "swizzle128x4"  # the compare kernel reads these scales in place
-    per_expert = 3 * I * H // 2
-    step = max(1, batch_bytes // max(1, per_expert))
+    dev = torch.device(device)
+    step = max(1, batch_bytes // max(1, 3 * I * H // 2))
     assert layer.ratio_gate is not None and layer.ratio_up is not None
-    for b0 in range(0, len(experts), step):
-        chunk = experts[b0 : b0 + step]
-        A13w, A13s, B13w, B13s, A2w, A2s, B2w, B2s = [], [], [], [], [], [], [], []
-        for e in chunk:
-            gw = src_r.r[layer.ref(e, "gate", "weight").file].read_tensor(layer.ref(e, "gate", "weight").info.name)
-            uw = src_r.r[layer.ref(e, "up", "weight").file].read_tensor(layer.ref(e, "up", "weight").info.name)
-            dw = src_r.r[layer.ref(e, "down", "weight").file].read_tensor(layer.ref(e, "down", "weight").info.name)
-            gs = src_r.r[layer.ref(e, "gate", "weight_scale").file].read_tensor(layer.ref(e, "gate", "weight_scale").info.name).view(torch.float8_e4m3fn)
-            us = src_r.r[layer.ref(e, "up", "weight_scale").file].read_tensor(layer.ref(e, "up", "weight_scale").info.name).view(torch.float8_e4m3fn)
-            ds = src_r.r[layer.ref(e, "down", "weight_scale").file].read_tensor(layer.ref(e, "down", "weight_scale").info.name).view(torch.float8_e4m3fn)
-            cw13 = _slice(conv_r, conv_map, f"{p}.w13_weight", e, E, torch.uint8, (2 * I, H // 2))
-            cs13 = _slice(conv_r, conv_map, w13s_entry.name, e, E, s_dtype, w13s_entry.shape[1:])
-            cw2 = _slice(conv_r, conv_map, f"{p}.w2_weight", e, E, torch.uint8, (H, I // 2))
-            cs2 = _slice(conv_r, conv_map, w2s_entry.name, e, E, s_dtype, w2s_entry.shape[1:])
-            # exactness: weights
-            cg, cu = tgt.split_rows(cw13)
-            for what, got, want in (("gate", cg, gw), ("up", cu, uw), ("down", cw2, dw)):
-                if not torch.equal(got, want):
-                    bad = (got != want).nonzero()[0].tolist()
-                    part = "w2_weight" if what == "down" else "w13_weight"
-                    raise _fail(f"{p}.{part}: expert {e} {what} packed bytes differ from the source at [{bad[0]}, {bad[1]}]")
-            # exactness: scales (undo the layout, then the row order)
-            nat13 = tgt.natural_scales(cs13, 2 * I, H // 16)
-            nat2 = tgt.natural_scales(cs2, H, I // 16)
-            ng, nu = tgt.split_rows(nat13)
-            rg, ru = float(layer.ratio_gate[e]), float(layer.ratio_up[e])
-            for what, got, want in (
-                ("gate", ng, _expected_scales(gs, rg)),
-                ("up", nu, _expected_scales(us, ru)),
-                ("down", nat2, ds),
-            ):
-                if not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
-                    bad = (got.view(torch.uint8) != want.view(torch.uint8)).nonzero()[0].tolist()
-                    part = "w2_weight_scale" if what == "down" else "w13_weight_scale"
-                    how = "the source's" if (what == "down" or (rg if what == "gate" else ru) == 1.0) else "the rescaled source's"
-                    raise _fail(f"{p}.{part}: expert {e} {what} block scale at [{bad[0]}, {bad[1]}] differs from {how}")
-            A13w.append(tgt.join_rows(gw, uw))
-            A13s.append(tgt.join_rows(gs, us))
-            B13w.append(cw13)
-            B13s.append(cs13 if swizzled else nat13)
-            A2w.append(dw)
-            A2s.append(ds)
-            B2w.append(cw2)
-            B2s.append(cs2 if swizzled else nat2)
-        idx = torch.tensor(chunk)
-        s2a13 = _rows_s2(tgt, I, layer.scalars["gate.weight_scale_2"][idx], layer.scalars["up.weight_scale_2"][idx])
-        s2b13 = _rows_s2(tgt, I, s2_g_conv[idx], s2_u_conv[idx])
-        dev = torch.device(device)
-        mv = lambda xs: torch.stack(xs).to(dev)  # noqa: E731
-        st13 = compare(mv(A13w), mv(A13s), s2a13.to(dev), mv(B13w), mv(B13s), s2b13.to(dev), b_swizzled=swizzled)
+    # Reads and byte checks run ahead on the pool (pread and torch release the GIL), one batch ahead.
+    futures = deque(pool.submit(ctx.load, e) for e in experts[: 2 * step])
+    nxt = len(futures)
+    while futures:
+        batch: list[_ExpertPair] = []
+        while futures and len(batch) < step:
+            batch.append(futures.popleft().result())
+            if nxt < len(experts):
+                futures.append(pool.submit(ctx.load, experts[nxt]))
+                nxt += 1
+        idx = torch.tensor([x.e for x in batch])
+        s2a13 = _rows_s2(tgt, I, layer.scalars["gate.weight_scale_2"][idx], layer.scalars["up.weight_scale_2"][idx]).to(dev)
+        s2b13 = _rows_s2(tgt, I, s2_g_conv[idx], s2_u_conv[idx]).to(dev)
+        mv = lambda field: torch.stack([getattr(x, field) for x in batch]).to(dev)  # noqa: E731
+        a13w, a13s, b13w, b13s = mv("a13w"), mv("a13s"), mv("b13w"), mv("b13s")
+        st13 = compare(a13w, a13s, s2a13, b13w, b13s, s2b13, b_swizzled=ctx.swizzled)
         st2 = compare(
-            mv(A2w), mv(A2s), layer.scalars["down.weight_scale_2"][idx].to(dev), mv(B2w), mv(B2s), conv_s2_down[idx].to(dev), b_swizzled=swizzled
-        )
-        for k, e in enumerate(chunk):
+            mv("a2w"), mv("a2s"), layer.scalars["down.weight_scale_2"][idx].to(dev),
+            mv("b2w"), mv("b2s"), conv_s2_down[idx].to(dev), b_swizzled=ctx.swizzled,
+        )  # fmt: skip
+        stats = {
+            part: [t.tolist() for t in (st.n_diff, st.nonfinite, st.max_abs, st.max_rel)] for part, st in (("w13", st13), ("w2", st2))
+        }
+        for k, x in enumerate(batch):
+            e = x.e
             copied13 = float(layer.ratio_gate[e]) == 1.0 and float(layer.ratio_up[e]) == 1.0
-            for part, st, exact in (("w13", st13, copied13), ("w2", st2, True)):
-                n_diff, nonfinite = int(st.n_diff[k]), bool(st.nonfinite[k])
-                mabs, mrel = float(st.max_abs[k]), float(st.max_rel[k])
+            for part, exact in (("w13", copied13), ("w2", True)):
+                n_diff, nonfinite, mabs, mrel = (v[k] for v in stats[part])
                 if nonfinite:
                     raise _fail(f"{p}.{part}_weight: expert {e} decodes to NaN or Inf")
                 if exact and n_diff:
                     raise _fail(f"{p}.{part}_weight: expert {e} should decode bit-identically but {n_diff} values differ")
                 if not exact and mrel > HALF_STEP:
-                    nat = tgt.natural_scales(B13s[k], 2 * I, H // 16) if swizzled else B13s[k]
-                    _check_rescaled_elementwise(p, e, A13w[k], A13s[k], s2a13[k], B13w[k], nat, s2b13[k])
+                    nat = tgt.natural_scales(b13s[k].cpu(), 2 * I, H // 16).to(dev) if ctx.swizzled else b13s[k]
+                    _check_rescaled_elementwise(p, e, a13w[k], a13s[k], s2a13[k], b13w[k], nat, s2b13[k])
                 res.max_abs = max(res.max_abs, mabs)
                 res.max_rel = max(res.max_rel, mrel)
             res.checked += 1
@@ -337,6 +381,7 @@ def verify(
     device: str = "auto",
     hash_files: bool = True,
     batch_bytes: int = 256 << 20,
+    workers: int = 4,
     trust_root: Path | None = None,
     source_label: str | None = None,
     on_layer: Callable[[LayerResult], None] | None = None,
@@ -366,16 +411,18 @@ def verify(
     result = VerifyResult(source_label or str(source_dir), str(conv_dir), target.name, dev, note=note, files_hashed=len(manifest.files) if hash_files else 0)
     rng = random.Random(seed)
     src_r, conv_r = _Readers(src.headers), _Readers(conv.headers)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nvfp4-verify")
     try:
         result.copied_tensors = _check_copied_tensors(plan, src_r, conv_r, conv_map)
         for layer in plan.layers.values():
             n = layer.dims.experts
             experts = list(range(n)) if not sample or sample >= n else sorted(rng.sample(range(n), sample))
-            lr = _verify_layer(plan, layer, experts, src_r, conv_r, conv_map, dev, batch_bytes)
+            lr = _verify_layer(plan, layer, experts, src_r, conv_r, conv_map, dev, batch_bytes, pool)
             result.layers.append(lr)
             if on_layer:
                 on_layer(lr)
     finally:
+        pool.shutdown(cancel_futures=True)
         src_r.close()
         conv_r.close()
     result.seconds = time.perf_counter() - t0
