@@ -26,7 +26,7 @@ import torch
 
 from . import __version__
 from .errors import InputError
-from .manifest import Manifest, fingerprint, load_manifest, save_manifest, sha256_file
+from .manifest import MANIFEST_NAME, Manifest, fingerprint, load_manifest, save_manifest, sha256_file
 from .nvfp4 import check_block_scale_bytes, rescale_block_scales
 from .plan import INDEX_NAME, ExpertLayer, OutShard, OutTensor, Plan, build_plan, disk_free, human, scan_source
 from .safetensors_io import PARTIAL_SUFFIX, ShardReader, StreamingShardWriter, fsync_dir, tensor_bytes, write_file_atomic
@@ -34,7 +34,6 @@ from .targets import Target, get_target
 
 COPY_CHUNK = 64 << 20
 PROGRESS_NAME = ".nvfp4-fuse-progress.json"
-
 
 def window_size(workers: int) -> int:
     return 2 * workers + 2
@@ -190,45 +189,85 @@ def _clear_output(out: Path) -> None:
             shutil.rmtree(p)
 
 
-def _prepare_output(out: Path, fp: dict[str, str], opts: ConvertOptions, plan: Plan) -> tuple[dict[str, dict[str, Any]], bool]:
-    """Decide what can be kept. Returns (complete shards to keep, whether the output is already complete)."""
+def _prepare_output(
+    out: Path, fp: dict[str, str], opts: ConvertOptions, plan: Plan, reports: dict[str, LayerReport]
+) -> tuple[dict[str, dict[str, Any]], bool]:
+    """Decide what can be kept. Returns (complete shards to keep, whether the output is already complete).
+
+    With --overwrite nothing is kept, but nothing is deleted here either: the caller clears the folder
+    only after the disk preflight passed. On resume, the rescale report of the kept shards is restored
+    from the journal into ``reports``, so the manifest matches an uninterrupted run's byte for byte.
+    """
     if not out.exists():
         return {}, False
     if not out.is_dir():
         raise InputError("output path exists and is not a folder", file=str(out))
-    entries = [p for p in out.iterdir()]
+    # A kill while the first journal is being written leaves only its temporary file: still ours.
+    entries = [p for p in out.iterdir() if p.name != PROGRESS_NAME + PARTIAL_SUFFIX]
     if not entries:
         return {}, False
+    if not (out / MANIFEST_NAME).is_file() and not (out / PROGRESS_NAME).is_file():
+        # --overwrite replaces an earlier conversion; it never empties a folder nvfp4-fuse did not write.
+        raise InputError(
+            "output folder is not empty and holds no nvfp4-fuse conversion (no manifest, no progress journal); "
+            "empty it or choose another folder",
+            file=str(out),
+        )
     if opts.overwrite:
-        _clear_output(out)
         return {}, False
     man = load_manifest(out)
     prog = _load_progress(out)
     record = man.to_json() if man else prog
     if record is None:
-        raise InputError(
-            "output folder is not empty and holds no nvfp4-fuse conversion; choose another folder or pass --overwrite",
-            file=str(out),
-        )
+        raise InputError("the progress journal is unreadable; pass --overwrite to start over", file=str(out / PROGRESS_NAME))
     if record.get("input_fingerprint") != fp["input"] or record.get("options_fingerprint") != fp["options"]:
         what = "input" if record.get("input_fingerprint") != fp["input"] else "options"
         raise InputError(
             f"output folder holds a conversion of other {what}; pass --overwrite to replace it", file=str(out)
         )
     if man is not None:
-        return dict(man.files), True
+        if all((out / n).is_file() and (out / n).stat().st_size == r.get("size") for n, r in man.files.items()):
+            return dict(man.files), True  # complete (verify re-hashes; a rerun only checks sizes)
+        # A file of a finished conversion went missing or changed size: the manifest no longer holds.
+        # Withdraw it first, then redo what does not match, keeping the shards that still hash right.
+        (out / MANIFEST_NAME).unlink()
+        fsync_dir(out)
+        prog = {"files": man.files, "max_rescale_change": {p: l.get("max_rescale_change") for p, l in man.source.get("layers", {}).items()}}
     keep: dict[str, dict[str, Any]] = {}
     planned = {s.name for s in plan.shards}
     for name, rec in (prog.get("files") or {}).items() if prog else []:
         p = out / name
         if name in planned and p.is_file() and p.stat().st_size == rec.get("size") and sha256_file(p) == rec.get("sha256"):
             keep[name] = rec
+    # Same input and options: the journaled maxima are of the same deterministic computation, so
+    # max(journaled, recomputed) is what one uninterrupted run reports.
+    for prefix, change in ((prog or {}).get("max_rescale_change") or {}).items():
+        if prefix in reports and isinstance(change, float):
+            reports[prefix].max_rescale_change = max(reports[prefix].max_rescale_change, change)
     return keep, False
 
 
-def _write_progress(out: Path, fp: dict[str, str], files: dict[str, dict[str, Any]]) -> None:
-    body = {"input_fingerprint": fp["input"], "options_fingerprint": fp["options"], "files": files}
+def _write_progress(out: Path, fp: dict[str, str], files: dict[str, dict[str, Any]], reports: dict[str, LayerReport]) -> None:
+    body = {
+        "input_fingerprint": fp["input"],
+        "options_fingerprint": fp["options"],
+        "files": files,
+        "max_rescale_change": {p: r.max_rescale_change for p, r in reports.items()},
+    }
     write_file_atomic(out / PROGRESS_NAME, json.dumps(body, indent=1).encode())
+
+
+def _check_disk(out: Path, plan: Plan, keep: dict[str, dict[str, Any]], overwrite: bool) -> None:
+    """Refuse to start when the output volume lacks the plan's need (less what is kept, plus what
+    --overwrite would free)."""
+    need = plan.output_bytes_estimate() - sum(r["size"] for r in keep.values())
+    free = disk_free(out)
+    freed = 0
+    if overwrite and out.is_dir():
+        freed = sum(p.lstat().st_size for p in out.rglob("*") if p.is_file() and not p.is_symlink())
+    if need > free + freed:
+        extra = f" (+{human(freed)} that --overwrite would free)" if freed else ""
+        raise InputError(f"not enough free disk: the output needs {human(need)}, {human(free)} is free{extra}", file=str(out))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,22 +370,22 @@ def convert(
         raise InputError("output folder must not be inside the source folder or contain it", file=str(out))
     fp = plan_fingerprints(plan)
     reports = layer_reports(plan)
-    keep, complete = _prepare_output(out, fp, opts, plan)
+    keep, complete = _prepare_output(out, fp, opts, plan, reports)
     result = ConvertResult(out, plan, list(reports.values()))
     if complete:
         result.already_complete = True
         result.files = keep
         return result
-    need = plan.output_bytes_estimate() - sum(r["size"] for r in keep.values())
-    free = disk_free(out)
-    if need > free:
-        raise InputError(f"not enough free disk: the output needs {human(need)}, {human(free)} is free", file=str(out))
+    _check_disk(out, plan, keep, opts.overwrite)
+    if opts.overwrite and out.is_dir():
+        _clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
-    for p in out.glob("*" + PARTIAL_SUFFIX):
-        p.unlink()
+    for p in out.rglob("*" + PARTIAL_SUFFIX):  # sidecars in subfolders leave theirs there
+        if p.is_file() and not p.is_symlink():
+            p.unlink()
     files: dict[str, dict[str, Any]] = dict(keep)
     result.resumed_shards = sorted(keep)
-    _write_progress(out, fp, files)
+    _write_progress(out, fp, files, reports)
     ctx = _Ctx(plan)
     meta = shard_metadata(plan)
     try:
@@ -358,7 +397,7 @@ def convert(
                     continue
                 size, digest = _write_shard(ctx, pool, out, shard, meta, window_size(opts.workers), reports, on_bytes)
                 files[shard.name] = {"size": size, "sha256": digest}
-                _write_progress(out, fp, files)
+                _write_progress(out, fp, files, reports)
                 if on_shard:
                     on_shard(shard.name, size)
     finally:

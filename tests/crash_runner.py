@@ -1,0 +1,72 @@
+"""Run the nvfp4-fuse CLI and SIGKILL it at a chosen point (used by test_crash_resume.py).
+
+    python tests/crash_runner.py <point> <cli args...>
+
+<point> is one of:
+  shard:N   after the N-th shard this run wrote is renamed and journaled
+  bytes:N   once this run has handed N tensor bytes to shard writers (mid-shard)
+  index     just before the index is written
+  manifest  just before the manifest is written
+
+The hooks wrap the converter's own functions from outside, so the production code carries no test
+switch; the kill itself is a real SIGKILL of this process, with no chance to clean up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import nvfp4_fuse.convert as conv
+from nvfp4_fuse import cli
+from nvfp4_fuse.plan import INDEX_NAME
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(point: str) -> None:
+    phase, _, n = point.partition(":")
+    count = int(n or 0)
+    state = {"seen": 0}
+    if phase == "shard":
+        orig_progress = conv._write_progress
+
+        def progress(*a, **kw):
+            orig_progress(*a, **kw)
+            state["seen"] += 1  # the first journal is written before any shard
+            if state["seen"] > count:
+                die()
+
+        conv._write_progress = progress
+    elif phase == "bytes":
+        orig_write = conv.StreamingShardWriter.write
+
+        def write(self, data):
+            orig_write(self, data)
+            state["seen"] += len(data)
+            if state["seen"] >= count:
+                die()
+
+        conv.StreamingShardWriter.write = write
+    elif phase == "index":
+        orig_atomic = conv.write_file_atomic
+
+        def atomic(path, data):
+            if os.path.basename(path) == INDEX_NAME:
+                die()
+            return orig_atomic(path, data)
+
+        conv.write_file_atomic = atomic
+    elif phase == "manifest":
+        conv.save_manifest = lambda *a, **kw: die()
+    else:
+        raise SystemExit(f"unknown kill point {point!r}")
+
+
+if __name__ == "__main__":
+    install(sys.argv[1])
+    sys.argv = ["nvfp4-fuse", *sys.argv[2:]]
+    cli.main()
