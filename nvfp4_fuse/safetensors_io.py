@@ -134,6 +134,10 @@ def read_header(path: Path) -> ShardHeader:
         raise InputError("__metadata__ must map strings to strings", file=f)
     tensors: dict[str, TensorInfo] = {}
     for name, spec in obj.items():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"tensor name {name!r} is not valid Unicode (a lone surrogate escape)", file=f) from None
         if not isinstance(spec, dict) or set(spec) - {"dtype", "shape", "data_offsets"} or len(spec) != 3:
             raise InputError("tensor entry must have exactly dtype, shape and data_offsets", file=f, tensor=name)
         dtype, shape, offs = spec["dtype"], spec["shape"], spec["data_offsets"]
