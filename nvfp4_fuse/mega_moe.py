@@ -63,6 +63,7 @@ bytes, so a ``mega-moe`` checkpoint needs a loader that skips that call.
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
@@ -185,6 +186,9 @@ def pack_scales_k64(scale: torch.Tensor) -> torch.Tensor:
     k16 = scale.shape[-1]
     if k16 % SCALES_PER_WORD:
         raise InputError(f"scale columns ({k16}) must be a multiple of {SCALES_PER_WORD} to pack into int32")
+    if sys.byteorder == "little" and scale.device.type == "cpu":
+        # Little-endian words of four consecutive bytes are the bytes themselves: a view, no arithmetic.
+        return _bits(scale).contiguous().view(torch.int32)
     b = _bits(scale).to(torch.int64).reshape(*scale.shape[:-1], k16 // SCALES_PER_WORD, SCALES_PER_WORD)
     word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
     word = torch.where(word >= 2**31, word - 2**32, word)  # two's complement into int32 range

@@ -24,6 +24,10 @@ from .naming import CANON_FIELDS, ROLES, UnknownExpertPart, parse_expert_name
 from .safetensors_io import PARTIAL_SUFFIX, OutEntry, ShardHeader, ShardReader, TensorInfo, loads_strict_json, read_header
 from .targets import LayerDims, Target
 
+# Memory budget of the converter (used by convert.py; here so the plan can estimate the peak).
+COPY_CHUNK = 16 << 20  # non-expert tensors (embeddings: GBs) are copied in pieces of this size
+INFLIGHT_BYTES = 128 << 20  # output bytes read ahead of the writer, at most (always at least one task)
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_FILES = ("config.json", "hf_quant_config.json")
@@ -133,10 +137,9 @@ class Plan:
         return self.total_size + headers + self.sidecar_bytes() + (1 << 20)
 
     def peak_memory_estimate(self, workers: int) -> int:
-        from .convert import COPY_CHUNK, window_size
-
-        per_task = 3 * self.max_expert_bytes  # source bytes, transformed copy, and the bytes handed over
-        return window_size(workers) * per_task + 2 * COPY_CHUNK + (200 << 20)
+        """Read-ahead budget (or one task, if larger), the task being written, scale temporaries, and
+        the interpreter with torch loaded. Independent of the number of experts, layers and shard size."""
+        return max(INFLIGHT_BYTES, self.max_expert_bytes) + 2 * self.max_expert_bytes + (250 << 20)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -478,7 +481,7 @@ def build_plan(src: Source, target: Target, options: dict[str, Any], max_shard_s
                 max_expert = max(max_expert, entry.nbytes // max(1, layer.dims.experts))
     for t in out:
         if t.kind == "copy":
-            max_expert = max(max_expert, min(t.entry.nbytes, 64 << 20))
+            max_expert = max(max_expert, min(t.entry.nbytes, COPY_CHUNK))
     # Shards: greedy fill; a tensor is never split, a tensor larger than the limit gets its own shard.
     groups: list[list[OutTensor]] = [[]]
     size = 0

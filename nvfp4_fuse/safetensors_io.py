@@ -20,6 +20,8 @@ import json
 import math
 import os
 import struct
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,9 @@ import torch
 from .errors import InputError
 
 MAX_HEADER_SIZE = 100_000_000
+WRITE_BEHIND = 32 << 20  # start writeback of every this many bytes at once, and wait for the one before
+HASH_OVERLAP_MIN = 1 << 20  # chunks at least this big are hashed beside the write, not after it
+IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 PARTIAL_SUFFIX = ".partial"
 
 # dtype string -> bits per element (safetensors' names)
@@ -201,29 +206,59 @@ class ShardReader:
             os.close(self._fd)
             self._fd = -1
 
-    def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytearray:
+    def _range(self, name: str, start: int, length: int | None) -> tuple[int, int]:
         t = self.header.tensors[name]
         if length is None:
             length = t.nbytes - start
-        buf = bytearray(length)
-        view = memoryview(buf)
-        off = self.header.data_start + t.begin + start
-        got = 0
-        while got < length:
-            n = os.preadv(self._fd, [view[got:]], off + got)
+        if start < 0 or length < 0 or start + length > t.nbytes:
+            raise ValueError(f"{name}: bytes [{start}, {start + length}) are outside the tensor's {t.nbytes}")
+        return self.header.data_start + t.begin + start, length
+
+    def _pread_into(self, views: list[memoryview], off: int, name: str) -> None:
+        """Fill ``views`` in order from file offset ``off`` with vectored preads (short reads resumed)."""
+        views = [v.cast("B") for v in views if len(v)]
+        i = 0
+        while i < len(views):
+            n = os.preadv(self._fd, views[i : i + IOV_MAX], off)
             if n <= 0:
-                raise InputError(f"file ended while reading {length} bytes (truncated?)", file=str(self.header.path), tensor=name)
-            got += n
+                raise InputError("file ended early while reading (truncated?)", file=str(self.header.path), tensor=name)
+            off += n
+            while n:  # drop what was filled; a short read leaves the rest of a view for the next call
+                if n >= len(views[i]):
+                    n -= len(views[i])
+                    i += 1
+                else:
+                    views[i] = views[i][n:]
+                    n = 0
+
+    def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytearray:
+        off, length = self._range(name, start, length)
+        buf = bytearray(length)
+        self._pread_into([memoryview(buf)], off, name)
         return buf
+
+    def read_array(self, name: str, start: int = 0, length: int | None = None) -> torch.Tensor:
+        """Like :meth:`read_bytes`, into an uninitialised uint8 tensor (no zero-fill of a fresh buffer)."""
+        off, length = self._range(name, start, length)
+        buf = torch.empty(length, dtype=torch.uint8)
+        if length:
+            self._pread_into([memoryview(buf.numpy())], off, name)
+        return buf
+
+    def read_into(self, name: str, views: list[memoryview]) -> None:
+        """Fill ``views`` (in order) with the whole tensor's bytes: a tensor's bytes can land in scattered
+        places of an output buffer without an intermediate copy."""
+        t = self.header.tensors[name]
+        total = sum(memoryview(v).nbytes for v in views)
+        if total != t.nbytes:
+            raise ValueError(f"{name}: views hold {total} bytes, the tensor {t.nbytes}")
+        self._pread_into(views, self.header.data_start + t.begin, name)
 
     def read_tensor(self, name: str) -> torch.Tensor:
         t = self.header.tensors[name]
         if t.dtype not in TORCH_DTYPES:
             raise InputError(f"dtype {t.dtype} cannot be read as a tensor here", file=str(self.header.path), tensor=name)
-        buf = self.read_bytes(name)
-        if not buf:
-            return torch.empty(t.shape, dtype=TORCH_DTYPES[t.dtype])
-        return torch.frombuffer(buf, dtype=TORCH_DTYPES[t.dtype]).reshape(t.shape)
+        return self.read_array(name).view(TORCH_DTYPES[t.dtype]).reshape(t.shape)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -265,6 +300,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _load_sync_file_range() -> Any:
+    """libc's sync_file_range (Linux), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+
+
 class StreamingShardWriter:
     """Header first, then each declared tensor's bytes in order; sha256 computed while writing.
 
@@ -283,16 +338,42 @@ class StreamingShardWriter:
         self._idx = 0
         self._left = self._sizes[0] if self._sizes else 0
         self._hash = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="nvfp4-sha256")
         self._fh = open(self.tmp, "wb")
         header = build_header(entries, metadata)
         self._size = 0
+        self._behind = self._prev_behind = 0  # write-behind marks: writeback started up to / waited up to
         self._raw_write(header)
         self._skip_empty()
 
     def _raw_write(self, data: bytes | bytearray | memoryview) -> None:
-        self._fh.write(data)
-        self._hash.update(data)
+        if len(data) >= HASH_OVERLAP_MIN:
+            # sha256 and write(2) both release the GIL: hash on a helper thread while the bytes go out.
+            fut = self._hasher.submit(self._hash.update, data)
+            self._fh.write(data)
+            fut.result()
+        else:
+            self._fh.write(data)
+            self._hash.update(data)
         self._size += len(data)
+        if self._size - self._behind >= WRITE_BEHIND:
+            self._write_behind()
+
+    def _write_behind(self) -> None:
+        """Write-behind: start writeback of what was just written and wait for the previous window.
+
+        Without it the kernel keeps gigabytes dirty and writes them out only at the final fsync, when no
+        reads are going on; with it the disk writes while the next experts are read, dirty pages stay
+        at two windows, and the fsync at the end has little left to do."""
+        if _SYNC_FILE_RANGE is None:
+            return
+        self._fh.flush()
+        fd = self._fh.fileno()
+        start, end = self._behind, self._size
+        _SYNC_FILE_RANGE(fd, start, end - start, _SFR_WRITE)
+        if self._prev_behind < start:
+            _SYNC_FILE_RANGE(fd, self._prev_behind, start - self._prev_behind, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+        self._prev_behind, self._behind = start, end
 
     def _skip_empty(self) -> None:
         while self._idx < len(self._sizes) and self._left == 0:
@@ -317,6 +398,7 @@ class StreamingShardWriter:
     def finish(self) -> tuple[int, str]:
         if self._idx < len(self._sizes):
             raise RuntimeError(f"{self.path.name}: tensor {self.current} is missing {self._left} bytes")
+        self._hasher.shutdown()
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
@@ -325,6 +407,7 @@ class StreamingShardWriter:
         return self._size, self._hash.hexdigest()
 
     def abort(self) -> None:
+        self._hasher.shutdown(cancel_futures=True)
         if not self._fh.closed:
             self._fh.close()
         self.tmp.unlink(missing_ok=True)

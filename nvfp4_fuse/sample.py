@@ -205,9 +205,11 @@ def make_sample_checkpoint(out: Path, spec: SampleSpec | None = None) -> Path:
         if size >= per_shard and k < spec.shards - 1:
             flush(pending, shard_names[k])
             pending, size, k = [], 0, k + 1
-    flush(pending, shard_names[k])
-    if k < spec.shards - 1:  # fewer tensors than shards: rename so names stay consistent
-        n_real = k + 1
+    if pending:
+        flush(pending, shard_names[k])
+        k += 1
+    n_real = k  # an empty last shard is never written
+    if n_real < spec.shards:  # fewer shards filled than asked: rename so the names stay consistent
         renamed = {}
         for j in range(n_real):
             new = f"model-{j + 1:05d}-of-{n_real:05d}.safetensors"

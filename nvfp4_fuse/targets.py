@@ -101,6 +101,23 @@ class Target:
             return mega_moe.interleave_gate_up(gate, up)
         raise AssertionError(self.w13_rows)
 
+    def w13_row_runs(self, rows: int) -> list[tuple[str, int, int]]:
+        """Where one expert's w13 rows come from, in output order: runs of (role, first source row, count).
+
+        The same order as :meth:`join_rows`, as a recipe the converter can read straight into the
+        output buffer with one vectored read per source tensor (no intermediate copies).
+        """
+        if self.w13_rows == "gate-up":
+            return [("gate", 0, rows), ("up", 0, rows)]
+        if self.w13_rows == "up-gate":
+            return [("up", 0, rows), ("gate", 0, rows)]
+        if self.w13_rows == "interleave8":
+            g = mega_moe.GATE_UP_GROUP
+            if rows % g:
+                raise InputError(f"gate/up rows ({rows}) must be a multiple of the interleave group ({g})")
+            return [(role, r, g) for r in range(0, rows, g) for role in ("gate", "up")]
+        raise AssertionError(self.w13_rows)
+
     def split_rows(self, w13: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inverse of :meth:`join_rows`: (gate, up)."""
         half = w13.shape[0] // 2

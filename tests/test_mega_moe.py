@@ -189,6 +189,14 @@ def test_pack_is_little_endian_by_k_group() -> None:
     assert same_bytes(mm.unpack_scales_k64(got), raw.view(torch.float8_e4m3fn))
 
 
+def test_pack_view_and_arithmetic_paths_agree(monkeypatch) -> None:
+    raw = rand_bytes(12, 8).t()  # not contiguous: the view path must copy first
+    fast = mm.pack_scales_k64(raw)
+    monkeypatch.setattr(mm.sys, "byteorder", "big")  # the arithmetic path, as on a big-endian host
+    assert torch.equal(mm.pack_scales_k64(raw), fast)
+    assert torch.equal(fast, slow_pack(raw.contiguous()))
+
+
 def test_pack_known_word() -> None:
     b = torch.tensor([[0x01, 0x02, 0x03, 0x84]], dtype=torch.uint8)
     assert int(mm.pack_scales_k64(b)[0, 0]) == struct.unpack("<i", bytes([1, 2, 3, 0x84]))[0]

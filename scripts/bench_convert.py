@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Convert speed and memory against `cp` and against a naive in-memory conversion, in one run.
+
+Makes a synthetic DeepSeek-shaped NVFP4 checkpoint (real format: packed E2M1 codes, E4M3 block scales,
+F32 scalars; experts of each layer spread over several shards), then, each time from a cold page
+cache for the source (posix_fadvise DONTNEED after an fsync):
+
+  1. cp -r of the source folder, plus an fsync of every copied file (convert fsyncs what it writes)
+  2. nvfp4-fuse convert, in a subprocess; peak RSS from wait4, peak anonymous RSS sampled from /proc
+  3. a naive conversion: safetensors load_file of every shard, torch.cat/stack per layer, one save_file
+
+and prints wall times, convert/cp, peak memory and the plan's own peak estimate.
+
+    python scripts/bench_convert.py --workdir /big/disk [--layers 5 --experts 32 --hidden 7168 --inter 2560]
+
+The default makes ~4 GB of routed experts at ~31 MB an expert (H=7168, I=2560: DeepSeek-V3's hidden
+size, a multiple of 512 so the default mega-moe target accepts it). Needs ~4x the checkpoint in free
+disk and, for the naive run, ~2.5x it in RAM (--skip-naive to leave it out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NAIVE = r"""
+import json, re, sys, torch
+from collections import defaultdict
+from safetensors.torch import load_file, save_file
+src, dst = sys.argv[1], sys.argv[2]
+idx = json.load(open(f"{src}/model.safetensors.index.json"))
+tensors = {}
+for f in sorted(set(idx["weight_map"].values())):
+    tensors.update(load_file(f"{src}/{f}"))
+pat = re.compile(r"^(.*\.experts)\.(\d+)\.(w1|w2|w3)\.(weight|weight_scale|weight_scale_2|input_scale)$")
+groups = defaultdict(dict)
+out = {}
+for name, t in tensors.items():
+    m = pat.match(name)
+    if m:
+        groups[m[1]][(int(m[2]), m[3], m[4])] = t
+    else:
+        out[name] = t
+for prefix, g in groups.items():
+    n = 1 + max(e for e, _, _ in g)
+    for fld in ("weight", "weight_scale"):
+        out[f"{prefix}.w13_{fld}"] = torch.stack([torch.cat([g[(e, "w1", fld)], g[(e, "w3", fld)]]) for e in range(n)])
+        out[f"{prefix}.w2_{fld}"] = torch.stack([g[(e, "w2", fld)] for e in range(n)])
+    for fld in ("weight_scale_2", "input_scale"):
+        out[f"{prefix}.w13_{fld}"] = torch.stack([torch.maximum(g[(e, "w1", fld)], g[(e, "w3", fld)]).reshape(()) for e in range(n)])
+        out[f"{prefix}.w2_{fld}"] = torch.stack([g[(e, "w2", fld)].reshape(()) for e in range(n)])
+del tensors, groups
+save_file(out, f"{dst}/model.safetensors", metadata={"format": "pt"})
+"""
+
+
+def files_of(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def evict(folder: Path) -> None:
+    """Write back and drop a folder's pages from the page cache, so the next read comes from disk."""
+    for p in files_of(folder):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in files_of(folder))
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int, int, str]:
+    """Run cmd; returns (wall seconds, peak RSS, peak anonymous RSS, stdout).
+
+    Both peaks are sampled from /proc/<pid>/status every 10 ms: VmHWM (the kernel's own high-water mark,
+    reset at exec) and RssAnon. getrusage's ru_maxrss is not used: for a forked child it counts the
+    parent's image before exec, which here holds the sample checkpoint it has just written."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = {"VmHWM:": 0, "RssAnon:": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        status = f"/proc/{proc.pid}/status"
+        while not stop.is_set():
+            try:
+                for line in open(status):
+                    key = line.split(None, 1)[0] if line.strip() else ""
+                    if key in peak:
+                        peak[key] = max(peak[key], int(line.split()[1]) * 1024)
+            except (FileNotFoundError, ProcessLookupError):
+                break
+            stop.wait(0.01)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed ({proc.returncode}):\n{err[-3000:]}")
+    return wall, peak["VmHWM:"], peak["RssAnon:"], out
+
+
+def cp_fsync(src: Path, dst: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    for p in files_of(dst):
+        fd = os.open(p, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    fd = os.open(dst, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=5, help="layers (the first is dense, the rest MoE)")
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--inter", type=int, default=2560)
+    ap.add_argument("--shards", type=int, default=4, help="source shards")
+    ap.add_argument("--target", default="mega-moe")
+    ap.add_argument("--max-shard-size", default="2GB")
+    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="cp/convert pairs; medians are reported")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    a = ap.parse_args()
+
+    from nvfp4_fuse.convert import ConvertOptions, make_plan
+    from nvfp4_fuse.plan import human, parse_size
+    from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
+
+    work = Path(tempfile.mkdtemp(prefix="nvfp4-bench-", dir=a.workdir))
+    try:
+        src = work / "src"
+        t0 = time.perf_counter()
+        spec = SampleSpec(
+            "deepseek", a.layers, a.experts, a.hidden, a.inter, a.shards, unequal_scale_2=True, seed=0, fast=True
+        )
+        make_sample_checkpoint(src, spec)
+        size = folder_bytes(src)
+        plan = make_plan(src, ConvertOptions(target=a.target, max_shard_size=parse_size(a.max_shard_size), workers=a.workers))
+        layer = next(iter(plan.layers.values()))
+        expert_bytes = sum(
+            layer.ref(0, role, f).info.nbytes for role in ("gate", "up", "down") for f in ("weight", "weight_scale")
+        )
+        routed = sum(
+            l.ref(e, r, f).info.nbytes
+            for l in plan.layers.values()
+            for e in range(l.dims.experts)
+            for r in ("gate", "up", "down")
+            for f in ("weight", "weight_scale")
+        )
+        print(
+            f"checkpoint: {human(size)} in {a.shards} shards ({human(routed)} routed experts, "
+            f"{len(plan.layers)} MoE layers x {a.experts} experts of {human(expert_bytes)}), made in "
+            f"{time.perf_counter() - t0:.1f} s; target {a.target}, {a.workers} workers, cpus {os.cpu_count()}",
+            flush=True,
+        )
+
+        out = work / "out"
+        cmd = [sys.executable, "-m", "nvfp4_fuse.cli", "convert", str(src), str(out), "--target", a.target,
+               "--max-shard-size", a.max_shard_size, "--workers", str(a.workers), "--json"]  # fmt: skip
+        cps, convs, ratios, rss_conv, anon_conv = [], [], [], 0, 0
+        for rep in range(a.repeat):  # alternate, each from a cold source, so drift hits both alike
+            evict(src)
+            cps.append(cp_fsync(src, work / "cp"))
+            shutil.rmtree(work / "cp")
+            evict(src)
+            t, rss, anon, _ = run_measured(cmd)
+            convs.append(t)
+            rss_conv, anon_conv = max(rss_conv, rss), max(anon_conv, anon)
+            out_size = folder_bytes(out)
+            shutil.rmtree(out)
+            ratios.append(convs[-1] / cps[-1])
+            print(f"  run {rep + 1}: cp {cps[-1]:.2f} s, convert {convs[-1]:.2f} s, ratio {ratios[-1]:.2f}", flush=True)
+        t_cp, t_conv = statistics.median(cps), statistics.median(convs)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch, nvfp4_fuse.convert"], check=True)
+        t_import = time.perf_counter() - t0
+
+        naive = None
+        if not a.skip_naive:
+            evict(src)
+            nout = work / "naive"
+            nout.mkdir()
+            naive = run_measured([sys.executable, "-c", NAIVE, str(src), str(nout)])[:3]
+            shutil.rmtree(nout)
+
+        est = plan.peak_memory_estimate(a.workers)
+        rows = [
+            (f"cp -r + fsync (median of {a.repeat})", t_cp, None, None),
+            (f"nvfp4-fuse convert (median of {a.repeat})", t_conv, rss_conv, anon_conv),
+        ]
+        if naive:
+            rows.append(("naive (load all, stack, save_file; no fsync)", *naive))
+        print(f"\n{'run':<46} {'wall s':>8} {'GB/s':>6} {'peak RSS':>10} {'peak anon':>10}")
+        for name, t, rss, anon in rows:
+            print(
+                f"{name:<46} {t:8.2f} {size / t / 1e9:6.2f} {human(rss) if rss else '-':>10} {human(anon) if anon else '-':>10}"
+            )
+        print(
+            f"\nconvert / cp: {statistics.median(ratios):.2f} median, {min(ratios):.2f}..{max(ratios):.2f} over {a.repeat} pairs  (goal <= 1.3)"
+        )
+        print(f"of convert's time, starting Python and importing torch: {t_import:.2f} s (a fixed cost, whatever the size)")
+        print(f"convert peak anonymous RSS: {human(anon_conv)}  (goal < 600 MB; plan estimate {human(est)})")
+        if naive:
+            print(f"naive / convert: {naive[0] / t_conv:.2f}x the time, {naive[2] / max(1, anon_conv):.1f}x the anonymous memory")
+        print(f"output: {human(out_size)}")
+        if a.json:
+            a.json.write_text(json.dumps({
+                "checkpoint_bytes": size, "expert_bytes": expert_bytes, "target": a.target, "workers": a.workers,
+                "cpus": os.cpu_count(), "cp_s": cps, "convert_s": convs, "ratios": ratios, "import_s": t_import, "convert_peak_rss": rss_conv,
+                "convert_peak_anon": anon_conv, "estimate": est,
+                "naive_s": naive[0] if naive else None, "naive_peak_anon": naive[2] if naive else None,
+            }, indent=1))  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

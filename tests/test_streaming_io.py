@@ -1,0 +1,120 @@
+"""The converter's zero-copy read path and its read-ahead bound.
+
+w13 rows are read with vectored preads straight into the output buffer, following the target's row
+runs; these tests pin the runs to the torch transform they replace, the vectored read to the plain one
+(short reads included), and the read-ahead to its byte budget.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nvfp4_fuse import convert as conv
+from nvfp4_fuse.convert import ConvertOptions, convert, make_plan
+from nvfp4_fuse.safetensors_io import ShardReader, read_header
+from nvfp4_fuse.targets import get_target
+
+
+@pytest.mark.parametrize("target,order", [("vllm-fused", "gate-up"), ("vllm-fused", "up-gate"), ("mega-moe", "gate-up")])
+def test_row_runs_reproduce_join_rows(target, order):
+    tgt = get_target(target, w13_order=order)
+    rows, cols = 8 * random.randint(1, 40), random.randint(1, 9)
+    gate = torch.randint(0, 256, (rows, cols), dtype=torch.uint8)
+    up = torch.randint(0, 256, (rows, cols), dtype=torch.uint8)
+    src = {"gate": gate, "up": up}
+    runs = tgt.w13_row_runs(rows)
+    got = torch.cat([src[role][r0 : r0 + n] for role, r0, n in runs])
+    assert torch.equal(got, tgt.join_rows(gate, up))
+    for role in ("gate", "up"):  # each role's runs cover its rows once, in source order
+        mine = [(r0, n) for r, r0, n in runs if r == role]
+        assert [r0 for r0, _ in mine] == sorted(r0 for r0, _ in mine)
+        assert sum(n for _, n in mine) == rows and mine[0][0] == 0
+
+
+@pytest.mark.parametrize("short_reads", [False, True])
+def test_read_into_scattered_views(tmp_path, monkeypatch, short_reads):
+    data = torch.randint(0, 256, (3000 + random.randint(0, 999),), dtype=torch.uint8)
+    save_file({"pad": torch.zeros(5, dtype=torch.uint8), "t": data}, tmp_path / "x.safetensors")
+    if short_reads:  # the kernel may return fewer bytes than asked; the reader must carry on mid-view
+        real = os.preadv
+
+        def stingy(fd, bufs, off):
+            want = random.randint(1, 97)
+            head, left = [], want
+            for b in bufs:
+                if not left:
+                    break
+                head.append(b[:left])
+                left -= min(left, len(b))
+            return real(fd, head, off)
+
+        monkeypatch.setattr(os, "preadv", stingy)
+    reader = ShardReader(read_header(tmp_path / "x.safetensors"))
+    n = data.numel()
+    cuts = sorted(random.sample(range(1, n), 40))
+    buf = bytearray(n + 100)  # views scattered through a bigger buffer, some empty
+    mv = memoryview(buf)
+    views, pos, prev = [], 0, 0
+    for c in [*cuts, n]:
+        pos += random.randint(0, 2)
+        views.append(mv[pos : pos + (c - prev)])
+        views.append(mv[pos:pos])
+        pos += c - prev
+        prev = c
+    reader.read_into("t", views)
+    assert b"".join(bytes(v) for v in views) == data.numpy().tobytes()
+    with pytest.raises(ValueError):
+        reader.read_into("t", views[:-3])
+    reader.close()
+
+
+def test_read_ahead_stays_within_its_byte_budget(make_ckpt, tmp_path, monkeypatch):
+    """Shrink the budget below a handful of experts: never more than the budget (or one task) in flight."""
+    src = make_ckpt(layers=2, experts=12, hidden=128, inter=64)
+    budget = 3 * (2 * 64 * 128 // 2)  # three experts' w13 weight
+    monkeypatch.setattr(conv, "INFLIGHT_BYTES", budget)
+    live = {"now": 0, "peak": 0, "count": 0, "peak_count": 0}
+    real_fused = conv._fused_task
+
+    def counting(ctx, tgt, layer, part, e):
+        work = real_fused(ctx, tgt, layer, part, e)
+
+        def run():
+            data, change = work()
+            nbytes = len(memoryview(data).cast("B"))
+            live["now"] += nbytes
+            live["peak"] = max(live["peak"], live["now"])
+            return _Tracked(data, nbytes), change
+
+        return run
+
+    class _Tracked:
+        def __init__(self, data, n):
+            self.data, self.n = data, n
+
+    real_write = conv.StreamingShardWriter.write
+
+    def write(self, data):
+        if isinstance(data, _Tracked):
+            real_write(self, data.data)
+            live["now"] -= data.n
+        else:
+            real_write(self, data)
+
+    monkeypatch.setattr(conv, "_fused_task", counting)
+    monkeypatch.setattr(conv.StreamingShardWriter, "write", write)
+    convert(src, tmp_path / "out", ConvertOptions(target="vllm-fused", workers=4))
+    assert 0 < live["peak"] <= budget, live
+    assert live["now"] == 0
+
+
+def test_peak_estimate_does_not_grow_with_experts(make_ckpt):
+    opts = ConvertOptions(target="vllm-fused")
+    small = make_plan(make_ckpt(layers=2, experts=4, hidden=128, inter=64), opts)
+    big = make_plan(make_ckpt(layers=3, experts=32, hidden=128, inter=64, shards=3), opts)
+    assert small.peak_memory_estimate(4) == big.peak_memory_estimate(4) == big.peak_memory_estimate(16)
