@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,25 +35,6 @@ from .safetensors_io import PARTIAL_SUFFIX, ShardReader, StreamingShardWriter, f
 from .targets import Target, get_target
 
 PROGRESS_NAME = ".nvfp4-fuse-progress.json"
-
-def _return_big_buffers_to_the_os() -> None:
-    """Make glibc serve buffers of 1 MiB and more with mmap and give them back on free.
-
-    By default glibc raises its mmap threshold to the size of the last big block freed (up to 32 MiB),
-    so expert-sized buffers then come from per-thread heaps that keep their pages: resident memory grew
-    with the number of reader threads (measured: 586 MB with 4 workers, 292 MB with this).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        M_MMAP_THRESHOLD = -3
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator has its own policy
-
 
 def window_size(workers: int) -> int:
     return 2 * workers + 2
@@ -101,12 +83,67 @@ class ConvertResult:
 # per-expert tasks
 
 
+class _BufferPool:
+    """Recycles the big uint8 buffers that tasks read expert bytes into.
+
+    A fresh buffer per expert costs page faults and zeroing in the kernel for every byte converted.
+    Buffers instead cycle between the read-ahead window and this free list. Sizes come in phases (a
+    layer's w13 experts, then its w2 experts, then copy chunks), so a miss drops the buffers of other
+    sizes; the list never holds more than ``cap`` bytes. Buffers are allocated with glibc told to mmap
+    blocks of 1 MiB and more (see :func:`_mmap_big_blocks`), so what is dropped goes back to the OS.
+    """
+
+    def __init__(self, cap: int):
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._held = 0
+        self._cap = cap
+        self._lock = threading.Lock()
+
+    def get(self, n: int) -> torch.Tensor:
+        with self._lock:
+            lst = self._free.get(n)
+            if lst:
+                self._held -= n
+                return lst.pop()
+            self._free.clear()  # a new phase: the old size is not coming back soon
+            self._held = 0
+        return torch.empty(n, dtype=torch.uint8)
+
+    def put(self, buf: torch.Tensor) -> None:
+        n = buf.numel()
+        with self._lock:
+            if self._held + n <= self._cap:
+                self._free.setdefault(n, []).append(buf)
+                self._held += n
+
+
+def _mmap_big_blocks() -> None:
+    """Make glibc serve blocks of 1 MiB and more with mmap, and give them back on free.
+
+    By default glibc raises its mmap threshold to the size of the last big block freed (up to 32 MiB),
+    after which expert-sized buffers come from per-thread heaps that keep their pages: resident memory
+    then grew with the number of reader threads (measured: 586 MB of anonymous memory with 4 workers
+    on the bench checkpoint, against 283 MB with this).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        M_MMAP_THRESHOLD = -3
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has its own policy
+
+
 class _Ctx:
-    """Shared state of one conversion: readers per shard (one fd each; pread is thread safe)."""
+    """Shared state of one conversion: readers per shard (one fd each; pread is thread safe), buffers."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
         self.readers = {f: ShardReader(h) for f, h in plan.source.headers.items()}
+        _mmap_big_blocks()
+        self.pool = _BufferPool(INFLIGHT_BYTES)
 
     def close(self) -> None:
         for r in self.readers.values():
@@ -146,7 +183,7 @@ def _fused_task(ctx: _Ctx, tgt: Target, layer: ExpertLayer, part: str, e: int) -
             # Read gate and up straight into their rows of the output: one buffer, no copies.
             refs = {role: layer.ref(e, role, "weight") for role in ("gate", "up")}
             rows, row_bytes = refs["gate"].info.shape
-            buf = torch.empty(2 * rows * row_bytes, dtype=torch.uint8)
+            buf = ctx.pool.get(2 * rows * row_bytes)
             mv = memoryview(buf.numpy())
             views: dict[str, list[memoryview]] = {"gate": [], "up": []}
             pos = 0
@@ -155,10 +192,10 @@ def _fused_task(ctx: _Ctx, tgt: Target, layer: ExpertLayer, part: str, e: int) -
                 pos += n * row_bytes
             for role, ref in refs.items():
                 ctx.readers[ref.file].read_into(ref.info.name, views[role])
-            return tensor_bytes(buf), 0.0
+            return buf, 0.0
         if part == "w2_weight":
             ref = layer.ref(e, "down", "weight")
-            return tensor_bytes(ctx.readers[ref.file].read_array(ref.info.name)), 0.0
+            return ctx.readers[ref.file].read_array(ref.info.name, out=ctx.pool.get(ref.info.nbytes)), 0.0
         if part == "w13_weight_scale":
             assert layer.ratio_gate is not None and layer.ratio_up is not None
             g, cg = _rescale(ctx.scales(layer, e, "gate"), float(layer.ratio_gate[e]))
@@ -171,7 +208,9 @@ def _fused_task(ctx: _Ctx, tgt: Target, layer: ExpertLayer, part: str, e: int) -
     return run
 
 
-Task = tuple[OutTensor, int, Callable[[], tuple[Any, float]]]  # (output tensor, bytes it yields, work)
+# (output tensor, bytes it yields, work); work returns (bytes, largest rescale change), the bytes either a
+# memoryview or a uint8 tensor from the buffer pool, which goes back to the pool once written.
+Task = tuple[OutTensor, int, Callable[[], tuple[Any, float]]]
 
 
 def _shard_tasks(ctx: _Ctx, shard: OutShard) -> Iterator[Task]:
@@ -184,7 +223,7 @@ def _shard_tasks(ctx: _Ctx, shard: OutShard) -> Iterator[Task]:
             n = t.entry.nbytes
             for start in range(0, n, COPY_CHUNK):
                 ln = min(COPY_CHUNK, n - start)
-                yield t, ln, (lambda r=reader, nm=t.source.info.name, s=start, ln=ln: (tensor_bytes(r.read_array(nm, s, ln)), 0.0))
+                yield t, ln, (lambda r=reader, nm=t.source.info.name, s=start, ln=ln: (r.read_array(nm, s, ln, out=ctx.pool.get(ln)), 0.0))
         elif t.kind == "global":
             assert t.layer is not None
             if t.layer not in globals_cache:
@@ -420,7 +459,6 @@ def convert(
     files: dict[str, dict[str, Any]] = dict(keep)
     result.resumed_shards = sorted(keep)
     _write_progress(out, fp, files, reports)
-    _return_big_buffers_to_the_os()
     ctx = _Ctx(plan)
     meta = shard_metadata(plan)
     try:
@@ -499,9 +537,13 @@ def _write_shard(
             t, nbytes, fut = inflight.popleft()
             data, change = fut.result()
             held -= nbytes
-            writer.write(data)
+            if isinstance(data, torch.Tensor):
+                writer.write(tensor_bytes(data))
+                ctx.pool.put(data)
+            else:
+                writer.write(data)
             if on_bytes:
-                on_bytes(len(data))
+                on_bytes(nbytes)
             if change and t.layer:
                 r = reports[t.layer]
                 r.max_rescale_change = max(r.max_rescale_change, change)

@@ -237,10 +237,16 @@ class ShardReader:
         self._pread_into([memoryview(buf)], off, name)
         return buf
 
-    def read_array(self, name: str, start: int = 0, length: int | None = None) -> torch.Tensor:
-        """Like :meth:`read_bytes`, into an uninitialised uint8 tensor (no zero-fill of a fresh buffer)."""
+    def read_array(self, name: str, start: int = 0, length: int | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Like :meth:`read_bytes`, into a uint8 tensor: ``out`` (1-D, contiguous, ``length`` bytes) or a
+        new uninitialised one (no zero-fill of a fresh buffer)."""
         off, length = self._range(name, start, length)
-        buf = torch.empty(length, dtype=torch.uint8)
+        if out is None:
+            buf = torch.empty(length, dtype=torch.uint8)
+        elif out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != length or not out.is_contiguous():
+            raise ValueError(f"{name}: out must be a contiguous uint8 tensor of {length} bytes")
+        else:
+            buf = out
         if length:
             self._pread_into([memoryview(buf.numpy())], off, name)
         return buf
