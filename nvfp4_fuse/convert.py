@@ -1,8 +1,9 @@
 """The streaming converter: plan from headers, then write each shard header-first, expert by expert.
 
-Reads run on a thread pool (pread and torch release the GIL) while the main thread writes and hashes,
-with a bounded window of tasks in flight, so resident memory is a few experts' tensors plus a fixed
-overhead whatever the number of experts, layers or the shard size.
+Reads run on a thread pool (pread and numpy release the GIL) while the main thread writes and a helper
+thread hashes, with read-ahead bounded in bytes, so resident memory is a few experts' tensors plus a
+fixed overhead whatever the number of experts, layers or the shard size. The byte transforms are the
+numpy ones in host_layout.py: converting never imports torch.
 
 Order of writing, for crash safety: shards (each under a temporary name, fsynced, renamed, then
 recorded in the progress journal), sidecar files, configs, the index, and last the manifest. A folder
@@ -24,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
+import numpy as np
 
 from . import __version__
 from .errors import InputError
 from .manifest import MANIFEST_NAME, Manifest, fingerprint, load_manifest, save_manifest, sha256_file
-from .nvfp4 import check_block_scale_bytes, rescale_block_scales
+from .host_layout import check_block_scale_bytes, rescale_block_scales
 from .plan import COPY_CHUNK, INDEX_NAME, INFLIGHT_BYTES, ExpertLayer, OutShard, OutTensor, Plan, build_plan, disk_free, human, scan_source
 from .safetensors_io import PARTIAL_SUFFIX, ShardReader, StreamingShardWriter, fsync_dir, tensor_bytes, write_file_atomic
 from .targets import Target, get_target
@@ -94,12 +95,12 @@ class _BufferPool:
     """
 
     def __init__(self, cap: int):
-        self._free: dict[int, list[torch.Tensor]] = {}
+        self._free: dict[int, list[np.ndarray]] = {}
         self._held = 0
         self._cap = cap
         self._lock = threading.Lock()
 
-    def get(self, n: int) -> torch.Tensor:
+    def get(self, n: int) -> np.ndarray:
         with self._lock:
             lst = self._free.get(n)
             if lst:
@@ -107,10 +108,10 @@ class _BufferPool:
                 return lst.pop()
             self._free.clear()  # a new phase: the old size is not coming back soon
             self._held = 0
-        return torch.empty(n, dtype=torch.uint8)
+        return np.empty(n, dtype=np.uint8)
 
-    def put(self, buf: torch.Tensor) -> None:
-        n = buf.numel()
+    def put(self, buf: np.ndarray) -> None:
+        n = buf.size
         with self._lock:
             if self._held + n <= self._cap:
                 self._free.setdefault(n, []).append(buf)
@@ -149,32 +150,19 @@ class _Ctx:
         for r in self.readers.values():
             r.close()
 
-    def tensor(self, layer: ExpertLayer, e: int, role: str, fld: str) -> torch.Tensor:
-        ref = layer.ref(e, role, fld)
-        return self.readers[ref.file].read_tensor(ref.info.name)
-
-    def scales(self, layer: ExpertLayer, e: int, role: str) -> torch.Tensor:
+    def scales(self, layer: ExpertLayer, e: int, role: str) -> np.ndarray:
+        """One expert's block scales as uint8 [rows, K/16], checked for NaN and negative bytes."""
         ref = layer.ref(e, role, "weight_scale")
-        raw = self.readers[ref.file].read_tensor(ref.info.name)
-        bad = check_block_scale_bytes(raw.view(torch.uint8))
+        raw = self.readers[ref.file].read_array(ref.info.name).reshape(ref.info.shape)
+        bad = check_block_scale_bytes(raw)
         if bad is not None:
             k16 = ref.info.shape[1]
-            b = int(raw.view(torch.uint8).reshape(-1)[bad])
             raise InputError(
-                f"block scale at [{bad // k16}, {bad % k16}] is 0x{b:02X} (NaN or negative)", file=ref.file, tensor=ref.info.name
+                f"block scale at [{bad // k16}, {bad % k16}] is 0x{int(raw.reshape(-1)[bad]):02X} (NaN or negative)",
+                file=ref.file,
+                tensor=ref.info.name,
             )
-        return raw.view(torch.float8_e4m3fn)
-
-
-def _rescale(s: torch.Tensor, ratio: float) -> tuple[torch.Tensor, float]:
-    """Rescale E4M3 block scales; returns the new scales and the largest relative change of a value."""
-    if ratio == 1.0:
-        return s, 0.0
-    new = rescale_block_scales(s, ratio)
-    old = s.to(torch.float32) * torch.tensor(ratio, dtype=torch.float32)
-    nz = old != 0
-    change = float(((new.to(torch.float32)[nz] - old[nz]).abs() / old[nz]).max()) if bool(nz.any()) else 0.0
-    return new, change
+        return raw
 
 
 def _fused_task(ctx: _Ctx, tgt: Target, layer: ExpertLayer, part: str, e: int) -> Callable[[], tuple[Any, float]]:
@@ -184,7 +172,7 @@ def _fused_task(ctx: _Ctx, tgt: Target, layer: ExpertLayer, part: str, e: int) -
             refs = {role: layer.ref(e, role, "weight") for role in ("gate", "up")}
             rows, row_bytes = refs["gate"].info.shape
             buf = ctx.pool.get(2 * rows * row_bytes)
-            mv = memoryview(buf.numpy())
+            mv = memoryview(buf)
             views: dict[str, list[memoryview]] = {"gate": [], "up": []}
             pos = 0
             for role, _, n in tgt.w13_row_runs(rows):  # runs of each role come in source order
@@ -198,24 +186,24 @@ def _fused_task(ctx: _Ctx, tgt: Target, layer: ExpertLayer, part: str, e: int) -
             return ctx.readers[ref.file].read_array(ref.info.name, out=ctx.pool.get(ref.info.nbytes)), 0.0
         if part == "w13_weight_scale":
             assert layer.ratio_gate is not None and layer.ratio_up is not None
-            g, cg = _rescale(ctx.scales(layer, e, "gate"), float(layer.ratio_gate[e]))
-            u, cu = _rescale(ctx.scales(layer, e, "up"), float(layer.ratio_up[e]))
-            return tensor_bytes(tgt.lay_out_scales(tgt.join_rows(g, u))), max(cg, cu)
+            g, cg = rescale_block_scales(ctx.scales(layer, e, "gate"), float(layer.ratio_gate[e]))
+            u, cu = rescale_block_scales(ctx.scales(layer, e, "up"), float(layer.ratio_up[e]))
+            return tensor_bytes(tgt.lay_out_scales_np(tgt.join_scale_rows_np(g, u))), max(cg, cu)
         if part == "w2_weight_scale":
-            return tensor_bytes(tgt.lay_out_scales(ctx.scales(layer, e, "down"))), 0.0
+            return tensor_bytes(tgt.lay_out_scales_np(ctx.scales(layer, e, "down"))), 0.0
         raise AssertionError(part)
 
     return run
 
 
 # (output tensor, bytes it yields, work); work returns (bytes, largest rescale change), the bytes either a
-# memoryview or a uint8 tensor from the buffer pool, which goes back to the pool once written.
+# memoryview or a uint8 array from the buffer pool, which goes back to the pool once written.
 Task = tuple[OutTensor, int, Callable[[], tuple[Any, float]]]
 
 
 def _shard_tasks(ctx: _Ctx, shard: OutShard) -> Iterator[Task]:
     plan = ctx.plan
-    globals_cache: dict[str, dict[str, torch.Tensor]] = {}
+    globals_cache: dict[str, dict[str, np.ndarray]] = {}
     for t in shard.tensors:
         if t.kind == "copy":
             assert t.source is not None
@@ -537,8 +525,8 @@ def _write_shard(
             t, nbytes, fut = inflight.popleft()
             data, change = fut.result()
             held -= nbytes
-            if isinstance(data, torch.Tensor):
-                writer.write(tensor_bytes(data))
+            if isinstance(data, np.ndarray):  # a pooled buffer: back to the pool once written
+                writer.write(memoryview(data))
                 ctx.pool.put(data)
             else:
                 writer.write(data)

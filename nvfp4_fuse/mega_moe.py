@@ -69,51 +69,18 @@ from typing import NamedTuple
 import torch
 
 from .errors import InputError
+from .host_layout import (  # the shape rules live with the converter's numpy transforms
+    GATE_UP_GROUP,
+    K_PER_WORD,
+    KERNEL_DIM_MULTIPLE,
+    SCALES_PER_WORD,
+    UTCCP_BLOCK,
+    check_mega_moe_shape,
+)
 from .nvfp4 import BLOCK
 
-GATE_UP_GROUP = 8  # rows per gate/up run in the L1 interleave
-UTCCP_BLOCK = 128  # rows per UTCCP block
 UTCCP_SPLIT = (4, 32)  # a block is read as [4, 32] and stored as [32, 4]
-SCALES_PER_WORD = 4  # E4M3 scales per int32
-K_PER_WORD = SCALES_PER_WORD * BLOCK  # 64 values of K per int32 scale word
-KERNEL_DIM_MULTIPLE = 512  # fp4_fp4_mega_moe: hidden % 512 == 0 and intermediate % 512 == 0
-
-
-# --------------------------------------------------------------------------------------------
-# shape rules
-
-
-def check_mega_moe_shape(rows: int, cols: int, what: str, *, kernel_rules: bool = True) -> None:
-    """Raise :class:`InputError` unless a GEMM operand of logical shape [rows=N, cols=K] fits the layout.
-
-    Always: N > 0 and N % 128 == 0 (UTCCP works on 128-row blocks; it also makes the 8-row gate/up
-    interleave and the TMA alignment exact, so nothing is padded), K > 0 and K % 64 == 0 (four
-    16-value E4M3 scales per int32 word). With ``kernel_rules`` (the default) also N % 512 == 0 and
-    K % 512 == 0: DeepGEMM's NVFP4 kernel asserts hidden % 512 == 0 and intermediate % 512 == 0,
-    and N, K are hidden / 2*intermediate (w13) or hidden / intermediate (w2).
-    ``what`` names the tensor in the message.
-    """
-    problems = []
-    if rows <= 0 or rows % UTCCP_BLOCK:
-        problems.append(f"rows N={rows} must be a positive multiple of {UTCCP_BLOCK} (UTCCP 128-row blocks)")
-    if cols <= 0 or cols % K_PER_WORD:
-        problems.append(
-            f"columns K={cols} must be a positive multiple of {K_PER_WORD} "
-            f"({SCALES_PER_WORD} E4M3 scales of {BLOCK} values per int32)"
-        )
-    if kernel_rules:
-        if rows > 0 and rows % KERNEL_DIM_MULTIPLE:
-            problems.append(
-                f"rows N={rows} must be a multiple of {KERNEL_DIM_MULTIPLE} "
-                "(fp4_fp4_mega_moe needs hidden and intermediate sizes that are multiples of 512)"
-            )
-        if cols > 0 and cols % KERNEL_DIM_MULTIPLE:
-            problems.append(
-                f"columns K={cols} must be a multiple of {KERNEL_DIM_MULTIPLE} "
-                "(fp4_fp4_mega_moe needs hidden and intermediate sizes that are multiples of 512)"
-            )
-    if problems:
-        raise InputError(f"mega-moe layout does not fit {what} [{rows}, {cols}]: " + "; ".join(problems), tensor=what)
+assert K_PER_WORD == SCALES_PER_WORD * BLOCK
 
 
 # --------------------------------------------------------------------------------------------

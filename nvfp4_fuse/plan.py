@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from .errors import InputError
 from .manifest import MANIFEST_NAME, fingerprint
@@ -45,9 +45,9 @@ class ExpertLayer:
     prefix: str
     dims: LayerDims
     parts: dict[tuple[int, str, str], SourceRef]  # (expert, role, canonical field) -> source tensor
-    scalars: dict[str, torch.Tensor] = field(default_factory=dict)  # "gate.weight_scale_2" -> fp32 [E]
-    ratio_gate: torch.Tensor | None = None
-    ratio_up: torch.Tensor | None = None
+    scalars: dict[str, np.ndarray] = field(default_factory=dict)  # "gate.weight_scale_2" -> float32 [E]
+    ratio_gate: np.ndarray | None = None
+    ratio_up: np.ndarray | None = None
 
     def ref(self, e: int, role: str, fld: str) -> SourceRef:
         return self.parts[(e, role, fld)]
@@ -64,7 +64,7 @@ class ExpertLayer:
 
     @property
     def input_scale_spread(self) -> float:
-        v = torch.cat([self.scalars[f"{r}.input_scale"] for r in ("gate", "up")])
+        v = np.concatenate([self.scalars[f"{r}.input_scale"] for r in ("gate", "up")])
         return float(v.max() / v.min())
 
 
@@ -138,8 +138,9 @@ class Plan:
 
     def peak_memory_estimate(self, workers: int) -> int:
         """Read-ahead budget (or one task, if larger), the task being written, scale temporaries, and
-        the interpreter with torch loaded. Independent of the number of experts, layers and shard size."""
-        return max(INFLIGHT_BYTES, self.max_expert_bytes) + 2 * self.max_expert_bytes + (250 << 20)
+        the interpreter with numpy (the converter never imports torch). Independent of the number of
+        experts, layers and shard size."""
+        return max(INFLIGHT_BYTES, self.max_expert_bytes) + 2 * self.max_expert_bytes + (64 << 20)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -385,15 +386,16 @@ def read_scalars(src: Source, layer: ExpertLayer, readers: dict[str, ShardReader
     n = layer.dims.experts
     for role in ROLES:
         for fld in ("weight_scale_2", "input_scale"):
-            vals = torch.empty(n, dtype=torch.float32)
+            vals = np.empty(n, dtype=np.float32)
             for e in range(n):
                 ref = layer.ref(e, role, fld)
-                v = readers[ref.file].read_tensor(ref.info.name).reshape(())
+                v = np.frombuffer(readers[ref.file].read_bytes(ref.info.name), dtype="<f4")[0]
                 x = float(v)
                 if not math.isfinite(x) or x <= 0:
                     raise InputError(f"{fld} is {x}; it must be finite and > 0", file=ref.file, tensor=ref.info.name)
                 if ref.reciprocal:
-                    v = torch.reciprocal(v)
+                    with np.errstate(over="ignore", divide="ignore"):
+                        v = np.float32(1) / v
                     if not math.isfinite(float(v)) or float(v) <= 0:
                         raise InputError(f"1/{fld} is not a usable scale", file=ref.file, tensor=ref.info.name)
                 vals[e] = v

@@ -24,11 +24,14 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER_SIZE = 100_000_000
 WRITE_BEHIND = 32 << 20  # start writeback of every this many bytes at once, and wait for the one before
@@ -45,11 +48,15 @@ DTYPE_BITS = {
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }  # fmt: skip
 
-TORCH_DTYPES = {
-    "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I16": torch.int16, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I32": torch.int32, "F32": torch.float32, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool,
-}  # fmt: skip
+def torch_dtype(name: str) -> "torch.dtype | None":
+    """The torch dtype of a safetensors dtype name, or None (torch is imported here, lazily)."""
+    import torch
+
+    return {
+        "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+        "I16": torch.int16, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I32": torch.int32, "F32": torch.float32, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool,
+    }.get(name)  # fmt: skip
 
 
 def tensor_nbytes(dtype: str, shape: list[int] | tuple[int, ...]) -> int:
@@ -188,7 +195,7 @@ def _check_with_safetensors(path: Path) -> None:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(str(path), framework="numpy") as fh:
             fh.keys()
     except Exception as e:  # safetensors raises its own SafetensorError and friends
         raise InputError(f"safetensors rejects the file: {e}", file=str(path)) from None
@@ -237,18 +244,18 @@ class ShardReader:
         self._pread_into([memoryview(buf)], off, name)
         return buf
 
-    def read_array(self, name: str, start: int = 0, length: int | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Like :meth:`read_bytes`, into a uint8 tensor: ``out`` (1-D, contiguous, ``length`` bytes) or a
-        new uninitialised one (no zero-fill of a fresh buffer)."""
+    def read_array(self, name: str, start: int = 0, length: int | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Like :meth:`read_bytes`, into a uint8 numpy array: ``out`` (1-D, contiguous, ``length`` bytes)
+        or a new uninitialised one (no zero-fill of a fresh buffer)."""
         off, length = self._range(name, start, length)
         if out is None:
-            buf = torch.empty(length, dtype=torch.uint8)
-        elif out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != length or not out.is_contiguous():
-            raise ValueError(f"{name}: out must be a contiguous uint8 tensor of {length} bytes")
+            buf = np.empty(length, dtype=np.uint8)
+        elif out.dtype != np.uint8 or out.ndim != 1 or out.size != length or not out.flags.c_contiguous:
+            raise ValueError(f"{name}: out must be a contiguous uint8 array of {length} bytes")
         else:
             buf = out
         if length:
-            self._pread_into([memoryview(buf.numpy())], off, name)
+            self._pread_into([memoryview(buf)], off, name)
         return buf
 
     def read_into(self, name: str, views: list[memoryview]) -> None:
@@ -260,15 +267,23 @@ class ShardReader:
             raise ValueError(f"{name}: views hold {total} bytes, the tensor {t.nbytes}")
         self._pread_into(views, self.header.data_start + t.begin, name)
 
-    def read_tensor(self, name: str) -> torch.Tensor:
+    def read_tensor(self, name: str) -> "torch.Tensor":
+        import torch
+
         t = self.header.tensors[name]
-        if t.dtype not in TORCH_DTYPES:
+        dt = torch_dtype(t.dtype)
+        if dt is None:
             raise InputError(f"dtype {t.dtype} cannot be read as a tensor here", file=str(self.header.path), tensor=name)
-        return self.read_array(name).view(TORCH_DTYPES[t.dtype]).reshape(t.shape)
+        return torch.from_numpy(self.read_array(name)).view(dt).reshape(t.shape)
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a tensor (any shape, 0-d included), without a copy if contiguous."""
+def tensor_bytes(t: "torch.Tensor | np.ndarray") -> memoryview:
+    """The raw little-endian bytes of a torch tensor or numpy array (any shape, 0-d included), without
+    a copy if contiguous."""
+    if isinstance(t, np.ndarray):
+        return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
+    import torch
+
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 

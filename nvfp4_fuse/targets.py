@@ -12,13 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from typing import TYPE_CHECKING
 
-from . import mega_moe
+import numpy as np
+
+from . import host_layout
 from .errors import InputError
 from .naming import fused_name
 from .safetensors_io import OutEntry
-from .swizzle import padded_shape, swizzle_128x4
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the torch methods only (verify and the tests use them): the converter
+# runs on the numpy methods and never pays torch's import time.
 
 LAYOUT_VERSION = "nvfp4-fuse/v1"
 
@@ -35,11 +42,17 @@ MEGA_MOE_LOADER = {
 
 def mega_moe_scales(scale: torch.Tensor) -> torch.Tensor:
     """One expert's E4M3 scales [N, K/16] (w13 rows already interleaved) -> on-disk int32 [K/64, N]."""
+    from . import mega_moe
+
     return mega_moe.utccp_permute(mega_moe.pack_scales_k64(scale)).T.contiguous()
 
 
 def mega_moe_scales_inverse(stored: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`mega_moe_scales`: int32 [K/64, N] -> float8_e4m3fn [N, K/16]."""
+    import torch
+
+    from . import mega_moe
+
     return mega_moe.unpack_scales_k64(mega_moe.utccp_unpermute(stored.view(torch.int32).T.contiguous()))
 
 
@@ -62,15 +75,15 @@ class Target:
     # -- shapes ---------------------------------------------------------------------------------
     def check_dims(self, prefix: str, d: LayerDims) -> None:
         if self.scale_layout == "mega-moe":
-            mega_moe.check_mega_moe_shape(2 * d.inter, d.hidden, f"{prefix} w13 (gate+up)")
-            mega_moe.check_mega_moe_shape(d.hidden, d.inter, f"{prefix} w2 (down)")
+            host_layout.check_mega_moe_shape(2 * d.inter, d.hidden, f"{prefix} w13 (gate+up)")
+            host_layout.check_mega_moe_shape(d.hidden, d.inter, f"{prefix} w2 (down)")
 
     def _scale_entry(self, name: str, e: int, rows: int, cols: int) -> OutEntry:
         k16 = cols // 16
         if self.scale_layout == "linear":
             return OutEntry(name, "F8_E4M3", (e, rows, k16))
         if self.scale_layout == "swizzle128x4":
-            return OutEntry(name, "F8_E4M3", (e, *padded_shape(rows, k16)))
+            return OutEntry(name, "F8_E4M3", (e, host_layout._roundup(rows, 128), host_layout._roundup(k16, 4)))
         if self.scale_layout == "mega-moe":
             return OutEntry(name, "I32", (e, cols // 64, rows))
         raise AssertionError(self.scale_layout)
@@ -93,6 +106,10 @@ class Target:
     # -- per-expert transforms ------------------------------------------------------------------
     def join_rows(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """Stack one expert's gate and up rows (weights or linear scales) in this target's order."""
+        import torch
+
+        from . import mega_moe
+
         if self.w13_rows == "gate-up":
             return torch.cat((gate, up), dim=0)
         if self.w13_rows == "up-gate":
@@ -112,7 +129,7 @@ class Target:
         if self.w13_rows == "up-gate":
             return [("up", 0, rows), ("gate", 0, rows)]
         if self.w13_rows == "interleave8":
-            g = mega_moe.GATE_UP_GROUP
+            g = host_layout.GATE_UP_GROUP
             if rows % g:
                 raise InputError(f"gate/up rows ({rows}) must be a multiple of the interleave group ({g})")
             return [(role, r, g) for r in range(0, rows, g) for role in ("gate", "up")]
@@ -120,6 +137,8 @@ class Target:
 
     def split_rows(self, w13: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inverse of :meth:`join_rows`: (gate, up)."""
+        from . import mega_moe
+
         half = w13.shape[0] // 2
         if self.w13_rows == "gate-up":
             return w13[:half], w13[half:]
@@ -130,7 +149,9 @@ class Target:
         raise AssertionError(self.w13_rows)
 
     def lay_out_scales(self, scale: torch.Tensor) -> torch.Tensor:
-        """One expert's linear [rows, K/16] E4M3 scales (rows already joined) -> on-disk layout."""
+        """One expert's linear [rows, K/16] E4M3 scales (rows already joined) -> on-disk layout (torch)."""
+        from .swizzle import swizzle_128x4
+
         if self.scale_layout == "linear":
             return scale.contiguous()
         if self.scale_layout == "swizzle128x4":
@@ -141,6 +162,8 @@ class Target:
 
     def natural_scales(self, stored: torch.Tensor, rows: int, k16: int) -> torch.Tensor:
         """Inverse of :meth:`lay_out_scales` for one expert: -> float8_e4m3fn [rows, k16]."""
+        import torch
+
         from .swizzle import unswizzle_128x4
 
         if self.scale_layout == "linear":
@@ -152,30 +175,40 @@ class Target:
         raise AssertionError(self.scale_layout)
 
     # -- global scales --------------------------------------------------------------------------
-    def rescale_ratios(self, s2_gate: torch.Tensor, s2_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-expert factors for the gate and up block scales ([E] fp32; 1.0 means a pure copy)."""
+    def join_scale_rows_np(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """numpy :meth:`join_rows` for one expert's uint8 scales (the converter's path)."""
+        return host_layout.join_rows(gate, up, self.w13_rows)
+
+    def lay_out_scales_np(self, raw: np.ndarray) -> np.ndarray:
+        """numpy :meth:`lay_out_scales` on uint8 [rows, K/16] (the converter's path)."""
+        return host_layout.lay_out_scales(raw, self.scale_layout)
+
+    # -- global scales --------------------------------------------------------------------------
+    def rescale_ratios(self, s2_gate: np.ndarray, s2_up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-expert factors for the gate and up block scales ([E] float32; 1.0 means a pure copy)."""
+        one = np.ones_like(s2_gate)
         if self.scale_2 == "keep-both":
-            one = torch.ones_like(s2_gate)
-            return one, one
-        c = torch.maximum(s2_gate, s2_up)
-        rg = torch.where(s2_gate == c, torch.ones_like(c), s2_gate / c)
-        ru = torch.where(s2_up == c, torch.ones_like(c), s2_up / c)
+            return one, one.copy()
+        c = np.maximum(s2_gate, s2_up)
+        rg = np.where(s2_gate == c, one, s2_gate / c).astype(np.float32)
+        ru = np.where(s2_up == c, one, s2_up / c).astype(np.float32)
         return rg, ru
 
-    def global_tensors(self, prefix: str, sc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The small per-layer tensors, from the per-expert scalars (fp32 [E] each)."""
+    def global_tensors(self, prefix: str, sc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The small per-layer tensors (float32), from the per-expert scalars (float32 [E] each)."""
         if self.scale_2 == "merge-max":
-            w13_s2 = torch.maximum(sc["gate.weight_scale_2"], sc["up.weight_scale_2"])
+            w13_s2 = np.maximum(sc["gate.weight_scale_2"], sc["up.weight_scale_2"])
         else:
-            w13_s2 = torch.stack((sc["gate.weight_scale_2"], sc["up.weight_scale_2"]), dim=1)
-        in13 = torch.maximum(sc["gate.input_scale"], sc["up.input_scale"])
+            w13_s2 = np.stack((sc["gate.weight_scale_2"], sc["up.weight_scale_2"]), axis=1)
+        in13 = np.maximum(sc["gate.input_scale"], sc["up.input_scale"])
         if self.w13_input_scale == "layer-max":
-            in13 = in13.max()
+            in13 = np.asarray(in13.max(), dtype=np.float32)
+        f32 = lambda x: np.array(x, dtype="<f4", order="C")  # noqa: E731  (keeps 0-d arrays 0-d)
         return {
-            fused_name(prefix, "w13_weight_scale_2"): w13_s2.contiguous(),
-            fused_name(prefix, "w13_input_scale"): in13.contiguous(),
-            fused_name(prefix, "w2_weight_scale_2"): sc["down.weight_scale_2"].contiguous(),
-            fused_name(prefix, "w2_input_scale"): sc["down.input_scale"].contiguous(),
+            fused_name(prefix, "w13_weight_scale_2"): f32(w13_s2),
+            fused_name(prefix, "w13_input_scale"): f32(in13),
+            fused_name(prefix, "w2_weight_scale_2"): f32(sc["down.weight_scale_2"]),
+            fused_name(prefix, "w2_input_scale"): f32(sc["down.input_scale"]),
         }
 
     def describe(self, w13_order: str) -> dict[str, Any]:

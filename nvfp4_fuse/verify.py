@@ -265,10 +265,11 @@ def _verify_layer(
     p, d = layer.prefix, layer.dims
     E, H, I = d.experts, d.hidden, d.inter
     res = LayerResult(p, E, rescaled=layer.rescaled_experts)
+    sc = {k: torch.from_numpy(v) for k, v in layer.scalars.items()}  # float32 [E] each
     # small per-layer tensors
     for name, want in tgt.global_tensors(p, layer.scalars).items():
         got = _whole(conv_r, conv_map, name)
-        if got.shape != want.shape or bytes(tensor_bytes(got)) != bytes(tensor_bytes(want)):
+        if tuple(got.shape) != tuple(want.shape) or bytes(tensor_bytes(got)) != bytes(tensor_bytes(want)):
             raise _fail(f"{name} differs from the values derived from the source scales")
     ctx = _LayerCtx(plan, layer, src_r, conv_r, conv_map)
     conv_s2 = _whole(conv_r, conv_map, f"{p}.w13_weight_scale_2")
@@ -289,13 +290,13 @@ def _verify_layer(
                 futures.append(pool.submit(ctx.load, experts[nxt]))
                 nxt += 1
         idx = torch.tensor([x.e for x in batch])
-        s2a13 = _rows_s2(tgt, I, layer.scalars["gate.weight_scale_2"][idx], layer.scalars["up.weight_scale_2"][idx]).to(dev)
+        s2a13 = _rows_s2(tgt, I, sc["gate.weight_scale_2"][idx], sc["up.weight_scale_2"][idx]).to(dev)
         s2b13 = _rows_s2(tgt, I, s2_g_conv[idx], s2_u_conv[idx]).to(dev)
         mv = lambda field: torch.stack([getattr(x, field) for x in batch]).to(dev)  # noqa: E731
         a13w, a13s, b13w, b13s = mv("a13w"), mv("a13s"), mv("b13w"), mv("b13s")
         st13 = compare(a13w, a13s, s2a13, b13w, b13s, s2b13, b_swizzled=ctx.swizzled)
         st2 = compare(
-            mv("a2w"), mv("a2s"), layer.scalars["down.weight_scale_2"][idx].to(dev),
+            mv("a2w"), mv("a2s"), sc["down.weight_scale_2"][idx].to(dev),
             mv("b2w"), mv("b2s"), conv_s2_down[idx].to(dev), b_swizzled=ctx.swizzled,
         )  # fmt: skip
         stats = {
