@@ -20,6 +20,7 @@ import json
 import math
 import os
 import struct
+from collections import deque
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
     import torch
 
 MAX_HEADER_SIZE = 100_000_000
-WRITE_BEHIND = 32 << 20  # start writeback of every this many bytes at once, and wait for the one before
+WRITE_BEHIND = 32 << 20  # start writeback of every this many bytes at once
+WRITE_BEHIND_DEPTH = 8  # windows under writeback before the writer waits for the oldest (256 MiB)
 HASH_OVERLAP_MIN = 1 << 20  # chunks at least this big are hashed beside the write, not after it
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 PARTIAL_SUFFIX = ".partial"
@@ -363,7 +365,8 @@ class StreamingShardWriter:
         self._fh = open(self.tmp, "wb")
         header = build_header(entries, metadata)
         self._size = 0
-        self._behind = self._prev_behind = 0  # write-behind marks: writeback started up to / waited up to
+        self._behind = 0  # writeback has been started up to here
+        self._windows: deque[tuple[int, int]] = deque()  # ranges under writeback, oldest first
         self._raw_write(header)
         self._skip_empty()
 
@@ -381,20 +384,23 @@ class StreamingShardWriter:
             self._write_behind()
 
     def _write_behind(self) -> None:
-        """Write-behind: start writeback of what was just written and wait for the previous window.
+        """Write-behind: start writeback of what was just written; wait for the oldest window once
+        ``WRITE_BEHIND_DEPTH`` are under way.
 
-        Without it the kernel keeps gigabytes dirty and writes them out only at the final fsync, when no
-        reads are going on; with it the disk writes while the next experts are read, dirty pages stay
-        at two windows, and the fsync at the end has little left to do."""
+        Without it the kernel keeps gigabytes dirty and writes them out at the final fsync, when no reads
+        are going on; with it the disk writes while the next experts are read, dirty pages stay at a few
+        windows, and the fsync at the end has little left to do."""
         if _SYNC_FILE_RANGE is None:
             return
         self._fh.flush()
         fd = self._fh.fileno()
         start, end = self._behind, self._size
         _SYNC_FILE_RANGE(fd, start, end - start, _SFR_WRITE)
-        if self._prev_behind < start:
-            _SYNC_FILE_RANGE(fd, self._prev_behind, start - self._prev_behind, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
-        self._prev_behind, self._behind = start, end
+        self._windows.append((start, end))
+        while len(self._windows) > WRITE_BEHIND_DEPTH:
+            a, b = self._windows.popleft()
+            _SYNC_FILE_RANGE(fd, a, b - a, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+        self._behind = end
 
     def _skip_empty(self) -> None:
         while self._idx < len(self._sizes) and self._left == 0:
