@@ -98,14 +98,19 @@ def join_rows(gate: np.ndarray, up: np.ndarray, order: str) -> np.ndarray:
     raise AssertionError(order)
 
 
-def _roundup(x: int, m: int) -> int:
+def roundup(x: int, m: int) -> int:
     return (x + m - 1) // m * m
+
+
+def padded_shape(rows: int, k16: int) -> tuple[int, int]:
+    """One expert's [rows, K/16] scales padded for the 128x4 swizzle: [roundup(rows,128), roundup(K/16,4)]."""
+    return roundup(rows, 128), roundup(k16, 4)
 
 
 def swizzle_128x4(raw: np.ndarray) -> np.ndarray:
     """uint8 [M, K16] -> [roundup(M,128), roundup(K16,4)], swizzled (see ``swizzle.py``), padding 0."""
     m, k = raw.shape
-    mp, kp = _roundup(m, 128), _roundup(k, 4)
+    mp, kp = padded_shape(m, k)
     if (mp, kp) != (m, k):
         pad = np.zeros((mp, kp), dtype=np.uint8)
         pad[:m, :k] = raw

@@ -72,7 +72,6 @@ from .errors import InputError
 from .host_layout import (  # the shape rules live with the converter's numpy transforms
     GATE_UP_GROUP,
     K_PER_WORD,
-    KERNEL_DIM_MULTIPLE,
     SCALES_PER_WORD,
     UTCCP_BLOCK,
     check_mega_moe_shape,

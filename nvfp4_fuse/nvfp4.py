@@ -55,15 +55,6 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     return (idx | (sign.to(torch.int64) << 3)).to(torch.uint8)
 
 
-def check_block_scale_bytes(scale_bytes: torch.Tensor) -> int | None:
-    """Index of the first E4M3 block-scale byte that is NaN (0x7F/0xFF) or negative, else None."""
-    b = scale_bytes.reshape(-1)
-    # 0x7F is NaN and every byte with the sign bit set is negative (or -0, or NaN at 0xFF): >= 0x7F.
-    if b.numel() == 0 or int(b.max()) < 0x7F:
-        return None
-    return int((b >= 0x7F).nonzero()[0, 0])
-
-
 def dequantize(packed: torch.Tensor, block_scale: torch.Tensor, scale_2: float | torch.Tensor) -> torch.Tensor:
     """Reference NVFP4 dequant: packed uint8 [M, K/2], E4M3 [M, K/16], fp32 scalar -> fp32 [M, K].
 

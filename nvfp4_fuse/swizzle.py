@@ -10,13 +10,7 @@ from __future__ import annotations
 
 import torch
 
-
-def roundup(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
-
-
-def padded_shape(rows: int, k16: int) -> tuple[int, int]:
-    return roundup(rows, 128), roundup(k16, 4)
+from .host_layout import padded_shape  # shared with the converter's numpy path
 
 
 def swizzle_offset(m: int, k: int, kp: int) -> int:

@@ -83,7 +83,7 @@ class Target:
         if self.scale_layout == "linear":
             return OutEntry(name, "F8_E4M3", (e, rows, k16))
         if self.scale_layout == "swizzle128x4":
-            return OutEntry(name, "F8_E4M3", (e, host_layout._roundup(rows, 128), host_layout._roundup(k16, 4)))
+            return OutEntry(name, "F8_E4M3", (e, *host_layout.padded_shape(rows, k16)))
         if self.scale_layout == "mega-moe":
             return OutEntry(name, "I32", (e, cols // 64, rows))
         raise AssertionError(self.scale_layout)

@@ -46,7 +46,6 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from nvfp4_fuse import nvfp4  # noqa: E402
 from nvfp4_fuse.kernels import compare as cmp  # noqa: E402
 from nvfp4_fuse.kernels import dequant as dq  # noqa: E402
 from nvfp4_fuse.kernels import reference as ref  # noqa: E402

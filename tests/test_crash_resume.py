@@ -10,7 +10,6 @@ free-disk preflight refuses to start, and never after destroying what --overwrit
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess

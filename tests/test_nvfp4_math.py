@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from nvfp4_fuse import nvfp4
+from nvfp4_fuse import host_layout
 from nvfp4_fuse.swizzle import padded_shape, swizzle_128x4, swizzle_offset, unswizzle_128x4
 from test_convert import ref_e4m3_round, ref_swizzle
 
@@ -76,13 +78,13 @@ def test_merge_scale_2():
 
 
 def test_block_scale_byte_check():
-    b = torch.full((4, 4), 0x38, dtype=torch.uint8)
-    assert nvfp4.check_block_scale_bytes(b) is None
+    b = np.full((4, 4), 0x38, dtype=np.uint8)
+    assert host_layout.check_block_scale_bytes(b) is None
     b[2, 1] = 0x7F
-    assert nvfp4.check_block_scale_bytes(b) == 9
+    assert host_layout.check_block_scale_bytes(b) == 9
     b[2, 1] = 0x38
     b[3, 3] = 0xB0
-    assert nvfp4.check_block_scale_bytes(b) == 15
+    assert host_layout.check_block_scale_bytes(b) == 15
 
 
 @pytest.mark.parametrize("shape", [(128, 4), (300, 7), (5, 3), (256, 64), (129, 5)])
