@@ -97,7 +97,7 @@ def convert(
     target: str = typer.Option("mega-moe", help="Output layout: mega-moe (DeepGEMM MegaMoE), vllm-fused (128x4 swizzle), linear."),
     w13_order: str = typer.Option("gate-up", help="Row order of w13 for vllm-fused/linear: gate-up or up-gate."),
     max_shard_size: str = typer.Option("5GB", help="Largest output shard (a tensor is never split)."),
-    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Reader threads."),
+    workers: int = typer.Option(4, help="Reader threads (they mostly wait on the disk, so more than the cores is fine)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier conversion held in the output folder (never a folder nvfp4-fuse did not write)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (from headers only) and exit."),
     revision: Optional[str] = typer.Option(None, help="Hub revision, for a repo id."),

@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4, help="source shards")
     ap.add_argument("--target", default="mega-moe")
     ap.add_argument("--max-shard-size", default="2GB")
-    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--workers", type=int, default=4, help="as convert --workers (its default)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="cp/convert pairs; medians are reported")
