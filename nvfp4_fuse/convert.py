@@ -37,6 +37,7 @@ from .targets import Target, get_target
 
 PROGRESS_NAME = ".nvfp4-fuse-progress.json"
 
+
 def window_size(workers: int) -> int:
     return 2 * workers + 2
 

@@ -9,8 +9,10 @@ at a time, no mmap, so resident memory stays bounded by what is being converted.
 
 Writing: :class:`StreamingShardWriter` takes the complete list of tensors (name, dtype, shape) first,
 writes the header, then accepts each tensor's bytes in order, in as many chunks as the caller likes,
-hashing them on the way. Nothing is ever held for a whole shard. The file is written under a
-temporary name, fsynced, and renamed into place only when every declared byte has arrived.
+hashing them on the way (on a helper thread, beside the write). Nothing is ever held for a whole shard.
+Writeback is started every 32 MiB (``sync_file_range``) so the disk writes while the caller reads, and
+the final fsync has little left. The file is written under a temporary name, fsynced, and renamed into
+place only when every declared byte has arrived.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import json
 import math
 import os
 import struct
-from collections import deque
 import sys
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
