@@ -282,6 +282,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time every config in DEQ_CONFIGS / CMP_CONFIGS")
     ap.add_argument("--torch-max-elements", type=float, default=5e8, help="skip the torch reference above this")
     ap.add_argument("--json", default=None, help="write all numbers here")
+    ap.add_argument("--cmp-configs", default=None,
+                    help="compare configs to sweep instead of CMP_CONFIGS, as 'BPP,warps,NSUB;...'")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -294,7 +296,10 @@ def main():
     cmp_default = (cmp.COMPARE_BPP, cmp.COMPARE_WARPS, cmp.COMPARE_NSUB)
     # the default first: the full correctness matrix runs with it
     deq_configs = [deq_default] + ([c for c in DEQ_CONFIGS if c != deq_default] if args.sweep else [])
-    cmp_configs = [cmp_default] + ([c for c in CMP_CONFIGS if c != cmp_default] if args.sweep else [])
+    sweep_cmp = CMP_CONFIGS
+    if args.cmp_configs:
+        sweep_cmp = [tuple(int(x) for x in c.split(",")) for c in args.cmp_configs.split(";")]
+    cmp_configs = [cmp_default] + ([c for c in sweep_cmp if c != cmp_default] if args.sweep else [])
 
     t0 = time.time()
     fails = check_correctness(dev, deq_configs, cmp_configs)
