@@ -80,22 +80,9 @@ def rescale_block_scales(raw: np.ndarray, ratio: float) -> tuple[np.ndarray, flo
 
 
 # ---------------------------------------------------------------------------------------------------
-# gate/up row order and the 128x4 swizzle
+# the 128x4 swizzle (the gate/up row order is Target.w13_row_runs, for weights and scales alike)
 
 GATE_UP_GROUP = 8  # rows per gate/up run in the mega-moe L1 interleave
-
-
-def join_rows(gate: np.ndarray, up: np.ndarray, order: str) -> np.ndarray:
-    """One expert's gate and up rows stacked in the order "gate-up", "up-gate" or "interleave8"."""
-    if order == "gate-up":
-        return np.concatenate((gate, up))
-    if order == "up-gate":
-        return np.concatenate((up, gate))
-    if order == "interleave8":
-        rows, cols = gate.shape
-        g = GATE_UP_GROUP
-        return np.stack((gate.reshape(rows // g, g, cols), up.reshape(rows // g, g, cols)), axis=1).reshape(2 * rows, cols)
-    raise AssertionError(order)
 
 
 def roundup(x: int, m: int) -> int:

@@ -176,8 +176,10 @@ class Target:
 
     # -- global scales --------------------------------------------------------------------------
     def join_scale_rows_np(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        """numpy :meth:`join_rows` for one expert's uint8 scales (the converter's path)."""
-        return host_layout.join_rows(gate, up, self.w13_rows)
+        """numpy :meth:`join_rows` for one expert's uint8 scales (the converter's path), following the
+        same :meth:`w13_row_runs` that place the weight rows, so weights and scales cannot disagree."""
+        src = {"gate": gate, "up": up}
+        return np.concatenate([src[role][r0 : r0 + n] for role, r0, n in self.w13_row_runs(gate.shape[0])])
 
     def lay_out_scales_np(self, raw: np.ndarray) -> np.ndarray:
         """numpy :meth:`lay_out_scales` on uint8 [rows, K/16] (the converter's path)."""

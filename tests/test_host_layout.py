@@ -88,7 +88,6 @@ def test_join_rows_matches_torch(order):
     g, u = rand_scales(rows, 5), rand_scales(rows, 5)
     tgt = get_target("mega-moe") if order == "interleave8" else get_target("vllm-fused", w13_order=order)
     want = tgt.join_rows(torch.from_numpy(g), torch.from_numpy(u)).numpy()
-    assert hl.join_rows(g, u, order).tobytes() == want.tobytes()
     assert tgt.join_scale_rows_np(g, u).tobytes() == want.tobytes()
 
 
