@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nvfp4_fuse.safetensors_io import fsync_dir  # noqa: E402
+
 NAIVE = r"""
 import json, re, sys, torch
 from collections import defaultdict
@@ -70,15 +72,21 @@ def files_of(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def evict(folder: Path) -> None:
-    """Write back and drop a folder's pages from the page cache, so the next read comes from disk."""
+def sync_files(folder: Path, *, drop_cache: bool = False) -> None:
+    """fsync every file of a folder; with ``drop_cache`` also drop its pages from the page cache."""
     for p in files_of(folder):
         fd = os.open(p, os.O_RDONLY)
         try:
             os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if drop_cache:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def evict(folder: Path) -> None:
+    """Write back and drop a folder's pages from the page cache, so the next read comes from disk."""
+    sync_files(folder, drop_cache=True)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -122,13 +130,8 @@ def run_measured(cmd: list[str]) -> tuple[float, int, int, str]:
 def cp_fsync(src: Path, dst: Path) -> float:
     t0 = time.perf_counter()
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
-    for p in files_of(dst):
-        fd = os.open(p, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    fd = os.open(dst, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
+    sync_files(dst)
+    fsync_dir(dst)
     return time.perf_counter() - t0
 
 
