@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -19,13 +19,15 @@ from rich.table import Table
 
 from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, InputError, Nvfp4FuseError
+from .layout import W13Order
+from .targets import DEFAULT_TARGET, TargetName
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="ModelOpt NVFP4 per-expert MoE checkpoints -> fused-expert layouts.")
 err = Console(stderr=True)
 out = Console()
 
 
-def _resolve(source: str, revision: Optional[str]) -> tuple[Path, Path | None]:
+def _resolve(source: str, revision: str | None) -> tuple[Path, Path | None]:
     """Local folder, or a Hub repo id resolved through the cache. Returns (folder, trust root)."""
     p = Path(source)
     if p.exists():
@@ -54,7 +56,7 @@ def _progress() -> Progress:
 
 
 def _print_plan(plan: Any, out_dir: Path, workers: int) -> None:
-    from .plan import disk_free, human
+    from .spec import disk_free, human
 
     src = plan.source
     t = Table(title=f"nvfp4-fuse plan: target {plan.target.name}", show_lines=False)
@@ -67,7 +69,7 @@ def _print_plan(plan: Any, out_dir: Path, workers: int) -> None:
             str(layer.dims.experts),
             str(layer.dims.hidden),
             str(layer.dims.inter),
-            (f"{layer.scale_2_mismatches}" + (" (kept both)" if plan.target.scale_2 == "keep-both" else " (rescaled)" if layer.scale_2_mismatches else ""))
+            (f"{layer.scale_2_mismatches}" + (" (rescaled)" if layer.scale_2_mismatches and plan.target.scale_2.rescales else " (kept both)" if not plan.target.scale_2.rescales else ""))
             if known
             else "n/a",
             f"{layer.input_scale_spread:.3g}" if known else "n/a",
@@ -94,27 +96,28 @@ def _print_plan(plan: Any, out_dir: Path, workers: int) -> None:
 def convert(
     source: str = typer.Argument(..., help="Source checkpoint: a local folder or a Hub repo id (org/name)."),
     output: Path = typer.Argument(..., help="Output folder (created)."),
-    target: str = typer.Option("mega-moe", help="Output layout: mega-moe (DeepGEMM MegaMoE), vllm-fused (128x4 swizzle), linear."),
-    w13_order: str = typer.Option("gate-up", help="Row order of w13 for vllm-fused/linear: gate-up or up-gate."),
+    target: TargetName = typer.Option(DEFAULT_TARGET, help="Output layout: mega-moe (DeepGEMM MegaMoE), vllm-fused (128x4 swizzle), linear."),
+    w13_order: W13Order = typer.Option(W13Order.GATE_UP, help="Row order of w13 for vllm-fused/linear."),
     max_shard_size: str = typer.Option("5GB", help="Largest output shard (a tensor is never split)."),
     workers: int = typer.Option(4, help="Reader threads (they mostly wait on the disk, so more than the cores is fine)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier conversion held in the output folder (never a folder nvfp4-fuse did not write)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (from headers only) and exit."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision, for a repo id."),
+    revision: str | None = typer.Option(None, help="Hub revision, for a repo id."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Convert a per-expert ModelOpt NVFP4 MoE checkpoint into a fused-expert layout."""
-    from .convert import ConvertOptions, convert as run_convert, make_plan
-    from .plan import human, parse_size
+    from .convert import ConvertOptions, make_plan
+    from .convert import convert as run_convert
+    from .spec import build_spec, human, parse_size
 
-    opts = ConvertOptions(target, w13_order, parse_size(max_shard_size), workers, overwrite, dry_run)
+    opts = ConvertOptions(target, w13_order, parse_size(max_shard_size), workers, overwrite)
     if dry_run and not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
         from . import hub
-        from .plan import build_plan, source_from_remote_headers
-        from .targets import get_target
+        from .source import source_from_headers
 
-        src = source_from_remote_headers(source, hub.remote_safetensors_headers(source, revision=revision))
-        plan = build_plan(src, get_target(target, w13_order=w13_order), opts.fingerprinted(), opts.max_shard_size, with_scalars=False)
+        remote = hub.remote_safetensors_headers(source, revision=revision)
+        src = source_from_headers(source, remote.headers, sharded=remote.sharded)
+        plan = build_spec(src, opts.output_options(), with_scalars=False)
         _print_plan(plan, output, workers)
         out.print("(planned from the Hub's shard headers alone: scalar scales not read, sidecar sizes not counted)")
         return
@@ -125,7 +128,7 @@ def convert(
         return
     with _progress() as prog:
         task = prog.add_task("convert", total=plan.total_size)
-        res = run_convert(folder, output, opts, plan=plan, source_label=source, on_bytes=lambda n: prog.advance(task, n))
+        res = run_convert(folder, output, opts, spec=plan, source_label=source, on_bytes=lambda n: prog.advance(task, n))
     if json_out:
         out.print_json(
             json.dumps(
@@ -159,11 +162,11 @@ def convert(
 def verify(
     source: str = typer.Argument(..., help="The source checkpoint: a local folder or a Hub repo id."),
     converted: Path = typer.Argument(..., help="The converted folder."),
-    sample_n: Optional[int] = typer.Option(None, "--sample", help="Check N random experts a layer (default: all)."),
+    sample_n: int | None = typer.Option(None, "--sample", help="Check N random experts a layer (default: all)."),
     device: str = typer.Option("auto", help="auto, cuda or cpu (the CPU runs the torch reference: slower)."),
     skip_hashes: bool = typer.Option(False, "--skip-hashes", help="Compare file sizes with the manifest but do not re-hash."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision, for a repo id."),
-    seed: Optional[int] = typer.Option(None, help="Seed for --sample."),
+    revision: str | None = typer.Option(None, help="Hub revision, for a repo id."),
+    seed: int | None = typer.Option(None, help="Seed for --sample."),
     workers: int = typer.Option(min(8, os.cpu_count() or 1), help="Reader threads."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -213,9 +216,9 @@ def push(
     converted: Path = typer.Argument(..., help="A complete converted folder."),
     repo_id: str = typer.Argument(..., help="Hub repo id to create or update (org/name)."),
     private: bool = typer.Option(False, "--private", help="Create the repo private."),
-    revision: Optional[str] = typer.Option(None, help="Branch to push to (created if missing)."),
-    commit_message: Optional[str] = typer.Option(None, help="Commit message."),
-    base_model: Optional[str] = typer.Option(None, help="base_model for the model card (default: the source recorded by convert, if a repo id)."),
+    revision: str | None = typer.Option(None, help="Branch to push to (created if missing)."),
+    commit_message: str | None = typer.Option(None, help="Commit message."),
+    base_model: str | None = typer.Option(None, help="base_model for the model card (default: the source recorded by convert, if a repo id)."),
     no_card: bool = typer.Option(False, "--no-card", help="Do not write a model card (README.md)."),
     force: bool = typer.Option(False, "--force", help="Push even if the folder is not a complete, matching conversion."),
 ) -> None:
@@ -277,7 +280,7 @@ def sample(
     intermediate: int = typer.Option(128, help="Expert intermediate size I."),
     shards: int = typer.Option(3, help="Number of shards."),
     unequal_scale_2: bool = typer.Option(False, "--unequal-scale-2", help="Give gate and up different weight_scale_2."),
-    seed: Optional[int] = typer.Option(None, help="Random seed (default: random)."),
+    seed: int | None = typer.Option(None, help="Random seed (default: random)."),
 ) -> None:
     """Write a small real-format ModelOpt NVFP4 MoE checkpoint (random weights, real quantization)."""
     from .sample import SampleSpec, make_sample_checkpoint
@@ -298,14 +301,12 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click's usage errors come through here too
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors come through here too (typer's own click, in standalone_mode=False)
+        if isinstance(e, typer.Abort):
+            sys.exit(130)
+        if isinstance(e, typer.TyperException) and hasattr(e, "show"):  # a usage error: bad option, missing argument
             e.show()
             sys.exit(EXIT_BAD_INPUT)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
         err.print_exception()
         err.print(f"[red]internal error:[/red] {type(e).__name__}: {e}")
         sys.exit(EXIT_INTERNAL)

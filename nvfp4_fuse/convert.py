@@ -1,4 +1,4 @@
-"""The streaming converter: plan from headers, then write each shard header-first, expert by expert.
+"""The streaming converter: spec from headers, then write each shard header-first, expert by expert.
 
 Reads run on a thread pool (pread and numpy release the GIL) while the main thread writes and a helper
 thread hashes, with read-ahead bounded in bytes, so resident memory is a few experts' tensors plus a
@@ -20,20 +20,24 @@ import shutil
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from . import __version__
 from .errors import InputError
-from .manifest import MANIFEST_NAME, Manifest, fingerprint, load_manifest, save_manifest, sha256_file
+from .experts import ExpertLayer
 from .host_layout import check_block_scale_bytes, rescale_block_scales
-from .plan import COPY_CHUNK, INDEX_NAME, INFLIGHT_BYTES, ExpertLayer, OutShard, OutTensor, Plan, build_plan, disk_free, human, scan_source
+from .layout import W13Order
+from .manifest import MANIFEST_NAME, Manifest, fingerprint, load_manifest, save_manifest, sha256_file
 from .safetensors_io import PARTIAL_SUFFIX, ShardReader, StreamingShardWriter, fsync_dir, tensor_bytes, write_file_atomic
-from .targets import Target, get_target
+from .source import INDEX_NAME, scan_source
+from .spec import COPY_CHUNK, INFLIGHT_BYTES, OutputOptions, OutputSpec, OutShard, OutTensor, build_spec, disk_free, human
+from .targets import DEFAULT_TARGET, LAYOUT_VERSION, Target
 
 PROGRESS_NAME = ".nvfp4-fuse-progress.json"
 
@@ -44,16 +48,17 @@ def window_size(workers: int) -> int:
 
 @dataclass
 class ConvertOptions:
-    target: str = "mega-moe"
-    w13_order: str = "gate-up"
+    """What ``convert`` is asked to do, as plain values (the CLI's options); ``workers`` and
+    ``overwrite`` do not change the output bytes, :meth:`output_options` holds those that do."""
+
+    target: str = DEFAULT_TARGET
+    w13_order: str = W13Order.GATE_UP
     max_shard_size: int = 5 * 10**9
     workers: int = 4
     overwrite: bool = False
-    dry_run: bool = False
 
-    def fingerprinted(self) -> dict[str, Any]:
-        """The options that change the output bytes (workers and overwrite do not)."""
-        return {"target": self.target, "w13_order": self.w13_order, "max_shard_size": self.max_shard_size}
+    def output_options(self) -> OutputOptions:
+        return OutputOptions.parse(self.target, self.w13_order, self.max_shard_size)
 
 
 @dataclass
@@ -73,7 +78,7 @@ class LayerReport:
 @dataclass
 class ConvertResult:
     out_dir: Path
-    plan: Plan
+    spec: OutputSpec
     layers: list[LayerReport]
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     resumed_shards: list[str] = field(default_factory=list)
@@ -141,9 +146,9 @@ def _mmap_big_blocks() -> None:
 class _Ctx:
     """Shared state of one conversion: readers per shard (one fd each; pread is thread safe), buffers."""
 
-    def __init__(self, plan: Plan):
-        self.plan = plan
-        self.readers = {f: ShardReader(h) for f, h in plan.source.headers.items()}
+    def __init__(self, spec: OutputSpec):
+        self.spec = spec
+        self.readers = {f: ShardReader(h) for f, h in spec.source.headers.items()}
         _mmap_big_blocks()
         self.pool = _BufferPool(INFLIGHT_BYTES)
 
@@ -176,7 +181,7 @@ def _fused_task(ctx: _Ctx, tgt: Target, layer: ExpertLayer, part: str, e: int) -
             mv = memoryview(buf)
             views: dict[str, list[memoryview]] = {"gate": [], "up": []}
             pos = 0
-            for role, _, n in tgt.w13_row_runs(rows):  # runs of each role come in source order
+            for role, _, n in tgt.rows.runs(rows):  # runs of each role come in source order
                 views[role].append(mv[pos : pos + n * row_bytes])
                 pos += n * row_bytes
             for role, ref in refs.items():
@@ -189,9 +194,9 @@ def _fused_task(ctx: _Ctx, tgt: Target, layer: ExpertLayer, part: str, e: int) -
             assert layer.ratio_gate is not None and layer.ratio_up is not None
             g, cg = rescale_block_scales(ctx.scales(layer, e, "gate"), float(layer.ratio_gate[e]))
             u, cu = rescale_block_scales(ctx.scales(layer, e, "up"), float(layer.ratio_up[e]))
-            return tensor_bytes(tgt.lay_out_scales_np(tgt.join_scale_rows_np(g, u))), max(cg, cu)
+            return tensor_bytes(tgt.scales.lay_out(tgt.rows.join_np(g, u))), max(cg, cu)
         if part == "w2_weight_scale":
-            return tensor_bytes(tgt.lay_out_scales_np(ctx.scales(layer, e, "down"))), 0.0
+            return tensor_bytes(tgt.scales.lay_out(ctx.scales(layer, e, "down"))), 0.0
         raise AssertionError(part)
 
     return run
@@ -203,7 +208,7 @@ Task = tuple[OutTensor, int, Callable[[], tuple[Any, float]]]
 
 
 def _shard_tasks(ctx: _Ctx, shard: OutShard) -> Iterator[Task]:
-    plan = ctx.plan
+    spec = ctx.spec
     globals_cache: dict[str, dict[str, np.ndarray]] = {}
     for t in shard.tensors:
         if t.kind == "copy":
@@ -216,16 +221,16 @@ def _shard_tasks(ctx: _Ctx, shard: OutShard) -> Iterator[Task]:
         elif t.kind == "global":
             assert t.layer is not None
             if t.layer not in globals_cache:
-                layer = plan.layers[t.layer]
-                globals_cache[t.layer] = plan.target.global_tensors(layer.prefix, layer.scalars)
+                layer = spec.layers[t.layer]
+                globals_cache[t.layer] = spec.target.global_tensors(layer.prefix, layer.scalars)
             data = globals_cache[t.layer][t.entry.name]
             yield t, t.entry.nbytes, (lambda d=data: (tensor_bytes(d), 0.0))
         else:
             assert t.layer is not None and t.part is not None
-            layer = plan.layers[t.layer]
+            layer = spec.layers[t.layer]
             per_expert = t.entry.nbytes // layer.dims.experts
             for e in range(layer.dims.experts):
-                yield t, per_expert, _fused_task(ctx, plan.target, layer, t.part, e)
+                yield t, per_expert, _fused_task(ctx, spec.target, layer, t.part, e)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -252,7 +257,7 @@ def _clear_output(out: Path) -> None:
 
 
 def _prepare_output(
-    out: Path, fp: dict[str, str], opts: ConvertOptions, plan: Plan, reports: dict[str, LayerReport]
+    out: Path, fp: dict[str, str], opts: ConvertOptions, spec: OutputSpec, reports: dict[str, LayerReport]
 ) -> tuple[dict[str, dict[str, Any]], bool]:
     """Decide what can be kept. Returns (complete shards to keep, whether the output is already complete).
 
@@ -296,7 +301,7 @@ def _prepare_output(
         fsync_dir(out)
         prog = {"files": man.files, "max_rescale_change": {p: l.get("max_rescale_change") for p, l in man.source.get("layers", {}).items()}}
     keep: dict[str, dict[str, Any]] = {}
-    planned = {s.name for s in plan.shards}
+    planned = {s.name for s in spec.shards}
     for name, rec in (prog.get("files") or {}).items() if prog else []:
         p = out / name
         if name in planned and p.is_file() and p.stat().st_size == rec.get("size") and sha256_file(p) == rec.get("sha256"):
@@ -319,10 +324,10 @@ def _write_progress(out: Path, fp: dict[str, str], files: dict[str, dict[str, An
     write_file_atomic(out / PROGRESS_NAME, json.dumps(body, indent=1).encode())
 
 
-def _check_disk(out: Path, plan: Plan, keep: dict[str, dict[str, Any]], overwrite: bool) -> None:
-    """Refuse to start when the output volume lacks the plan's need (less what is kept, plus what
+def _check_disk(out: Path, spec: OutputSpec, keep: dict[str, dict[str, Any]], overwrite: bool) -> None:
+    """Refuse to start when the output volume lacks the spec's need (less what is kept, plus what
     --overwrite would free)."""
-    need = plan.output_bytes_estimate() - sum(r["size"] for r in keep.values())
+    need = spec.output_bytes_estimate() - sum(r["size"] for r in keep.values())
     free = disk_free(out)
     freed = 0
     if overwrite and out.is_dir():
@@ -333,42 +338,7 @@ def _check_disk(out: Path, plan: Plan, keep: dict[str, dict[str, Any]], overwrit
 
 
 # ---------------------------------------------------------------------------------------------------
-# configs
-
-
-def _fused_block(plan: Plan) -> dict[str, Any]:
-    opts = plan.options
-    block = plan.target.describe(opts["w13_order"])
-    block["tool"] = f"nvfp4-fuse {__version__}"
-    block["modules"] = {
-        p: {"num_experts": l.dims.experts, "hidden_size": l.dims.hidden, "intermediate_size": l.dims.inter}
-        for p, l in plan.layers.items()
-    }
-    return block
-
-
-def rewrite_configs(plan: Plan) -> dict[str, bytes]:
-    """config.json and hf_quant_config.json with a ``fused_experts`` block; NVFP4 settings kept."""
-    out = {}
-    block = _fused_block(plan)
-    cfg = plan.source.configs.get("config.json")
-    if cfg is not None:
-        cfg = json.loads(json.dumps(cfg))
-        qc = cfg.setdefault("quantization_config", {})
-        if not isinstance(qc, dict):
-            raise InputError("config.json quantization_config is not an object", file="config.json")
-        qc["fused_experts"] = block
-        out["config.json"] = (json.dumps(cfg, indent=2) + "\n").encode()
-    hq = plan.source.configs.get("hf_quant_config.json")
-    if hq is not None:
-        hq = json.loads(json.dumps(hq))
-        hq["fused_experts"] = block
-        out["hf_quant_config.json"] = (json.dumps(hq, indent=2) + "\n").encode()
-    return out
-
-
-def shard_metadata(plan: Plan) -> dict[str, str]:
-    return {"format": "pt", "nvfp4_fuse_layout": plan.target.describe(plan.options["w13_order"])["layout"], "nvfp4_fuse_target": plan.target.name}
+# sidecars
 
 
 def _copy_file(src: Path, dst: Path) -> tuple[int, str]:
@@ -392,23 +362,21 @@ def _copy_file(src: Path, dst: Path) -> tuple[int, str]:
 # entry points
 
 
-def make_plan(source_dir: Path, opts: ConvertOptions, *, trust_root: Path | None = None) -> Plan:
+def make_plan(source_dir: Path, opts: ConvertOptions, *, trust_root: Path | None = None) -> OutputSpec:
+    """Scan ``source_dir`` and build the output spec (the plan a dry run prints); ``InputError``."""
     if opts.workers < 1:
         raise InputError("--workers must be at least 1")
-    target = get_target(opts.target, w13_order=opts.w13_order)
-    src = scan_source(source_dir, trust_root=trust_root)
-    plan_opts = opts.fingerprinted()
-    return build_plan(src, target, plan_opts, opts.max_shard_size)
+    return build_spec(scan_source(source_dir, trust_root=trust_root), opts.output_options())
 
 
-def plan_fingerprints(plan: Plan) -> dict[str, str]:
-    return {"input": plan.source.fingerprint(), "options": fingerprint(plan.options)}
+def plan_fingerprints(spec: OutputSpec) -> dict[str, str]:
+    return {"input": spec.source.fingerprint(), "options": fingerprint(spec.options.to_json())}
 
 
-def layer_reports(plan: Plan) -> dict[str, LayerReport]:
+def layer_reports(spec: OutputSpec) -> dict[str, LayerReport]:
     return {
         p: LayerReport(p, l.dims.experts, l.dims.hidden, l.dims.inter, l.rescaled_experts, 0.0, l.input_scale_spread)
-        for p, l in plan.layers.items()
+        for p, l in spec.layers.items()
     }
 
 
@@ -421,24 +389,33 @@ def convert(
     source_label: str | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_shard: Callable[[str, int], None] | None = None,
-    plan: Plan | None = None,
+    spec: OutputSpec | None = None,
 ) -> ConvertResult:
+    """Convert the checkpoint in ``source_dir`` into ``out_dir`` (created, resumed, or left as is
+    when it already holds this conversion).
+
+    ``spec`` is the plan when the caller already built it (``make_plan``). ``on_bytes`` and
+    ``on_shard`` report progress. Raises :class:`InputError` for unusable input, options or output
+    folder (nothing is written then, beyond what an earlier run of the same conversion left), and
+    ``OSError`` for I/O failures while writing (what was written stays under ``.partial`` names or in
+    the progress journal, and a rerun resumes).
+    """
     import time
 
     t0 = time.perf_counter()
     out = Path(out_dir)
-    plan = plan or make_plan(source_dir, opts, trust_root=trust_root)
-    if out.resolve().is_relative_to(plan.source.root.resolve()) or plan.source.root.resolve().is_relative_to(out.resolve()):
+    spec = spec or make_plan(source_dir, opts, trust_root=trust_root)
+    if out.resolve().is_relative_to(spec.source.root.resolve()) or spec.source.root.resolve().is_relative_to(out.resolve()):
         raise InputError("output folder must not be inside the source folder or contain it", file=str(out))
-    fp = plan_fingerprints(plan)
-    reports = layer_reports(plan)
-    keep, complete = _prepare_output(out, fp, opts, plan, reports)
-    result = ConvertResult(out, plan, list(reports.values()))
+    fp = plan_fingerprints(spec)
+    reports = layer_reports(spec)
+    keep, complete = _prepare_output(out, fp, opts, spec, reports)
+    result = ConvertResult(out, spec, list(reports.values()))
     if complete:
         result.already_complete = True
         result.files = keep
         return result
-    _check_disk(out, plan, keep, opts.overwrite)
+    _check_disk(out, spec, keep, opts.overwrite)
     if opts.overwrite and out.is_dir():
         _clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -448,11 +425,11 @@ def convert(
     files: dict[str, dict[str, Any]] = dict(keep)
     result.resumed_shards = sorted(keep)
     _write_progress(out, fp, files, reports)
-    ctx = _Ctx(plan)
-    meta = shard_metadata(plan)
+    ctx = _Ctx(spec)
+    meta = spec.shard_metadata()
     try:
         with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="nvfp4-read") as pool:
-            for shard in plan.shards:
+            for shard in spec.shards:
                 if shard.name in keep:
                     if on_bytes:
                         on_bytes(shard.data_bytes)
@@ -465,23 +442,22 @@ def convert(
     finally:
         ctx.close()
     # Sidecars, configs, index, then the manifest.
-    configs = rewrite_configs(plan)
-    for rel in plan.source.sidecars:
+    configs = spec.configs()
+    for rel in spec.source.sidecars:
         if rel in configs:
             continue
-        size, digest = _copy_file(plan.source.root / rel, out / rel)
+        size, digest = _copy_file(spec.source.root / rel, out / rel)
         files[rel] = {"size": size, "sha256": digest}
     for name, data in configs.items():
         size, digest = write_file_atomic(out / name, data)
         files[name] = {"size": size, "sha256": digest}
-    index = {"metadata": {"total_size": plan.total_size, "nvfp4_fuse_target": plan.target.name}, "weight_map": plan.weight_map()}
-    size, digest = write_file_atomic(out / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+    size, digest = write_file_atomic(out / INDEX_NAME, spec.index_bytes())
     files[INDEX_NAME] = {"size": size, "sha256": digest}
     manifest = Manifest(
         tool_version=__version__,
-        layout=plan.target.describe(plan.options["w13_order"])["layout"],
-        target=plan.target.name,
-        options=plan.options,
+        layout=LAYOUT_VERSION,
+        target=spec.target.name,
+        options=spec.options.to_json(),
         input_fingerprint=fp["input"],
         files=files,
         source={"source": source_label or str(source_dir), "layers": {p: r.to_json() for p, r in reports.items()}},

@@ -1,4 +1,14 @@
-"""The project's exceptions. Each maps to one exit code and one clear line on the command line."""
+"""The project's exceptions. Each maps to one exit code and one clear line on the command line.
+
+Who raises what:
+
+- pure math (``nvfp4.py``, ``swizzle.py``, ``mega_moe.py``, ``host_layout.py``, ``layout.py``) raises
+  the builtin ``ValueError`` / ``TypeError`` for a caller's mistake: it knows no files or tensors;
+- input and plan code (``safetensors_io``, ``source``, ``experts``, ``spec``, the CLI options, the Hub)
+  raises :class:`InputError`, naming the file and tensor; it also is a ``ValueError``;
+- ``verify`` raises :class:`CheckFailed`; ``push`` raises :class:`PushFailed` when the Hub keeps failing
+  and :class:`PushVerificationFailed` when the Hub's copy differs from the local files.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +24,9 @@ class Nvfp4FuseError(Exception):
     exit_code = EXIT_INTERNAL
 
 
-class InputError(Nvfp4FuseError):
-    """The input (a checkpoint, an option, a folder) is unusable; the message names file and tensor."""
+class InputError(Nvfp4FuseError, ValueError):
+    """The input (a checkpoint, an option, a folder, a Hub repo) is unusable; the message names file and
+    tensor."""
 
     exit_code = EXIT_BAD_INPUT
 
@@ -30,3 +41,17 @@ class CheckFailed(Nvfp4FuseError):
     """``verify`` found a difference; the message names tensor, expert and first bad index."""
 
     exit_code = EXIT_CHECK_FAILED
+
+
+class PushFailed(Nvfp4FuseError, ConnectionError):
+    """The Hub kept failing with transient errors after every retry."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class PushVerificationFailed(CheckFailed):
+    """After the upload, the Hub's copy of some file differs from (or lacks) what was pushed."""
+
+    def __init__(self, message: str, problems: list[str]):
+        super().__init__(message)
+        self.problems = problems

@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
+from .constants import (
+    E4M3_MAX,
+    E4M3_MIN_SUBNORMAL,
+    K_PER_WORD,
+    KERNEL_DIM_MULTIPLE,
+    SCALES_PER_WORD,
+    SWIZZLE_COLS,
+    SWIZZLE_ROWS,
+    UTCCP_BLOCK,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # E4M3 (float8_e4m3fn): bytes <-> values
-
-E4M3_MAX = 448.0
-E4M3_MIN_SUBNORMAL = 2.0**-9
 
 
 def _e4m3_table() -> np.ndarray:
@@ -80,9 +86,7 @@ def rescale_block_scales(raw: np.ndarray, ratio: float) -> tuple[np.ndarray, flo
 
 
 # ---------------------------------------------------------------------------------------------------
-# the 128x4 swizzle (the gate/up row order is Target.w13_row_runs, for weights and scales alike)
-
-GATE_UP_GROUP = 8  # rows per gate/up run in the mega-moe L1 interleave
+# the 128x4 swizzle (the gate/up row order is layout.RowOrder's, for weights and scales alike)
 
 
 def roundup(x: int, m: int) -> int:
@@ -91,7 +95,7 @@ def roundup(x: int, m: int) -> int:
 
 def padded_shape(rows: int, k16: int) -> tuple[int, int]:
     """One expert's [rows, K/16] scales padded for the 128x4 swizzle: [roundup(rows,128), roundup(K/16,4)]."""
-    return roundup(rows, 128), roundup(k16, 4)
+    return roundup(rows, SWIZZLE_ROWS), roundup(k16, SWIZZLE_COLS)
 
 
 def swizzle_128x4(raw: np.ndarray) -> np.ndarray:
@@ -108,21 +112,15 @@ def swizzle_128x4(raw: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 # DeepGEMM NVFP4 MegaMoE scales
 
-UTCCP_BLOCK = 128  # rows per UTCCP block
-SCALES_PER_WORD = 4  # E4M3 scales per int32
-K_PER_WORD = 64  # values of K per int32 scale word (4 scales of 16)
-KERNEL_DIM_MULTIPLE = 512  # fp4_fp4_mega_moe: hidden % 512 == 0 and intermediate % 512 == 0
 
-
-def check_mega_moe_shape(rows: int, cols: int, what: str, *, kernel_rules: bool = True) -> None:
-    """Raise :class:`InputError` unless a GEMM operand of logical shape [rows=N, cols=K] fits the layout.
+def mega_moe_shape_problems(rows: int, cols: int, *, kernel_rules: bool = True) -> list[str]:
+    """Why a GEMM operand of logical shape [rows=N, cols=K] does not fit the layout (empty: it fits).
 
     Always: N > 0 and N % 128 == 0 (UTCCP works on 128-row blocks; it also makes the 8-row gate/up
     interleave and the TMA alignment exact, so nothing is padded), K > 0 and K % 64 == 0 (four
     16-value E4M3 scales per int32 word). With ``kernel_rules`` (the default) also N % 512 == 0 and
     K % 512 == 0: DeepGEMM's NVFP4 kernel asserts hidden % 512 == 0 and intermediate % 512 == 0,
     and N, K are hidden / 2*intermediate (w13) or hidden / intermediate (w2).
-    ``what`` names the tensor in the message.
     """
     problems = []
     if rows <= 0 or rows % UTCCP_BLOCK:
@@ -143,8 +141,14 @@ def check_mega_moe_shape(rows: int, cols: int, what: str, *, kernel_rules: bool 
                 f"columns K={cols} must be a multiple of {KERNEL_DIM_MULTIPLE} "
                 "(fp4_fp4_mega_moe needs hidden and intermediate sizes that are multiples of 512)"
             )
+    return problems
+
+
+def check_mega_moe_shape(rows: int, cols: int, what: str, *, kernel_rules: bool = True) -> None:
+    """``ValueError`` naming ``what`` unless [rows, cols] fits (see :func:`mega_moe_shape_problems`)."""
+    problems = mega_moe_shape_problems(rows, cols, kernel_rules=kernel_rules)
     if problems:
-        raise InputError(f"mega-moe layout does not fit {what} [{rows}, {cols}]: " + "; ".join(problems), tensor=what)
+        raise ValueError(f"mega-moe layout does not fit {what} [{rows}, {cols}]: " + "; ".join(problems))
 
 
 def mega_moe_scales(raw: np.ndarray) -> np.ndarray:
@@ -156,19 +160,9 @@ def mega_moe_scales(raw: np.ndarray) -> np.ndarray:
     """
     n, k16 = raw.shape
     if n % UTCCP_BLOCK or k16 % SCALES_PER_WORD:
-        raise InputError(f"mega-moe scales need rows % {UTCCP_BLOCK} == 0 and K/16 % {SCALES_PER_WORD} == 0, got [{n}, {k16}]")
+        raise ValueError(f"mega-moe scales need rows % {UTCCP_BLOCK} == 0 and K/16 % {SCALES_PER_WORD} == 0, got [{n}, {k16}]")
     words = np.ascontiguousarray(raw).view("<i4")  # [N, K/64]
     c = words.shape[1]
     permuted = words.reshape(n // UTCCP_BLOCK, 4, 32, c).transpose(0, 2, 1, 3).reshape(n, c)
     return np.ascontiguousarray(permuted.T)
 
-
-def lay_out_scales(raw: np.ndarray, layout: str) -> np.ndarray:
-    """One expert's uint8 [rows, K/16] scales (rows already joined) -> the on-disk layout."""
-    if layout == "linear":
-        return np.ascontiguousarray(raw)
-    if layout == "swizzle128x4":
-        return swizzle_128x4(raw)
-    if layout == "mega-moe":
-        return mega_moe_scales(raw)
-    raise AssertionError(layout)

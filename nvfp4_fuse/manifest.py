@@ -65,7 +65,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Manifest":
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
         if d.get("format") != MANIFEST_FORMAT:
             raise InputError(f"not an nvfp4-fuse manifest (format {d.get('format')!r})", file=MANIFEST_NAME)
         try:

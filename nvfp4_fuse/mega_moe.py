@@ -68,18 +68,11 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import InputError
-from .host_layout import (  # the shape rules live with the converter's numpy transforms
-    GATE_UP_GROUP,
-    K_PER_WORD,
-    SCALES_PER_WORD,
-    UTCCP_BLOCK,
-    check_mega_moe_shape,
-)
-from .nvfp4 import BLOCK
+from .constants import GATE_UP_GROUP, K_PER_WORD, SCALES_PER_WORD, UTCCP_BLOCK
+from .constants import NVFP4_BLOCK as BLOCK
+from .host_layout import check_mega_moe_shape  # the shape rules live with the converter's numpy transforms
 
 UTCCP_SPLIT = (4, 32)  # a block is read as [4, 32] and stored as [32, 4]
-assert K_PER_WORD == SCALES_PER_WORD * BLOCK
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,12 +101,12 @@ def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, group: int = GATE_U
     ``j % (2*group) < group``, else the up row of that index. Any dtype; output contiguous.
     """
     if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise InputError(f"gate {tuple(gate.shape)}/{gate.dtype} and up {tuple(up.shape)}/{up.dtype} differ")
+        raise ValueError(f"gate {tuple(gate.shape)}/{gate.dtype} and up {tuple(up.shape)}/{up.dtype} differ")
     if gate.dim() < 2:
-        raise InputError("gate/up interleave needs tensors with a row and a column dimension")
+        raise ValueError("gate/up interleave needs tensors with a row and a column dimension")
     rows, cols = gate.shape[-2], gate.shape[-1]
     if rows % group:
-        raise InputError(f"gate/up rows ({rows}) must be a multiple of the interleave group ({group})")
+        raise ValueError(f"gate/up rows ({rows}) must be a multiple of the interleave group ({group})")
     lead = gate.shape[:-2]
     g = _bits(gate).reshape(*lead, rows // group, 1, group, cols)
     u = _bits(up).reshape(*lead, rows // group, 1, group, cols)
@@ -124,10 +117,10 @@ def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, group: int = GATE_U
 def deinterleave_gate_up(w13: torch.Tensor, group: int = GATE_UP_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`interleave_gate_up`: [..., 2R, C] -> (gate [..., R, C], up [..., R, C])."""
     if w13.dim() < 2:
-        raise InputError("gate/up de-interleave needs a tensor with a row and a column dimension")
+        raise ValueError("gate/up de-interleave needs a tensor with a row and a column dimension")
     rows2, cols = w13.shape[-2], w13.shape[-1]
     if rows2 % (2 * group):
-        raise InputError(f"interleaved rows ({rows2}) must be a multiple of 2*group ({2 * group})")
+        raise ValueError(f"interleaved rows ({rows2}) must be a multiple of 2*group ({2 * group})")
     lead = w13.shape[:-2]
     v = _bits(w13).reshape(*lead, rows2 // (2 * group), 2, group, cols)
     gate = v.select(-3, 0).reshape(*lead, rows2 // 2, cols).contiguous()
@@ -146,12 +139,12 @@ def pack_scales_k64(scale: torch.Tensor) -> torch.Tensor:
     arithmetically, so the result does not depend on the host's byte order.
     """
     if scale.dtype not in (torch.float8_e4m3fn, torch.uint8):
-        raise InputError(f"block scales must be float8_e4m3fn or uint8, got {scale.dtype}")
+        raise ValueError(f"block scales must be float8_e4m3fn or uint8, got {scale.dtype}")
     if scale.dim() < 2:
-        raise InputError("block scales need a row and a column dimension")
+        raise ValueError("block scales need a row and a column dimension")
     k16 = scale.shape[-1]
     if k16 % SCALES_PER_WORD:
-        raise InputError(f"scale columns ({k16}) must be a multiple of {SCALES_PER_WORD} to pack into int32")
+        raise ValueError(f"scale columns ({k16}) must be a multiple of {SCALES_PER_WORD} to pack into int32")
     if sys.byteorder == "little" and scale.device.type == "cpu":
         # Little-endian words of four consecutive bytes are the bytes themselves: a view, no arithmetic.
         return _bits(scale).contiguous().view(torch.int32)
@@ -164,9 +157,9 @@ def pack_scales_k64(scale: torch.Tensor) -> torch.Tensor:
 def unpack_scales_k64(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_scales_k64`: int32 [..., N, K/64] -> float8_e4m3fn [..., N, K/16]."""
     if packed.dtype != torch.int32:
-        raise InputError(f"packed scales must be int32, got {packed.dtype}")
+        raise ValueError(f"packed scales must be int32, got {packed.dtype}")
     if packed.dim() < 2:
-        raise InputError("packed scales need a row and a column dimension")
+        raise ValueError("packed scales need a row and a column dimension")
     w = packed.to(torch.int64) & 0xFFFFFFFF
     parts = [((w >> (8 * j)) & 0xFF) for j in range(SCALES_PER_WORD)]
     b = torch.stack(parts, dim=-1).to(torch.uint8)
@@ -179,10 +172,10 @@ def unpack_scales_k64(packed: torch.Tensor) -> torch.Tensor:
 
 def _check_utccp_rows(x: torch.Tensor) -> int:
     if x.dim() < 2:
-        raise InputError("UTCCP permutation needs a row and a column dimension")
+        raise ValueError("UTCCP permutation needs a row and a column dimension")
     rows = x.shape[-2]
     if rows % UTCCP_BLOCK:
-        raise InputError(f"UTCCP permutation needs rows ({rows}) that are a multiple of {UTCCP_BLOCK}")
+        raise ValueError(f"UTCCP permutation needs rows ({rows}) that are a multiple of {UTCCP_BLOCK}")
     return rows
 
 
@@ -233,13 +226,13 @@ def _dims(gate_w, gate_s, up_w, up_s, down_w, down_s, lead: int) -> tuple[int, i
     named = dict(gate_w=gate_w, gate_s=gate_s, up_w=up_w, up_s=up_s, down_w=down_w, down_s=down_s)
     for n, t in named.items():
         if not isinstance(t, torch.Tensor) or t.dim() != lead + 2:
-            raise InputError(f"{n} must be a {lead + 2}-D tensor", tensor=n)
+            raise ValueError(f"{n} must be a {lead + 2}-D tensor")
     for n in ("gate_w", "up_w", "down_w"):
         if named[n].dtype != torch.uint8:
-            raise InputError(f"{n} must be packed E2M1 uint8, got {named[n].dtype}", tensor=n)
+            raise ValueError(f"{n} must be packed E2M1 uint8, got {named[n].dtype}")
     for n in ("gate_s", "up_s", "down_s"):
         if named[n].dtype not in (torch.float8_e4m3fn, torch.uint8):
-            raise InputError(f"{n} must be float8_e4m3fn (or its uint8 bytes), got {named[n].dtype}", tensor=n)
+            raise ValueError(f"{n} must be float8_e4m3fn (or its uint8 bytes), got {named[n].dtype}")
     lead_shape = gate_w.shape[:lead]
     inter, hidden = gate_w.shape[-2], gate_w.shape[-1] * 2
     expect = dict(
@@ -253,9 +246,9 @@ def _dims(gate_w, gate_s, up_w, up_s, down_w, down_s, lead: int) -> tuple[int, i
     for n, t in named.items():
         want = (*lead_shape, *expect[n])
         if tuple(t.shape) != tuple(want):
-            raise InputError(f"{n} is {tuple(t.shape)}, expected {tuple(want)} (H={hidden}, I={inter})", tensor=n)
+            raise ValueError(f"{n} is {tuple(t.shape)}, expected {tuple(want)} (H={hidden}, I={inter})")
     if hidden % BLOCK or inter % BLOCK:
-        raise InputError(f"H={hidden} and I={inter} must be multiples of {BLOCK}")
+        raise ValueError(f"H={hidden} and I={inter} must be multiples of {BLOCK}")
     return hidden, inter
 
 
@@ -279,13 +272,13 @@ def _from_mega(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, lead: i
     )
     for n, t in named.items():
         if not isinstance(t, torch.Tensor) or t.dim() != lead + 2:
-            raise InputError(f"{n} must be a {lead + 2}-D tensor", tensor=n)
+            raise ValueError(f"{n} must be a {lead + 2}-D tensor")
     for n, dt in (("w13_weight", torch.uint8), ("w2_weight", torch.uint8)):
         if named[n].dtype != dt:
-            raise InputError(f"{n} must be {dt}, got {named[n].dtype}", tensor=n)
+            raise ValueError(f"{n} must be {dt}, got {named[n].dtype}")
     for n in ("w13_weight_scale", "w2_weight_scale"):
         if named[n].dtype != torch.int32:
-            raise InputError(f"{n} must be int32, got {named[n].dtype}", tensor=n)
+            raise ValueError(f"{n} must be int32, got {named[n].dtype}")
     lead_shape = w13_weight.shape[:lead]
     inter2, hidden = w13_weight.shape[-2], w13_weight.shape[-1] * 2
     inter = inter2 // 2
@@ -300,7 +293,7 @@ def _from_mega(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, lead: i
     for n, t in named.items():
         want = (*lead_shape, *expect[n])
         if tuple(t.shape) != tuple(want):
-            raise InputError(f"{n} is {tuple(t.shape)}, expected {tuple(want)} (H={hidden}, I={inter})", tensor=n)
+            raise ValueError(f"{n} is {tuple(t.shape)}, expected {tuple(want)} (H={hidden}, I={inter})")
     gate_w, up_w = deinterleave_gate_up(w13_weight)
     g_words, u_words = deinterleave_gate_up(utccp_unpermute(w13_weight_scale.transpose(-1, -2)))
     down_s = unpack_scales_k64(utccp_unpermute(w2_weight_scale.transpose(-1, -2)))
@@ -389,7 +382,7 @@ def vllm_alphas(
 
     Follows ModelOptNvFp4MegaMoE.process_weights_after_loading (vllm-project/vllm modelopt.py @
     61c30309): the input scales must be one finite positive value across all experts and both
-    shards (else :class:`InputError`); ``l1_alphas = w13_weight_scale_2 * a1`` (column 0 gate,
+    shards (else ``ValueError``); ``l1_alphas = w13_weight_scale_2 * a1`` (column 0 gate,
     column 1 up), ``l2_alphas = w2_weight_scale_2``, ``a2_scales`` = that uniform w2 input scale
     repeated per expert. vLLM quantizes the FC1 input with global scale ``1 / a1``.
     """
@@ -397,15 +390,15 @@ def vllm_alphas(
     def uniform(name: str, t: torch.Tensor) -> torch.Tensor:
         v = t.detach().to(torch.float32).reshape(-1)
         if v.numel() == 0 or not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
-            raise InputError(f"{name} must hold finite positive values", tensor=name)
+            raise ValueError(f"{name} must hold finite positive values")
         if not bool((v == v[0]).all()):
-            raise InputError(f"{name} must be identical across all experts and shards for mega-moe", tensor=name)
+            raise ValueError(f"{name} must be identical across all experts and shards for mega-moe")
         return v[0].reshape(())
 
     for name, t in (("w13_weight_scale_2", w13_weight_scale_2), ("w2_weight_scale_2", w2_weight_scale_2)):
         v = t.detach().to(torch.float32)
         if v.numel() == 0 or not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
-            raise InputError(f"{name} must hold finite positive values", tensor=name)
+            raise ValueError(f"{name} must hold finite positive values")
     a1 = uniform("w13_input_scale", w13_input_scale)
     a2 = uniform("w2_input_scale", w2_input_scale)
     l1 = w13_weight_scale_2.to(torch.float32).reshape(-1, 2).contiguous() * a1

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .host_layout import E4M3_MAX, E4M3_MIN_SUBNORMAL  # one definition for the torch and numpy paths
-
-BLOCK = 16  # values per E4M3 block scale
-E2M1_MAX = 6.0
+from .constants import E2M1_MAX, E4M3_MAX, E4M3_MIN_SUBNORMAL
+from .constants import NVFP4_BLOCK as BLOCK
 
 # code -> value; codes 8..15 are the negatives (8 is -0).
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)

@@ -52,7 +52,7 @@ DTYPE_BITS = {
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }  # fmt: skip
 
-def torch_dtype(name: str) -> "torch.dtype | None":
+def torch_dtype(name: str) -> torch.dtype | None:
     """The torch dtype of a safetensors dtype name, or None (torch is imported here, lazily)."""
     import torch
 
@@ -141,8 +141,23 @@ def read_header(path: Path) -> ShardHeader:
     if not raw.lstrip(b" ").startswith(b"{"):
         raise InputError("header does not start with '{'", file=f)
     obj = loads_strict_json(raw, what="safetensors header", file=f)
+    header = header_from_json(path, obj, data_start=8 + n, file_size=size, raw_header=raw)
+    _check_with_safetensors(path)
+    return header
+
+
+def header_from_json(
+    path: Path, obj: Any, *, data_start: int, file_size: int | None, raw_header: bytes = b""
+) -> ShardHeader:
+    """A :class:`ShardHeader` from a parsed header object, with every check of :func:`read_header`.
+
+    ``file_size`` None (a remote shard whose size is not known) skips the check that the tensors end
+    exactly where the file does; every other check still runs.
+    """
+    f = str(path)
     if not isinstance(obj, dict):
         raise InputError("header is not a JSON object", file=f)
+    obj = dict(obj)
     metadata = obj.pop("__metadata__", None)
     if metadata is not None and (
         not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
@@ -178,7 +193,6 @@ def read_header(path: Path) -> ShardHeader:
             )
         tensors[name] = TensorInfo(name, dtype, tuple(shape), offs[0], offs[1])
     # Contiguous, non-overlapping cover of the data section, as safetensors requires.
-    data_len = size - 8 - n
     pos = 0
     for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
         if t.begin < pos:
@@ -186,12 +200,13 @@ def read_header(path: Path) -> ShardHeader:
         if t.begin > pos:
             raise InputError(f"hole in the data section before byte {t.begin}", file=f, tensor=t.name)
         pos = t.end
-    if pos > data_len:
-        raise InputError(f"tensors end at data byte {pos} but the file holds only {data_len} (truncated?)", file=f)
-    if pos < data_len:
-        raise InputError(f"{data_len - pos} bytes after the last tensor are not covered by the header", file=f)
-    _check_with_safetensors(path)
-    return ShardHeader(path, 8 + n, tensors, metadata, size, raw)
+    if file_size is not None:
+        data_len = file_size - data_start
+        if pos > data_len:
+            raise InputError(f"tensors end at data byte {pos} but the file holds only {data_len} (truncated?)", file=f)
+        if pos < data_len:
+            raise InputError(f"{data_len - pos} bytes after the last tensor are not covered by the header", file=f)
+    return ShardHeader(path, data_start, tensors, metadata, file_size if file_size is not None else data_start + pos, raw_header)
 
 
 def _check_with_safetensors(path: Path) -> None:
@@ -271,7 +286,7 @@ class ShardReader:
             raise ValueError(f"{name}: views hold {total} bytes, the tensor {t.nbytes}")
         self._pread_into(views, self.header.data_start + t.begin, name)
 
-    def read_tensor(self, name: str) -> "torch.Tensor":
+    def read_tensor(self, name: str) -> torch.Tensor:
         import torch
 
         t = self.header.tensors[name]
@@ -281,7 +296,7 @@ class ShardReader:
         return torch.from_numpy(self.read_array(name)).view(dt).reshape(t.shape)
 
 
-def tensor_bytes(t: "torch.Tensor | np.ndarray") -> memoryview:
+def tensor_bytes(t: torch.Tensor | np.ndarray) -> memoryview:
     """The raw little-endian bytes of a torch tensor or numpy array (any shape, 0-d included), without
     a copy if contiguous."""
     if isinstance(t, np.ndarray):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -33,6 +33,7 @@ class SampleSpec:
     shards: int = 3
     unequal_scale_2: bool = False
     unequal_input_scales: bool = True
+    gate_up_input_scales_differ: bool = False  # odd experts: up's input scale above gate's; even: below
     dense_first_layer: bool = True  # DeepSeek-style: layer 0 is a dense MLP
     shared_experts: bool = True
     seed: int | None = None
@@ -110,8 +111,9 @@ def _layer_tensors(spec: SampleSpec, layer: int, gen: torch.Generator) -> Iterat
             in_down = float(torch.empty(()).uniform_(0.005, 0.05, generator=gen))
         else:
             in_gu = in_down = 0.02
+        in_up = in_gu * (1.25 if e % 2 else 0.8) if spec.gate_up_input_scales_differ else in_gu
         yield from _nvfp4_linear(f"{prefix}.{e}.{proj['gate']}", i, h, gen, scale_2=s2_gate, input_scale=in_gu, ct=ct, fast=spec.fast)
-        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['up']}", i, h, gen, scale_2=s2_up, input_scale=in_gu, ct=ct, fast=spec.fast)
+        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['up']}", i, h, gen, scale_2=s2_up, input_scale=in_up, ct=ct, fast=spec.fast)
         yield from _nvfp4_linear(f"{prefix}.{e}.{proj['down']}", h, i, gen, scale_2=None, input_scale=in_down, ct=ct, fast=spec.fast)
 
 

@@ -2,7 +2,7 @@
 
 Three layers of checks, streamed expert by expert like ``convert`` (bounded memory):
 
-1. Structure: a manifest is present and every file matches its size and sha256; the plan rebuilt
+1. Structure: a manifest is present and every file matches its size and sha256; the spec rebuilt
    from the source and the manifest's options names exactly the tensors, dtypes, shapes and shard
    assignment found in the output's index and headers; configs equal what ``convert`` writes; every
    sidecar and every non-expert tensor is byte-identical.
@@ -20,22 +20,24 @@ from __future__ import annotations
 import json
 import random
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from .constants import E4M3_HALF_STEP as HALF_STEP
+from .constants import E4M3_SUBNORMAL_HALF_SPACING as SUBNORMAL_HALF_SPACING
 from .errors import CheckFailed, InputError
+from .experts import ExpertLayer
 from .manifest import MANIFEST_NAME, check_files, load_manifest
 from .nvfp4 import rescale_block_scales
-from .plan import INDEX_NAME, ExpertLayer, Plan, build_plan, scan_source
 from .safetensors_io import ShardReader, tensor_bytes
-from .targets import Target, get_target
-
-HALF_STEP = 0.0625  # half an E4M3 step, relative, in the normal range
-SUBNORMAL_HALF_SPACING = 2.0**-10
+from .source import CONFIG_FILES, INDEX_NAME, scan_source
+from .spec import OutputOptions, OutputSpec, build_spec
+from .targets import Target
 
 
 @dataclass
@@ -46,6 +48,7 @@ class LayerResult:
     rescaled: int = 0
     max_abs: float = 0.0
     max_rel: float = 0.0
+    sampled: list[int] | None = None  # the experts checked, when --sample drew some
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -78,19 +81,8 @@ def _fail(msg: str) -> CheckFailed:
 # structure
 
 
-def _target_from_output(out_dir: Path, manifest: Any) -> tuple[Target, dict[str, Any]]:
-    opts = dict(manifest.options)
-    try:
-        target = get_target(opts["target"], w13_order=opts.get("w13_order", "gate-up"))
-    except KeyError:
-        raise InputError("manifest options name no target", file=str(out_dir / MANIFEST_NAME)) from None
-    return target, opts
-
-
-def _check_structure(plan: Plan, conv_dir: Path, conv_src: Any, *, model_card: str | None = None) -> None:
-    from .convert import rewrite_configs
-
-    want_map = plan.weight_map()
+def _check_structure(spec: OutputSpec, conv_dir: Path, conv_src: Any, *, model_card: str | None = None) -> None:
+    want_map = spec.weight_map()
     idx_path = conv_dir / INDEX_NAME
     idx = json.loads(idx_path.read_text())
     got_map = idx.get("weight_map", {})
@@ -102,10 +94,10 @@ def _check_structure(plan: Plan, conv_dir: Path, conv_src: Any, *, model_card: s
         raise _fail(f"output has unexpected tensor {extra[0]}")
     for name, shard in want_map.items():
         if got_map[name] != shard:
-            raise _fail(f"index puts {name} in {got_map[name]}, the plan in {shard}")
-    if idx.get("metadata", {}).get("total_size") != plan.total_size:
-        raise _fail(f"index total_size {idx.get('metadata', {}).get('total_size')} != {plan.total_size}")
-    for shard in plan.shards:
+            raise _fail(f"index puts {name} in {got_map[name]}, the spec in {shard}")
+    if idx.get("metadata", {}).get("total_size") != spec.total_size:
+        raise _fail(f"index total_size {idx.get('metadata', {}).get('total_size')} != {spec.total_size}")
+    for shard in spec.shards:
         hdr = conv_src.headers.get(shard.name)
         if hdr is None:
             raise _fail(f"shard {shard.name} is missing")
@@ -114,16 +106,16 @@ def _check_structure(plan: Plan, conv_dir: Path, conv_src: Any, *, model_card: s
             if info is None or info.dtype != t.entry.dtype or info.shape != t.entry.shape:
                 got = f"{info.dtype}{list(info.shape)}" if info else "nothing"
                 raise _fail(f"{shard.name}: {t.entry.name} is {got}, expected {t.entry.dtype}{list(t.entry.shape)}")
-    for name, data in rewrite_configs(plan).items():
+    for name, data in spec.configs().items():
         if (conv_dir / name).read_bytes() != data:
             raise _fail(f"{name} differs from what convert writes for this source and options")
-    for rel in plan.source.sidecars:
-        if rel in ("config.json", "hf_quant_config.json"):
+    for rel in spec.source.sidecars:
+        if rel in CONFIG_FILES:
             continue
         if rel == "README.md" and model_card is not None:
             continue  # push replaced it with the model card; the manifest's hash covers it
         p = conv_dir / rel
-        if not p.is_file() or p.read_bytes() != (plan.source.root / rel).read_bytes():
+        if not p.is_file() or p.read_bytes() != (spec.source.root / rel).read_bytes():
             raise _fail(f"sidecar {rel} is missing or differs from the source")
 
 
@@ -170,7 +162,7 @@ def _rows_s2(tgt: Target, i_rows: int, g: torch.Tensor, u: torch.Tensor) -> torc
     """Per-row scale_2 [E, 2I] in the target's w13 row order from per-expert gate/up values [E]."""
     gg = g[:, None, None].expand(-1, i_rows, 1)
     uu = u[:, None, None].expand(-1, i_rows, 1)
-    return torch.stack([tgt.join_rows(gg[k], uu[k]) for k in range(g.shape[0])])[..., 0].contiguous()
+    return tgt.rows.join(gg, uu)[..., 0].contiguous()
 
 
 @dataclass
@@ -189,15 +181,15 @@ class _ExpertPair:
 
 
 class _LayerCtx:
-    def __init__(self, plan: Plan, layer: ExpertLayer, src_r: _Readers, conv_r: _Readers, conv_map: dict[str, str]):
-        self.tgt = plan.target
+    def __init__(self, spec: OutputSpec, layer: ExpertLayer, src_r: _Readers, conv_r: _Readers, conv_map: dict[str, str]):
+        self.tgt = spec.target
         self.layer = layer
         self.src_r, self.conv_r, self.conv_map = src_r, conv_r, conv_map
         d = layer.dims
         entries = {e.name.rsplit(".", 1)[1]: e for e in self.tgt.out_entries(layer.prefix, d)}
         self.w13s, self.w2s = entries["w13_weight_scale"], entries["w2_weight_scale"]
-        self.s_dtype = torch.int32 if self.w13s.dtype == "I32" else torch.uint8
-        self.swizzled = self.tgt.scale_layout == "swizzle128x4"  # the compare kernel reads these in place
+        self.s_dtype = self.tgt.scales.torch_dtype()
+        self.swizzled = self.tgt.scales.kernel_reads_in_place  # the compare kernel reads these as stored
 
     def src(self, e: int, role: str, fld: str) -> torch.Tensor:
         ref = self.layer.ref(e, role, fld)
@@ -215,7 +207,7 @@ class _LayerCtx:
         cw2 = _slice(self.conv_r, self.conv_map, f"{p}.w2_weight", e, E, torch.uint8, (H, I // 2))
         cs2 = _slice(self.conv_r, self.conv_map, self.w2s.name, e, E, self.s_dtype, self.w2s.shape[1:])
         # exactness: weights, after undoing the row order
-        cg, cu = tgt.split_rows(cw13)
+        cg, cu = tgt.rows.split(cw13)
         for what, got, want in (("gate", cg, gw), ("up", cu, uw), ("down", cw2, dw)):
             if not torch.equal(got, want):
                 bad = (got != want).nonzero()[0].tolist()
@@ -223,9 +215,9 @@ class _LayerCtx:
                 raise _fail(f"{p}.{part}: expert {e} {what} packed bytes differ from the source at [{bad[0]}, {bad[1]}]")
         # exactness: scales, after undoing the layout and the row order
         assert layer.ratio_gate is not None and layer.ratio_up is not None
-        nat13 = tgt.natural_scales(cs13, 2 * I, H // 16)
-        nat2 = tgt.natural_scales(cs2, H, I // 16)
-        ng, nu = tgt.split_rows(nat13)
+        nat13 = tgt.scales.natural(cs13, 2 * I, H // 16)
+        nat2 = tgt.scales.natural(cs2, H, I // 16)
+        ng, nu = tgt.rows.split(nat13)
         rg, ru = float(layer.ratio_gate[e]), float(layer.ratio_up[e])
         for what, got, want, ratio in (
             ("gate", ng, _expected_scales(gs, rg), rg),
@@ -239,8 +231,8 @@ class _LayerCtx:
                 raise _fail(f"{p}.{part}: expert {e} {what} block scale at [{bad[0]}, {bad[1]}] differs from {how}")
         return _ExpertPair(
             e,
-            tgt.join_rows(gw, uw),
-            tgt.join_rows(gs, us),
+            tgt.rows.join(gw, uw),
+            tgt.rows.join(gs, us),
             cw13,
             cs13.view(torch.uint8) if self.swizzled else nat13,
             dw,
@@ -251,7 +243,7 @@ class _LayerCtx:
 
 
 def _verify_layer(
-    plan: Plan,
+    spec: OutputSpec,
     layer: ExpertLayer,
     experts: list[int],
     src_r: _Readers,
@@ -261,7 +253,7 @@ def _verify_layer(
     batch_bytes: int,
     pool: ThreadPoolExecutor,
 ) -> LayerResult:
-    tgt = plan.target
+    tgt = spec.target
     p, d = layer.prefix, layer.dims
     E, H, I = d.experts, d.hidden, d.inter
     res = LayerResult(p, E, rescaled=layer.rescaled_experts)
@@ -271,9 +263,9 @@ def _verify_layer(
         got = _whole(conv_r, conv_map, name)
         if tuple(got.shape) != tuple(want.shape) or bytes(tensor_bytes(got)) != bytes(tensor_bytes(want)):
             raise _fail(f"{name} differs from the values derived from the source scales")
-    ctx = _LayerCtx(plan, layer, src_r, conv_r, conv_map)
+    ctx = _LayerCtx(spec, layer, src_r, conv_r, conv_map)
     conv_s2 = _whole(conv_r, conv_map, f"{p}.w13_weight_scale_2")
-    s2_g_conv, s2_u_conv = (conv_s2, conv_s2) if conv_s2.dim() == 1 else (conv_s2[:, 0], conv_s2[:, 1])
+    s2_g_conv, s2_u_conv = tgt.scale_2.split(conv_s2)
     conv_s2_down = _whole(conv_r, conv_map, f"{p}.w2_weight_scale_2")
     compare = _compare_backend(device)
     dev = torch.device(device)
@@ -292,7 +284,7 @@ def _verify_layer(
         idx = torch.tensor([x.e for x in batch])
         s2a13 = _rows_s2(tgt, I, sc["gate.weight_scale_2"][idx], sc["up.weight_scale_2"][idx]).to(dev)
         s2b13 = _rows_s2(tgt, I, s2_g_conv[idx], s2_u_conv[idx]).to(dev)
-        mv = lambda field: torch.stack([getattr(x, field) for x in batch]).to(dev)  # noqa: E731
+        mv = lambda field, batch=batch: torch.stack([getattr(x, field) for x in batch]).to(dev)  # noqa: E731
         a13w, a13s, b13w, b13s = mv("a13w"), mv("a13s"), mv("b13w"), mv("b13s")
         st13 = compare(a13w, a13s, s2a13, b13w, b13s, s2b13, b_swizzled=ctx.swizzled)
         st2 = compare(
@@ -312,7 +304,7 @@ def _verify_layer(
                 if exact and n_diff:
                     raise _fail(f"{p}.{part}_weight: expert {e} should decode bit-identically but {n_diff} values differ")
                 if not exact and mrel > HALF_STEP:
-                    nat = tgt.natural_scales(b13s[k].cpu(), 2 * I, H // 16).to(dev) if ctx.swizzled else b13s[k]
+                    nat = tgt.scales.natural(b13s[k].cpu(), 2 * I, H // 16).to(dev) if ctx.swizzled else b13s[k]
                     _check_rescaled_elementwise(p, e, a13w[k], a13s[k], s2a13[k], b13w[k], nat, s2b13[k])
                 res.max_abs = max(res.max_abs, mabs)
                 res.max_rel = max(res.max_rel, mrel)
@@ -345,9 +337,9 @@ def _check_rescaled_elementwise(p: str, e: int, aw, as_, as2, bw, bs, bs2) -> No
         )
 
 
-def _check_copied_tensors(plan: Plan, src_r: _Readers, conv_r: _Readers, conv_map: dict[str, str], chunk: int = 64 << 20) -> int:
+def _check_copied_tensors(spec: OutputSpec, src_r: _Readers, conv_r: _Readers, conv_map: dict[str, str], chunk: int = 64 << 20) -> int:
     n = 0
-    for shard in plan.shards:
+    for shard in spec.shards:
         for t in shard.tensors:
             if t.kind != "copy":
                 continue
@@ -388,6 +380,14 @@ def verify(
     on_layer: Callable[[LayerResult], None] | None = None,
     seed: int | None = None,
 ) -> VerifyResult:
+    """Check the converted folder ``conv_dir`` against the source ``source_dir`` (see the module notes).
+
+    ``sample`` checks that many experts a layer, drawn at random (``seed`` makes the draw
+    repeatable); ``hash_files=False`` compares sizes with the manifest without re-hashing. Raises
+    :class:`CheckFailed` naming tensor, expert and first bad index when a check fails, and
+    :class:`InputError` when the source or the options are unusable (missing folder, no GPU for
+    ``device="cuda"``).
+    """
     import time
 
     t0 = time.perf_counter()
@@ -401,24 +401,29 @@ def verify(
     problems = check_files(conv_dir, manifest, hash_files=hash_files)
     if problems:
         raise _fail(f"output files do not match the manifest: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    target, opts = _target_from_output(conv_dir, manifest)
+    options = OutputOptions.from_json(manifest.options, file=str(conv_dir / MANIFEST_NAME))
+    target = options.target
     src = scan_source(source_dir, trust_root=trust_root)
     if src.fingerprint() != manifest.input_fingerprint:
         raise _fail("the source's headers and configs are not those this output was converted from (fingerprint differs)")
-    plan = build_plan(src, target, {k: opts[k] for k in ("target", "w13_order", "max_shard_size")}, opts["max_shard_size"])
-    conv = scan_source(conv_dir)
-    _check_structure(plan, conv_dir, conv, model_card=manifest.model_card)
+    spec = build_spec(src, options)
+    try:
+        conv = scan_source(conv_dir)
+    except InputError as e:  # the output's index and shard headers disagree, a shard is unreadable...
+        raise _fail(f"the converted folder is not a consistent checkpoint: {e}") from None
+    _check_structure(spec, conv_dir, conv, model_card=manifest.model_card)
     conv_map = conv.tensor_file
     result = VerifyResult(source_label or str(source_dir), str(conv_dir), target.name, dev, note=note, files_hashed=len(manifest.files) if hash_files else 0)
     rng = random.Random(seed)
     src_r, conv_r = _Readers(src.headers), _Readers(conv.headers)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nvfp4-verify")
     try:
-        result.copied_tensors = _check_copied_tensors(plan, src_r, conv_r, conv_map)
-        for layer in plan.layers.values():
+        result.copied_tensors = _check_copied_tensors(spec, src_r, conv_r, conv_map)
+        for layer in spec.layers.values():
             n = layer.dims.experts
             experts = list(range(n)) if not sample or sample >= n else sorted(rng.sample(range(n), sample))
-            lr = _verify_layer(plan, layer, experts, src_r, conv_r, conv_map, dev, batch_bytes, pool)
+            lr = _verify_layer(spec, layer, experts, src_r, conv_r, conv_map, dev, batch_bytes, pool)
+            lr.sampled = experts if len(experts) < n else None
             result.layers.append(lr)
             if on_layer:
                 on_layer(lr)

@@ -152,8 +152,8 @@ def main() -> None:
     a = ap.parse_args()
 
     from nvfp4_fuse.convert import ConvertOptions, make_plan
-    from nvfp4_fuse.plan import human, parse_size
     from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
+    from nvfp4_fuse.spec import human, parse_size
 
     work = Path(tempfile.mkdtemp(prefix="nvfp4-bench-", dir=a.workdir))
     try:

@@ -20,7 +20,7 @@ import sys
 
 import nvfp4_fuse.convert as conv
 from nvfp4_fuse import cli
-from nvfp4_fuse.plan import INDEX_NAME
+from nvfp4_fuse.source import INDEX_NAME
 
 
 def die() -> None:

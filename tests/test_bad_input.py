@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
-
-from conftest import rewrite_tensors, run_cli
+from helpers import rewrite_tensors, run_cli
 
 P = "layers.1.ffn.experts"
 
@@ -189,4 +188,4 @@ def test_cli_success_exit_code_and_dry_run(make_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "nvfp4-fuse-manifest.json").exists()
     r = run_cli("convert", str(src), str(tmp_path / "out2"), "--target", "nope")
-    assert r.returncode == 2 and "unknown target" in r.stderr
+    assert r.returncode == 2 and "Invalid value for '--target'" in r.stderr and "'mega-moe'" in r.stderr

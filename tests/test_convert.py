@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_all
 from safetensors import safe_open
 
-from conftest import load_all
 from nvfp4_fuse.convert import ConvertOptions, convert
 from nvfp4_fuse.manifest import MANIFEST_NAME, check_files, load_manifest
 from nvfp4_fuse.nvfp4 import dequantize
@@ -175,7 +175,29 @@ def test_experts_split_across_shards_and_many_output_shards(make_ckpt, tmp_path)
     assert len(shards) > 2
     n = len(shards)
     assert [s.name for s in shards] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    # the index names, for every tensor, the shard that holds it, and each shard holds only what it names
+    idx = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            assert set(f.keys()) == {t for t, name in idx["weight_map"].items() if name == shard.name}
     check_output_against_reference(src, tmp_path / "out", layout="swizzled")
+
+
+@pytest.mark.parametrize("target", ["vllm-fused", "linear", "mega-moe"])
+def test_w13_input_scale_is_the_max_of_gate_and_up(make_ckpt, tmp_path, target):
+    src = make_ckpt(layers=2, experts=6, hidden=512, inter=512, gate_up_input_scales_differ=True)
+    convert(src, tmp_path / "out", ConvertOptions(target=target))
+    s, o = load_all(src), load_all(tmp_path / "out")
+    p = "layers.1.ffn.experts"
+    gate = torch.stack([s[f"{p}.{e}.w1.input_scale"] for e in range(6)])
+    up = torch.stack([s[f"{p}.{e}.w3.input_scale"] for e in range(6)])
+    assert bool((up > gate).any()) and bool((gate > up).any())  # both halves hold some expert's max
+    want = torch.maximum(gate, up)
+    got = o[f"{p}.w13_input_scale"]
+    if got.dim() == 0:  # one value for the layer
+        assert float(got) == float(want.max())
+    else:
+        assert raw(got) == raw(want)
 
 
 def test_equal_scale_2_is_a_pure_copy(make_ckpt, tmp_path):
@@ -278,7 +300,7 @@ def test_mega_moe_matches_reference_transform(make_ckpt, tmp_path, scheme):
             got = o[f"{p}.{part}"]
             assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape), part
             assert raw(got) == raw(want), part
-        sc = lambda r, f: torch.stack([src_part(s, p, e, r, f) for e in range(n)])  # noqa: E731
+        sc = lambda r, f, p=p, n=n: torch.stack([src_part(s, p, e, r, f) for e in range(n)])  # noqa: E731
         assert raw(o[f"{p}.w13_weight_scale_2"]) == raw(torch.stack([sc("gate", "weight_scale_2"), sc("up", "weight_scale_2")], 1))
         assert o[f"{p}.w13_input_scale"].shape == ()
         assert float(o[f"{p}.w13_input_scale"]) == max(float(sc("gate", "input_scale").max()), float(sc("up", "input_scale").max()))

@@ -21,8 +21,9 @@ import pytest
 from nvfp4_fuse.convert import PROGRESS_NAME, ConvertOptions, convert, make_plan
 from nvfp4_fuse.errors import InputError
 from nvfp4_fuse.manifest import MANIFEST_NAME
-from nvfp4_fuse.plan import INDEX_NAME, human
 from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
+from nvfp4_fuse.source import INDEX_NAME
+from nvfp4_fuse.spec import human
 
 TARGET = "vllm-fused"
 SHARD = "20KB"

@@ -14,17 +14,17 @@ import shutil
 import struct
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
+from helpers import rewrite_tensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import rewrite_tensors
 from nvfp4_fuse import cli
 from nvfp4_fuse.errors import InputError
 from nvfp4_fuse.safetensors_io import MAX_HEADER_SIZE, ShardReader, read_header

@@ -17,17 +17,20 @@ import httpx2
 import pytest
 import torch
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
 from safetensors.torch import save
 
 from nvfp4_fuse import hub
 from nvfp4_fuse.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, InputError
 from nvfp4_fuse.hub import PushFailed, PushVerificationFailed, push, render_model_card
+from nvfp4_fuse.hub import retry as hub_retry
+from nvfp4_fuse.hub import upload as hub_upload
 from nvfp4_fuse.manifest import MANIFEST_NAME, Manifest
+from nvfp4_fuse.safetensors_io import TensorInfo as TensorInfoLocal
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_hub import FakeHub, git_blob_sha1  # noqa: E402
+from fake_hub import FakeHub  # noqa: E402
+from helpers import RecordingApi  # noqa: E402
 
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"
@@ -54,7 +57,7 @@ def loopback_only(monkeypatch):
 @pytest.fixture
 def sleeps(monkeypatch):
     rec: list[float] = []
-    monkeypatch.setattr(hub, "_sleep", rec.append)
+    monkeypatch.setattr(hub_retry, "_sleep", rec.append)
     return rec
 
 
@@ -93,59 +96,6 @@ def http_error(status: int, cls=HfHubHTTPError, headers=None) -> HfHubHTTPError:
     req = httpx2.Request("POST", "http://127.0.0.1:1/api/models/me/x/commit/main")
     resp = httpx2.Response(status, request=req, headers=headers or {})
     return cls(f"{status} error", response=resp)
-
-
-class RecordingApi:
-    """The four HfApi methods push uses. ``upload_outcomes`` scripts upload_folder: an exception
-    is raised, anything else means success (the folder is then "stored" as the Hub would)."""
-
-    def __init__(self, upload_outcomes=(), *, create_outcomes=()):
-        self.calls: list[tuple[str, dict]] = []
-        self.upload_outcomes = list(upload_outcomes)
-        self.create_outcomes = list(create_outcomes)
-        self.remote: dict[str, bytes] = {}
-        self.tamper: dict[str, bytes] = {}  # path -> bytes the "Hub" ends up holding instead
-        self.drop: set[str] = set()
-
-    def create_repo(self, repo_id, **kw):
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kw}))
-        if self.create_outcomes and isinstance(e := self.create_outcomes.pop(0), BaseException):
-            raise e
-        return f"http://127.0.0.1:1/{repo_id}"
-
-    def create_branch(self, repo_id, **kw):
-        self.calls.append(("create_branch", {"repo_id": repo_id, **kw}))
-
-    def upload_folder(self, **kw):
-        self.calls.append(("upload_folder", kw))
-        if self.upload_outcomes and isinstance(e := self.upload_outcomes.pop(0), BaseException):
-            raise e
-        folder = Path(kw["folder_path"])
-        for rel in hub.local_upload_files(folder):
-            if rel not in self.drop:
-                self.remote[rel] = self.tamper.get(rel, (folder / rel).read_bytes())
-
-        class Commit:
-            oid = "c" * 40
-            commit_url = "http://127.0.0.1:1/me/x/commit/" + "c" * 40
-
-        return Commit()
-
-    def get_paths_info(self, repo_id, paths, *, revision=None, repo_type=None):
-        self.calls.append(("get_paths_info", {"paths": list(paths), "revision": revision}))
-        out = []
-        for p in paths:
-            if p not in self.remote:
-                continue
-            data = self.remote[p]
-            d = {"path": p, "size": len(data), "oid": git_blob_sha1(data)}
-            if p.endswith(".safetensors"):
-                d["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
-            out.append(RepoFile(**d))
-        return out
-
-    def names(self) -> list[str]:
-        return [c[0] for c in self.calls]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,11 +150,12 @@ def test_clean_push_calls_and_result(tmp_path):
 
 
 def test_partial_files_are_not_pushed(tmp_path):
-    folder, _ = make_folder(tmp_path / "out")
+    folder, m = make_folder(tmp_path / "out")
     (folder / (SHARD1 + ".partial")).write_bytes(b"half")
     (folder / ".cache" / "huggingface").mkdir(parents=True)
     (folder / ".cache" / "huggingface" / "x.lock").write_bytes(b"")
     r = push(folder, "me/x", api=RecordingApi())
+    assert set(r.uploaded) == set(m.files) | {MANIFEST_NAME}  # everything else, and nothing more
     assert not any(p.endswith(".partial") or p.startswith(".cache") for p in r.uploaded)
 
 
@@ -316,8 +267,8 @@ def test_lfs_files_are_checked_against_the_manifest_without_rereading(tmp_path, 
     folder, _ = make_folder(tmp_path / "out")
     api = RecordingApi()
     read: list[str] = []
-    real = hub.sha256_file
-    monkeypatch.setattr(hub, "sha256_file", lambda p: read.append(Path(p).name) or real(p))
+    real = hub_upload.sha256_file
+    monkeypatch.setattr(hub_upload, "sha256_file", lambda p: read.append(Path(p).name) or real(p))
     push(folder, "me/x", api=api)
     assert read == []  # check_files hashes via manifest.sha256_file, not hub's; hub re-reads no shard
 
@@ -506,7 +457,7 @@ def test_e2e_resolve_source_downloads_and_maps_errors(tmp_path, fake_hub, monkey
     p = hub.resolve_source("org/src", cache_dir=str(tmp_path / "cache"))
     assert (p / "config.json").read_bytes() == b"{}" and (p / SHARD1).stat().st_size == 64
 
-    with pytest.raises(InputError, match="not found on the Hub"):
+    with pytest.raises(InputError, match="org/missing not found"):
         hub.resolve_source("org/missing", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(InputError, match="revision 'nope' not found"):
         hub.resolve_source("org/src", revision="nope", cache_dir=str(tmp_path / "cache"))
@@ -536,11 +487,11 @@ def test_e2e_remote_headers_by_range_requests(fake_hub):
     fake_hub.create("org/src", {SHARD1: a + os.urandom(200_000), SHARD2: b, "model.safetensors.index.json": index})
 
     out = hub.remote_safetensors_headers("org/src", api=api_for(fake_hub))
-    assert out["sharded"] is True and out["weight_map"] == wm and out["index_metadata"] == {"total_size": 46}
-    h1 = out["headers"][SHARD1]
-    assert h1["__metadata__"] == {"format": "pt"}
-    assert h1["x.weight"] == {"dtype": "U8", "shape": [4, 8], "data_offsets": [8, 40]}
-    assert out["headers"][SHARD2] == {"y.weight": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]}}
+    assert out.sharded is True and out.weight_map == wm and out.index_metadata == {"total_size": 46}
+    h1 = out.headers[SHARD1]  # the same header type as a local read gives
+    assert h1.metadata == {"format": "pt"}
+    assert h1.tensors["x.weight"] == TensorInfoLocal("x.weight", "U8", (4, 8), 8, 40)
+    assert out.headers[SHARD2].tensors == {"y.weight": TensorInfoLocal("y.weight", "F16", (3,), 0, 6)}
     # only headers were fetched: every GET of a shard was a ranged one (206)
     shard_gets = [
         s for m, n, path, s in fake_hub.log if m == "GET" and n == "resolve" and path.endswith(".safetensors")

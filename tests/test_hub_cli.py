@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
+from helpers import load_all
+from test_hub import fake_hub  # noqa: F401  (the loopback Hub fixture)
 from typer.testing import CliRunner
 
-from conftest import load_all
 from nvfp4_fuse.cli import app
-from test_hub import fake_hub  # noqa: F401  (the loopback Hub fixture)
 
 
 def test_convert_verify_push_from_a_repo_id(make_ckpt, tmp_path, fake_hub, monkeypatch):  # noqa: F811

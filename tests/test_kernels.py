@@ -247,3 +247,20 @@ def test_cpu_without_interpreter_is_rejected(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         dq.dequantize_nvfp4(*rand_encoding(1, 4, 16))
 
+
+
+@pytest.mark.parametrize("layouts", [(False, False), (False, True)], ids=["lin-lin", "lin-swz"])
+def test_compare_equal_bytes_unequal_scale_2_is_a_difference(seed, layouts):
+    """The fast path skips tiles whose bytes are equal only if their scale_2 is equal too."""
+    e, m, k = UNPADDED
+    packed, scales, s2 = rand_encoding(e, m, k)
+    scales.clamp_(min=0x08)  # normal block scales: every nonzero code decodes to a nonzero value
+    packed |= 0x11  # no zero codes
+    s2b = s2.clone()
+    x = random.randrange(e)
+    s2b[x] = s2b[x] * 1.5
+    b_scales = swizzle_all(scales) if layouts[1] else scales.clone()
+    res = compare_nvfp4(packed, scales, s2, packed.clone(), b_scales, s2b, b_swizzled=layouts[1], bpp=16)
+    want = [m * k if i == x else 0 for i in range(e)]
+    assert res.n_diff.tolist() == want, f"seed {seed}"
+    assert abs(float(res.max_rel[x]) - 0.5) < 1e-5 and res.first_bad_expert() == x, f"seed {seed}"

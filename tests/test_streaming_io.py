@@ -18,23 +18,7 @@ from safetensors.torch import save_file
 from nvfp4_fuse import convert as conv
 from nvfp4_fuse.convert import ConvertOptions, convert, make_plan
 from nvfp4_fuse.safetensors_io import ShardReader, read_header
-from nvfp4_fuse.targets import get_target
-
-
-@pytest.mark.parametrize("target,order", [("vllm-fused", "gate-up"), ("vllm-fused", "up-gate"), ("mega-moe", "gate-up")])
-def test_row_runs_reproduce_join_rows(target, order):
-    tgt = get_target(target, w13_order=order)
-    rows, cols = 8 * random.randint(1, 40), random.randint(1, 9)
-    gate = torch.randint(0, 256, (rows, cols), dtype=torch.uint8)
-    up = torch.randint(0, 256, (rows, cols), dtype=torch.uint8)
-    src = {"gate": gate, "up": up}
-    runs = tgt.w13_row_runs(rows)
-    got = torch.cat([src[role][r0 : r0 + n] for role, r0, n in runs])
-    assert torch.equal(got, tgt.join_rows(gate, up))
-    for role in ("gate", "up"):  # each role's runs cover its rows once, in source order
-        mine = [(r0, n) for r, r0, n in runs if r == role]
-        assert [r0 for r0, _ in mine] == sorted(r0 for r0, _ in mine)
-        assert sum(n for _, n in mine) == rows and mine[0][0] == 0
+from nvfp4_fuse.spec import FUSED_PARTS
 
 
 @pytest.mark.parametrize("short_reads", [False, True])
@@ -98,14 +82,14 @@ def test_read_ahead_stays_within_its_byte_budget(make_ckpt, tmp_path, monkeypatc
     real_write = conv.StreamingShardWriter.write
 
     def write(self, data):
-        if any(k in (self.current or "") for k in ("w13_weight", "w2_weight")):  # fused: one expert per write
+        if (self.current or "").rsplit(".", 1)[-1] in FUSED_PARTS:  # per-expert slices: one task per write
             live["now"] -= len(memoryview(data).cast("B"))
         real_write(self, data)
 
     monkeypatch.setattr(conv, "_fused_task", counting)
     monkeypatch.setattr(conv.StreamingShardWriter, "write", write)
     convert(src, tmp_path / "out", ConvertOptions(target="vllm-fused", workers=4))
-    assert live["tasks"] == 12 * 4  # one MoE layer (layer 0 is dense) and live["now"] == 0
+    assert live["tasks"] == 12 * 4 and live["now"] == 0  # one MoE layer (layer 0 is dense), all written
     assert 0 < live["peak"] <= budget, live
 
 
@@ -132,3 +116,33 @@ def test_peak_estimate_does_not_grow_with_experts(make_ckpt):
     small = make_plan(make_ckpt(layers=2, experts=4, hidden=128, inter=64), opts)
     big = make_plan(make_ckpt(layers=3, experts=32, hidden=128, inter=64, shards=3), opts)
     assert small.peak_memory_estimate(4) == big.peak_memory_estimate(4) == big.peak_memory_estimate(16)
+
+
+def test_writer_refuses_too_few_or_too_many_bytes(tmp_path):
+    """A shard is renamed into place only when every declared byte arrived, and never takes more."""
+    from nvfp4_fuse.safetensors_io import OutEntry, StreamingShardWriter
+
+    n1, n2 = random.randint(1, 5000), random.randint(1, 5000)
+    entries = [OutEntry("a", "U8", (n1,)), OutEntry("b", "U8", (n2,))]
+    short = StreamingShardWriter(tmp_path / "short.safetensors", entries)
+    short.write(os.urandom(n1 + n2 - random.randint(1, n2)))
+    with pytest.raises(RuntimeError, match="tensor b is missing"):
+        short.finish()
+    short.abort()
+    assert not (tmp_path / "short.safetensors").exists() and not list(tmp_path.glob("*.partial"))
+
+    long = StreamingShardWriter(tmp_path / "long.safetensors", entries)
+    with pytest.raises(RuntimeError, match="more than the header declares"):
+        long.write(os.urandom(n1 + n2 + random.randint(1, 9)))
+    long.abort()
+
+    exact = StreamingShardWriter(tmp_path / "exact.safetensors", entries)
+    data = os.urandom(n1 + n2)
+    exact.write(data[:n1 // 2])
+    exact.write(data[n1 // 2 :])
+    size, _ = exact.finish()
+    h = read_header(tmp_path / "exact.safetensors")
+    assert size == (tmp_path / "exact.safetensors").stat().st_size
+    r = ShardReader(h)
+    assert bytes(r.read_bytes("a")) + bytes(r.read_bytes("b")) == data
+    r.close()

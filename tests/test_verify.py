@@ -7,10 +7,10 @@ import random
 from pathlib import Path
 
 import pytest
+from helpers import RecordingApi, run_cli
 
-from conftest import run_cli
 from nvfp4_fuse.convert import ConvertOptions, convert
-from nvfp4_fuse.errors import CheckFailed
+from nvfp4_fuse.errors import CheckFailed, InputError
 from nvfp4_fuse.manifest import MANIFEST_NAME
 from nvfp4_fuse.safetensors_io import read_header
 from nvfp4_fuse.verify import verify
@@ -63,10 +63,23 @@ def test_verify_passes_and_reports(converted, target, unequal):
     assert res.copied_tensors > 0 and res.files_hashed > 0
 
 
-def test_verify_sample_checks_n_experts(converted):
-    src, out = converted(experts=6)
-    res = verify(src, out, device="cpu", sample=2)
-    assert res.layers[0].checked == 2
+def test_verify_sample_checks_n_random_experts_and_honours_the_seed(converted):
+    src, out = converted(experts=8)
+    drawn = []
+    for seed in range(6):
+        res = verify(src, out, device="cpu", sample=2, seed=seed, hash_files=False)
+        layer = res.layers[0]
+        assert layer.checked == 2 and len(set(layer.sampled)) == 2 and set(layer.sampled) <= set(range(8))
+        assert verify(src, out, device="cpu", sample=2, seed=seed, hash_files=False).layers[0].sampled == layer.sampled
+        drawn.append(tuple(sorted(layer.sampled)))
+    assert len(set(drawn)) > 1 and any(d != (0, 1) for d in drawn)  # not always the first N
+    # a damaged expert outside 0..N-1 is found by the seeds that draw it, and only by those
+    _flip(out, f"{P}.w2_weight", 7 * 64 * 16 + 3)  # expert 7 of [8, 64, 16]
+    for seed, d in enumerate(drawn):
+        if 7 in d:
+            _expect_fail(src, out, "expert 7", sample=2, seed=seed, hash_files=False)
+        else:
+            verify(src, out, device="cpu", sample=2, seed=seed, hash_files=False)
 
 
 def _expect_fail(src: Path, out: Path, needle: str, **kw) -> str:
@@ -81,6 +94,52 @@ def test_tampered_file_fails_the_hash_check(converted):
     src, out = converted()
     _flip(out, f"{P}.w13_weight", 5)
     _expect_fail(src, out, "sha256 differs from manifest")
+
+
+class _NoHub:
+    """A Hub client that must never be reached: push has to refuse before any call."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"push called the Hub ({name}) for a folder that does not match its manifest")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors.index.json", "config.json", "README.md"])
+def test_a_same_size_edit_of_any_file_fails_verify_and_push(converted, name):
+    """Not only the shards: the index, the configs and the model card are covered by the manifest."""
+    from nvfp4_fuse.hub import push
+
+    src, out = converted()
+    if name == "README.md":  # the model card that push wrote, recorded in the manifest
+        push(out, "me/x", api=RecordingApi(), card="# card\n\nlayout: as converted\n")
+        verify(src, out, device="cpu")  # a pushed folder, card included, still verifies
+    data = (out / name).read_bytes()
+    k = data.index(b": ") + 1  # a space after a colon becomes a tab: same size, same JSON
+    (out / name).write_bytes(data[:k] + b"\t" + data[k + 1 :])
+    _expect_fail(src, out, f"{name}: sha256 differs from manifest")
+    with pytest.raises(InputError, match="does not match its manifest"):
+        push(out, "me/x", api=_NoHub())
+
+
+def test_multi_shard_output_verifies_and_a_wrong_index_entry_is_found(converted, tmp_path):
+    from nvfp4_fuse.manifest import load_manifest, save_manifest, sha256_file
+
+    src, out = converted(experts=6)
+    out2 = tmp_path / "multi"
+    convert(src, out2, ConvertOptions(target="vllm-fused", max_shard_size=20_000))
+    idx_path = out2 / "model.safetensors.index.json"
+    idx = json.loads(idx_path.read_text())
+    shards = sorted(set(idx["weight_map"].values()))
+    assert len(shards) > 2
+    verify(src, out2, device="cpu")
+    # the index names another shard for one tensor; the manifest is made to agree, so only the
+    # structure check stands between this folder and a loader that would look in the wrong file
+    name = f"{P}.w2_weight_scale"
+    idx["weight_map"][name] = next(s for s in shards if s != idx["weight_map"][name])
+    idx_path.write_text(json.dumps(idx, indent=2) + "\n")
+    man = load_manifest(out2)
+    man.files[idx_path.name] = {"size": idx_path.stat().st_size, "sha256": sha256_file(idx_path)}
+    save_manifest(out2, man)
+    _expect_fail(src, out2, name)
 
 
 def test_tampered_weight_byte_is_located(converted):
@@ -175,3 +234,26 @@ def test_rescale_bound_covers_subnormal_and_clamped_scales_and_catches_a_two_ste
     bad[k] += 2  # two E4M3 steps off
     with pytest.raises(CheckFailed, match="more than half an E4M3 step"):
         _check_rescaled_elementwise("p", 0, w, s, as2, w, bad.view(torch.float8_e4m3fn), bs2)
+
+
+@pytest.mark.parametrize("x,ok", [(0.935, False), (0.945, True), (1.0, True), (1.065, True), (1.07, False)])
+def test_rescale_tolerance_is_exactly_half_an_e4m3_step(x, ok):
+    """A stored block scale s' = 1.0 where the exact rescaled scale is x: allowed iff |s' - x| <= x/16.
+
+    Both sides of the bound are pinned within about one percent of it, in E4M3's normal range, so a
+    looser (or tighter) tolerance fails here every time.
+    """
+    import torch
+
+    from nvfp4_fuse.verify import _check_rescaled_elementwise
+
+    rows = 4
+    w = torch.full((rows, 8), 0x22, dtype=torch.uint8)  # every value is E2M1 1.0
+    one = torch.full((rows, 1), 0x38, dtype=torch.uint8).view(torch.float8_e4m3fn)  # E4M3 1.0
+    as2 = torch.ones(rows, dtype=torch.float32)
+    bs2 = torch.full((rows,), 1 / x, dtype=torch.float32)  # x = (1.0 * 1.0) / bs2
+    if ok:
+        _check_rescaled_elementwise("p", 0, w, one, as2, w, one, bs2)
+    else:
+        with pytest.raises(CheckFailed, match="more than half an E4M3 step"):
+            _check_rescaled_elementwise("p", 0, w, one, as2, w, one, bs2)

@@ -1,0 +1,162 @@
+"""A source checkpoint as read from disk (or from the Hub's shard headers): shards, index, configs.
+
+Scanning a folder reads the index (or the lone ``model.safetensors``) and cross-checks it with every
+shard header, reads ``config.json`` / ``hf_quant_config.json`` strictly, and lists every other file
+(sidecars, copied as they are). Symlinks may not lead out of the folder (or, for a Hub cache snapshot,
+out of the repo's cache folder). Nothing here knows about experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .manifest import MANIFEST_NAME, fingerprint
+from .safetensors_io import PARTIAL_SUFFIX, ShardHeader, TensorInfo, loads_strict_json, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_FILES = ("config.json", "hf_quant_config.json")
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    file: str  # shard file name, relative to the source folder
+    info: TensorInfo
+    reciprocal: bool = False  # compressed-tensors global scale
+
+
+@dataclass
+class Source:
+    """A scanned source checkpoint folder."""
+
+    root: Path
+    headers: dict[str, ShardHeader]  # shard file name -> header
+    tensor_file: dict[str, str]  # tensor name -> shard file name, in source order
+    sidecars: list[str]  # relative paths of every other file to copy
+    configs: dict[str, dict[str, Any]]  # parsed config.json / hf_quant_config.json (if present)
+    had_index: bool
+
+    def fingerprint(self) -> str:
+        """Fingerprint of every shard header and config: a rerun on other input is told apart."""
+        return fingerprint(
+            {
+                "headers": {n: h.raw_header.decode("utf-8", "replace") for n, h in sorted(self.headers.items())},
+                "sizes": {n: h.file_size for n, h in sorted(self.headers.items())},
+                "configs": self.configs,
+            }
+        )
+
+
+def _inside(root: Path, p: Path, what: str) -> Path:
+    """Resolve p (following symlinks) and make sure it stays under root."""
+    try:
+        real = p.resolve(strict=True)
+    except FileNotFoundError:
+        raise InputError(f"{what} does not exist", file=str(p)) from None
+    except (OSError, RuntimeError) as e:  # symlink loops and the like
+        raise InputError(f"{what} cannot be resolved: {e}", file=str(p)) from None
+    if not real.is_relative_to(root):
+        raise InputError(f"{what} leads outside the source folder (to {real})", file=str(p))
+    return real
+
+
+def _safe_relpath(name: Any, *, file: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise InputError(f"index names a shard that is not a file name: {name!r}", file=file)
+    pp = Path(name)
+    if pp.is_absolute() or ".." in pp.parts or name.startswith("/") or "\\" in name:
+        raise InputError(f"index names a shard path outside the folder: {name!r}", file=file)
+    return name
+
+
+def scan_source(root: Path, *, trust_root: Path | None = None) -> Source:
+    """Read the index, every shard header and the configs of a local checkpoint folder.
+
+    ``trust_root`` is the folder symlinks may point into (a Hub cache's repo folder, whose snapshot
+    files are links to its blobs); for a plain folder it is the folder itself.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError("source is not a folder", file=str(root))
+    trust = (trust_root or root).resolve()
+    index_path = root / INDEX_NAME
+    had_index = index_path.exists()
+    if had_index:
+        _inside(trust, index_path, "index")
+        idx = loads_strict_json(index_path.read_bytes(), what="index", file=str(index_path))
+        wm = idx.get("weight_map") if isinstance(idx, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            raise InputError("index has no weight_map", file=str(index_path))
+        for fname in wm.values():
+            _safe_relpath(fname, file=str(index_path))
+        files = sorted(set(wm.values()))
+    else:
+        files = sorted(p.name for p in root.glob("*.safetensors"))
+        if not files:
+            raise InputError(f"no {INDEX_NAME} and no *.safetensors files", file=str(root))
+        wm = None
+    headers: dict[str, ShardHeader] = {}
+    for fname in files:
+        p = root / fname
+        if not p.exists() and not p.is_symlink():
+            raise InputError("index names a shard that does not exist", file=str(p))
+        _inside(trust, p, "shard")
+        headers[fname] = read_header(p)
+    # tensor -> file, checking the index against the headers
+    tensor_file: dict[str, str] = {}
+    order = sorted(
+        ((fname, t) for fname, h in headers.items() for t in h.tensors.values()), key=lambda x: (x[0], x[1].begin)
+    )
+    for fname, t in order:
+        if t.name in tensor_file:
+            raise InputError(f"tensor is defined in both {tensor_file[t.name]} and {fname}", tensor=t.name)
+        if wm is not None:
+            listed = wm.get(t.name)
+            if listed is None:
+                raise InputError("shard holds a tensor that the index does not list", file=fname, tensor=t.name)
+            if listed != fname:
+                raise InputError(f"index says the tensor is in {listed}, but it is in {fname}", tensor=t.name)
+        tensor_file[t.name] = fname
+    if wm is not None:
+        for t, fname in wm.items():
+            if t not in tensor_file:
+                raise InputError(f"index lists a tensor that {fname} does not hold", file=fname, tensor=t)
+    configs: dict[str, dict[str, Any]] = {}
+    for c in CONFIG_FILES:
+        p = root / c
+        if p.exists():
+            _inside(trust, p, c)
+            obj = loads_strict_json(p.read_bytes(), what=c, file=str(p))
+            if not isinstance(obj, dict):
+                raise InputError(f"{c} is not a JSON object", file=str(p))
+            configs[c] = obj
+    sidecars = []
+    shard_set = set(files)
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue  # .cache/, .git/, editor files: not part of the checkpoint
+        if p.is_dir() and not p.is_symlink():
+            continue
+        rel_s = rel.as_posix()
+        if rel_s in shard_set or rel_s == INDEX_NAME:
+            continue
+        if rel_s.endswith(".safetensors") and had_index:
+            raise InputError("safetensors file that the index does not name", file=str(p))
+        if rel_s == MANIFEST_NAME or rel_s.endswith(PARTIAL_SUFFIX):
+            continue
+        real = _inside(trust, p, "file")
+        if real.is_dir():
+            raise InputError("symlink to a folder inside the checkpoint is not supported", file=str(p))
+        sidecars.append(rel_s)
+    return Source(root, headers, tensor_file, sidecars, configs, had_index)
+
+
+def source_from_headers(label: str, headers: dict[str, ShardHeader], *, sharded: bool) -> Source:
+    """A Source from shard headers alone (the Hub's, read by range requests), for a dry-run plan:
+    no configs, no sidecars."""
+    order = sorted(((f, t) for f, h in headers.items() for t in h.tensors.values()), key=lambda x: (x[0], x[1].begin))
+    return Source(Path(label), headers, {t.name: f for f, t in order}, [], {}, sharded)

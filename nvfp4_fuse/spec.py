@@ -1,0 +1,240 @@
+"""The output spec: every tensor, shard, config and metadata entry of a conversion, from headers alone.
+
+Built once from a scanned source and typed options (:class:`OutputOptions`): ``convert`` writes it,
+``verify`` checks an output folder against it, the dry run prints it. It lists every output tensor in
+order (source order; each expert group where its first tensor stood), assigns tensors to shards, and
+knows every byte count before a single weight byte is read. The output configs, shard metadata and
+index are derived here too, so the writer and the checker cannot disagree about them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import InputError
+from .experts import ExpertLayer, group_experts, read_scalars
+from .layout import W13Order
+from .naming import parse_expert_name
+from .quant_config import check_source_configs, output_configs
+from .safetensors_io import OutEntry, ShardReader
+from .source import INDEX_NAME, Source, SourceRef
+from .targets import DEFAULT_TARGET, LAYOUT_VERSION, Target, get_target
+
+# Memory budget of the converter (used by convert.py; here so the spec can estimate the peak).
+COPY_CHUNK = 16 << 20  # non-expert tensors (embeddings: GBs) are copied in pieces of this size
+INFLIGHT_BYTES = 128 << 20  # output bytes read ahead of the writer, at most (always at least one task)
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+
+FUSED_PARTS = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")  # per-expert slices
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """The options that decide the output bytes (the manifest records them; a rerun must match)."""
+
+    target: Target
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    w13_order: W13Order = W13Order.GATE_UP
+
+    @classmethod
+    def parse(
+        cls, target: str = DEFAULT_TARGET, w13_order: str = W13Order.GATE_UP, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    ) -> OutputOptions:
+        """From the command line's or the API's plain values; ``InputError`` for a bad one."""
+        size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+        if size <= 0:
+            raise InputError(f"--max-shard-size must be positive, not {max_shard_size!r}")
+        t = get_target(target, w13_order)
+        return cls(t, size, W13Order(w13_order))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target.name, "w13_order": str(self.w13_order), "max_shard_size": self.max_shard_size}
+
+    @classmethod
+    def from_json(cls, d: Any, *, file: str) -> OutputOptions:
+        if not isinstance(d, dict) or "target" not in d:
+            raise InputError("manifest options name no target", file=file)
+        return cls.parse(d["target"], d.get("w13_order", W13Order.GATE_UP), d.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE))
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    entry: OutEntry
+    kind: str  # "copy" | "fused" (per-expert slices) | "global" (small per-layer tensor)
+    source: SourceRef | None = None  # for "copy"
+    layer: str | None = None  # prefix, for "fused"/"global"
+    part: str | None = None  # e.g. "w13_weight"
+
+
+@dataclass
+class OutShard:
+    name: str
+    tensors: list[OutTensor]
+
+    @property
+    def entries(self) -> list[OutEntry]:
+        return [t.entry for t in self.tensors]
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.entry.nbytes for t in self.tensors)
+
+
+@dataclass
+class OutputSpec:
+    source: Source
+    options: OutputOptions
+    layers: dict[str, ExpertLayer]
+    shards: list[OutShard]
+    max_expert_bytes: int
+
+    @property
+    def target(self) -> Target:
+        return self.options.target
+
+    @property
+    def total_size(self) -> int:
+        return sum(s.data_bytes for s in self.shards)
+
+    def weight_map(self) -> dict[str, str]:
+        return {t.entry.name: s.name for s in self.shards for t in s.tensors}
+
+    # -- what is written besides the shards --------------------------------------------------------
+    def fused_block(self) -> dict[str, Any]:
+        """The ``fused_experts`` block of the output configs."""
+        block = self.target.describe()
+        block["tool"] = f"nvfp4-fuse {__version__}"
+        block["modules"] = {
+            p: {"num_experts": l.dims.experts, "hidden_size": l.dims.hidden, "intermediate_size": l.dims.inter}
+            for p, l in self.layers.items()
+        }
+        return block
+
+    def configs(self) -> dict[str, bytes]:
+        """config.json and hf_quant_config.json of the output (file name -> bytes)."""
+        return output_configs(self.source.configs, self.fused_block())
+
+    def shard_metadata(self) -> dict[str, str]:
+        return {"format": "pt", "nvfp4_fuse_layout": LAYOUT_VERSION, "nvfp4_fuse_target": self.target.name}
+
+    def index_bytes(self) -> bytes:
+        index = {"metadata": {"total_size": self.total_size, "nvfp4_fuse_target": self.target.name}, "weight_map": self.weight_map()}
+        return (json.dumps(index, indent=2) + "\n").encode()
+
+    # -- estimates ---------------------------------------------------------------------------------
+    def sidecar_bytes(self) -> int:
+        return sum((self.source.root / p).stat().st_size for p in self.source.sidecars)
+
+    def output_bytes_estimate(self) -> int:
+        headers = sum(8 + len(json.dumps({t.entry.name: 0 for t in s.tensors})) * 3 for s in self.shards)
+        return self.total_size + headers + self.sidecar_bytes() + (1 << 20)
+
+    def peak_memory_estimate(self, workers: int) -> int:
+        """Read-ahead budget (or one task, if larger), the task being written, scale temporaries, and
+        the interpreter with numpy (the converter never imports torch). Independent of the number of
+        experts, layers and shard size."""
+        return max(INFLIGHT_BYTES, self.max_expert_bytes) + 2 * self.max_expert_bytes + (64 << 20)
+
+
+def build_spec(src: Source, options: OutputOptions, *, with_scalars: bool = True) -> OutputSpec:
+    """The output spec of converting ``src`` with ``options``; ``InputError`` for anything unusable.
+
+    ``with_scalars=False`` (a remote dry run: headers only) skips reading the scalar scales.
+    """
+    target = options.target
+    check_source_configs(src.configs)
+    layers = group_experts(src)
+    if not layers:
+        raise InputError("no routed-expert NVFP4 tensors (<prefix>.experts.<e>.<proj>.<field>) found", file=str(src.root))
+    for layer in layers.values():
+        problems = target.problems(layer.dims)
+        if problems:
+            raise InputError(problems[0], tensor=layer.prefix)
+    if with_scalars:
+        readers = {f: ShardReader(h) for f, h in src.headers.items()}
+        try:
+            for layer in layers.values():
+                read_scalars(layer, readers)
+                layer.ratio_gate, layer.ratio_up = target.scale_2.ratios(
+                    layer.scalars["gate.weight_scale_2"], layer.scalars["up.weight_scale_2"]
+                )
+        finally:
+            for r in readers.values():
+                r.close()
+    out: list[OutTensor] = []
+    emitted: set[str] = set()
+    max_expert = 0
+    for name, fname in src.tensor_file.items():
+        p = parse_expert_name(name)
+        if p is None:
+            info = src.headers[fname].tensors[name]
+            out.append(OutTensor(OutEntry(name, info.dtype, info.shape), "copy", source=SourceRef(fname, info)))
+            max_expert = max(max_expert, min(info.nbytes, COPY_CHUNK))
+            continue
+        if p.prefix in emitted:
+            continue
+        emitted.add(p.prefix)
+        layer = layers[p.prefix]
+        for entry in target.out_entries(p.prefix, layer.dims):
+            part = entry.name[len(p.prefix) + 1 :]
+            kind = "fused" if part in FUSED_PARTS else "global"
+            out.append(OutTensor(entry, kind, layer=p.prefix, part=part))
+            if kind == "fused":
+                max_expert = max(max_expert, entry.nbytes // max(1, layer.dims.experts))
+    # Shards: greedy fill; a tensor is never split, a tensor larger than the limit gets its own shard.
+    groups: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in out:
+        n = t.entry.nbytes
+        if groups[-1] and size + n > options.max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += n
+    shards = [OutShard(shard_file_name(i, len(groups)), g) for i, g in enumerate(groups)]
+    return OutputSpec(src, options, layers, shards, max_expert)
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(s: str) -> int:
+    t = s.strip().upper().replace(" ", "")
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num) :]
+    if unit not in SIZE_UNITS:
+        raise InputError(f"cannot read size {s!r} (examples: 5GB, 500MB, 2GiB)")
+    try:
+        v = float(num)
+    except ValueError:
+        raise InputError(f"cannot read size {s!r} (examples: 5GB, 500MB, 2GiB)") from None
+    if v <= 0:
+        raise InputError(f"size must be positive: {s!r}")
+    return int(v * SIZE_UNITS[unit])
+
+
+def shard_file_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def disk_free(path: Path) -> int:
+    p = Path(path)
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+__all__ = ["INDEX_NAME", "OutputOptions", "OutputSpec", "OutShard", "OutTensor", "build_spec", "parse_size", "human", "disk_free"]

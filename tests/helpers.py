@@ -1,0 +1,104 @@
+"""Plain helpers shared by the tests: read a whole checkpoint, rewrite its tensors, run the CLI, a
+recording stand-in for the Hub client."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def load_all(folder: Path) -> dict[str, torch.Tensor]:
+    idx = json.loads((folder / "model.safetensors.index.json").read_text())
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(set(idx["weight_map"].values())):
+        out.update(load_file(folder / f))
+    return out
+
+
+def rewrite_tensors(folder: Path, fn: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    """Apply fn to each shard's tensor dict in place (it may add, drop or change tensors); fix the index."""
+    idx_path = folder / "model.safetensors.index.json"
+    idx = json.loads(idx_path.read_text())
+    wm = {}
+    for f in sorted(set(idx["weight_map"].values())):
+        tensors = load_file(folder / f)
+        fn(tensors)
+        save_file(tensors, folder / f, metadata={"format": "pt"})
+        for n in tensors:
+            wm[n] = f
+    idx["weight_map"] = wm
+    idx_path.write_text(json.dumps(idx))
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nvfp4_fuse.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+class RecordingApi:
+    """The four HfApi methods push uses. ``upload_outcomes`` scripts upload_folder: an exception
+    is raised, anything else means success (the folder is then "stored" as the Hub would)."""
+
+    def __init__(self, upload_outcomes=(), *, create_outcomes=()):
+        self.calls: list[tuple[str, dict]] = []
+        self.upload_outcomes = list(upload_outcomes)
+        self.create_outcomes = list(create_outcomes)
+        self.remote: dict[str, bytes] = {}
+        self.tamper: dict[str, bytes] = {}  # path -> bytes the "Hub" ends up holding instead
+        self.drop: set[str] = set()
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kw}))
+        if self.create_outcomes and isinstance(e := self.create_outcomes.pop(0), BaseException):
+            raise e
+        return f"http://127.0.0.1:1/{repo_id}"
+
+    def create_branch(self, repo_id, **kw):
+        self.calls.append(("create_branch", {"repo_id": repo_id, **kw}))
+
+    def upload_folder(self, **kw):
+        from nvfp4_fuse.hub import local_upload_files
+
+        self.calls.append(("upload_folder", kw))
+        if self.upload_outcomes and isinstance(e := self.upload_outcomes.pop(0), BaseException):
+            raise e
+        folder = Path(kw["folder_path"])
+        for rel in local_upload_files(folder):
+            if rel not in self.drop:
+                self.remote[rel] = self.tamper.get(rel, (folder / rel).read_bytes())
+
+        class Commit:
+            oid = "c" * 40
+            commit_url = "http://127.0.0.1:1/me/x/commit/" + "c" * 40
+
+        return Commit()
+
+    def get_paths_info(self, repo_id, paths, *, revision=None, repo_type=None):
+        from huggingface_hub.hf_api import RepoFile
+
+        self.calls.append(("get_paths_info", {"paths": list(paths), "revision": revision}))
+        out = []
+        for p in paths:
+            if p not in self.remote:
+                continue
+            data = self.remote[p]
+            d = {"path": p, "size": len(data), "oid": git_blob_sha1(data)}
+            if p.endswith(".safetensors"):
+                d["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            out.append(RepoFile(**d))
+        return out
+
+    def names(self) -> list[str]:
+        return [c[0] for c in self.calls]
