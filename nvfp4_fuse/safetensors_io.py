@@ -94,11 +94,13 @@ class ShardHeader:
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    d: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in d:
-            raise _DuplicateKey(k)
-        d[k] = v
+    d = dict(pairs)
+    if len(d) != len(pairs):  # the slow search only when there is something to find
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
     return d
 
 
@@ -146,6 +148,14 @@ def read_header(path: Path) -> ShardHeader:
     return header
 
 
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+def _uints(xs: Any, bound: int) -> bool:
+    """A list of non-negative integers below ``bound`` (bools are not integers here)."""
+    return type(xs) is list and all(type(d) is int and 0 <= d < bound for d in xs)
+
+
 def header_from_json(
     path: Path, obj: Any, *, data_start: int, file_size: int | None, raw_header: bytes = b""
 ) -> ShardHeader:
@@ -169,19 +179,15 @@ def header_from_json(
             name.encode("utf-8")
         except UnicodeEncodeError:
             raise InputError(f"tensor name {name!r} is not valid Unicode (a lone surrogate escape)", file=f) from None
-        if not isinstance(spec, dict) or set(spec) - {"dtype", "shape", "data_offsets"} or len(spec) != 3:
+        if type(spec) is not dict or spec.keys() != _ENTRY_KEYS:
             raise InputError("tensor entry must have exactly dtype, shape and data_offsets", file=f, tensor=name)
         dtype, shape, offs = spec["dtype"], spec["shape"], spec["data_offsets"]
         if dtype not in DTYPE_BITS:
             raise InputError(f"unknown dtype {dtype!r}", file=f, tensor=name)
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise InputError(f"shape {shape!r} is not a list of non-negative integers", file=f, tensor=name)
-        if (
-            not isinstance(offs, list)
-            or len(offs) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)
-            or offs[0] > offs[1]
-        ):
+        if not _uints(shape, 2**63):
+            # (a dimension must also fit a signed 64-bit integer, as torch and numpy need it to)
+            raise InputError(f"shape {shape!r} is not a list of non-negative 64-bit integers", file=f, tensor=name)
+        if not _uints(offs, 2**64) or len(offs) != 2 or offs[0] > offs[1]:
             raise InputError(f"data_offsets {offs!r} are not [begin, end] with begin <= end", file=f, tensor=name)
         try:
             want = tensor_nbytes(dtype, shape)
@@ -256,6 +262,14 @@ class ShardReader:
                 else:
                     views[i] = views[i][n:]
                     n = 0
+
+    def read_small(self, name: str) -> bytes:
+        """A small tensor's bytes (a scalar scale) with one plain pread."""
+        off, length = self._range(name, 0, None)
+        data = os.pread(self._fd, length, off)
+        if len(data) != length:
+            raise InputError("file ended early while reading (truncated?)", file=str(self.header.path), tensor=name)
+        return data
 
     def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> bytearray:
         off, length = self._range(name, start, length)

@@ -90,9 +90,10 @@ def scan_source(root: Path, *, trust_root: Path | None = None) -> Source:
         wm = idx.get("weight_map") if isinstance(idx, dict) else None
         if not isinstance(wm, dict) or not wm:
             raise InputError("index has no weight_map", file=str(index_path))
-        for fname in wm.values():
-            _safe_relpath(fname, file=str(index_path))
-        files = sorted(set(wm.values()))
+        for v in wm.values():
+            if not isinstance(v, str):
+                _safe_relpath(v, file=str(index_path))  # raises
+        files = sorted({_safe_relpath(f, file=str(index_path)) for f in set(wm.values())})
     else:
         files = sorted(p.name for p in root.glob("*.safetensors"))
         if not files:
