@@ -303,25 +303,6 @@ class MergeByMax(Scale2Policy):
         return stored, stored
 
 
-class KeepBoth(Scale2Policy):
-    """Both values kept, ``[E, 2]`` (gate, up): nothing is rescaled."""
-
-    name = "keep-both"
-    rescales = False
-
-    def w13_shape(self, experts: int) -> tuple[int, ...]:
-        return (experts, 2)
-
-    def ratios(self, s2_gate: np.ndarray, s2_up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.ones_like(s2_gate), np.ones_like(s2_up)
-
-    def w13_tensor(self, s2_gate: np.ndarray, s2_up: np.ndarray) -> np.ndarray:
-        return as_f32(np.stack((s2_gate, s2_up), axis=1))
-
-    def split(self, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return stored[:, 0], stored[:, 1]
-
-
 class InputScalePolicy(ABC):
     """How each expert's gate and up ``input_scale`` become ``w13_input_scale``."""
 
@@ -344,18 +325,6 @@ class ExpertMax(InputScalePolicy):
 
     def w13_tensor(self, in_gate: np.ndarray, in_up: np.ndarray) -> np.ndarray:
         return as_f32(np.maximum(in_gate, in_up))
-
-
-class LayerMax(InputScalePolicy):
-    """``[]``: one value, the max over every expert's gate and up."""
-
-    name = "layer-max"
-
-    def w13_shape(self, experts: int) -> tuple[int, ...]:
-        return ()
-
-    def w13_tensor(self, in_gate: np.ndarray, in_up: np.ndarray) -> np.ndarray:
-        return as_f32(np.maximum(in_gate, in_up).max())
 
 
 # ---------------------------------------------------------------------------------------------------

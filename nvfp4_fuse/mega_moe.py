@@ -45,20 +45,13 @@ Per expert, with ``H`` = hidden and ``I`` = intermediate size:
 
 The kernel takes the values as torch.int8; the bytes are the uint8 ones stored here (``.view``).
 
-Global scales (not part of this layout; how vLLM's loader derives them, modelopt.py @ 61c30309):
-``l1_alphas[E, 2]`` (gate, up), ``l2_alphas[E]`` and ``a2_scales[E]``, all fp32. With ModelOpt's
-``w13_weight_scale_2[E, 2]``, ``w13_input_scale[E_global, 2]``, ``w2_weight_scale_2[E]``,
-``w2_input_scale[E_global]``::
-
-    a1        = the single value of w13_input_scale  (must be identical for all experts and shards)
-    l1_alphas = w13_weight_scale_2 * a1                # FC1 input global scale folded in
-    l2_alphas = w2_weight_scale_2
-    a2_scales = full([E], the single value of w2_input_scale)   # also must be uniform
-    activation quantization uses global scale 1 / a1
-
-See :func:`vllm_alphas`. vLLM reads ModelOpt's *natural* per-expert tensors and runs
-``transform_weights_for_mega_moe`` itself after loading; it has no path that reads pre-transformed
-bytes, so a ``mega-moe`` checkpoint needs a loader that skips that call.
+Global scales are not part of this transform. vLLM 0.33's ``DeepGemmMegaMoEExperts`` with the
+``MEGA_MOE_NVFP4`` format takes one ``w13_weight_scale_2`` per expert (it refuses unequal gate/up
+values; the converter merges them by max and rescales the smaller half's block scales), one
+``w2_weight_scale_2`` per expert, and quantizes L2 inputs with the max of ``w2_input_scale`` over all
+experts; L1 inputs are quantized per token. Its parameters are registered in this layout and every
+checkpoint shard is written straight into them (``_kernel_layout_shard``), which is what lets a
+``mega-moe`` checkpoint load with no transform at all.
 """
 
 from __future__ import annotations
@@ -366,41 +359,3 @@ def from_mega_moe(
 ) -> NaturalExpert:
     """Batched inverse of :func:`to_mega_moe`."""
     return _from_mega(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, 1, kernel_rules)
-
-
-# --------------------------------------------------------------------------------------------
-# global scales, as vLLM's ModelOpt adapter derives them
-
-
-def vllm_alphas(
-    w13_weight_scale_2: torch.Tensor,
-    w13_input_scale: torch.Tensor,
-    w2_weight_scale_2: torch.Tensor,
-    w2_input_scale: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """``l1_alphas`` [E, 2], ``l2_alphas`` [E], ``a2_scales`` [E] and ``a1_scale`` [] (all fp32).
-
-    Follows ModelOptNvFp4MegaMoE.process_weights_after_loading (vllm-project/vllm modelopt.py @
-    61c30309): the input scales must be one finite positive value across all experts and both
-    shards (else ``ValueError``); ``l1_alphas = w13_weight_scale_2 * a1`` (column 0 gate,
-    column 1 up), ``l2_alphas = w2_weight_scale_2``, ``a2_scales`` = that uniform w2 input scale
-    repeated per expert. vLLM quantizes the FC1 input with global scale ``1 / a1``.
-    """
-
-    def uniform(name: str, t: torch.Tensor) -> torch.Tensor:
-        v = t.detach().to(torch.float32).reshape(-1)
-        if v.numel() == 0 or not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
-            raise ValueError(f"{name} must hold finite positive values")
-        if not bool((v == v[0]).all()):
-            raise ValueError(f"{name} must be identical across all experts and shards for mega-moe")
-        return v[0].reshape(())
-
-    for name, t in (("w13_weight_scale_2", w13_weight_scale_2), ("w2_weight_scale_2", w2_weight_scale_2)):
-        v = t.detach().to(torch.float32)
-        if v.numel() == 0 or not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
-            raise ValueError(f"{name} must hold finite positive values")
-    a1 = uniform("w13_input_scale", w13_input_scale)
-    a2 = uniform("w2_input_scale", w2_input_scale)
-    l1 = w13_weight_scale_2.to(torch.float32).reshape(-1, 2).contiguous() * a1
-    l2 = w2_weight_scale_2.to(torch.float32).reshape(-1).contiguous()
-    return {"l1_alphas": l1, "l2_alphas": l2, "a2_scales": torch.full_like(l2, float(a2)), "a1_scale": a1}

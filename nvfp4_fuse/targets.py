@@ -19,8 +19,6 @@ from .layout import (
     GateThenUp,
     InputScalePolicy,
     InterleavedByGroup,
-    KeepBoth,
-    LayerMax,
     LinearScales,
     MegaMoEScales,
     MergeByMax,
@@ -35,16 +33,27 @@ from .layout import (
 from .naming import fused_name
 from .safetensors_io import OutEntry
 
-LAYOUT_VERSION = "nvfp4-fuse/v1"
+LAYOUT_VERSION = "nvfp4-fuse/v2"
+# What the last version bump changed, written into every fused_experts block.
+LAYOUT_CHANGES = (
+    "v2: mega-moe holds exactly vLLM 0.33's DeepGemmMegaMoEExperts NVFP4 parameters: I8 values, one "
+    "w13_weight_scale_2 per expert [E] (gate/up merged by max, the smaller half's block scales rescaled, RNE) "
+    "instead of [E, 2], w13_input_scale per expert [E] (max of gate/up) instead of one value; vllm-fused "
+    "and linear unchanged since v1"
+)
 
-# How a loader of the mega-moe layout gets the kernel's global scales (see nvfp4_fuse/mega_moe.py).
+# How vLLM's DeepGemmMegaMoEExperts (format MEGA_MOE_NVFP4) reads the mega-moe layout; the
+# nvfp4_fuse.vllm plugin does this with each EP rank's slice [start, end) of the expert dimension.
 MEGA_MOE_LOADER = {
-    "l1_alphas": "w13_input_scale * w13_weight_scale_2  ([E, 2]: gate, up)",
-    "l2_alphas": "w2_weight_scale_2",
-    "a2_scales": "w2_input_scale",
-    "activation_global_scale": "1 / w13_input_scale",
-    "weight_scale_view": "w*_weight_scale.transpose(1, 2)  (MN-major [E, N, K/64] int32)",
-    "weight_dtype": "w*_weight.view(torch.int8)",
+    "reader": "vLLM DeepGemmMegaMoEExperts, weight_format MEGA_MOE_NVFP4 (nvfp4_fuse.vllm plugin)",
+    "w13_weight": "int8 [E, 2I, H/2], the parameter itself",
+    "w2_weight": "int8 [E, H, I/2], the parameter itself",
+    "w13_weight_scale": "int32 [E, H/64, 2I], the storage of the MN-major parameter (its .transpose(-1, -2))",
+    "w2_weight_scale": "int32 [E, I/64, H], likewise",
+    "w13_weight_scale_2": "[E], the kernel's one L1 scale per expert",
+    "w2_weight_scale_2": "[E]",
+    "w2_input_scale": "[E]; the kernel quantizes every L2 input with the max over all experts",
+    "w13_input_scale": "[E]; not read by vLLM's NVFP4 MegaMoE (L1 activations are quantized per token)",
 }
 
 
@@ -119,6 +128,8 @@ class Target:
             "w13_weight_scale_2": self.scale_2.name,
             "w13_input_scale": self.input_scale.name,
             "w2_input_scale": "per-expert",
+            "values": str(self.values),
+            "changes": LAYOUT_CHANGES,
         }
         if self.loader:
             d["loader"] = dict(self.loader)
@@ -130,13 +141,13 @@ TARGETS: dict[str, Target] = {
     for t in (
         Target(
             "mega-moe",
-            "DeepGEMM NVFP4 MegaMoE (vLLM --moe-backend deep_gemm_mega_moe): gate/up rows "
-            "interleaved by 8, int32-packed UTCCP-permuted MN-major scales, gate and up scale_2 kept",
+            "vLLM's DeepGEMM NVFP4 MegaMoE parameters (--moe-backend deep_gemm_mega_moe): I8 values, gate/up "
+            "rows interleaved by 8, int32-packed UTCCP-permuted MN-major scales, one scale_2 per expert",
             rows=InterleavedByGroup(),
             scales=MegaMoEScales(),
-            scale_2=KeepBoth(),
-            input_scale=LayerMax(),
-            values=PackedValues.U8,
+            scale_2=MergeByMax(),
+            input_scale=ExpertMax(),
+            values=PackedValues.I8,
             serve_hint="vllm serve {repo_id} --moe-backend deep_gemm_mega_moe",
             loader=MEGA_MOE_LOADER,
         ),

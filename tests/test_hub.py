@@ -74,7 +74,7 @@ def make_folder(root: Path, files: dict[str, bytes] | None = None, *, manifest: 
         (root / name).write_bytes(data)
     m = Manifest(
         tool_version="0.1.0",
-        layout="nvfp4-fuse/v1",
+        layout="nvfp4-fuse/v2",
         target="mega-moe",
         options={"w13_order": "gate-up", "max_shard_size": "5GB"},
         input_fingerprint="f" * 64,
@@ -333,7 +333,7 @@ def test_model_card_front_matter_and_sections(tmp_path):
         assert heading in card
     assert "vllm serve me/Some-MoE-FP4-mega --moe-backend deep_gemm_mega_moe" in card
     assert "| `w13_order` | `gate-up` |" in card
-    assert "`nvfp4-fuse/v1`" in card and "`mega-moe`" in card
+    assert "`nvfp4-fuse/v2`" in card and "`mega-moe`" in card
     assert "| layer | experts | max_abs_err | result |" in card and "| 2 | 256 | 0 | bit-exact |" in card
     assert "nvfp4-fuse convert nvidia/Some-MoE-FP4" in card and "nvfp4-fuse 0.1.0" in card
 

@@ -14,8 +14,6 @@ from nvfp4_fuse.layout import (
     ExpertMax,
     GateThenUp,
     InterleavedByGroup,
-    KeepBoth,
-    LayerMax,
     LinearScales,
     MegaMoEScales,
     MergeByMax,
@@ -135,25 +133,11 @@ def test_merge_by_max():
     assert torch.equal(sg, torch.from_numpy(t)) and torch.equal(su, torch.from_numpy(t))
 
 
-def test_keep_both():
-    e = random.randint(2, 40)
-    g, u = _scale_2_pairs(e)
-    p = KeepBoth()
-    t = p.w13_tensor(g, u)
-    assert t.shape == p.w13_shape(e) == (e, 2)
-    rg, ru = p.ratios(g, u)
-    assert (rg == 1).all() and (ru == 1).all()
-    sg, su = p.split(torch.from_numpy(t))
-    assert np.array_equal(sg.numpy(), g) and np.array_equal(su.numpy(), u)
-
-
 def test_input_scale_policies():
     e = random.randint(2, 40)
     g, u = _scale_2_pairs(e)
     per_expert = ExpertMax().w13_tensor(g, u)
     assert per_expert.shape == ExpertMax().w13_shape(e) and np.array_equal(per_expert, np.maximum(g, u))
-    layer = LayerMax().w13_tensor(g, u)
-    assert layer.shape == LayerMax().w13_shape(e) == () and float(layer) == float(max(g.max(), u.max()))
 
 
 @pytest.mark.parametrize("name", list(TARGETS))

@@ -332,22 +332,3 @@ def test_expert_input_errors() -> None:
 
 
 # ---------------------------------------------------------------- alphas
-
-
-def test_vllm_alphas() -> None:
-    e = 4
-    ws2 = torch.rand(e, 2) + 0.1
-    w2s2 = torch.rand(e) + 0.1
-    a1 = float(torch.rand(()) + 0.1)
-    a2 = float(torch.rand(()) + 0.1)
-    out = mm.vllm_alphas(ws2, torch.full((e, 2), a1), w2s2, torch.full((e,), a2))
-    assert torch.equal(out["l1_alphas"], ws2 * torch.tensor(a1))
-    assert out["l1_alphas"].shape == (e, 2) and out["l2_alphas"].shape == (e,)
-    assert torch.equal(out["l2_alphas"], w2s2)
-    assert torch.equal(out["a2_scales"], torch.full((e,), a2))
-    uneven = torch.full((e, 2), a1)
-    uneven[1, 1] *= 2
-    with pytest.raises(ValueError, match="identical"):
-        mm.vllm_alphas(ws2, uneven, w2s2, torch.full((e,), a2))
-    with pytest.raises(ValueError, match="positive"):
-        mm.vllm_alphas(ws2, torch.full((e, 2), a1), w2s2, torch.zeros(e))

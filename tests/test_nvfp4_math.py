@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from test_convert import ref_e4m3_round, ref_swizzle
+from references import ref_e4m3_round, ref_swizzle
 
 from nvfp4_fuse import host_layout, nvfp4
 from nvfp4_fuse.swizzle import padded_shape, swizzle_128x4, swizzle_offset, unswizzle_128x4

@@ -202,13 +202,15 @@ def test_verify_cli_exit_codes_and_json(converted):
     assert r.returncode == 2
 
 
-def test_verify_mega_moe_is_bit_identical(make_ckpt, tmp_path):
-    src = make_ckpt(layers=2, experts=3, hidden=512, inter=512, unequal_scale_2=True)
+@pytest.mark.parametrize("unequal", [False, True])
+def test_verify_mega_moe(make_ckpt, tmp_path, unequal):
+    src = make_ckpt(layers=2, experts=3, hidden=512, inter=512, unequal_scale_2=unequal)
     out = tmp_path / "mm"
     convert(src, out, ConvertOptions())
     res = verify(src, out, device="cpu")
     assert res.target == "mega-moe"
-    assert all(l.max_abs == 0 and l.max_rel == 0 for l in res.layers)
+    for l in res.layers:  # equal gate/up scale_2: bit-identical; unequal: the smaller half rescaled
+        assert (l.rescaled == 3 and 0 < l.max_rel <= 0.0625) if unequal else (l.rescaled == 0 and l.max_abs == 0)
     # a flipped int32 scale word is found and named in natural coordinates
     _flip(out, f"{P}.w13_weight_scale", 4 * 5 + 1, xor=0x01)
     _expect_fail(src, out, "w13_weight_scale: expert 0", hash_files=False)
