@@ -55,41 +55,47 @@ def _progress() -> Progress:
     )
 
 
-def _print_plan(plan: Any, out_dir: Path, workers: int) -> None:
-    from .spec import disk_free, human
+def _print_plan(plan: Any, out_dir: Path, workers: int, as_json: bool) -> None:
+    from .spec import human
 
-    src = plan.source
-    t = Table(title=f"nvfp4-fuse plan: target {plan.target.name}", show_lines=False)
-    for c in ("expert module", "experts", "hidden", "intermediate", "gate/up scale_2 differ", "input-scale max/min"):
+    d = plan.summary(workers, out_dir)
+    if as_json:
+        out.print_json(json.dumps(d))
+        return
+    t = Table(title=f"nvfp4-fuse plan: target {d['target']}", show_lines=False)
+    for c in ("expert module", "experts", "hidden", "intermediate", "gate/up scale_2 differ", "input-scale max/min (w13 / w2)"):
         t.add_column(c, justify="right" if c != "expert module" else "left", no_wrap=c == "expert module")
-    for p, layer in plan.layers.items():
-        known = bool(layer.scalars)
+    for m in d["modules"]:
+        known = "input_scale_spread" in m
         t.add_row(
-            p,
-            str(layer.dims.experts),
-            str(layer.dims.hidden),
-            str(layer.dims.inter),
-            (f"{layer.scale_2_mismatches}" + (" (rescaled)" if layer.scale_2_mismatches and plan.target.scale_2.rescales else " (kept both)" if not plan.target.scale_2.rescales else ""))
-            if known
-            else "n/a",
-            f"{layer.input_scale_spread:.3g}" if known else "n/a",
+            m["prefix"],
+            str(m["experts"]),
+            str(m["hidden"]),
+            str(m["intermediate"]),
+            (f"{m['scale_2_mismatches']}" + (" (rescaled)" if m["rescaled_experts"] else "")) if known else "n/a",
+            f"{m['input_scale_spread']:.3g} / {m['w2_input_scale_spread']:.3g}" if known else "n/a",
         )
     out.print(t)
+    for p, g in d["copied_expert_modules"].items():
+        out.print(f"{p}: {g['experts']} experts, {g['format']}, copied (left per expert, byte for byte)")
     s = Table(title="output shards")
     s.add_column("file")
     s.add_column("tensors", justify="right")
     s.add_column("bytes", justify="right")
-    for sh in plan.shards:
-        s.add_row(sh.name, str(len(sh.tensors)), human(sh.data_bytes))
+    for sh in d["shards"]:
+        s.add_row(sh["name"], str(sh["tensors"]), human(sh["bytes"]))
     out.print(s)
-    need = plan.output_bytes_estimate()
-    out.print(f"source: {src.root} ({len(src.headers)} shards, {len(src.tensor_file)} tensors, {len(src.sidecars)} other files)")
-    for p, layer in plan.layers.items():
-        if layer.scalars and layer.input_scale_spread > 256:
-            out.print(f"[yellow]warning:[/yellow] {p}: input scales span {layer.input_scale_spread:.0f}x; merging them by max costs precision above ~256x")
-    out.print(f"target: {plan.target.name}: {plan.target.description}")
-    out.print(f"disk needed: {human(need)}; free at {out_dir}: {human(disk_free(out_dir))}")
-    out.print(f"peak memory (estimate, {workers} workers): {human(plan.peak_memory_estimate(workers))}")
+    src = d["source"]
+    out.print(f"source: {src['path']} ({src['shards']} shards, {src['tensors']} tensors, {src['other_files']} other files)")
+    for m in d["modules"]:
+        if m.get("input_scale_spread", 1) > 256:
+            out.print(
+                f"[yellow]warning:[/yellow] {m['prefix']}: input scales span {m['input_scale_spread']:.0f}x; "
+                "merging them by max costs precision above ~256x"
+            )
+    out.print(f"target: {d['target']}: {d['description']}")
+    out.print(f"disk needed: {human(d['disk_needed'])}; free at {out_dir}: {human(d['disk_free'])}")
+    out.print(f"peak memory (estimate, {workers} workers): {human(d['peak_memory_estimate'])}")
 
 
 @app.command()
@@ -118,13 +124,14 @@ def convert(
         remote = hub.remote_safetensors_headers(source, revision=revision)
         src = source_from_headers(source, remote.headers, sharded=remote.sharded)
         plan = build_spec(src, opts.output_options(), with_scalars=False)
-        _print_plan(plan, output, workers)
-        out.print("(planned from the Hub's shard headers alone: scalar scales not read, sidecar sizes not counted)")
+        _print_plan(plan, output, workers, json_out)
+        if not json_out:
+            out.print("(planned from the Hub's shard headers alone: scalar scales not read, sidecar sizes not counted)")
         return
     folder, trust = _resolve(source, revision)
     plan = make_plan(folder, opts, trust_root=trust)
     if dry_run:
-        _print_plan(plan, output, workers)
+        _print_plan(plan, output, workers, json_out)
         return
     with _progress() as prog:
         task = prog.add_task("convert", total=plan.total_size)
@@ -139,6 +146,7 @@ def convert(
                     "resumed_shards": res.resumed_shards,
                     "seconds": res.seconds,
                     "layers": [r.to_json() for r in res.layers],
+                    "copied_expert_modules": {p: {"format": g.format, "experts": g.experts} for p, g in plan.copied_groups.items()},
                     "files": res.files,
                 }
             )
@@ -148,11 +156,16 @@ def convert(
         out.print(f"[green]{output} already holds this conversion (manifest matches); nothing to do.")
         return
     t = Table(title=f"converted to {plan.target.name} in {res.seconds:.1f} s")
-    for c in ("expert module", "experts", "rescaled", "max rescale change", "input-scale max/min"):
+    for c in ("expert module", "experts", "rescaled", "max rescale change", "input-scale max/min (w13 / w2)"):
         t.add_column(c, justify="left" if c == "expert module" else "right", no_wrap=c == "expert module")
     for r in res.layers:
-        t.add_row(r.prefix, str(r.experts), str(r.rescaled_experts), f"{100 * r.max_rescale_change:.2f}%", f"{r.input_scale_spread:.3g}")
+        t.add_row(
+            r.prefix, str(r.experts), str(r.rescaled_experts), f"{100 * r.max_rescale_change:.2f}%",
+            f"{r.input_scale_spread:.3g} / {r.w2_input_scale_spread:.3g}",
+        )  # fmt: skip
     out.print(t)
+    for g in plan.copied_groups.values():
+        out.print(f"{g.prefix}: {g.experts} experts, {g.format}, copied")
     if res.resumed_shards:
         out.print(f"resumed: kept {len(res.resumed_shards)} complete shard(s) from an earlier run")
     out.print(f"wrote {len(plan.shards)} shard(s), {human(plan.total_size)} of tensors, to {output}")
@@ -203,6 +216,8 @@ def verify(
     for r in res.layers:
         t.add_row(r.prefix, f"{r.checked}/{r.experts}", str(r.rescaled), f"{r.max_abs:.3g}", f"{100 * r.max_rel:.3f}%")
     out.print(t)
+    for g in res.copied_groups:
+        out.print(f"{g['prefix']}: {g['experts']} experts, {g['format']}, copied: every byte identical to the source")
     if res.note:
         out.print(f"note: {res.note}")
     out.print(
@@ -273,21 +288,39 @@ def _read_verify_summary(folder: Path) -> dict | None:
 @app.command()
 def sample(
     output: Path = typer.Argument(..., help="Folder to write the sample checkpoint into."),
-    scheme: str = typer.Option("deepseek", help="Tensor names: deepseek, hf, mixtral, compressed-tensors."),
-    layers: int = typer.Option(3, help="Layers (with --dense-first-layer, layer 0 is dense)."),
+    arch: str = typer.Option("modelopt", help="modelopt (names from --scheme) or deepseek-v4 (a recipe's real format, --recipe)."),
+    recipe: str = typer.Option("nvidia", help="deepseek-v4: nvidia (ModelOpt's recipe) or canada (canada-quant's)."),
+    scheme: str = typer.Option("deepseek", help="modelopt: tensor names: deepseek, hf, mixtral, compressed-tensors."),
+    layers: int | None = typer.Option(None, help="Layers (modelopt: 3, layer 0 dense; deepseek-v4: 4, the first 3 hash-routed)."),
     experts: int = typer.Option(8, help="Routed experts per MoE layer."),
-    hidden: int = typer.Option(256, help="Hidden size H."),
-    intermediate: int = typer.Option(128, help="Expert intermediate size I."),
+    hidden: int | None = typer.Option(None, help="Hidden size H (modelopt: 256, deepseek-v4: 512)."),
+    intermediate: int | None = typer.Option(None, help="Expert intermediate size I (modelopt: 128, deepseek-v4: 512)."),
     shards: int = typer.Option(3, help="Number of shards."),
-    unequal_scale_2: bool = typer.Option(False, "--unequal-scale-2", help="Give gate and up different weight_scale_2."),
+    values: str = typer.Option("U8", help="deepseek-v4: dtype of the NVFP4 experts' packed values, U8 or I8."),
+    unequal_scale_2: bool = typer.Option(False, "--unequal-scale-2", help="modelopt: give gate and up different weight_scale_2."),
     seed: int | None = typer.Option(None, help="Random seed (default: random)."),
 ) -> None:
-    """Write a small real-format ModelOpt NVFP4 MoE checkpoint (random weights, real quantization)."""
+    """Write a small real-format NVFP4 MoE checkpoint (random weights, real quantization)."""
+    if arch == "deepseek-v4":
+        from .sample_dsv4 import DSv4SampleSpec, make_dsv4_sample
+
+        spec4 = DSv4SampleSpec(recipe, layers or 4, min(3, layers or 4), experts, hidden or 512, intermediate or 512, shards, values, seed=seed)
+        try:
+            make_dsv4_sample(output, spec4)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        out.print(f"sample DeepSeek-V4 checkpoint ({recipe} recipe, {spec4.layers} layers + MTP, {experts} experts) written to {output}")
+        return
+    if arch != "modelopt":
+        raise InputError(f"--arch must be modelopt or deepseek-v4, not {arch!r}")
     from .sample import SampleSpec, make_sample_checkpoint
 
-    spec = SampleSpec(scheme, layers, experts, hidden, intermediate, shards, unequal_scale_2, seed=seed)
-    make_sample_checkpoint(output, spec)
-    out.print(f"sample checkpoint ({scheme} names, {layers} layers, {experts} experts) written to {output}")
+    spec = SampleSpec(scheme, layers or 3, experts, hidden or 256, intermediate or 128, shards, unequal_scale_2, seed=seed)
+    try:
+        make_sample_checkpoint(output, spec)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    out.print(f"sample checkpoint ({scheme} names, {spec.layers} layers, {experts} experts) written to {output}")
 
 
 def main() -> None:

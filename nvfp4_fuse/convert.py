@@ -70,6 +70,7 @@ class LayerReport:
     rescaled_experts: int = 0
     max_rescale_change: float = 0.0  # largest relative change of a dequantized value
     input_scale_spread: float = 1.0  # max/min of the gate/up input scales
+    w2_input_scale_spread: float = 1.0  # max/min of the down input scales
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -375,7 +376,9 @@ def plan_fingerprints(spec: OutputSpec) -> dict[str, str]:
 
 def layer_reports(spec: OutputSpec) -> dict[str, LayerReport]:
     return {
-        p: LayerReport(p, l.dims.experts, l.dims.hidden, l.dims.inter, l.rescaled_experts, 0.0, l.input_scale_spread)
+        p: LayerReport(
+            p, l.dims.experts, l.dims.hidden, l.dims.inter, l.rescaled_experts, 0.0, l.input_scale_spread, l.w2_input_scale_spread
+        )
         for p, l in spec.layers.items()
     }
 
@@ -460,7 +463,11 @@ def convert(
         options=spec.options.to_json(),
         input_fingerprint=fp["input"],
         files=files,
-        source={"source": source_label or str(source_dir), "layers": {p: r.to_json() for p, r in reports.items()}},
+        source={
+            "source": source_label or str(source_dir),
+            "layers": {p: r.to_json() for p, r in reports.items()},
+            **({"copied_expert_modules": spec.fused_block()["copied_expert_modules"]} if spec.copied_groups else {}),
+        },
     )
     save_manifest(out, manifest)
     (out / PROGRESS_NAME).unlink(missing_ok=True)

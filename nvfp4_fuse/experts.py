@@ -1,8 +1,18 @@
-"""Routed-expert groups: which tensors are one layer's experts, and whether they are complete and sane.
+"""Routed-expert groups: which tensors are one layer's experts, in which format, complete and sane.
 
-Routed-expert tensors are grouped per ``<prefix>.experts``; each group is checked for completeness
-(experts 0..E-1, gate/up/down, all four NVFP4 fields), dtypes and shapes, and its scalar scales are
-read and checked (finite, > 0). Every problem is an :class:`InputError` naming file and tensor.
+Routed-expert tensors are grouped per ``<prefix>.experts``, and each group is recognised by its
+tensors' dtypes and shapes, never by name alone:
+
+- NVFP4 (what is converted): packed E2M1 values (U8 or I8 ``[out, in/2]``), an E4M3 block scale
+  ``[out, in/16]`` (``weight_scale``, or ``scale`` as canada-quant stores it), ``weight_scale_2`` and
+  ``input_scale`` (F32, 0-d or ``[1]``). Checked for completeness (experts 0..E-1, gate/up/down, every
+  field), dtypes and shapes; its scalar scales are read and checked (finite, > 0).
+- MXFP4 (DeepSeek-V4's native experts, which both published NVFP4 recipes keep in their MTP layer):
+  I8 (or U8) values ``[out, in/2]`` and an E8M0 ``scale`` ``[out, in/32]``, nothing else. Left per
+  expert and copied byte for byte.
+
+A group that is neither clearly, or mixes the two, is refused. Every problem is an
+:class:`InputError` naming file and tensor.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .constants import MXFP4_BLOCK
 from .errors import InputError
 from .naming import CANON_FIELDS, ROLES, UnknownExpertPart, parse_expert_name
 from .safetensors_io import ShardReader
@@ -32,6 +43,11 @@ class ExpertLayer:
         return self.parts[(e, role, fld)]
 
     @property
+    def names(self) -> list[str]:
+        """Its source tensors."""
+        return [r.info.name for r in self.parts.values()]
+
+    @property
     def rescaled_experts(self) -> int:
         assert self.ratio_gate is not None and self.ratio_up is not None
         return int(((self.ratio_gate != 1) | (self.ratio_up != 1)).sum())
@@ -43,11 +59,31 @@ class ExpertLayer:
 
     @property
     def input_scale_spread(self) -> float:
+        """max/min of the gate and up input scales over the layer's experts."""
         v = np.concatenate([self.scalars[f"{r}.input_scale"] for r in ("gate", "up")])
         return float(v.max() / v.min())
 
+    @property
+    def w2_input_scale_spread(self) -> float:
+        """max/min of the down input scales (a loader that takes their max quantizes with it)."""
+        v = self.scalars["down.input_scale"]
+        return float(v.max() / v.min())
 
-_WANT_DTYPE = {"weight": "U8", "weight_scale": "F8_E4M3", "weight_scale_2": "F32", "input_scale": "F32"}
+
+@dataclass(frozen=True)
+class CopiedGroup:
+    """An expert group that is not converted (MXFP4): its tensors are copied per expert, as they are."""
+
+    prefix: str
+    format: str
+    experts: int
+    tensors: int
+    names: frozenset[str] = frozenset()  # its tensors
+
+
+_WANT_DTYPE = {"weight": ("U8", "I8"), "weight_scale": ("F8_E4M3",), "weight_scale_2": ("F32",), "input_scale": ("F32",)}
+NVFP4_ONLY_FIELDS = ("weight_scale", "weight_scale_2", "input_scale")
+Parts = dict[tuple[int, str, str], SourceRef]  # (expert, role, field) -> source tensor
 
 
 def _ranges(nums: list[int]) -> str:
@@ -65,9 +101,12 @@ def _ranges(nums: list[int]) -> str:
     return ", ".join(out)
 
 
-def group_experts(src: Source) -> dict[str, ExpertLayer]:
-    """Group routed-expert tensors per prefix (layers in source order); other tensors are not experts."""
-    raw: dict[str, dict[tuple[int, str, str], SourceRef]] = {}
+def group_experts(src: Source) -> tuple[dict[str, ExpertLayer], dict[str, CopiedGroup]]:
+    """Group routed-expert tensors per prefix and recognise each group's format.
+
+    Returns (NVFP4 layers to convert, groups left as they are), each in source order.
+    """
+    raw: dict[str, Parts] = {}
     projs: dict[tuple[str, int, str], set[str]] = {}
     for name, fname in src.tensor_file.items():
         try:
@@ -88,18 +127,81 @@ def group_experts(src: Source) -> dict[str, ExpertLayer]:
     for (prefix, e, role), names in projs.items():
         if len(names) > 1:
             raise InputError(f"{prefix}.{e}: {role} is named both {' and '.join(sorted(names))}")
-    layers = {}
+    layers: dict[str, ExpertLayer] = {}
+    copied: dict[str, CopiedGroup] = {}
     for prefix, parts in raw.items():
-        layers[prefix] = _check_layer(prefix, parts)
+        if _group_format(prefix, parts) == "MXFP4":
+            copied[prefix] = _check_mxfp4_group(prefix, parts)
+        else:
+            layers[prefix] = _check_layer(prefix, _nvfp4_fields(parts))
     existing = set(src.tensor_file)
     for prefix in layers:
         for part in ("w13_weight", "w2_weight", "w13_input_scale"):
             if f"{prefix}.{part}" in existing:
                 raise InputError(f"{prefix} already has fused tensors; is this checkpoint already converted?", tensor=f"{prefix}.{part}")
-    return layers
+    return layers, copied
 
 
-def _check_layer(prefix: str, parts: dict[tuple[int, str, str], SourceRef]) -> ExpertLayer:
+def _part_format(fields: dict[str, SourceRef]) -> str | None:
+    """One expert projection's format from its tensors: "MXFP4", "NVFP4", or None (cannot tell)."""
+    scale = fields.get("scale")
+    if scale is not None and scale.info.dtype not in ("F8_E4M3", "F8_E8M0"):
+        raise InputError(
+            f"a routed expert's .scale must be F8_E4M3 (an NVFP4 block scale, [out, in/16]) or F8_E8M0 "
+            f"(MXFP4, [out, in/32]), not {scale.info.dtype}",
+            file=scale.file,
+            tensor=scale.info.name,
+        )
+    if scale is not None and scale.info.dtype == "F8_E8M0":
+        return "MXFP4"
+    if scale is not None or any(f in fields for f in NVFP4_ONLY_FIELDS):
+        return "NVFP4"
+    return None
+
+
+def _group_format(prefix: str, parts: Parts) -> str:
+    """The group's format; every projection of every expert must agree (``InputError`` naming the first
+    tensor that does not)."""
+    by_part: dict[tuple[int, str], dict[str, SourceRef]] = {}
+    for (e, role, fld), ref in parts.items():
+        by_part.setdefault((e, role), {})[fld] = ref
+    formats = {k: _part_format(v) for k, v in by_part.items()}
+    known = [f for f in formats.values() if f]
+    if not known:
+        ref = next(iter(parts.values()))
+        raise InputError(
+            f"{prefix}: routed experts with no scale tensors are neither NVFP4 nor MXFP4", file=ref.file, tensor=ref.info.name
+        )
+    first = known[0]
+    for (e, role), fmt in sorted(formats.items()):
+        if fmt != first:
+            fields = by_part[(e, role)]
+            ref = fields.get("scale") or next(iter(fields.values()))
+            raise InputError(
+                f"{prefix} mixes MXFP4 and NVFP4 experts: expert {e} {role} is {fmt or 'neither'}, "
+                f"others are {first}",
+                file=ref.file,
+                tensor=ref.info.name,
+            )
+    return first
+
+
+def _nvfp4_fields(parts: Parts) -> Parts:
+    """An NVFP4 group's parts with canada-quant's ``scale`` read as the ``weight_scale`` it is."""
+    out: Parts = {}
+    for (e, role, fld), ref in parts.items():
+        canon = "weight_scale" if fld == "scale" else fld
+        if (e, role, canon) in out or (fld == "weight_scale" and (e, role, "scale") in parts):
+            other = parts[(e, role, "scale")] if fld == "weight_scale" else out[(e, role, canon)]
+            raise InputError(
+                f"expert {e} {role} has two block scales (also {other.info.name})", file=ref.file, tensor=ref.info.name
+            )
+        out[(e, role, canon)] = ref
+    return out
+
+
+def _check_complete(prefix: str, parts: Parts, fields: tuple[str, ...]) -> int:
+    """Experts 0..E-1, each with gate, up and down and every field; returns E."""
     experts = sorted({k[0] for k in parts})
     n = experts[-1] + 1
     if experts != list(range(n)):
@@ -107,18 +209,46 @@ def _check_layer(prefix: str, parts: dict[tuple[int, str, str], SourceRef]) -> E
         raise InputError(f"{prefix}: expert indices have gaps: missing {_ranges(missing)} (found {_ranges(experts)})")
     for e in range(n):
         for role in ROLES:
-            for fld in CANON_FIELDS:
+            for fld in fields:
                 if (e, role, fld) not in parts:
                     have = [f for (ee, r, f) in parts if ee == e and r == role]
                     what = f"{prefix}.{e} {role}"
                     raise InputError(
                         f"{what}: missing {fld}" + (f" (has {', '.join(sorted(have))})" if have else " (no tensors at all)")
                     )
+    return n
+
+
+def _check_mxfp4_group(prefix: str, parts: Parts) -> CopiedGroup:
+    n = _check_complete(prefix, parts, ("weight", "scale"))
+    for (_, _, fld), ref in parts.items():
+        if fld not in ("weight", "scale"):
+            raise InputError(f"an MXFP4 expert has no {fld}", file=ref.file, tensor=ref.info.name)
+        if fld == "weight" and ref.info.dtype not in ("I8", "U8"):
+            raise InputError(f"MXFP4 packed values must be I8 or U8, not {ref.info.dtype}", file=ref.file, tensor=ref.info.name)
+        if len(ref.info.shape) != 2:
+            raise InputError(f"{fld} must be 2-D, not {list(ref.info.shape)}", file=ref.file, tensor=ref.info.name)
+    for e in range(n):
+        for role in ROLES:
+            w, s = parts[(e, role, "weight")], parts[(e, role, "scale")]
+            rows, half = w.info.shape
+            if (2 * half) % MXFP4_BLOCK or s.info.shape != (rows, 2 * half // MXFP4_BLOCK):
+                raise InputError(
+                    f"MXFP4 scale is {list(s.info.shape)}, expected [{rows}, {2 * half // MXFP4_BLOCK}] for values "
+                    f"{list(w.info.shape)} (one E8M0 scale per {MXFP4_BLOCK} values)",
+                    file=s.file,
+                    tensor=s.info.name,
+                )
+    return CopiedGroup(prefix, "MXFP4", n, len(parts), frozenset(r.info.name for r in parts.values()))
+
+
+def _check_layer(prefix: str, parts: Parts) -> ExpertLayer:
+    n = _check_complete(prefix, parts, CANON_FIELDS)
     # dtypes and scalar shapes
     for (_, _, fld), ref in parts.items():
         want = _WANT_DTYPE[fld]
-        if ref.info.dtype != want:
-            raise InputError(f"{fld} must be {want}, not {ref.info.dtype}", file=ref.file, tensor=ref.info.name)
+        if ref.info.dtype not in want:
+            raise InputError(f"{fld} must be {' or '.join(want)}, not {ref.info.dtype}", file=ref.file, tensor=ref.info.name)
         if fld in ("weight_scale_2", "input_scale") and ref.info.shape not in ((), (1,)):
             raise InputError(f"{fld} must be a scalar ([] or [1]), not {list(ref.info.shape)}", file=ref.file, tensor=ref.info.name)
         if fld in ("weight", "weight_scale") and len(ref.info.shape) != 2:
@@ -165,7 +295,7 @@ def read_scalars(layer: ExpertLayer, readers: dict[str, ShardReader]) -> None:
             vals = np.empty(n, dtype=np.float32)
             for e in range(n):
                 ref = layer.ref(e, role, fld)
-                v = np.frombuffer(readers[ref.file].read_bytes(ref.info.name), dtype="<f4")[0]
+                v = np.frombuffer(readers[ref.file].read_small(ref.info.name), dtype="<f4")[0]
                 x = float(v)
                 if not math.isfinite(x) or x <= 0:
                     raise InputError(f"{fld} is {x}; it must be finite and > 0", file=ref.file, tensor=ref.info.name)

@@ -8,7 +8,10 @@ HF (``model.layers.1.mlp.experts.0.gate_proj.weight``), Mixtral
 
 ModelOpt fields are ``weight``, ``weight_scale``, ``weight_scale_2`` and ``input_scale``;
 compressed-tensors NVFP4 uses ``weight_packed``, ``weight_global_scale`` (= 1/weight_scale_2) and
-``input_global_scale`` (= 1/input_scale).
+``input_global_scale`` (= 1/input_scale). DeepSeek-V4 checkpoints have a ``scale`` field, which is
+either an NVFP4 block scale (F8_E4M3 ``[out, in/16]``, canada-quant's recipe) or the native MXFP4 scale
+(F8_E8M0 ``[out, in/32]``): the name alone does not tell, so it stays ``scale`` here and
+``experts.py`` decides by dtype and shape.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ FIELD_CANON = {
     "weight_packed": ("weight", False),
     "weight_global_scale": ("weight_scale_2", True),
     "input_global_scale": ("input_scale", True),
+    "scale": ("scale", False),  # NVFP4 block scale or MXFP4 scale, by dtype and shape (experts.py)
 }
-CANON_FIELDS = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+CANON_FIELDS = ("weight", "weight_scale", "weight_scale_2", "input_scale")  # an NVFP4 expert's fields
 
 _EXPERT_RE = re.compile(r"^(?P<prefix>.+\.experts|experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.(?P<field>[A-Za-z0-9_]+)$")
 

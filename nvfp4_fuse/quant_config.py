@@ -1,52 +1,168 @@
 """What the source's quantization configs say, and what the output's say.
 
-The source's ``config.json`` ``quantization_config`` and ``hf_quant_config.json`` are checked to
-describe an NVFP4 checkpoint that is not fused yet; the output's are the source's with a
-``fused_experts`` block added (every other key kept), so a loader and ``verify`` can tell what they read.
+Sources come with several spellings of "NVFP4 experts": ModelOpt's (``quant_method: modelopt``,
+``quant_algo: NVFP4`` and ``hf_quant_config.json``), DeepSeek-V4's (``quant_method: fp8`` for the rest
+of the model with ``moe_quant_algo: NVFP4``, optionally ``quant_algo: MIXED_PRECISION`` with
+``quantized_layers`` and ``ignore``, or canada-quant's ``expert_format`` block), compressed-tensors'.
+They are accepted as long as they do not contradict the tensors; the tensors decide what each expert
+group is (``experts.py``).
+
+The output's configs keep every key of the source's and gain a ``fused_experts`` block. Where the
+source has ``quantized_layers`` or an ``ignore`` / ``exclude_modules`` list, they are made to describe
+what is now on disk: one ``quantized_layers`` entry per fused module (per-expert entries of the
+ModelOpt schema are folded into it), no NVFP4 entry for an expert group that stayed MXFP4, and every
+such group covered by the ignore list.
 """
 
 from __future__ import annotations
 
+import copy
+import fnmatch
 import json
+from collections.abc import Iterable
 from typing import Any
 
+from .constants import NVFP4_BLOCK
 from .errors import InputError
 
 FUSED_BLOCK_KEY = "fused_experts"
+NVFP4_ALGO = "NVFP4"
+
+
+def _blocks(configs: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(where, block) for each quantization block: config.json's and hf_quant_config.json's."""
+    out = []
+    cfg = configs.get("config.json")
+    if isinstance(cfg, dict) and isinstance(cfg.get("quantization_config"), dict):
+        out.append(("config.json quantization_config", cfg["quantization_config"]))
+    hq = configs.get("hf_quant_config.json")
+    if isinstance(hq, dict):
+        out.append(("hf_quant_config.json", hq))
+        if isinstance(hq.get("quantization"), dict):
+            out.append(("hf_quant_config.json quantization", hq["quantization"]))
+    return out
 
 
 def check_source_configs(configs: dict[str, dict[str, Any]]) -> None:
-    """Refuse checkpoints whose configs say they are not NVFP4, or that are already fused."""
-    hq = configs.get("hf_quant_config.json")
-    cfg = configs.get("config.json", {})
-    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-    for where, block in (("hf_quant_config.json", hq), ("config.json quantization_config", qc)):
-        if isinstance(block, dict) and FUSED_BLOCK_KEY in block:
+    """Refuse configs that say the checkpoint is not NVFP4, or that it is already fused."""
+    cfg = configs.get("config.json")
+    if cfg is not None and "quantization_config" in cfg and not isinstance(cfg["quantization_config"], dict):
+        raise InputError("config.json quantization_config is not an object", file="config.json")
+    for where, block in _blocks(configs):
+        if FUSED_BLOCK_KEY in block:
             raise InputError(f"{where} has a {FUSED_BLOCK_KEY} block: this checkpoint is already fused")
-    if isinstance(hq, dict):
-        algo = (hq.get("quantization") or {}).get("quant_algo")
-        if algo not in (None, "NVFP4", "MIXED_PRECISION"):
-            raise InputError(f"hf_quant_config.json says quant_algo {algo!r}; only NVFP4 is supported", file="hf_quant_config.json")
+        file = where.split()[0]
+        algo = block.get("quant_algo")
+        method = block.get("quant_method")
+        if algo is not None and str(algo).upper() not in (NVFP4_ALGO, "MIXED_PRECISION") and method in (None, "modelopt"):
+            raise InputError(f"{where} says quant_algo {algo!r}; only NVFP4 is supported", file=file)
+        moe = block.get("moe_quant_algo")
+        if moe is not None and str(moe).upper() != NVFP4_ALGO:
+            raise InputError(f"{where} says moe_quant_algo {moe!r}; only NVFP4 experts are converted", file=file)
+
+
+def _owner(key: str, prefixes: Iterable[str]) -> str | None:
+    for p in prefixes:
+        if key == p or key.startswith(p + "."):
+            return p
+    return None
+
+
+def _ignored_by(patterns: list[Any], module: str) -> str | None:
+    for pat in patterns:
+        if isinstance(pat, str) and (fnmatch.fnmatchcase(module, pat) or fnmatch.fnmatchcase(module + ".w1", pat)):
+            return pat
+    return None
+
+
+def check_against_groups(configs: dict[str, dict[str, Any]], fused: list[str]) -> None:
+    """Refuse configs whose ignore list covers an expert group that holds NVFP4 tensors."""
+    for where, block in _blocks(configs):
+        for key in ("ignore", "exclude_modules"):
+            pats = block.get(key)
+            if not isinstance(pats, list):
+                continue
+            for p in fused:
+                pat = _ignored_by(pats, p)
+                if pat is not None:
+                    raise InputError(
+                        f"{where} {key} entry {pat!r} excludes {p}, whose tensors are NVFP4 experts", file=where.split()[0]
+                    )
+
+
+def _quantized_layers(ql: dict[str, Any], fused: list[str], copied: list[str]) -> dict[str, Any]:
+    """One entry per fused module, where its first entry (module or per-expert) stood; NVFP4 claims
+    about groups that stayed MXFP4 dropped; every other entry kept as it is."""
+    out: dict[str, Any] = {}
+
+    def entry(p: str) -> dict[str, Any]:
+        base = ql.get(p)
+        if not isinstance(base, dict):
+            base = next((v for k, v in ql.items() if _owner(k, [p]) and isinstance(v, dict)), {})
+        e = dict(base)
+        e["quant_algo"] = NVFP4_ALGO
+        if "group_size" not in e:
+            e["group_size"] = NVFP4_BLOCK
+        return e
+
+    for key, val in ql.items():
+        p = _owner(key, fused)
+        if p is not None:
+            if p not in out:
+                out[p] = entry(p)
+            continue
+        c = _owner(key, copied)
+        if c is not None and isinstance(val, dict) and str(val.get("quant_algo", "")).upper() == NVFP4_ALGO:
+            continue  # that group is MXFP4 on disk
+        out[key] = val
+    for p in fused:
+        if p not in out:
+            out[p] = entry(p)
+    return out
+
+
+def _ignore_list(pats: list[Any], copied: list[str]) -> list[Any]:
+    out = list(pats)
+    for c in copied:
+        if _ignored_by(out, c) is None:
+            out.append(c)
+    return out
+
+
+def _describe_disk(block: dict[str, Any], fused: list[str], copied: list[str]) -> None:
+    if isinstance(block.get("quantized_layers"), dict):
+        block["quantized_layers"] = _quantized_layers(block["quantized_layers"], fused, copied)
+    for key in ("ignore", "exclude_modules"):
+        if isinstance(block.get(key), list):
+            block[key] = _ignore_list(block[key], copied)
 
 
 def _dump(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
-def output_configs(configs: dict[str, dict[str, Any]], block: dict[str, Any]) -> dict[str, bytes]:
-    """config.json and hf_quant_config.json (those the source has) with ``block`` added."""
+def output_configs(
+    configs: dict[str, dict[str, Any]], block: dict[str, Any], fused: list[str], copied: list[str]
+) -> dict[str, bytes]:
+    """config.json and hf_quant_config.json (those the source has) with ``block`` added and their
+    module lists made to describe the output (``fused``: converted expert modules, ``copied``: expert
+    groups left as they were)."""
     out = {}
     cfg = configs.get("config.json")
     if cfg is not None:
-        cfg = json.loads(json.dumps(cfg))
+        cfg = copy.deepcopy(cfg)
         qc = cfg.setdefault("quantization_config", {})
         if not isinstance(qc, dict):
             raise InputError("config.json quantization_config is not an object", file="config.json")
+        _describe_disk(qc, fused, copied)
         qc[FUSED_BLOCK_KEY] = block
         out["config.json"] = _dump(cfg)
     hq = configs.get("hf_quant_config.json")
     if hq is not None:
-        hq = json.loads(json.dumps(hq))
+        hq = copy.deepcopy(hq)
+        _describe_disk(hq, fused, copied)
+        if isinstance(hq.get("quantization"), dict):
+            _describe_disk(hq["quantization"], fused, copied)
         hq[FUSED_BLOCK_KEY] = block
         out["hf_quant_config.json"] = _dump(hq)
     return out

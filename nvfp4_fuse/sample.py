@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .nvfp4 import E2M1_MAX, E4M3_MAX, quantize
+from .constants import E2M1_MAX, E4M3_MAX
+from .nvfp4 import quantize
 from .safetensors_io import OutEntry, StreamingShardWriter, tensor_bytes
 
 SCHEMES = ("hf", "mixtral", "deepseek", "compressed-tensors")
@@ -117,7 +118,16 @@ def _layer_tensors(spec: SampleSpec, layer: int, gen: torch.Generator) -> Iterat
         yield from _nvfp4_linear(f"{prefix}.{e}.{proj['down']}", h, i, gen, scale_2=None, input_scale=in_down, ct=ct, fast=spec.fast)
 
 
-_DTYPE_NAME = {torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32", torch.bfloat16: "BF16"}
+_DTYPE_NAME = {
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e8m0fnu: "F8_E8M0",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+}
 
 
 def _configs(spec: SampleSpec) -> dict[str, dict]:
@@ -183,11 +193,19 @@ def make_sample_checkpoint(out: Path, spec: SampleSpec | None = None) -> Path:
             yield from _layer_tensors(spec, layer, gen)
         yield "lm_head.weight" if spec.scheme != "deepseek" else "head.weight", (torch.randn(64, h, generator=gen) * 0.02).to(torch.bfloat16)
 
-    # Sizes are needed up front to split evenly: estimate from the spec, then fill shards in order.
-    total = _estimate_bytes(spec)
-    per_shard = math.ceil(total / spec.shards)
+    configs = _configs(spec)
+    readme = f"Sample NVFP4 MoE checkpoint ({spec.scheme} names), made by nvfp4-fuse.\n"
+    return write_sharded(out, all_tensors(), _estimate_bytes(spec), spec.shards, configs, readme)
+
+
+def write_sharded(
+    out: Path, tensors: Iterator[tuple[str, torch.Tensor]], total: int, shards: int, configs: dict[str, dict], readme: str
+) -> Path:
+    """Write ``tensors`` (made lazily, in order) into about ``shards`` shards of ``total / shards`` bytes
+    each, with an index, the configs and a few sidecars. Returns ``out``."""
+    per_shard = math.ceil(total / shards)
     weight_map: dict[str, str] = {}
-    shard_names = [f"model-{k + 1:05d}-of-{spec.shards:05d}.safetensors" for k in range(spec.shards)]
+    shard_names = [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
     pending: list[tuple[str, torch.Tensor]] = []
     size = 0
     k = 0
@@ -201,17 +219,17 @@ def make_sample_checkpoint(out: Path, spec: SampleSpec | None = None) -> Path:
         for n, _ in items:
             weight_map[n] = name
 
-    for name, t in all_tensors():
+    for name, t in tensors:
         pending.append((name, t))
         size += t.numel() * t.element_size()
-        if size >= per_shard and k < spec.shards - 1:
+        if size >= per_shard and k < shards - 1:
             flush(pending, shard_names[k])
             pending, size, k = [], 0, k + 1
     if pending:
         flush(pending, shard_names[k])
         k += 1
     n_real = k  # an empty last shard is never written
-    if n_real < spec.shards:  # fewer shards filled than asked: rename so the names stay consistent
+    if n_real < shards:  # fewer shards filled than asked: rename so the names stay consistent
         renamed = {}
         for j in range(n_real):
             new = f"model-{j + 1:05d}-of-{n_real:05d}.safetensors"
@@ -221,11 +239,11 @@ def make_sample_checkpoint(out: Path, spec: SampleSpec | None = None) -> Path:
     total_size = sum((out / f).stat().st_size for f in set(weight_map.values()))
     index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    for name, obj in _configs(spec).items():
+    for name, obj in configs.items():
         (out / name).write_text(json.dumps(obj, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}) + "\n")
-    (out / "README.md").write_text(f"Sample NVFP4 MoE checkpoint ({spec.scheme} names), made by nvfp4-fuse.\n")
+    (out / "README.md").write_text(readme)
     return out
 
 

@@ -17,10 +17,9 @@ from typing import Any
 
 from . import __version__
 from .errors import InputError
-from .experts import ExpertLayer, group_experts, read_scalars
+from .experts import CopiedGroup, ExpertLayer, group_experts, read_scalars
 from .layout import W13Order
-from .naming import parse_expert_name
-from .quant_config import check_source_configs, output_configs
+from .quant_config import check_against_groups, check_source_configs, output_configs
 from .safetensors_io import OutEntry, ShardReader
 from .source import INDEX_NAME, Source, SourceRef
 from .targets import DEFAULT_TARGET, LAYOUT_VERSION, Target, get_target
@@ -89,7 +88,8 @@ class OutShard:
 class OutputSpec:
     source: Source
     options: OutputOptions
-    layers: dict[str, ExpertLayer]
+    layers: dict[str, ExpertLayer]  # NVFP4 expert groups, converted
+    copied_groups: dict[str, CopiedGroup]  # expert groups left as they are (MXFP4), copied per expert
     shards: list[OutShard]
     max_expert_bytes: int
 
@@ -113,11 +113,15 @@ class OutputSpec:
             p: {"num_experts": l.dims.experts, "hidden_size": l.dims.hidden, "intermediate_size": l.dims.inter}
             for p, l in self.layers.items()
         }
+        if self.copied_groups:
+            block["copied_expert_modules"] = {
+                p: {"format": g.format, "num_experts": g.experts} for p, g in self.copied_groups.items()
+            }
         return block
 
     def configs(self) -> dict[str, bytes]:
         """config.json and hf_quant_config.json of the output (file name -> bytes)."""
-        return output_configs(self.source.configs, self.fused_block())
+        return output_configs(self.source.configs, self.fused_block(), list(self.layers), list(self.copied_groups))
 
     def shard_metadata(self) -> dict[str, str]:
         return {"format": "pt", "nvfp4_fuse_layout": LAYOUT_VERSION, "nvfp4_fuse_target": self.target.name}
@@ -125,6 +129,34 @@ class OutputSpec:
     def index_bytes(self) -> bytes:
         index = {"metadata": {"total_size": self.total_size, "nvfp4_fuse_target": self.target.name}, "weight_map": self.weight_map()}
         return (json.dumps(index, indent=2) + "\n").encode()
+
+    def summary(self, workers: int, out_dir: Path | None = None) -> dict[str, Any]:
+        """The plan as plain data (what the dry run prints, as a table or as JSON)."""
+        mods = []
+        for p, l in self.layers.items():
+            m: dict[str, Any] = {"prefix": p, "experts": l.dims.experts, "hidden": l.dims.hidden, "intermediate": l.dims.inter}
+            if l.scalars:  # not read for a plan from remote headers
+                m |= {
+                    "scale_2_mismatches": l.scale_2_mismatches,
+                    "rescaled_experts": l.rescaled_experts,
+                    "input_scale_spread": l.input_scale_spread,
+                    "w2_input_scale_spread": l.w2_input_scale_spread,
+                }
+            mods.append(m)
+        src = self.source
+        return {
+            "target": self.target.name,
+            "description": self.target.description,
+            "modules": mods,
+            "copied_expert_modules": {p: {"format": g.format, "experts": g.experts} for p, g in self.copied_groups.items()},
+            "shards": [{"name": s.name, "tensors": len(s.tensors), "bytes": s.data_bytes} for s in self.shards],
+            "total_bytes": self.total_size,
+            "source": {"path": str(src.root), "shards": len(src.headers), "tensors": len(src.tensor_file), "other_files": len(src.sidecars)},
+            "disk_needed": self.output_bytes_estimate(),
+            "disk_free": disk_free(out_dir) if out_dir is not None else None,
+            "peak_memory_estimate": self.peak_memory_estimate(workers),
+            "workers": workers,
+        }
 
     # -- estimates ---------------------------------------------------------------------------------
     def sidecar_bytes(self) -> int:
@@ -148,9 +180,11 @@ def build_spec(src: Source, options: OutputOptions, *, with_scalars: bool = True
     """
     target = options.target
     check_source_configs(src.configs)
-    layers = group_experts(src)
+    layers, copied = group_experts(src)
     if not layers:
-        raise InputError("no routed-expert NVFP4 tensors (<prefix>.experts.<e>.<proj>.<field>) found", file=str(src.root))
+        also = f" (only {', '.join(f'{g.prefix} ({g.format})' for g in copied.values())})" if copied else ""
+        raise InputError(f"no routed-expert NVFP4 tensors (<prefix>.experts.<e>.<proj>.<field>) found{also}", file=str(src.root))
+    check_against_groups(src.configs, list(layers))
     for layer in layers.values():
         problems = target.problems(layer.dims)
         if problems:
@@ -169,21 +203,22 @@ def build_spec(src: Source, options: OutputOptions, *, with_scalars: bool = True
     out: list[OutTensor] = []
     emitted: set[str] = set()
     max_expert = 0
+    owner = {n: prefix for prefix, layer in layers.items() for n in layer.names}  # converted tensors' groups
     for name, fname in src.tensor_file.items():
-        p = parse_expert_name(name)
-        if p is None:
+        prefix = owner.get(name)
+        if prefix is None:  # copied as it is: not an expert, or an expert group left as it was (MXFP4)
             info = src.headers[fname].tensors[name]
             out.append(OutTensor(OutEntry(name, info.dtype, info.shape), "copy", source=SourceRef(fname, info)))
             max_expert = max(max_expert, min(info.nbytes, COPY_CHUNK))
             continue
-        if p.prefix in emitted:
+        if prefix in emitted:
             continue
-        emitted.add(p.prefix)
-        layer = layers[p.prefix]
-        for entry in target.out_entries(p.prefix, layer.dims):
-            part = entry.name[len(p.prefix) + 1 :]
+        emitted.add(prefix)
+        layer = layers[prefix]
+        for entry in target.out_entries(prefix, layer.dims):
+            part = entry.name[len(prefix) + 1 :]
             kind = "fused" if part in FUSED_PARTS else "global"
-            out.append(OutTensor(entry, kind, layer=p.prefix, part=part))
+            out.append(OutTensor(entry, kind, layer=prefix, part=part))
             if kind == "fused":
                 max_expert = max(max_expert, entry.nbytes // max(1, layer.dims.experts))
     # Shards: greedy fill; a tensor is never split, a tensor larger than the limit gets its own shard.
@@ -197,7 +232,7 @@ def build_spec(src: Source, options: OutputOptions, *, with_scalars: bool = True
         groups[-1].append(t)
         size += n
     shards = [OutShard(shard_file_name(i, len(groups)), g) for i, g in enumerate(groups)]
-    return OutputSpec(src, options, layers, shards, max_expert)
+    return OutputSpec(src, options, layers, copied, shards, max_expert)
 
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

@@ -63,6 +63,7 @@ class VerifyResult:
     layers: list[LayerResult] = field(default_factory=list)
     files_hashed: int = 0
     copied_tensors: int = 0
+    copied_groups: list[dict[str, Any]] = field(default_factory=list)  # expert groups left as they were
     seconds: float = 0.0
     note: str = ""
 
@@ -194,6 +195,8 @@ class _LayerCtx:
     def src(self, e: int, role: str, fld: str) -> torch.Tensor:
         ref = self.layer.ref(e, role, fld)
         t = self.src_r.r[ref.file].read_tensor(ref.info.name)
+        if fld == "weight":
+            return t.view(torch.uint8)  # U8 or I8 in the source: the same packed bytes
         return t.view(torch.float8_e4m3fn) if fld == "weight_scale" else t
 
     def load(self, e: int) -> _ExpertPair:
@@ -419,6 +422,10 @@ def verify(
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nvfp4-verify")
     try:
         result.copied_tensors = _check_copied_tensors(spec, src_r, conv_r, conv_map)
+        result.copied_groups = [
+            {"prefix": g.prefix, "format": g.format, "experts": g.experts, "tensors": g.tensors, "identical": True}
+            for g in spec.copied_groups.values()
+        ]
         for layer in spec.layers.values():
             n = layer.dims.experts
             experts = list(range(n)) if not sample or sample >= n else sorted(rng.sample(range(n), sample))

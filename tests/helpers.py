@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -35,6 +37,40 @@ def rewrite_tensors(folder: Path, fn: Callable[[dict[str, torch.Tensor]], None])
             wm[n] = f
     idx["weight_map"] = wm
     idx_path.write_text(json.dumps(idx))
+
+
+def run_inprocess(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process (faster than a subprocess): (exit code, stdout, stderr)."""
+    from nvfp4_fuse import cli
+
+    capsys.readouterr()
+    old = sys.argv
+    sys.argv = ["nvfp4-fuse", *args]
+    try:
+        with pytest.raises(SystemExit) as ei:
+            cli.main()
+    finally:
+        sys.argv = old
+    cap = capsys.readouterr()
+    return int(ei.value.code or 0), cap.out, cap.err
+
+
+def split(path: Path) -> tuple[bytes, bytes]:
+    """(header JSON bytes, data section) of a safetensors file."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return raw[8 : 8 + n], raw[8 + n :]
+
+
+def join(path: Path, header: bytes, data: bytes, *, declared: int | None = None) -> None:
+    path.write_bytes(struct.pack("<Q", len(header) if declared is None else declared) + header + data)
+
+
+def edit_header(path: Path, fn: Callable[[dict], None]) -> None:
+    hdr, data = split(path)
+    obj = json.loads(hdr)
+    fn(obj)
+    join(path, json.dumps(obj).encode(), data)
 
 
 def git_blob_sha1(data: bytes) -> str:

@@ -12,20 +12,18 @@ import json
 import os
 import shutil
 import struct
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import rewrite_tensors
+from helpers import edit_header, join, rewrite_tensors, run_inprocess, split
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nvfp4_fuse import cli
 from nvfp4_fuse.errors import InputError
 from nvfp4_fuse.safetensors_io import MAX_HEADER_SIZE, ShardReader, read_header
 
@@ -35,37 +33,6 @@ INDEX = "model.safetensors.index.json"
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
-
-
-def run_inprocess(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    old = sys.argv
-    sys.argv = ["nvfp4-fuse", *args]
-    try:
-        with pytest.raises(SystemExit) as ei:
-            cli.main()
-    finally:
-        sys.argv = old
-    cap = capsys.readouterr()
-    return int(ei.value.code or 0), cap.out, cap.err
-
-
-def split(path: Path) -> tuple[bytes, bytes]:
-    """(header JSON bytes, data section) of a safetensors file."""
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    return raw[8 : 8 + n], raw[8 + n :]
-
-
-def join(path: Path, header: bytes, data: bytes, *, declared: int | None = None) -> None:
-    path.write_bytes(struct.pack("<Q", len(header) if declared is None else declared) + header + data)
-
-
-def edit_header(path: Path, fn: Callable[[dict], None]) -> None:
-    hdr, data = split(path)
-    obj = json.loads(hdr)
-    fn(obj)
-    join(path, json.dumps(obj).encode(), data)
 
 
 def first_shard(src: Path) -> Path:
