@@ -12,7 +12,10 @@ import random
 
 import pytest
 
-if importlib.util.find_spec("vllm") is None:
+# With tests/ on sys.path this very folder is an importable namespace package named "vllm", so
+# ask for a real one (a regular package has an origin, its __init__.py).
+_spec = importlib.util.find_spec("vllm")
+if _spec is None or _spec.origin is None:
     collect_ignore_glob = ["*.py"]
 else:
     # vLLM picks its platform at import: the CPU one here (there is no GPU).
