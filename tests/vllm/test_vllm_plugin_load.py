@@ -98,3 +98,21 @@ def test_other_vllm_version_logs_once_and_changes_nothing():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_the_package_imports_without_vllm():
+    """With vLLM made unimportable, the converter and the plugin package's vLLM-free parts import."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["vllm"] = None  # any `import vllm...` now raises ImportError
+        import nvfp4_fuse.cli, nvfp4_fuse.convert, nvfp4_fuse.vllm, nvfp4_fuse.vllm.checkpoint
+        import nvfp4_fuse.vllm.fused
+        try:
+            import nvfp4_fuse.vllm.deepseek_v4
+        except ImportError:
+            print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr[-3000:]
