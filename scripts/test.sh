@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Sets up .venv (scripts/setup_env.sh), lints with ruff and runs the whole test suite on the CPU.
 # Triton kernels run under TRITON_INTERPRET=1 in their tests. Extra arguments go to pytest.
+# Then the vLLM plugin's tests (tests/vllm, skipped by the run above) in .venv-vllm, against
+# vLLM 0.33.0's own code (scripts/setup_vllm_env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 . .venv/bin/activate
 ruff check .
-exec python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -p no:cacheprovider "$@"
+deactivate
+bash scripts/setup_vllm_env.sh
+exec .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/vllm

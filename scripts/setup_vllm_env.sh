@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Creates (or reuses) .venv-vllm: vLLM 0.33.0 importable on this CPU-only machine, with this package
+# installed editable, for the tests in tests/vllm. Kept apart from .venv so the main suite never
+# depends on vLLM.
+#
+# vLLM's wheel pins a CUDA torch and GPU-only packages (flashinfer, tilelang, cutlass-dsl, ...).
+# Installing it with --no-deps, after the CPU build of torch, and then only the packages its import
+# path needs, gives an interpreter in which vLLM's own Python code (DeepGemmMegaMoEExperts, the
+# DeepSeek-V4 model and loader, the plugin loader) imports and runs; the CUDA kernels do not.
+# Reruns reuse a venv that already imports everything; pip's cache makes a rebuild quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv-vllm
+VLLM_VERSION=0.33.0
+
+check() {
+  "$VENV/bin/python" - <<'PY' 2>/dev/null
+import os
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+import warnings
+warnings.simplefilter("ignore")
+from importlib.metadata import version, entry_points
+assert version("vllm") == "0.33.0", version("vllm")
+import pytest, safetensors, torch  # noqa: F401
+import vllm.model_executor.layers.fused_moe.deep_gemm_mega_moe  # noqa: F401
+import vllm.models.deepseek_v4.nvidia.model  # noqa: F401
+import compressed_tensors  # noqa: F401
+import nvfp4_fuse.vllm  # noqa: F401
+assert any(ep.name == "nvfp4_fuse" for ep in entry_points(group="vllm.general_plugins"))
+PY
+}
+
+if [ -x "$VENV/bin/python" ] && check; then
+  exit 0
+fi
+
+# pip's resolver lists every vLLM requirement the --no-deps install leaves out (CUDA torch,
+# flashinfer, ...); those lines are expected and dropped. Whether the result works is what the
+# import check below decides.
+pipi() {
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+    | grep -v -e "^WARNING: Location" -e "^vllm 0\.33\.0 requires" -e "^ERROR: pip's dependency resolver" \
+    || true
+}
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pipi --upgrade pip
+pipi "torch==2.13.0"
+pipi --no-deps "vllm==$VLLM_VERSION"
+# What vLLM's import path needs on the CPU: the research note's tested list, plus the
+# compressed-tensors vLLM pins, which ModelConfig's quantization check imports.
+pipi aiohttp blake3 cachetools cbor2 cloudpickle einops fastapi ijson llguidance msgspec openai \
+  oss-harmony partial-json-parser pillow prometheus_client protobuf psutil py-cpuinfo pybase64 \
+  pydantic python-json-logger pyyaml pyzmq regex sentencepiece setproctitle tiktoken \
+  "transformers<5.21" uvloop watchfiles xgrammar jsonschema "compressed-tensors==0.17.0"
+# This package, editable and without resolving vLLM's pins, then its own dependencies and pytest.
+pipi --no-deps -e .
+pipi "safetensors>=0.8" "typer>=0.12" "rich>=13" "huggingface_hub>=2,<3" "numpy>=1.26" "pytest>=8"
+
+check || {
+  echo "setup_vllm_env: $VENV does not import vLLM $VLLM_VERSION and nvfp4_fuse.vllm; rerun with the" \
+    "check's output:" >&2
+  "$VENV/bin/python" -c "import os; os.environ['VLLM_TARGET_DEVICE']='cpu'; import vllm.models.deepseek_v4.nvidia.model, nvfp4_fuse.vllm" >&2 || true
+  exit 1
+}

@@ -1,0 +1,137 @@
+"""Build vLLM 0.33.0's real DeepSeek-V4 model on this CPU machine and load checkpoints into it the
+way ``vllm serve`` does (EngineArgs -> VllmConfig, the model registry, DefaultModelLoader).
+
+What has to be stubbed, because it is GPU-only, and nothing else:
+
+- ``check_deep_gemm_mega_moe_supported``: raises unless an SM100 GPU is present;
+- ``_select_dsv4_attn_cls``: the sparse-MLA attention kernels are CUDA-only (attention is not what
+  is tested; a placeholder module stands in);
+- ``torch.cuda.Stream``: the model makes three aux CUDA streams;
+- ``fp8.init_fp8_linear_kernel``: there is no CPU kernel for the FP8 block-scaled linears;
+- ``DeepGemmMegaMoEExperts._kernel_fuses_shared_experts``: asks DeepGEMM's Python API (not
+  importable here) whether the kernel takes a shared expert; it says yes, as a current DeepGEMM does,
+  so the shared expert is fused as on an SM100 host;
+- ``get_ep_group`` in the DeepSeek-V4 model module, to simulate one rank of an EP group: vLLM's
+  ``DeepseekV4MoE._init_mega_moe_experts`` computes that rank's experts from its size and rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import torch
+
+from vllm.config import VllmConfig, set_current_vllm_config
+from vllm.engine.arg_utils import EngineArgs
+import vllm.model_executor.layers.fused_moe.deep_gemm_mega_moe as dg
+import vllm.models.deepseek_v4.nvidia.model as dsv4
+
+_distributed = False
+
+
+class PlaceholderAttention(torch.nn.Module):
+    def __init__(self, vllm_config, prefix: str = "", **kwargs):
+        super().__init__()
+
+
+def engine_config(folder: Path, *, redundant: int = 0, mtp: bool = False) -> VllmConfig:
+    kw = {}
+    if mtp:
+        kw["speculative_config"] = {"method": "mtp", "num_speculative_tokens": 1}
+    cfg = EngineArgs(
+        model=str(folder),
+        skip_tokenizer_init=True,
+        moe_backend="deep_gemm_mega_moe",
+        enable_expert_parallel=True,
+        max_model_len=1024,
+        enforce_eager=True,
+        **kw,
+    ).create_engine_config()
+    cfg.parallel_config.eplb_config.num_redundant_experts = redundant
+    _init_distributed(cfg)
+    return cfg
+
+
+def _init_distributed(cfg: VllmConfig) -> None:
+    global _distributed
+    if _distributed:
+        return
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with set_current_vllm_config(cfg):
+        init_distributed_environment(
+            world_size=1, rank=0, local_rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo"
+        )
+        initialize_model_parallel(1, 1)
+    _distributed = True
+
+
+@contextlib.contextmanager
+def cpu_stand_ins(ep_size: int = 1, ep_rank: int = 0):
+    ep = SimpleNamespace(world_size=ep_size, rank_in_group=ep_rank)
+    with (
+        mock.patch.object(dg, "check_deep_gemm_mega_moe_supported", lambda *a, **k: None),
+        mock.patch.object(dsv4, "_select_dsv4_attn_cls", lambda cfg: PlaceholderAttention),
+        mock.patch.object(torch.cuda, "Stream", lambda *a, **k: None),
+        mock.patch("vllm.model_executor.layers.quantization.fp8.init_fp8_linear_kernel", lambda *a, **k: None),
+        mock.patch.object(dg.DeepGemmMegaMoEExperts, "_kernel_fuses_shared_experts", lambda self, spec: True),
+        mock.patch.object(dsv4, "get_ep_group", lambda: ep),
+    ):
+        yield
+
+
+def model_class(cfg: VllmConfig) -> type:
+    """The class vLLM's registry gives for this config (its cache cleared, so a (un)registered
+    plugin shows)."""
+    from vllm.model_executor.model_loader import utils
+
+    utils._MODEL_ARCH_BY_HASH.clear()
+    return utils.get_model_architecture(cfg.model_config)[0]
+
+
+# What vLLM's registry gives for DeepseekV4ForCausalLM on a CUDA host (on this CPU host its
+# platform picker gives the CPU model, which has no MegaMoE).
+STOCK = dsv4.DeepseekV4ForCausalLM
+
+
+def build(cfg: VllmConfig, cls: type | None = None, *, ep_size: int = 1, ep_rank: int = 0) -> torch.nn.Module:
+    """The model ``cls`` (default: the class vLLM's registry gives) built by vLLM's
+    ``initialize_model`` for ``cfg``, on EP rank ``ep_rank`` of ``ep_size``."""
+    from vllm.model_executor.model_loader.utils import initialize_model
+
+    cfg.compilation_config.static_forward_context.clear()
+    cls = cls or model_class(cfg)
+    with cpu_stand_ins(ep_size, ep_rank):
+        return initialize_model(vllm_config=cfg, model_class=cls)
+
+
+def load(model: torch.nn.Module, cfg: VllmConfig) -> None:
+    """Load the checkpoint of ``cfg`` into ``model`` as vLLM does: DefaultModelLoader's safetensors
+    iterator (EP weight filter included) feeding ``model.load_weights``."""
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    with set_current_vllm_config(cfg):
+        DefaultModelLoader(cfg.load_config).load_weights(model, cfg.model_config)
+
+
+def experts_state(model: torch.nn.Module) -> dict[str, torch.Tensor | float]:
+    """Every routed/shared expert parameter of every layer as raw bytes (uint8, storage order), plus
+    the L2 activation scale bookkeeping, keyed by name."""
+    out: dict[str, torch.Tensor | float] = {}
+    for n, layer in enumerate(model.model.layers):
+        experts = layer.ffn.experts
+        for name, p in experts.named_parameters(recurse=False):
+            data = p.data.transpose(-1, -2) if p.dim() == 3 and not p.is_contiguous() else p.data
+            out[f"{n}.{name}"] = data.contiguous().view(torch.uint8).clone()
+        if experts.weight_format.uses_nvfp4_api:
+            out[f"{n}._w2_input_scales"] = experts._w2_input_scales.clone().view(torch.uint8)
+            out[f"{n}.l2_activation_scale"] = experts.l2_activation_scale
+    return out
