@@ -22,8 +22,9 @@ So: a module listed in ``quantized_layers`` is NVFP4 if its entry says so; witho
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 FUSED_BLOCK_KEY = "fused_experts"
 FUSED_TARGET = "mega-moe"

@@ -37,7 +37,6 @@ import re
 from collections.abc import Iterable, Iterator
 
 import torch
-
 import vllm.models.deepseek_v4.nvidia.model as _dsv4
 from vllm.config import VllmConfig
 from vllm.config.kernel import NATIVE_MEGA_MOE_BACKENDS

@@ -16,13 +16,13 @@ scale E8M0}``). Packed values are random bytes; E4M3 block scales random positiv
 and w3 share ``weight_scale_2`` and ``input_scale`` per expert, which differ from expert to expert.
 
 ``make_fused_checkpoint`` is the one place the tests get a fused (``nvfp4-fuse/v2``, ``mega-moe``)
-checkpoint from; it is meant to become a call of ``nvfp4-fuse convert``.
+checkpoint from: ``nvfp4-fuse convert``. ``fused_by_vllm_loader`` computes the same tensors with vLLM's
+own ``DeepGemmMegaMoEExperts.weight_loader``, to check the converter against.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,9 +114,10 @@ def _rand_bytes(g: torch.Generator, shape, lo: int, hi: int) -> torch.Tensor:
     return torch.randint(lo, hi + 1, shape, generator=g, dtype=torch.uint8)
 
 
-def source_content(d: Dims, seed: int) -> dict[str, torch.Tensor]:
+def source_content(d: Dims, seed: int, *, unequal_scale_2: bool = False) -> dict[str, torch.Tensor]:
     """Recipe-neutral content: ``<expert>.w*.{packed, block_scale, scale_2, input_scale}`` and the
-    other tensors under their checkpoint names."""
+    other tensors under their checkpoint names. ``unequal_scale_2`` gives w3 a ``weight_scale_2`` of
+    its own (0.5 to 1.5 times w1's), as exports before ModelOpt 0.43 have."""
     g = torch.Generator().manual_seed(seed)
     h, i, e = d.hidden, d.inter, d.experts
     out: dict[str, torch.Tensor] = {}
@@ -130,6 +131,8 @@ def source_content(d: Dims, seed: int) -> dict[str, torch.Tensor]:
                 out[f"{p}.block_scale"] = _rand_bytes(g, (rows, cols // 16), 0x01, 0x7E)  # positive finite E4M3
                 w2 = w == "w2"
                 out[f"{p}.scale_2"] = torch.rand((), generator=g) * 1e-3 + 1e-4 if w2 else l1_scale_2
+                if unequal_scale_2 and w == "w3":
+                    out[f"{p}.scale_2"] = l1_scale_2 * (0.5 + torch.rand((), generator=g))
                 out[f"{p}.input_scale"] = torch.rand((), generator=g) * 0.1 + 0.01 if w2 else l1_input
         s = f"layers.{n}.ffn.shared_experts"
         for w, (rows, cols) in (("w1", (i, h)), ("w3", (i, h)), ("w2", (h, i))):
@@ -179,7 +182,7 @@ def write_shards(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 2
     )
 
 
-def write_source(folder: Path, recipe: str, *, dims: Dims = Dims(), seed: int) -> Path:
+def write_source(folder: Path, recipe: str, *, dims: Dims = Dims(), seed: int, unequal_scale_2: bool = False) -> Path:
     """A per-expert NVFP4 DeepSeek-V4 checkpoint of ``recipe`` ("nvidia" or "canada")."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = _config(recipe, dims)
@@ -193,8 +196,26 @@ def write_source(folder: Path, recipe: str, *, dims: Dims = Dims(), seed: int) -
             },
         }
         (folder / "hf_quant_config.json").write_text(json.dumps(hq, indent=2))
-    write_shards(folder, _recipe_tensors(source_content(dims, seed), recipe))
+    write_shards(folder, _recipe_tensors(source_content(dims, seed, unequal_scale_2=unequal_scale_2), recipe))
     return folder
+
+
+def _merge_scale_2(items: list[tuple[int, str, str, torch.Tensor]]) -> list[tuple[int, str, str, torch.Tensor]]:
+    """Per expert: w1 and w3 get max(weight_scale_2); the smaller half's block scales are rescaled."""
+    from nvfp4_fuse.nvfp4 import rescale_block_scales
+
+    s2 = {(x, w): t.float().reshape(()) for x, w, f, t in items if f == "weight_scale_2"}
+    out = []
+    for x, w, f, t in items:
+        if w != "w2" and (x, "w1") in s2:
+            c = torch.maximum(s2[(x, "w1")], s2[(x, "w3")])
+            mine = s2[(x, w)]
+            if f == "weight_scale_2":
+                t = c.reshape(t.shape).to(t.dtype)
+            elif f in ("weight_scale", "scale") and t.dtype == torch.float8_e4m3fn and bool(mine != c):
+                t = rescale_block_scales(t, float(mine / c))
+        out.append((x, w, f, t))
+    return out
 
 
 def read_all(folder: Path) -> dict[str, torch.Tensor]:
@@ -208,14 +229,23 @@ def read_all(folder: Path) -> dict[str, torch.Tensor]:
 
 def make_fused_checkpoint(src_dir: Path, out_dir: Path) -> Path:
     """The fused (layout ``nvfp4-fuse/v2``, target ``mega-moe``) form of per-expert checkpoint
-    ``src_dir``, written to ``out_dir``.
+    ``src_dir``, written to ``out_dir`` by ``nvfp4-fuse convert`` (its default target)."""
+    from nvfp4_fuse.convert import ConvertOptions, convert
 
-    Until the converter writes layout v2, the tensors are taken from vLLM 0.33 itself: each layer's
-    per-expert tensors are loaded through ``DeepGemmMegaMoEExperts.weight_loader`` into an NVFP4
-    experts module that holds all experts, and its parameters' storage is saved as it lies
-    (``w13_weight_scale`` is the MN-major parameter's storage, ``[E, H/64, 2I]``).
-    ``w13_input_scale`` is max(w1, w3) per expert. MTP experts and every other tensor are copied as
-    they are; config.json and hf_quant_config.json gain the ``fused_experts`` block.
+    convert(src_dir, out_dir, ConvertOptions())
+    return out_dir
+
+
+def fused_by_vllm_loader(src_dir: Path, rescale: bool = False) -> dict[str, torch.Tensor]:
+    """The fused expert tensors of per-expert checkpoint ``src_dir`` as vLLM 0.33 itself lays them
+    out: each layer's per-expert tensors go through ``DeepGemmMegaMoEExperts.weight_loader`` into an
+    NVFP4 experts module holding all experts, whose parameters' storage is taken as it lies
+    (``w13_weight_scale`` is the MN-major parameter's storage, ``[E, H/64, 2I]``). ``w13_input_scale``
+    is max(w1, w3) per expert.
+
+    vLLM refuses an expert whose w1 and w3 ``weight_scale_2`` differ; with ``rescale`` the smaller
+    half's block scales are first multiplied by ``s2 / max`` and rounded to E4M3 (the torch
+    reference, ``nvfp4.rescale_block_scales``) and both get the max, which is what the converter does.
     """
     import re
     from unittest import mock
@@ -236,6 +266,8 @@ def make_fused_checkpoint(src_dir: Path, out_dir: Path) -> Path:
         else:
             per_layer.setdefault(m[1], []).append((int(m[2]), m[3], m[4], t))
 
+    if rescale:
+        per_layer = {prefix: _merge_scale_2(items) for prefix, items in per_layer.items()}
     for prefix, items in per_layer.items():
         vcfg = VllmConfig()
         with set_current_vllm_config(vcfg), mock.patch.object(dg, "check_deep_gemm_mega_moe_supported", lambda *a, **k: None):
@@ -258,18 +290,4 @@ def make_fused_checkpoint(src_dir: Path, out_dir: Path) -> Path:
             out[f"{prefix}.{pname}"] = data.contiguous().clone()
         out[f"{prefix}.w13_input_scale"] = l1_input
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    block = {"layout": FUSED_LAYOUT, "target": "mega-moe"}
-    cfg.setdefault("quantization_config", {})["fused_experts"] = block
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    if (src_dir / "hf_quant_config.json").exists():
-        hq = json.loads((src_dir / "hf_quant_config.json").read_text())
-        hq["fused_experts"] = block
-        (out_dir / "hf_quant_config.json").write_text(json.dumps(hq, indent=2))
-    for extra in src_dir.iterdir():
-        if extra.is_file() and extra.suffix not in (".safetensors",) and extra.name not in (
-            "config.json", "hf_quant_config.json", "model.safetensors.index.json"
-        ):
-            shutil.copy2(extra, out_dir / extra.name)
-    write_shards(out_dir, out)
-    return out_dir
+    return out

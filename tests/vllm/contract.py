@@ -50,7 +50,7 @@ def expected_fused(content: dict[str, torch.Tensor], layer: int, experts: int) -
     content (``checkpoints.source_content``)."""
     out: dict[str, list] = {}
     for x in range(experts):
-        p = lambda w, f: content[f"layers.{layer}.ffn.experts.{x}.{w}.{f}"]  # noqa: E731
+        p = lambda w, f, x=x: content[f"layers.{layer}.ffn.experts.{x}.{w}.{f}"]  # noqa: E731
         gate, up, down = (p(w, "packed").numpy() for w in ("w1", "w3", "w2"))
         rows = gate.shape[0]
         w13 = np.empty((2 * rows, gate.shape[1]), np.uint8)

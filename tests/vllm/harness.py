@@ -24,11 +24,10 @@ from types import SimpleNamespace
 from unittest import mock
 
 import torch
-
-from vllm.config import VllmConfig, set_current_vllm_config
-from vllm.engine.arg_utils import EngineArgs
 import vllm.model_executor.layers.fused_moe.deep_gemm_mega_moe as dg
 import vllm.models.deepseek_v4.nvidia.model as dsv4
+from vllm.config import VllmConfig, set_current_vllm_config
+from vllm.engine.arg_utils import EngineArgs
 
 _distributed = False
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import random
 
-import pytest
-
 import checkpoints
 import harness
+import pytest
 
 H, I, E = 512, 512, 8
 

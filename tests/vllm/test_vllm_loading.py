@@ -4,13 +4,12 @@ several EP sizes, with redundant experts."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
-
 import checkpoints
 import contract
 import harness
+import numpy as np
+import pytest
+import torch
 
 E, LAYERS = 8, 2
 
@@ -156,10 +155,10 @@ def test_a_rank_reads_only_its_experts_through_safetensors_slices(plugin, source
     """The fused tensors handed to ``load_weights`` as safetensors slice handles: each rank asks only
     for its experts' rows (and for all of the 4-byte-per-expert w2_input_scale, whose max it needs);
     w13_input_scale is never read. The parameters equal those of a normal load."""
+    import contextlib
     import json
 
     from safetensors import safe_open
-
     from vllm.config import set_current_vllm_config
 
     src, _, _ = sources
@@ -167,11 +166,8 @@ def test_a_rank_reads_only_its_experts_through_safetensors_slices(plugin, source
     model = harness.build(cfg, ep_size=ep_size, ep_rank=rank)
     weight_map = json.loads((src["fused"] / "model.safetensors.index.json").read_text())["weight_map"]
     log: list = []
-    with (
-        safe_open(src["fused"] / "model-00001-of-00002.safetensors", "pt") as f1,
-        safe_open(src["fused"] / "model-00002-of-00002.safetensors", "pt") as f2,
-    ):
-        files = {"model-00001-of-00002.safetensors": f1, "model-00002-of-00002.safetensors": f2}
+    with contextlib.ExitStack() as stack:
+        files = {f: stack.enter_context(safe_open(src["fused"] / f, "pt")) for f in set(weight_map.values())}
 
         def weights():
             for name, fname in weight_map.items():

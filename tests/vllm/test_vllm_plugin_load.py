@@ -19,10 +19,10 @@ def test_entry_point_is_in_the_installed_metadata():
 
 
 def test_load_general_plugins_registers_the_model_class(plugin, tmp_path, seed):
-    from vllm.model_executor.models.registry import _LazyRegisteredModel
-
     import checkpoints
     import harness
+    from vllm.model_executor.models.registry import _LazyRegisteredModel
+
     from nvfp4_fuse.vllm.deepseek_v4 import DeepseekV4ForCausalLM
 
     entry = plugin.models["DeepseekV4ForCausalLM"]
