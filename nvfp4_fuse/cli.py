@@ -176,11 +176,14 @@ def verify(
     source: str = typer.Argument(..., help="The source checkpoint: a local folder or a Hub repo id."),
     converted: Path = typer.Argument(..., help="The converted folder."),
     sample_n: int | None = typer.Option(None, "--sample", help="Check N random experts a layer (default: all)."),
-    device: str = typer.Option("auto", help="auto, cuda or cpu (the CPU runs the torch reference: slower)."),
-    skip_hashes: bool = typer.Option(False, "--skip-hashes", help="Compare file sizes with the manifest but do not re-hash."),
+    device: str = typer.Option("auto", help="auto, cuda or cpu."),
+    decode: bool | None = typer.Option(
+        None, "--decode/--no-decode", help="Dequantize and compare every checked expert end to end (default: on a GPU only)."
+    ),
+    skip_hashes: bool = typer.Option(False, "--skip-hashes", help="Compare file sizes with the manifest but do not hash."),
     revision: str | None = typer.Option(None, help="Hub revision, for a repo id."),
     seed: int | None = typer.Option(None, help="Seed for --sample."),
-    workers: int = typer.Option(min(8, os.cpu_count() or 1), help="Reader threads."),
+    workers: int = typer.Option(min(8, os.cpu_count() or 1), help="Worker threads."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Prove the converted checkpoint decodes to what the source did (exit 3 when a check fails)."""
@@ -196,6 +199,7 @@ def verify(
             converted,
             sample=sample_n,
             device=device,
+            decode=decode,
             hash_files=not skip_hashes,
             workers=max(1, workers),
             trust_root=trust,
@@ -211,19 +215,22 @@ def verify(
         out.print_json(json.dumps(res.to_json()))
         return
     t = Table(title=f"verify: {converted} ({res.target}) against {source}")
-    for c in ("expert module", "experts checked", "rescaled", "max abs error", "max rel error"):
+    for c in ("expert module", "experts checked", "rescaled", "max rel error", "decoded", "max abs error"):
         t.add_column(c, justify="left" if c == "expert module" else "right", no_wrap=c == "expert module")
     for r in res.layers:
-        t.add_row(r.prefix, f"{r.checked}/{r.experts}", str(r.rescaled), f"{r.max_abs:.3g}", f"{100 * r.max_rel:.3f}%")
+        t.add_row(
+            r.prefix, f"{r.checked}/{r.experts}", str(r.rescaled), f"{100 * r.max_rel:.3f}%",
+            str(r.decoded), f"{r.max_abs:.3g}" if r.max_abs is not None else "-",
+        )  # fmt: skip
     out.print(t)
     for g in res.copied_groups:
         out.print(f"{g['prefix']}: {g['experts']} experts, {g['format']}, copied: every byte identical to the source")
+    out.print("checks that ran:")
+    for c in res.checks:
+        out.print(f"  - {c}")
     if res.note:
         out.print(f"note: {res.note}")
-    out.print(
-        f"[green]OK[/green]: {res.files_hashed} files match the manifest, {res.copied_tensors} other tensors byte-identical, "
-        f"every checked expert exact in bytes and within bounds in value ({res.device}, {res.seconds:.1f} s)"
-    )
+    out.print(f"[green]OK[/green]: {res.files_hashed} files hashed, {res.copied_tensors} copied tensors byte-identical ({res.device}, {res.seconds:.1f} s)")
 
 
 @app.command()

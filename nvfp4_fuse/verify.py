@@ -1,43 +1,71 @@
 """``nvfp4-fuse verify``: prove that a converted checkpoint decodes to what its source did.
 
-Three layers of checks, streamed expert by expert like ``convert`` (bounded memory):
+One pass over each checkpoint, memory bounded by a fixed budget (a few experts), whatever the model's
+size. Before the pass, from headers and small files: the manifest is present and every file has its
+size; the output spec rebuilt from the source and the recorded options names exactly the tensors,
+dtypes, shapes and shard assignment of the output's index and headers; the configs and the shard
+metadata equal what ``convert`` writes; every sidecar is byte-identical.
 
-1. Structure: a manifest is present and every file matches its size and sha256; the spec rebuilt
-   from the source and the manifest's options names exactly the tensors, dtypes, shapes and shard
-   assignment found in the output's index and headers; configs equal what ``convert`` writes; every
-   sidecar and every non-expert tensor is byte-identical.
-2. Exactness: for every expert, the packed weight bytes equal the source's after undoing the row
-   order; the block scales, after undoing the layout, equal the source's, or, for a rescaled half,
-   the round-to-nearest-even rescale of them; the small per-layer tensors equal what the scalars give.
-3. Numerics: both checkpoints' experts are dequantized by the Triton compare kernel (on the GPU;
-   on the CPU the torch reference of the same computation, which is slower) and compared. Halves
-   whose scales were copied must decode bit-identically; rescaled halves must stay within half an
-   E4M3 step (6.25%) per element, or, where the new block scale is subnormal, within half its spacing.
+The pass reads every output shard once, in file order, hashing it (its sha256 must equal the
+manifest's) and checking each piece as it goes by, against the source read once too:
+
+- copied tensors (everything but the converted experts, MXFP4 expert groups included) are
+  byte-identical to the source;
+- the small per-layer tensors equal what the source's scalar scales give;
+- packed values: byte-identical to the source's after undoing the target's row order (no target
+  changes a value byte), so the values need no decoding;
+- block scales, after undoing the layout, equal the source's, or for a rescaled half the
+  round-to-nearest-even rescale of them (the torch reference of the converter's numpy rescale);
+- the rescale bound, per block and exactly: a value's relative error is a function of its block
+  scale alone (its E2M1 factor cancels), ``|s'c - s s2| / (s s2)`` for source scale ``s`` and
+  scale_2 ``s2``, output scale ``s'`` and scale_2 ``c``; copied halves must be exact, rescaled ones
+  within half an E4M3 step of ``x = s s2 / c`` (6.25% of it in E4M3's normal range, half the
+  subnormal spacing 2^-10 below 2^-6, and 2^-9 where ``x < 2^-10`` was clamped to the smallest
+  subnormal rather than flushed to zero);
+- end to end, where a GPU is used (``decode``): every checked expert of both checkpoints is
+  dequantized by the Triton compare kernel and compared: copied halves bit-identical, rescaled ones
+  no further apart than their block scales allow. On the CPU this runs the torch reference of the
+  kernel when asked for (slow); by default the CPU run leaves it out and says so.
+
+The result lists the checks that ran.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import threading
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from .constants import E4M3_HALF_STEP as HALF_STEP
 from .constants import E4M3_SUBNORMAL_HALF_SPACING as SUBNORMAL_HALF_SPACING
+from .constants import NVFP4_BLOCK
 from .errors import CheckFailed, InputError
 from .experts import ExpertLayer
-from .manifest import MANIFEST_NAME, check_files, load_manifest
-from .nvfp4 import rescale_block_scales
+from .host_layout import E4M3_VALUES
+from .manifest import MANIFEST_NAME, load_manifest, sha256_file
 from .safetensors_io import ShardReader, tensor_bytes
-from .source import CONFIG_FILES, INDEX_NAME, scan_source
-from .spec import OutputOptions, OutputSpec, build_spec
-from .targets import Target
+from .source import CONFIG_FILES, INDEX_NAME, Source, scan_source
+from .spec import COPY_CHUNK, OutputOptions, OutputSpec, OutShard, OutTensor, build_spec
+
+BUDGET_BYTES = 256 << 20  # output bytes read ahead of the hashing, at most (always at least one piece)
+
+CHECK_STRUCTURE = "structure: index, shard headers and metadata, configs and sidecars as convert writes them"
+CHECK_HASHES = "manifest: every file's size and sha256 (each file read once)"
+CHECK_SIZES = "manifest: every file's size (sha256 not computed: --skip-hashes)"
+CHECK_COPIED = "copied tensors (MXFP4 expert groups included): byte-identical to the source"
+CHECK_VALUES = "packed values: byte-identical to the source's after undoing the row order"
+CHECK_SCALES = "block scales: the source's after undoing the layout, or for rescaled halves their RNE rescale"
+CHECK_BOUND = "rescale bound: every block of every checked expert, from the scales, exactly"
+CHECK_GLOBALS = "per-layer scale_2 and input-scale tensors: as the source's scalars give them"
 
 
 @dataclass
@@ -46,8 +74,9 @@ class LayerResult:
     experts: int
     checked: int = 0
     rescaled: int = 0
-    max_abs: float = 0.0
-    max_rel: float = 0.0
+    max_rel: float = 0.0  # largest relative error of a value, over every block of the checked experts
+    decoded: int = 0  # experts dequantized end to end
+    max_abs: float | None = None  # largest |difference| of a dequantized value (end to end only)
     sampled: list[int] | None = None  # the experts checked, when --sample drew some
 
     def to_json(self) -> dict[str, Any]:
@@ -64,6 +93,8 @@ class VerifyResult:
     files_hashed: int = 0
     copied_tensors: int = 0
     copied_groups: list[dict[str, Any]] = field(default_factory=list)  # expert groups left as they were
+    checks: list[str] = field(default_factory=list)
+    peak_read_ahead: int = 0  # most output bytes held at once by the pass
     seconds: float = 0.0
     note: str = ""
 
@@ -79,18 +110,43 @@ def _fail(msg: str) -> CheckFailed:
 
 
 # ---------------------------------------------------------------------------------------------------
+# the rescale bound, per block
+
+
+def block_errors(src: np.ndarray, s2_src: float, new: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """For E4M3 block-scale bytes ``src`` (scale_2 ``s2_src``) stored as ``new`` (scale_2 ``c``):
+    (relative error of every value in each block, whether each block is within the rescale bound).
+
+    A value q * s * s2 becomes q * s' * c: its relative error |s' c - s s2| / (s s2) does not depend
+    on its E2M1 code q. The bound is half an E4M3 step of the exact rescaled scale x = s s2 / c (see
+    the module notes); blocks whose source scale is 0 must stay 0. Exact in float64.
+    """
+    s = E4M3_VALUES[src].astype(np.float64)
+    sn = E4M3_VALUES[new].astype(np.float64)
+    if np.isnan(s).any() or np.isnan(sn).any():
+        bad = np.isnan(s) | np.isnan(sn)
+        return np.where(bad, np.inf, 0.0), ~bad
+    x = s * float(np.float32(s2_src)) / float(np.float32(c))
+    diff = np.abs(sn - x)
+    tol = np.where(x < SUBNORMAL_HALF_SPACING, 2 * SUBNORMAL_HALF_SPACING, np.maximum(HALF_STEP * x, SUBNORMAL_HALF_SPACING))
+    ok = np.where(s == 0, sn == 0, diff <= tol * (1 + 1e-9))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(s == 0, np.where(sn == 0, 0.0, np.inf), diff / x)
+    return rel, ok
+
+
+# ---------------------------------------------------------------------------------------------------
 # structure
 
 
-def _check_structure(spec: OutputSpec, conv_dir: Path, conv_src: Any, *, model_card: str | None = None) -> None:
+def _check_structure(spec: OutputSpec, conv_dir: Path, conv: Source, *, model_card: str | None = None) -> None:
     want_map = spec.weight_map()
-    idx_path = conv_dir / INDEX_NAME
-    idx = json.loads(idx_path.read_text())
+    idx = json.loads((conv_dir / INDEX_NAME).read_text())
     got_map = idx.get("weight_map", {})
     missing = sorted(set(want_map) - set(got_map))
     extra = sorted(set(got_map) - set(want_map))
     if missing:
-        raise _fail(f"output lacks tensor {missing[0]} (and {len(missing) - 1} more)" if len(missing) > 1 else f"output lacks tensor {missing[0]}")
+        raise _fail(f"output lacks tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if extra:
         raise _fail(f"output has unexpected tensor {extra[0]}")
     for name, shard in want_map.items():
@@ -98,10 +154,13 @@ def _check_structure(spec: OutputSpec, conv_dir: Path, conv_src: Any, *, model_c
             raise _fail(f"index puts {name} in {got_map[name]}, the spec in {shard}")
     if idx.get("metadata", {}).get("total_size") != spec.total_size:
         raise _fail(f"index total_size {idx.get('metadata', {}).get('total_size')} != {spec.total_size}")
+    meta = spec.shard_metadata()
     for shard in spec.shards:
-        hdr = conv_src.headers.get(shard.name)
+        hdr = conv.headers.get(shard.name)
         if hdr is None:
             raise _fail(f"shard {shard.name} is missing")
+        if hdr.metadata != meta:
+            raise _fail(f"{shard.name}: __metadata__ {hdr.metadata} differs from what convert writes ({meta})")
         for t in shard.tensors:
             info = hdr.tensors.get(t.entry.name)
             if info is None or info.dtype != t.entry.dtype or info.shape != t.entry.shape:
@@ -121,252 +180,316 @@ def _check_structure(spec: OutputSpec, conv_dir: Path, conv_src: Any, *, model_c
 
 
 # ---------------------------------------------------------------------------------------------------
-# per-expert checks
+# the pass: pieces of output shards, each read once, hashed in order and checked
 
 
-class _Readers:
-    def __init__(self, headers: dict[str, Any]):
-        self.r = {f: ShardReader(h) for f, h in headers.items()}
+class _ByteBudget:
+    """Bytes held by pieces read ahead of the hashing, shared by every shard's stream."""
 
-    def close(self) -> None:
-        for x in self.r.values():
-            x.close()
+    def __init__(self, limit: int):
+        self.limit, self.held, self.peak = limit, 0, 0
+        self._cv = threading.Condition()
 
+    def try_acquire(self, n: int) -> bool:
+        with self._cv:
+            if self.held and self.held + n > self.limit:
+                return False
+            self.held += n
+            self.peak = max(self.peak, self.held)
+            return True
 
-def _slice(readers: _Readers, conv_map: dict[str, str], name: str, e: int, experts: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    r = readers.r[conv_map[name]]
-    total = r.header.tensors[name].nbytes
-    per = total // experts
-    buf = r.read_bytes(name, e * per, per)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape) if per else torch.empty(shape, dtype=dtype)
+    def acquire(self, n: int) -> None:
+        with self._cv:
+            while self.held and self.held + n > self.limit:
+                self._cv.wait()
+            self.held += n
+            self.peak = max(self.peak, self.held)
 
-
-def _whole(readers: _Readers, conv_map: dict[str, str], name: str) -> torch.Tensor:
-    return readers.r[conv_map[name]].read_tensor(name)
-
-
-def _expected_scales(src: torch.Tensor, ratio: float) -> torch.Tensor:
-    return src if ratio == 1.0 else rescale_block_scales(src, ratio)
-
-
-def _compare_backend(device: str) -> Callable[..., Any]:
-    if device == "cuda":
-        from .kernels.compare import compare_nvfp4
-
-        return compare_nvfp4
-    from .kernels.reference import compare_nvfp4_ref
-
-    return compare_nvfp4_ref
-
-
-def _rows_s2(tgt: Target, i_rows: int, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per-row scale_2 [E, 2I] in the target's w13 row order from per-expert gate/up values [E]."""
-    gg = g[:, None, None].expand(-1, i_rows, 1)
-    uu = u[:, None, None].expand(-1, i_rows, 1)
-    return tgt.rows.join(gg, uu)[..., 0].contiguous()
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.held -= n
+            self._cv.notify_all()
 
 
 @dataclass
-class _ExpertPair:
-    """One expert of both checkpoints, already checked for exactness, in the compare's form."""
+class _Piece:
+    """``nbytes`` of output tensor ``tensor`` from byte ``start``; ``check`` (if any) runs on them."""
 
-    e: int
-    a13w: torch.Tensor  # source w13 packed, in the target's row order
-    a13s: torch.Tensor  # source w13 linear scales, same order
-    b13w: torch.Tensor
-    b13s: torch.Tensor  # converted scales: swizzled as stored, else natural
-    a2w: torch.Tensor
-    a2s: torch.Tensor
-    b2w: torch.Tensor
-    b2s: torch.Tensor
+    tensor: OutTensor
+    start: int
+    nbytes: int
+    check: Callable[[np.ndarray], None] | None
 
 
-class _LayerCtx:
-    def __init__(self, spec: OutputSpec, layer: ExpertLayer, src_r: _Readers, conv_r: _Readers, conv_map: dict[str, str]):
-        self.tgt = spec.target
-        self.layer = layer
-        self.src_r, self.conv_r, self.conv_map = src_r, conv_r, conv_map
-        d = layer.dims
-        entries = {e.name.rsplit(".", 1)[1]: e for e in self.tgt.out_entries(layer.prefix, d)}
-        self.w13s, self.w2s = entries["w13_weight_scale"], entries["w2_weight_scale"]
-        self.s_dtype = self.tgt.scales.torch_dtype()
-        self.swizzled = self.tgt.scales.kernel_reads_in_place  # the compare kernel reads these as stored
+class _Verifier:
+    def __init__(self, spec: OutputSpec, conv: Source, experts: dict[str, set[int]], decode: str | None):
+        self.spec, self.tgt = spec, spec.target
+        self.src_r = {f: ShardReader(h) for f, h in spec.source.headers.items()}
+        self.conv_r = {f: ShardReader(h) for f, h in conv.headers.items()}
+        self.conv_map = conv.tensor_file
+        self.experts = experts  # prefix -> experts to check
+        self.decode = decode  # None, or the device the end-to-end compare runs on
+        self.results = {p: LayerResult(p, l.dims.experts, rescaled=l.rescaled_experts) for p, l in spec.layers.items()}
+        self.copied = 0
+        self.stop = threading.Event()  # set when a check failed: the other shards' streams end early
+        self._lock = threading.Lock()
+        self._globals = {p: self.tgt.global_tensors(p, l.scalars) for p, l in spec.layers.items()}
 
-    def src(self, e: int, role: str, fld: str) -> torch.Tensor:
-        ref = self.layer.ref(e, role, fld)
-        t = self.src_r.r[ref.file].read_tensor(ref.info.name)
-        if fld == "weight":
-            return t.view(torch.uint8)  # U8 or I8 in the source: the same packed bytes
-        return t.view(torch.float8_e4m3fn) if fld == "weight_scale" else t
+    def close(self) -> None:
+        for r in (*self.src_r.values(), *self.conv_r.values()):
+            r.close()
 
-    def load(self, e: int) -> _ExpertPair:
-        """Read one expert of both checkpoints and check it byte for byte (runs on a worker thread)."""
-        tgt, layer, p = self.tgt, self.layer, self.layer.prefix
-        E, H, I = layer.dims.experts, layer.dims.hidden, layer.dims.inter
-        gw, uw, dw = self.src(e, "gate", "weight"), self.src(e, "up", "weight"), self.src(e, "down", "weight")
-        gs, us, ds = self.src(e, "gate", "weight_scale"), self.src(e, "up", "weight_scale"), self.src(e, "down", "weight_scale")
-        cw13 = _slice(self.conv_r, self.conv_map, f"{p}.w13_weight", e, E, torch.uint8, (2 * I, H // 2))
-        cs13 = _slice(self.conv_r, self.conv_map, self.w13s.name, e, E, self.s_dtype, self.w13s.shape[1:])
-        cw2 = _slice(self.conv_r, self.conv_map, f"{p}.w2_weight", e, E, torch.uint8, (H, I // 2))
-        cs2 = _slice(self.conv_r, self.conv_map, self.w2s.name, e, E, self.s_dtype, self.w2s.shape[1:])
-        # exactness: weights, after undoing the row order
-        cg, cu = tgt.rows.split(cw13)
-        for what, got, want in (("gate", cg, gw), ("up", cu, uw), ("down", cw2, dw)):
-            if not torch.equal(got, want):
-                bad = (got != want).nonzero()[0].tolist()
-                part = "w2_weight" if what == "down" else "w13_weight"
-                raise _fail(f"{p}.{part}: expert {e} {what} packed bytes differ from the source at [{bad[0]}, {bad[1]}]")
-        # exactness: scales, after undoing the layout and the row order
-        assert layer.ratio_gate is not None and layer.ratio_up is not None
-        nat13 = tgt.scales.natural(cs13, 2 * I, H // 16)
-        nat2 = tgt.scales.natural(cs2, H, I // 16)
-        ng, nu = tgt.rows.split(nat13)
-        rg, ru = float(layer.ratio_gate[e]), float(layer.ratio_up[e])
-        for what, got, want, ratio in (
-            ("gate", ng, _expected_scales(gs, rg), rg),
-            ("up", nu, _expected_scales(us, ru), ru),
-            ("down", nat2, ds, 1.0),
-        ):
-            if not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
-                bad = (got.view(torch.uint8) != want.view(torch.uint8)).nonzero()[0].tolist()
-                part = "w2_weight_scale" if what == "down" else "w13_weight_scale"
-                how = "the source's" if ratio == 1.0 else "the rescaled source's"
-                raise _fail(f"{p}.{part}: expert {e} {what} block scale at [{bad[0]}, {bad[1]}] differs from {how}")
-        return _ExpertPair(
-            e,
-            tgt.rows.join(gw, uw),
-            tgt.rows.join(gs, us),
-            cw13,
-            cs13.view(torch.uint8) if self.swizzled else nat13,
-            dw,
-            ds,
-            cw2,
-            cs2.view(torch.uint8) if self.swizzled else nat2,
-        )
+    # -- reading --------------------------------------------------------------------------------
+    def src(self, layer: ExpertLayer, e: int, role: str, fld: str) -> np.ndarray:
+        ref = layer.ref(e, role, fld)
+        return self.src_r[ref.file].read_array(ref.info.name).reshape(ref.info.shape)
 
+    def conv_slice(self, name: str, start: int, nbytes: int) -> np.ndarray:
+        return self.conv_r[self.conv_map[name]].read_array(name, start, nbytes)
 
-def _verify_layer(
-    spec: OutputSpec,
-    layer: ExpertLayer,
-    experts: list[int],
-    src_r: _Readers,
-    conv_r: _Readers,
-    conv_map: dict[str, str],
-    device: str,
-    batch_bytes: int,
-    pool: ThreadPoolExecutor,
-) -> LayerResult:
-    tgt = spec.target
-    p, d = layer.prefix, layer.dims
-    E, H, I = d.experts, d.hidden, d.inter
-    res = LayerResult(p, E, rescaled=layer.rescaled_experts)
-    sc = {k: torch.from_numpy(v) for k, v in layer.scalars.items()}  # float32 [E] each
-    # small per-layer tensors
-    for name, want in tgt.global_tensors(p, layer.scalars).items():
-        got = _whole(conv_r, conv_map, name)
-        if tuple(got.shape) != tuple(want.shape) or bytes(tensor_bytes(got)) != bytes(tensor_bytes(want)):
-            raise _fail(f"{name} differs from the values derived from the source scales")
-    ctx = _LayerCtx(spec, layer, src_r, conv_r, conv_map)
-    conv_s2 = _whole(conv_r, conv_map, f"{p}.w13_weight_scale_2")
-    s2_g_conv, s2_u_conv = tgt.scale_2.split(conv_s2)
-    conv_s2_down = _whole(conv_r, conv_map, f"{p}.w2_weight_scale_2")
-    compare = _compare_backend(device)
-    dev = torch.device(device)
-    step = max(1, batch_bytes // max(1, 3 * I * H // 2))
-    assert layer.ratio_gate is not None and layer.ratio_up is not None
-    # Reads and byte checks run ahead on the pool (pread and torch release the GIL), one batch ahead.
-    futures = deque(pool.submit(ctx.load, e) for e in experts[: 2 * step])
-    nxt = len(futures)
-    while futures:
-        batch: list[_ExpertPair] = []
-        while futures and len(batch) < step:
-            batch.append(futures.popleft().result())
-            if nxt < len(experts):
-                futures.append(pool.submit(ctx.load, experts[nxt]))
-                nxt += 1
-        idx = torch.tensor([x.e for x in batch])
-        s2a13 = _rows_s2(tgt, I, sc["gate.weight_scale_2"][idx], sc["up.weight_scale_2"][idx]).to(dev)
-        s2b13 = _rows_s2(tgt, I, s2_g_conv[idx], s2_u_conv[idx]).to(dev)
-        mv = lambda field, batch=batch: torch.stack([getattr(x, field) for x in batch]).to(dev)  # noqa: E731
-        a13w, a13s, b13w, b13s = mv("a13w"), mv("a13s"), mv("b13w"), mv("b13s")
-        st13 = compare(a13w, a13s, s2a13, b13w, b13s, s2b13, b_swizzled=ctx.swizzled)
-        st2 = compare(
-            mv("a2w"), mv("a2s"), sc["down.weight_scale_2"][idx].to(dev),
-            mv("b2w"), mv("b2s"), conv_s2_down[idx].to(dev), b_swizzled=ctx.swizzled,
-        )  # fmt: skip
-        stats = {
-            part: [t.tolist() for t in (st.n_diff, st.nonfinite, st.max_abs, st.max_rel)] for part, st in (("w13", st13), ("w2", st2))
-        }
-        for k, x in enumerate(batch):
-            e = x.e
-            copied13 = float(layer.ratio_gate[e]) == 1.0 and float(layer.ratio_up[e]) == 1.0
-            for part, exact in (("w13", copied13), ("w2", True)):
-                n_diff, nonfinite, mabs, mrel = (v[k] for v in stats[part])
-                if nonfinite:
-                    raise _fail(f"{p}.{part}_weight: expert {e} decodes to NaN or Inf")
-                if exact and n_diff:
-                    raise _fail(f"{p}.{part}_weight: expert {e} should decode bit-identically but {n_diff} values differ")
-                if not exact and mrel > HALF_STEP:
-                    nat = tgt.scales.natural(b13s[k].cpu(), 2 * I, H // 16).to(dev) if ctx.swizzled else b13s[k]
-                    _check_rescaled_elementwise(p, e, a13w[k], a13s[k], s2a13[k], b13w[k], nat, s2b13[k])
-                res.max_abs = max(res.max_abs, mabs)
-                res.max_rel = max(res.max_rel, mrel)
-            res.checked += 1
-    return res
-
-
-def _check_rescaled_elementwise(p: str, e: int, aw, as_, as2, bw, bs, bs2) -> None:
-    """Slow path for a rescaled expert whose largest relative error is over 6.25%.
-
-    The rescaled scale s' = RNE(x) of x = s * s2/c is within half a step of x: 6.25% of x in E4M3's
-    normal range, half the subnormal spacing (2^-10) below 2^-6, and up to 2^-9 where x < 2^-10 was
-    clamped to the smallest subnormal instead of flushing the block to zero. Every element must be
-    within |e2m1| * that bound * c of the source value.
-    """
-    from .nvfp4 import dequantize, e2m1_decode, unpack_nibbles
-
-    a = dequantize(aw, as_, 1.0) * as2[:, None]
-    b = dequantize(bw, bs, 1.0) * bs2[:, None]
-    x = (as_.view(torch.float8_e4m3fn).to(torch.float64) * (as2.double() / bs2.double())[:, None]).repeat_interleave(16, dim=-1)
-    tol_s = torch.where(x < SUBNORMAL_HALF_SPACING, 2 * SUBNORMAL_HALF_SPACING, torch.clamp(HALF_STEP * x, min=SUBNORMAL_HALF_SPACING))
-    vals = e2m1_decode(unpack_nibbles(bw)).abs().double()
-    tol = vals * tol_s * bs2.double()[:, None] * (1 + 1e-6)
-    bad = (a.double() - b.double()).abs() > tol
-    if bool(bad.any()):
-        r, c = bad.nonzero()[0].tolist()
-        raise _fail(
-            f"{p}.w13_weight: expert {e} value at [{r}, {c}] is {float(b[r, c]):.6g}, source {float(a[r, c]):.6g}: "
-            f"more than half an E4M3 step apart"
-        )
-
-
-def _check_copied_tensors(spec: OutputSpec, src_r: _Readers, conv_r: _Readers, conv_map: dict[str, str], chunk: int = 64 << 20) -> int:
-    n = 0
-    for shard in spec.shards:
+    # -- pieces, in file order --------------------------------------------------------------------
+    def pieces(self, shard: OutShard) -> Iterator[_Piece]:
         for t in shard.tensors:
-            if t.kind != "copy":
-                continue
+            n = t.entry.nbytes
+            if t.kind == "copy":
+                for start in range(0, n, COPY_CHUNK):
+                    yield _Piece(t, start, min(COPY_CHUNK, n - start), self._copy_check(t, start))
+            elif t.kind == "global":
+                yield _Piece(t, 0, n, self._global_check(t))
+            else:
+                assert t.layer is not None and t.part is not None
+                layer = self.spec.layers[t.layer]
+                per = n // layer.dims.experts
+                for e in range(layer.dims.experts):
+                    yield _Piece(t, e * per, per, self._expert_check(layer, t.part, e) if e in self.experts[t.layer] else None)
+
+    def _copy_check(self, t: OutTensor, start: int) -> Callable[[np.ndarray], None]:
+        def check(got: np.ndarray) -> None:
             assert t.source is not None
-            sr, cr = src_r.r[t.source.file], conv_r.r[conv_map[t.entry.name]]
-            size = t.entry.nbytes
-            for start in range(0, size, chunk):
-                ln = min(chunk, size - start)
-                if sr.read_bytes(t.source.info.name, start, ln) != cr.read_bytes(t.entry.name, start, ln):
-                    raise _fail(f"{t.entry.name} is not byte-identical to the source (in bytes {start}..{start + ln})")
-            n += 1
-    return n
+            want = self.src_r[t.source.file].read_array(t.source.info.name, start, got.size)
+            if not np.array_equal(got, want):
+                at = start + int(np.flatnonzero(got != want)[0])
+                raise _fail(f"{t.entry.name} is not byte-identical to the source (first difference at byte {at})")
+            if start == 0:
+                with self._lock:
+                    self.copied += 1
+
+        return check
+
+    def _global_check(self, t: OutTensor) -> Callable[[np.ndarray], None]:
+        def check(got: np.ndarray) -> None:
+            assert t.layer is not None
+            want = self._globals[t.layer][t.entry.name]
+            if bytes(got) != bytes(tensor_bytes(want)):
+                raise _fail(f"{t.entry.name} differs from the values derived from the source scales")
+
+        return check
+
+    def _expert_check(self, layer: ExpertLayer, part: str, e: int) -> Callable[[np.ndarray], None]:
+        if part in ("w13_weight", "w2_weight"):
+            return lambda got: self._values(layer, part, e, got)
+        return lambda got: self._scales(layer, part, e, got)
+
+    # -- per-expert checks ------------------------------------------------------------------------
+    def _values(self, layer: ExpertLayer, part: str, e: int, got: np.ndarray) -> None:
+        d, p = layer.dims, layer.prefix
+        if part == "w2_weight":
+            pairs = [("down", got.reshape(d.hidden, d.inter // 2))]
+        else:
+            g, u = self.tgt.rows.split_np(got.reshape(2 * d.inter, d.hidden // 2))
+            pairs = [("gate", g), ("up", u)]
+        for role, conv in pairs:  # compared in place: the split gives views where the row order allows
+            src = self.src(layer, e, role, "weight")
+            if not np.array_equal(conv, src.reshape(conv.shape)):
+                r, c = (int(i[0]) for i in np.nonzero(np.ascontiguousarray(conv).reshape(src.shape) != src))
+                raise _fail(f"{p}.{part}: expert {e} {role} packed bytes differ from the source at [{r}, {c}]")
+        if self.decode:
+            self._decode(layer, part, e, got)
+
+    def _natural_scales(self, layer: ExpertLayer, part: str, e: int, stored: np.ndarray) -> dict[str, np.ndarray]:
+        """One expert's stored scales, layout and row order undone (torch inverse): role -> uint8."""
+        import torch
+
+        d = layer.dims
+        rows, cols = (2 * d.inter, d.hidden) if part.startswith("w13") else (d.hidden, d.inter)
+        t = torch.from_numpy(stored.view(np.int32) if self.tgt.scales.dtype == "I32" else stored)
+        t = t.reshape(self.tgt.scales.expert_shape(rows, cols))
+        nat = self.tgt.scales.natural(t, rows, cols // NVFP4_BLOCK).view(torch.uint8)
+        if part == "w2_weight_scale":
+            return {"down": nat.numpy()}
+        g, u = self.tgt.rows.split(nat)
+        return {"gate": g.numpy(), "up": u.numpy()}
+
+    def _scale_2(self, layer: ExpertLayer, role: str, e: int) -> tuple[float, float, float]:
+        """(source scale_2, output scale_2, rescale ratio) of one expert's half."""
+        part = "w2" if role == "down" else "w13"
+        out = self._globals[layer.prefix][f"{layer.prefix}.{part}_weight_scale_2"]
+        c = float(out[e]) if out.ndim == 1 else float(out[e, 0 if role == "gate" else 1])
+        s2 = float(layer.scalars[f"{role}.weight_scale_2"][e])
+        ratio = 1.0 if role == "down" else float((layer.ratio_gate if role == "gate" else layer.ratio_up)[e])
+        return s2, c, ratio
+
+    def _scales(self, layer: ExpertLayer, part: str, e: int, got: np.ndarray) -> None:
+        import torch
+
+        from .nvfp4 import rescale_block_scales
+
+        p = layer.prefix
+        worst = 0.0
+        for role, nat in self._natural_scales(layer, part, e, got).items():
+            src = self.src(layer, e, role, "weight_scale")
+            s2, c, ratio = self._scale_2(layer, role, e)
+            want = src if ratio == 1.0 else rescale_block_scales(torch.from_numpy(src), ratio).view(torch.uint8).numpy()
+            if not np.array_equal(nat, want):
+                r, k = (int(i[0]) for i in np.nonzero(nat != want))
+                how = "the source's" if ratio == 1.0 else "the rescaled source's"
+                raise _fail(f"{p}.{part}: expert {e} {role} block scale at [{r}, {k}] differs from {how}")
+            rel, ok = block_errors(src, s2, nat, c)
+            if ratio == 1.0 and (s2 != c or rel.max(initial=0.0) != 0.0):
+                raise _fail(f"{p}.{part}: expert {e} {role} is a copied half but its scale_2 changed ({s2} -> {c})")
+            if not ok.all():
+                r, k = (int(i[0]) for i in np.nonzero(~ok))
+                raise _fail(
+                    f"{p}.{part}: expert {e} {role} block at [{r}, {k}] is {100 * rel[r, k]:.3g}% off the source: "
+                    f"more than half an E4M3 step"
+                )
+            worst = max(worst, float(rel.max(initial=0.0)))
+        with self._lock:
+            res = self.results[p]
+            res.max_rel = max(res.max_rel, worst)
+            if part == "w2_weight_scale":
+                res.checked += 1
+
+    def _decode(self, layer: ExpertLayer, part: str, e: int, values: np.ndarray) -> None:
+        """End to end: dequantize the expert of both checkpoints with the compare kernel (the values
+        are the output's, just found byte-identical to the source's)."""
+        import torch
+
+        assert self.decode is not None
+        d, p = layer.dims, layer.prefix
+        w13 = part == "w13_weight"
+        rows, cols = (2 * d.inter, d.hidden) if w13 else (d.hidden, d.inter)
+        spart = f"{part}_scale"
+        sname = f"{p}.{spart}"
+        per = self.conv_r[self.conv_map[sname]].header.tensors[sname].nbytes // d.experts
+        stored = self.conv_slice(sname, e * per, per)  # small; read again, in order, by its own piece
+        roles = ("gate", "up") if w13 else ("down",)
+        src_s = {r: self.src(layer, e, r, "weight_scale") for r in roles}
+        s2 = {r: self._scale_2(layer, r, e) for r in roles}  # (source, output, ratio)
+
+        def per_row(i: int) -> torch.Tensor:
+            cols_ = {r: torch.full((rows // len(roles), 1), s2[r][i], dtype=torch.float32) for r in roles}
+            return (self.tgt.rows.join(cols_["gate"], cols_["up"]) if w13 else cols_["down"])[:, 0].contiguous()
+
+        t = {r: torch.from_numpy(v) for r, v in src_s.items()}
+        a_scales = self.tgt.rows.join(t["gate"], t["up"]) if w13 else t["down"]
+        swz = self.tgt.scales.kernel_reads_in_place
+        if swz:
+            b_scales = torch.from_numpy(stored).reshape(self.tgt.scales.expert_shape(rows, cols))
+        else:
+            nat = self._natural_scales(layer, spart, e, stored)
+            b_scales = self.tgt.rows.join(torch.from_numpy(nat["gate"]), torch.from_numpy(nat["up"])) if w13 else torch.from_numpy(nat["down"])
+        dev = torch.device(self.decode)
+        vals = torch.from_numpy(values).reshape(rows, cols // 2).to(dev)
+        args = (vals, a_scales.contiguous().to(dev), per_row(0).to(dev), vals, b_scales.contiguous().to(dev), per_row(1).to(dev))
+        if dev.type == "cuda":
+            from .kernels.compare import compare_nvfp4
+
+            st = compare_nvfp4(*args, b_swizzled=swz)
+        else:
+            from .kernels.reference import compare_nvfp4_ref
+
+            st = compare_nvfp4_ref(*args, b_swizzled=swz)
+        n_diff, nonfinite, mabs, mrel = int(st.n_diff[0]), bool(st.nonfinite[0]), float(st.max_abs[0]), float(st.max_rel[0])
+        if nonfinite:
+            raise _fail(f"{p}.{part}: expert {e} decodes to NaN or Inf")
+        if all(s2[r][2] == 1.0 for r in roles):
+            if n_diff:
+                raise _fail(f"{p}.{part}: expert {e} should decode bit-identically but {n_diff} values differ")
+        else:  # no further apart than the block scales allow (each product rounds once in fp32)
+            nat = self._natural_scales(layer, spart, e, stored)
+            bound = max(float(block_errors(src_s[r], s2[r][0], nat[r], s2[r][1])[0].max(initial=0.0)) for r in roles)
+            if mrel > bound * (1 + 2**-20) + 2**-22:
+                raise _fail(
+                    f"{p}.{part}: expert {e} decodes {100 * mrel:.4g}% off the source, more than its block scales "
+                    f"allow ({100 * bound:.4g}%)"
+                )
+        with self._lock:
+            res = self.results[p]
+            res.max_abs = max(res.max_abs or 0.0, mabs)
+            if not w13:
+                res.decoded += 1
+
+    # -- one shard ---------------------------------------------------------------------------------
+    def stream(self, shard: OutShard, pool: ThreadPoolExecutor, budget: _ByteBudget, hash_file: bool) -> str | None:
+        """Check every piece of ``shard``; returns its sha256 (hashing every byte once, in order)."""
+        reader = self.conv_r[shard.name]
+        h = hashlib.sha256() if hash_file else None
+        if h is not None:
+            with open(reader.header.path, "rb") as f:
+                h.update(f.read(reader.header.data_start))
+        inflight: deque[tuple[_Piece, Future]] = deque()
+
+        def run(pc: _Piece) -> np.ndarray | None:
+            if pc.check is None and h is None:
+                return None
+            got = self.conv_slice(pc.tensor.entry.name, pc.start, pc.nbytes)
+            if pc.check is not None:
+                pc.check(got)
+            return got
+
+        def finish_one() -> None:
+            pc, fut = inflight.popleft()
+            try:
+                got = fut.result()
+                if h is not None and got is not None:
+                    h.update(memoryview(got))
+            finally:
+                budget.release(pc.nbytes)
+
+        try:
+            for pc in self.pieces(shard):
+                if self.stop.is_set():
+                    break
+                if pc.check is None and h is None:
+                    continue
+                while inflight and inflight[0][1].done():
+                    finish_one()
+                while not budget.try_acquire(pc.nbytes):
+                    if inflight:
+                        finish_one()  # never wait on the budget while holding unfinished pieces
+                    else:
+                        budget.acquire(pc.nbytes)  # the others hold it, and release it as they finish
+                        break
+                inflight.append((pc, pool.submit(run, pc)))
+                while len(inflight) > 64:
+                    finish_one()
+            while inflight:
+                finish_one()
+        except BaseException:
+            self.stop.set()
+            for pc, fut in inflight:
+                fut.cancel()
+                budget.release(pc.nbytes)
+            raise
+        return h.hexdigest() if h is not None and not self.stop.is_set() else None
 
 
-def pick_device(device: str) -> tuple[str, str]:
-    """('cuda'|'cpu', note)."""
+# ---------------------------------------------------------------------------------------------------
+# entry point
+
+
+def pick_device(device: str) -> str:
+    """'cuda' or 'cpu' for --device auto|cuda|cpu."""
+    import torch
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda but no CUDA device is visible")
     if device not in ("cuda", "cpu"):
         raise InputError(f"--device must be auto, cuda or cpu, not {device!r}")
-    note = "" if device == "cuda" else "no GPU: numerics run on the CPU through the torch reference of the kernels (slower)"
-    return device, note
+    return device
 
 
 def verify(
@@ -375,37 +498,41 @@ def verify(
     *,
     sample: int | None = None,
     device: str = "auto",
+    decode: bool | None = None,
     hash_files: bool = True,
-    batch_bytes: int = 256 << 20,
     workers: int = 4,
+    budget_bytes: int = BUDGET_BYTES,
     trust_root: Path | None = None,
     source_label: str | None = None,
-    on_layer: Callable[[LayerResult], None] | None = None,
     seed: int | None = None,
 ) -> VerifyResult:
     """Check the converted folder ``conv_dir`` against the source ``source_dir`` (see the module notes).
 
     ``sample`` checks that many experts a layer, drawn at random (``seed`` makes the draw
-    repeatable); ``hash_files=False`` compares sizes with the manifest without re-hashing. Raises
-    :class:`CheckFailed` naming tensor, expert and first bad index when a check fails, and
-    :class:`InputError` when the source or the options are unusable (missing folder, no GPU for
-    ``device="cuda"``).
+    repeatable); every file is still hashed unless ``hash_files=False``, which compares sizes only.
+    ``decode`` runs the end-to-end dequant-and-compare (default: on a GPU, yes; on the CPU, no: it
+    runs the torch reference there, which is slow). Raises :class:`CheckFailed` naming file, tensor,
+    expert and first bad index when a check fails, and :class:`InputError` when the source or the
+    options are unusable (missing folder, no GPU for ``device="cuda"``).
     """
     import time
 
     t0 = time.perf_counter()
-    dev, note = pick_device(device)
+    dev = pick_device(device)
+    decode = (dev == "cuda") if decode is None else decode
     conv_dir = Path(conv_dir)
     if not conv_dir.is_dir():
         raise InputError("converted folder does not exist", file=str(conv_dir))
     manifest = load_manifest(conv_dir)
     if manifest is None:
         raise _fail(f"{conv_dir} has no {MANIFEST_NAME}: the conversion is incomplete (rerun convert to resume)")
-    problems = check_files(conv_dir, manifest, hash_files=hash_files)
-    if problems:
-        raise _fail(f"output files do not match the manifest: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    for name, rec in manifest.files.items():
+        p = conv_dir / name
+        if not p.is_file():
+            raise _fail(f"output files do not match the manifest: {name}: missing")
+        if p.stat().st_size != rec["size"]:
+            raise _fail(f"output files do not match the manifest: {name}: size {p.stat().st_size} != manifest {rec['size']}")
     options = OutputOptions.from_json(manifest.options, file=str(conv_dir / MANIFEST_NAME))
-    target = options.target
     src = scan_source(source_dir, trust_root=trust_root)
     if src.fingerprint() != manifest.input_fingerprint:
         raise _fail("the source's headers and configs are not those this output was converted from (fingerprint differs)")
@@ -414,29 +541,54 @@ def verify(
         conv = scan_source(conv_dir)
     except InputError as e:  # the output's index and shard headers disagree, a shard is unreadable...
         raise _fail(f"the converted folder is not a consistent checkpoint: {e}") from None
+    shard_names = {s.name for s in spec.shards}
+    if hash_files:  # the small files first; the shards are hashed by the pass below
+        for name, rec in manifest.files.items():
+            if name not in shard_names and sha256_file(conv_dir / name) != rec["sha256"]:
+                raise _fail(f"output files do not match the manifest: {name}: sha256 differs from manifest")
     _check_structure(spec, conv_dir, conv, model_card=manifest.model_card)
-    conv_map = conv.tensor_file
-    result = VerifyResult(source_label or str(source_dir), str(conv_dir), target.name, dev, note=note, files_hashed=len(manifest.files) if hash_files else 0)
+
     rng = random.Random(seed)
-    src_r, conv_r = _Readers(src.headers), _Readers(conv.headers)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nvfp4-verify")
+    experts = {}
+    for p, layer in spec.layers.items():
+        n = layer.dims.experts
+        experts[p] = set(range(n)) if not sample or sample >= n else set(rng.sample(range(n), sample))
+    v = _Verifier(spec, conv, experts, dev if decode else None)
+    result = VerifyResult(source_label or str(source_dir), str(conv_dir), options.target.name, dev)
+    result.checks = [CHECK_HASHES if hash_files else CHECK_SIZES, CHECK_STRUCTURE, CHECK_COPIED, CHECK_GLOBALS, CHECK_VALUES, CHECK_SCALES, CHECK_BOUND]
+    if decode:
+        how = "the Triton compare kernel on the GPU" if dev == "cuda" else "the kernel's torch reference on the CPU"
+        result.checks.append(f"end to end: every checked expert of both checkpoints dequantized and compared ({how})")
+    else:
+        result.note = "end-to-end dequant-and-compare not run (no GPU; --decode runs its CPU reference, slowly)"
+    budget = _ByteBudget(budget_bytes)
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nvfp4-verify")
+    # Shards stream side by side (each hashes in its own order), sharing the workers and the budget.
+    streams = ThreadPoolExecutor(max_workers=max(1, min(len(spec.shards), workers)), thread_name_prefix="nvfp4-verify-shard")
+    futs: dict[str, Future] = {}
     try:
-        result.copied_tensors = _check_copied_tensors(spec, src_r, conv_r, conv_map)
-        result.copied_groups = [
-            {"prefix": g.prefix, "format": g.format, "experts": g.experts, "tensors": g.tensors, "identical": True}
-            for g in spec.copied_groups.values()
-        ]
-        for layer in spec.layers.values():
-            n = layer.dims.experts
-            experts = list(range(n)) if not sample or sample >= n else sorted(rng.sample(range(n), sample))
-            lr = _verify_layer(spec, layer, experts, src_r, conv_r, conv_map, dev, batch_bytes, pool)
-            lr.sampled = experts if len(experts) < n else None
-            result.layers.append(lr)
-            if on_layer:
-                on_layer(lr)
+        futs = {s.name: streams.submit(v.stream, s, pool, budget, hash_files) for s in spec.shards}
+        for name, fut in futs.items():
+            digest = fut.result()
+            if digest is not None and digest != manifest.files[name]["sha256"]:
+                raise _fail(f"output files do not match the manifest: {name}: sha256 differs from manifest")
     finally:
-        pool.shutdown(cancel_futures=True)
-        src_r.close()
-        conv_r.close()
+        v.stop.set()  # a no-op after a full pass; after a failure, the other streams stop reading
+        for fut in futs.values():
+            fut.cancel()
+        streams.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
+        v.close()
+    result.files_hashed = len(manifest.files) if hash_files else 0
+    result.copied_tensors = v.copied
+    result.copied_groups = [
+        {"prefix": g.prefix, "format": g.format, "experts": g.experts, "tensors": g.tensors, "identical": True}
+        for g in spec.copied_groups.values()
+    ]
+    for p, lr in v.results.items():
+        n = spec.layers[p].dims.experts
+        lr.sampled = sorted(experts[p]) if len(experts[p]) < n else None
+        result.layers.append(lr)
+    result.peak_read_ahead = budget.peak
     result.seconds = time.perf_counter() - t0
     return result

@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import RecordingApi, run_cli
 
@@ -47,20 +48,27 @@ def converted(make_ckpt, tmp_path):
     return make
 
 
-@pytest.mark.parametrize("target", ["vllm-fused", "linear"])
+@pytest.mark.parametrize("target", ["vllm-fused", "linear", "mega-moe"])
 @pytest.mark.parametrize("unequal", [False, True])
-def test_verify_passes_and_reports(converted, target, unequal):
-    src, out = converted(target, unequal_scale_2=unequal)
-    res = verify(src, out, device="cpu")
+@pytest.mark.parametrize("decode", [False, True])
+def test_verify_passes_and_reports(converted, target, unequal, decode):
+    kw = {"hidden": 512, "inter": 512} if target == "mega-moe" else {}
+    src, out = converted(target, unequal_scale_2=unequal, **kw)
+    res = verify(src, out, device="cpu", decode=decode)
     assert [l.prefix for l in res.layers] == [P]
     layer = res.layers[0]
-    assert layer.checked == 4
+    assert layer.checked == 4 and layer.decoded == (4 if decode else 0)
     assert layer.rescaled == (4 if unequal else 0)
     if unequal:
         assert 0 < layer.max_rel <= 0.0625
     else:
-        assert layer.max_abs == 0 and layer.max_rel == 0
+        assert layer.max_rel == 0
+    if decode:  # the end-to-end compare ran (the kernel's torch reference, on the CPU)
+        assert (layer.max_abs > 0) == unequal and any("end to end" in c for c in res.checks)
+    else:
+        assert layer.max_abs is None and "not run" in res.note
     assert res.copied_tensors > 0 and res.files_hashed > 0
+    assert any("rescale bound" in c for c in res.checks) and any("sha256" in c for c in res.checks)
 
 
 def test_verify_sample_checks_n_random_experts_and_honours_the_seed(converted):
@@ -92,7 +100,15 @@ def _expect_fail(src: Path, out: Path, needle: str, **kw) -> str:
 
 def test_tampered_file_fails_the_hash_check(converted):
     src, out = converted()
-    _flip(out, f"{P}.w13_weight", 5)
+    # bytes no other check looks at: the order of a shard's header entries (same size, same meaning)
+    shard, _, _ = _locate(out, f"{P}.w13_weight")
+    data = shard.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    hdr = json.loads(data[8 : 8 + n])
+    js = json.dumps(dict(reversed(list(hdr.items()))), separators=(",", ":")).encode()
+    js += b" " * (n - len(js))
+    assert len(js) == n and js != data[8 : 8 + n]
+    shard.write_bytes(data[:8] + js + data[8 + n :])
     _expect_fail(src, out, "sha256 differs from manifest")
 
 
@@ -202,15 +218,11 @@ def test_verify_cli_exit_codes_and_json(converted):
     assert r.returncode == 2
 
 
-@pytest.mark.parametrize("unequal", [False, True])
-def test_verify_mega_moe(make_ckpt, tmp_path, unequal):
-    src = make_ckpt(layers=2, experts=3, hidden=512, inter=512, unequal_scale_2=unequal)
+def test_verify_mega_moe_names_a_flipped_scale_word(make_ckpt, tmp_path):
+    src = make_ckpt(layers=2, experts=3, hidden=512, inter=512, unequal_scale_2=True)
     out = tmp_path / "mm"
     convert(src, out, ConvertOptions())
-    res = verify(src, out, device="cpu")
-    assert res.target == "mega-moe"
-    for l in res.layers:  # equal gate/up scale_2: bit-identical; unequal: the smaller half rescaled
-        assert (l.rescaled == 3 and 0 < l.max_rel <= 0.0625) if unequal else (l.rescaled == 0 and l.max_abs == 0)
+    assert verify(src, out, device="cpu").target == "mega-moe"
     # a flipped int32 scale word is found and named in natural coordinates
     _flip(out, f"{P}.w13_weight_scale", 4 * 5 + 1, xor=0x01)
     _expect_fail(src, out, "w13_weight_scale: expert 0", hash_files=False)
@@ -220,22 +232,19 @@ def test_rescale_bound_covers_subnormal_and_clamped_scales_and_catches_a_two_ste
     import torch
 
     from nvfp4_fuse.nvfp4 import rescale_block_scales
-    from nvfp4_fuse.verify import _check_rescaled_elementwise
+    from nvfp4_fuse.verify import block_errors
 
-    rows = 64
-    w = torch.randint(0, 256, (rows, 16), dtype=torch.uint8)
-    s = torch.randint(0x01, 0x30, (rows, 2), dtype=torch.uint8).view(torch.float8_e4m3fn)  # many subnormal
+    s = torch.randint(0x01, 0x30, (64, 2), dtype=torch.uint8)  # many subnormal
     s2_src, c = 1e-4, 3.7e-4
     r = float(torch.tensor(s2_src, dtype=torch.float32) / torch.tensor(c, dtype=torch.float32))
-    new = rescale_block_scales(s, r)
-    as2 = torch.full((rows,), s2_src, dtype=torch.float32)
-    bs2 = torch.full((rows,), c, dtype=torch.float32)
-    _check_rescaled_elementwise("p", 0, w, s, as2, w, new, bs2)  # passes
-    bad = new.view(torch.uint8).clone()
-    k = int((bad > 0x10).nonzero()[0, 0])
-    bad[k] += 2  # two E4M3 steps off
-    with pytest.raises(CheckFailed, match="more than half an E4M3 step"):
-        _check_rescaled_elementwise("p", 0, w, s, as2, w, bad.view(torch.float8_e4m3fn), bs2)
+    new = rescale_block_scales(s.view(torch.float8_e4m3fn), r).view(torch.uint8)
+    rel, ok = block_errors(s.numpy(), s2_src, new.numpy(), c)
+    assert ok.all() and rel.max() > 0.0625  # the RNE rescale, subnormal and clamped blocks included
+    bad = new.clone()
+    k = (bad > 0x10).nonzero()[0].tolist()
+    bad[k[0], k[1]] += 2  # two E4M3 steps off, in the normal range
+    rel, ok = block_errors(s.numpy(), s2_src, bad.numpy(), c)
+    assert not ok[k[0], k[1]] and ok.sum() == ok.size - 1
 
 
 @pytest.mark.parametrize("x,ok", [(0.935, False), (0.945, True), (1.0, True), (1.065, True), (1.07, False)])
@@ -245,17 +254,52 @@ def test_rescale_tolerance_is_exactly_half_an_e4m3_step(x, ok):
     Both sides of the bound are pinned within about one percent of it, in E4M3's normal range, so a
     looser (or tighter) tolerance fails here every time.
     """
+    from nvfp4_fuse.verify import block_errors
+
+    one = np.full((3, 5), 0x38, dtype=np.uint8)  # E4M3 1.0, source and output alike
+    rel, within = block_errors(one, 1.0, one, 1 / x)  # x = (1.0 * 1.0) / c
+    assert bool(within.all()) == ok and np.allclose(rel, abs(1 - x) / x)
+
+
+def test_a_block_scale_beyond_the_bound_fails_verify(make_ckpt, tmp_path, monkeypatch):
+    """End to end through verify: an output whose rescaled block scales are all one E4M3 step too
+    big is refused by the bound, even if the exactness check is told to expect those very bytes."""
     import torch
 
-    from nvfp4_fuse.verify import _check_rescaled_elementwise
+    import nvfp4_fuse.nvfp4 as nv
 
-    rows = 4
-    w = torch.full((rows, 8), 0x22, dtype=torch.uint8)  # every value is E2M1 1.0
-    one = torch.full((rows, 1), 0x38, dtype=torch.uint8).view(torch.float8_e4m3fn)  # E4M3 1.0
-    as2 = torch.ones(rows, dtype=torch.float32)
-    bs2 = torch.full((rows,), 1 / x, dtype=torch.float32)  # x = (1.0 * 1.0) / bs2
-    if ok:
-        _check_rescaled_elementwise("p", 0, w, one, as2, w, one, bs2)
-    else:
-        with pytest.raises(CheckFailed, match="more than half an E4M3 step"):
-            _check_rescaled_elementwise("p", 0, w, one, as2, w, one, bs2)
+    src = make_ckpt(layers=2, experts=2, hidden=64, inter=32, unequal_scale_2=True)
+    real = nv.rescale_block_scales
+
+    def one_step_up(s, ratio):  # the exactness check now expects what the converter wrote
+        b = real(s, ratio).view(torch.uint8)
+        return torch.where((b > 0x08) & (b < 0x7E), b + 1, b).view(torch.float8_e4m3fn)
+
+    import nvfp4_fuse.host_layout as hl
+
+    real_np = hl.rescale_block_scales
+
+    def one_step_up_np(raw, ratio):
+        new, change = real_np(raw, ratio)
+        if ratio == 1.0:  # copied halves stay copies
+            return new, change
+        return np.where((new > 0x08) & (new < 0x7E), new + 1, new).astype(np.uint8), change
+
+    monkeypatch.setattr("nvfp4_fuse.convert.rescale_block_scales", one_step_up_np)
+    out = tmp_path / "out"
+    convert(src, out, ConvertOptions(target="linear"))
+    monkeypatch.setattr(nv, "rescale_block_scales", one_step_up)
+    _expect_fail(src, out, "more than half an E4M3 step")
+
+
+def test_verify_memory_is_a_fixed_budget_not_the_model(converted):
+    """The pass holds at most its read-ahead budget (or one piece, if larger) of output bytes, with
+    every check running, whatever the number of experts; the end-to-end compare works per expert."""
+    src, out = converted(target="mega-moe", experts=12, hidden=512, inter=512)
+    per_expert_w13 = 2 * 512 * 512 // 2
+    budget = 3 * per_expert_w13
+    res = verify(src, out, device="cpu", decode=True, budget_bytes=budget, workers=4)
+    assert res.layers[0].checked == 12 and res.layers[0].decoded == 12
+    assert 0 < res.peak_read_ahead <= budget
+    layer_w13 = 12 * per_expert_w13
+    assert res.peak_read_ahead < layer_w13 / 3  # never a stacked layer
