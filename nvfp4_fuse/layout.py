@@ -62,23 +62,15 @@ class RowOrder(ABC):
         """torch: gate and up [..., R, C] -> w13 [..., 2R, C] in this order (any dtype)."""
         import torch
 
-        idx = torch.tensor(self.permutation(gate.shape[-2]))
+        idx = torch.tensor(self.permutation(gate.shape[-2]), device=gate.device)
         return _bits_op(lambda g, u: torch.cat((g, u), dim=-2).index_select(-2, idx), gate, up)
-
-    def split_np(self, w13: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """numpy inverse of :meth:`join_np`: w13 [2R, C] -> (gate, up), each R rows in order, as views
-        where the order allows (verify compares them in place); an interleaved order gives them as
-        [R/g, g, C] (``.reshape(gate.shape)`` of the source compares with it)."""
-        inv = np.argsort(self.permutation(w13.shape[0] // 2))
-        both = w13[inv]
-        return both[: w13.shape[0] // 2], both[w13.shape[0] // 2 :]
 
     def split(self, w13: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inverse of :meth:`join`: w13 [..., 2R, C] -> (gate, up) [..., R, C]."""
         import torch
 
         rows = w13.shape[-2] // 2
-        inv = torch.tensor(np.argsort(self.permutation(rows)))
+        inv = torch.tensor(np.argsort(self.permutation(rows)), device=w13.device)
         both = _bits_op(lambda x: x.index_select(-2, inv), w13)
         return both[..., :rows, :], both[..., rows:, :]
 
@@ -109,20 +101,12 @@ class GateThenUp(RowOrder):
     def runs(self, rows: int) -> list[Run]:
         return [("gate", 0, rows), ("up", 0, rows)]
 
-    def split_np(self, w13: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        half = w13.shape[0] // 2
-        return w13[:half], w13[half:]
-
 
 class UpThenGate(RowOrder):
     name = "up-gate"
 
     def runs(self, rows: int) -> list[Run]:
         return [("up", 0, rows), ("gate", 0, rows)]
-
-    def split_np(self, w13: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        half = w13.shape[0] // 2
-        return w13[half:], w13[:half]
 
 
 class InterleavedByGroup(RowOrder):
@@ -139,11 +123,6 @@ class InterleavedByGroup(RowOrder):
             raise ValueError(self.problems(rows)[0])
         g = self.group
         return [(role, r, g) for r in range(0, rows, g) for role in ("gate", "up")]
-
-    def split_np(self, w13: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rows2, g = w13.shape[0], self.group
-        v = w13.reshape(rows2 // (2 * g), 2, g, *w13.shape[1:])  # [groups, gate|up, g, ...]: a view
-        return v[:, 0], v[:, 1]
 
 
 class W13Order(StrEnum):

@@ -153,6 +153,9 @@ def unpack_scales_k64(packed: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"packed scales must be int32, got {packed.dtype}")
     if packed.dim() < 2:
         raise ValueError("packed scales need a row and a column dimension")
+    if sys.byteorder == "little" and packed.device.type == "cpu":
+        # Byte j of a little-endian word is its j-th byte in memory: a view, no arithmetic.
+        return packed.contiguous().view(torch.uint8).view(torch.float8_e4m3fn)
     w = packed.to(torch.int64) & 0xFFFFFFFF
     parts = [((w >> (8 * j)) & 0xFF) for j in range(SCALES_PER_WORD)]
     b = torch.stack(parts, dim=-1).to(torch.uint8)

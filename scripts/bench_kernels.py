@@ -20,7 +20,6 @@ Runs from a plain checkout too (no install needed): ``kernels/`` is mapped to ``
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -28,19 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    import nvfp4_fuse.kernels  # noqa: F401
-except ImportError:  # not installed: load the package and map kernels/ the way pyproject.toml does
-    sys.path.insert(0, str(ROOT))
-    import nvfp4_fuse
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from source_tree import use_source_tree  # noqa: E402
 
-    _spec = importlib.util.spec_from_file_location(
-        "nvfp4_fuse.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["nvfp4_fuse.kernels"] = _mod
-    _spec.loader.exec_module(_mod)
-    nvfp4_fuse.kernels = _mod
+use_source_tree()
 
 import torch  # noqa: E402
 import triton  # noqa: E402

@@ -39,11 +39,8 @@ def test_row_order_join_then_split_round_trips(order):
     assert w13.shape == (2 * rows, cols)
     g, u = order.split(w13)
     assert torch.equal(g, gate) and torch.equal(u, up)
-    # the converter's numpy join is the same bytes, and verify's numpy split (views) inverts it
+    # the converter's numpy join is the same bytes
     assert order.join_np(gate.numpy(), up.numpy()).tobytes() == w13.numpy().tobytes()
-    gv, uv = order.split_np(w13.numpy())
-    assert np.array_equal(gv.reshape(rows, cols), gate.numpy()) and np.array_equal(uv.reshape(rows, cols), up.numpy())
-    assert np.shares_memory(gv, w13.numpy()) or rows == 0  # compared in place, no copy
     # the runs the converter reads with place the same rows, each role's rows once and in source order
     src = {"gate": gate, "up": up}
     runs = order.runs(rows)

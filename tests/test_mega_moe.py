@@ -194,6 +194,11 @@ def test_pack_view_and_arithmetic_paths_agree(monkeypatch) -> None:
     monkeypatch.setattr(mm.sys, "byteorder", "big")  # the arithmetic path, as on a big-endian host
     assert torch.equal(mm.pack_scales_k64(raw), fast)
     assert torch.equal(fast, slow_pack(raw.contiguous()))
+    slow_unpack = mm.unpack_scales_k64(fast.t().contiguous().t())  # arithmetic, from a strided view
+    monkeypatch.setattr(mm.sys, "byteorder", "little")
+    fast_unpack = mm.unpack_scales_k64(fast.t().contiguous().t())
+    assert torch.equal(fast_unpack.view(torch.uint8), slow_unpack.view(torch.uint8))
+    assert torch.equal(fast_unpack.view(torch.uint8), raw.contiguous())
 
 
 def test_pack_known_word() -> None:

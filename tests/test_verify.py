@@ -303,3 +303,28 @@ def test_verify_memory_is_a_fixed_budget_not_the_model(converted):
     assert 0 < res.peak_read_ahead <= budget
     layer_w13 = 12 * per_expert_w13
     assert res.peak_read_ahead < layer_w13 / 3  # never a stacked layer
+
+
+def test_the_pair_count_check_agrees_with_the_elementwise_one():
+    """rescaled_half_problem looks up the (source, output) byte pairs present; it must say exactly
+    what checking every block one by one says, on fresh random scales, right or tampered."""
+    import torch
+
+    from nvfp4_fuse.nvfp4 import rescale_block_scales
+    from nvfp4_fuse.verify import block_errors, rescaled_half_problem
+
+    for _ in range(20):
+        src = np.random.randint(0, 0x7F, (64, 8)).astype(np.uint8)
+        s2, c = float(np.float32(np.random.uniform(1e-5, 1e-3))), float(np.float32(np.random.uniform(1e-3, 2e-3)))
+        ratio = float(np.float32(s2) / np.float32(c))
+        table = rescale_block_scales(torch.arange(256, dtype=torch.uint8), ratio).view(torch.uint8).numpy()
+        new = table[src]
+        if np.random.rand() < 0.5:  # tamper with one block by a step or two
+            r, k = np.random.randint(64), np.random.randint(8)
+            new[r, k] = min(0x7E, new[r, k] + np.random.randint(1, 3))
+        rel, problem = rescaled_half_problem(src, new, table, s2, c)
+        rel_e, ok_e = block_errors(src, s2, new, c)
+        exact = np.array_equal(new, table[src])
+        assert (problem is None) == (exact and ok_e.all())
+        if problem is None:
+            assert rel == rel_e.max()
