@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# End-to-end demo on this machine: sets up .venv, writes a small real-format ModelOpt NVFP4 MoE
-# checkpoint (DeepSeek names, gate/up scale_2 unequal as in pre-0.43 exports), converts it to the
-# default mega-moe layout and to vllm-fused, and verifies both. Output goes to ./demo-out.
+# End-to-end demo on this machine: sets up .venv, writes small real-format NVFP4 MoE checkpoints (a
+# ModelOpt export with gate/up scale_2 unequal as in pre-0.43 exports, and DeepSeek-V4 as canada-quant
+# publishes it, MXFP4 MTP layer included), converts them to the default mega-moe layout (and the
+# first to vllm-fused), and verifies each. Output goes to ./demo-out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -28,18 +29,25 @@ nvfp4-fuse verify "$OUT/src" "$OUT/vllm-fused"
 echo "== 5. a rerun finds the finished conversion and does nothing"
 nvfp4-fuse convert "$OUT/src" "$OUT/mega-moe"
 
+echo "== 6. DeepSeek-V4 in canada-quant's recipe (.scale block scales, [1] scalars, MXFP4 MTP experts)"
+nvfp4-fuse sample "$OUT/dsv4" --arch deepseek-v4 --recipe canada --layers 4 --experts 8
+nvfp4-fuse convert "$OUT/dsv4" "$OUT/dsv4-mega-moe"
+nvfp4-fuse verify "$OUT/dsv4" "$OUT/dsv4-mega-moe"
+
 echo "== summary"
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for t in ("mega-moe", "vllm-fused"):
+for t in ("mega-moe", "vllm-fused", "dsv4-mega-moe"):
     m = json.loads((out / t / "nvfp4-fuse-manifest.json").read_text())
     v = json.loads((out / t / "nvfp4-fuse-verify.json").read_text())
     idx = json.loads((out / t / "model.safetensors.index.json").read_text())
     names = [n for n in idx["weight_map"] if n.startswith("layers.1.ffn.experts.")]
-    print(f"{t:11s} layout {m['layout']}, {len(m['files'])} files, fused tensors: {', '.join(sorted(n.rsplit('.', 1)[1] for n in names))}")
+    print(f"{t:13s} layout {m['layout']}, {len(m['files'])} files, fused tensors: {', '.join(sorted(n.rsplit('.', 1)[1] for n in names))}")
     for l in v["layers"]:
-        print(f"{'':11s} {l['prefix']}: {l['checked']}/{l['experts']} experts verified, rescaled {l['rescaled']}, max rel error {100 * l['max_rel']:.2f}%")
+        print(f"{'':13s} {l['prefix']}: {l['checked']}/{l['experts']} experts verified, rescaled {l['rescaled']}, max rel error {100 * l['max_rel']:.2f}%")
+    for g in v["copied_groups"]:
+        print(f"{'':13s} {g['prefix']}: {g['experts']} experts, {g['format']}, copied byte for byte")
 PY
 echo "demo finished: see $OUT/"
