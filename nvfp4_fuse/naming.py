@@ -78,6 +78,7 @@ def fused_name(prefix: str, part: str) -> str:
     return f"{prefix}.{part}"
 
 
+# The stacked tensors every target writes per ``<prefix>.experts`` (targets.py gives their shapes).
 FUSED_PARTS = (
     "w13_weight",
     "w13_weight_scale",

@@ -39,6 +39,25 @@ from .nvfp4 import quantize
 RECIPES = ("nvidia", "canada")
 HC_MULT = 4
 
+# Config blocks as the recipes write them (docs/dsv4-formats.md).
+NATIVE_QUANT_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "scale_fmt": "ue8m0",
+    "weight_block_size": [128, 128],
+}
+CANADA_EXPERT_FORMAT = {
+    "name": "nvfp4",
+    "weight_dtype": "fp4_e2m1",
+    "weight_packing": "uint8_2_per_byte",
+    "group_size": 16,
+    "scale_dtype": "fp8_e4m3",
+    "weight_scale_2_dtype": "fp32",
+}
+NVIDIA_PRODUCER = {"name": "modelopt", "version": "dsv4-nvfp4-experts"}
+NVIDIA_IGNORE = ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*"]
+
 
 @dataclass
 class DSv4SampleSpec:
@@ -200,31 +219,18 @@ def _configs(spec: DSv4SampleSpec) -> dict[str, dict[str, Any]]:
         "torch_dtype": "bfloat16",
         "tie_word_embeddings": False,
     }
-    native = {
-        "activation_scheme": "dynamic",
-        "fmt": "e4m3",
-        "quant_method": "fp8",
-        "scale_fmt": "ue8m0",
-        "weight_block_size": [128, 128],
-    }
+    native = dict(NATIVE_QUANT_CONFIG)
     if spec.recipe == "canada":
         cfg["quantization_config"] = {
             **native,
             "moe_quant_algo": "NVFP4",
-            "expert_format": {
-                "name": "nvfp4",
-                "weight_dtype": "fp4_e2m1",
-                "weight_packing": "uint8_2_per_byte",
-                "group_size": 16,
-                "scale_dtype": "fp8_e4m3",
-                "weight_scale_2_dtype": "fp32",
-            },
+            "expert_format": dict(CANADA_EXPERT_FORMAT),
             "mtp_e_proj_h_proj_dequant": "bf16",
             "mtp_experts_dequant": "bf16",
         }
         return {"config.json": cfg}
-    producer = {"name": "modelopt", "version": "dsv4-nvfp4-experts"}
-    ignore = ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*"]
+    producer = dict(NVIDIA_PRODUCER)
+    ignore = list(NVIDIA_IGNORE)
     layers = {f"layers.{n}.ffn.experts": {"group_size": 16, "quant_algo": "NVFP4"} for n in range(spec.layers)}
     group = {"dynamic": False, "group_size": 16, "num_bits": 4, "type": "float"}
     cfg["quantization_config"] = dict(

@@ -29,7 +29,7 @@ COPY_CHUNK = 16 << 20  # non-expert tensors (embeddings: GBs) are copied in piec
 INFLIGHT_BYTES = 128 << 20  # output bytes read ahead of the writer, at most (always at least one task)
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 
-FUSED_PARTS = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")  # per-expert slices
+PER_EXPERT_PARTS = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")  # per-expert slices
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ def build_spec(src: Source, options: OutputOptions, *, with_scalars: bool = True
         layer = layers[prefix]
         for entry in target.out_entries(prefix, layer.dims):
             part = entry.name[len(prefix) + 1 :]
-            kind = "fused" if part in FUSED_PARTS else "global"
+            kind = "fused" if part in PER_EXPERT_PARTS else "global"
             out.append(OutTensor(entry, kind, layer=prefix, part=part))
             if kind == "fused":
                 max_expert = max(max_expert, entry.nbytes // max(1, layer.dims.experts))

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from nvfp4_fuse import convert as conv
 from nvfp4_fuse.convert import ConvertOptions, convert, make_plan
 from nvfp4_fuse.safetensors_io import ShardReader, read_header
-from nvfp4_fuse.spec import FUSED_PARTS
+from nvfp4_fuse.spec import PER_EXPERT_PARTS
 
 
 @pytest.mark.parametrize("short_reads", [False, True])
@@ -82,7 +82,7 @@ def test_read_ahead_stays_within_its_byte_budget(make_ckpt, tmp_path, monkeypatc
     real_write = conv.StreamingShardWriter.write
 
     def write(self, data):
-        if (self.current or "").rsplit(".", 1)[-1] in FUSED_PARTS:  # per-expert slices: one task per write
+        if (self.current or "").rsplit(".", 1)[-1] in PER_EXPERT_PARTS:  # per-expert slices: one task per write
             live["now"] -= len(memoryview(data).cast("B"))
         real_write(self, data)
 

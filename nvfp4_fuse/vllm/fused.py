@@ -35,16 +35,8 @@ from typing import Any
 
 import torch
 
-FUSED_FIELDS = (
-    "w13_weight",
-    "w13_weight_scale",
-    "w13_weight_scale_2",
-    "w13_input_scale",
-    "w2_weight",
-    "w2_weight_scale",
-    "w2_weight_scale_2",
-    "w2_input_scale",
-)
+from ..naming import FUSED_PARTS as FUSED_FIELDS
+
 # ``<module>.experts.<field>`` with no expert index: a fused tensor.
 FUSED_NAME_RE = re.compile(r"^(?P<module>.*\.experts)\.(?P<field>" + "|".join(FUSED_FIELDS) + r")$")
 

@@ -30,6 +30,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nvfp4_fuse.sample_dsv4 import CANADA_EXPERT_FORMAT, NATIVE_QUANT_CONFIG, NVIDIA_IGNORE, NVIDIA_PRODUCER
+
 FUSED_LAYOUT = "nvfp4-fuse/v2"
 
 
@@ -45,36 +47,22 @@ class Dims:
 
 
 def _config(recipe: str, d: Dims) -> dict:
-    qc: dict = {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "scale_fmt": "ue8m0",
-        "weight_block_size": [128, 128],
-        "activation_scheme": "dynamic",
-        "moe_quant_algo": "NVFP4",
-    }
+    qc: dict = {**NATIVE_QUANT_CONFIG, "moe_quant_algo": "NVFP4"}
     if recipe == "nvidia":
         qc |= {
-            "producer": {"name": "modelopt", "version": "dsv4-nvfp4-experts"},
+            "producer": dict(NVIDIA_PRODUCER),
             "quant_algo": "MIXED_PRECISION",
             "kv_cache_quant_algo": None,
             "group_size": 16,
             "quantized_layers": {
                 f"layers.{n}.ffn.experts": {"quant_algo": "NVFP4", "group_size": 16} for n in range(d.layers)
             },
-            "exclude_modules": ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*"],
-            "ignore": ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*"],
+            "exclude_modules": list(NVIDIA_IGNORE),
+            "ignore": list(NVIDIA_IGNORE),
         }
     elif recipe == "canada":
         qc |= {
-            "expert_format": {
-                "name": "nvfp4",
-                "weight_dtype": "fp4_e2m1",
-                "weight_packing": "uint8_2_per_byte",
-                "group_size": 16,
-                "scale_dtype": "fp8_e4m3",
-                "weight_scale_2_dtype": "fp32",
-            },
+            "expert_format": dict(CANADA_EXPERT_FORMAT),
             "mtp_e_proj_h_proj_dequant": "bf16",
         }
     else:
