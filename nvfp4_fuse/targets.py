@@ -148,7 +148,8 @@ TARGETS: dict[str, Target] = {
             scale_2=MergeByMax(),
             input_scale=ExpertMax(),
             values=PackedValues.I8,
-            serve_hint="vllm serve {repo_id} --moe-backend deep_gemm_mega_moe",
+            serve_hint="pip install 'nvfp4-fuse[vllm]'   # the plugin that loads this layout into vLLM 0.33\n"
+            "vllm serve {repo_id} --moe-backend deep_gemm_mega_moe --enable-expert-parallel",
             loader=MEGA_MOE_LOADER,
         ),
         Target(
@@ -159,8 +160,8 @@ TARGETS: dict[str, Target] = {
             scale_2=MergeByMax(),
             input_scale=ExpertMax(),
             values=PackedValues.U8,
-            serve_hint="# target vllm-fused: needs a vLLM build whose NVFP4 fused-MoE loader reads the fused\n"
-            "# w13_*/w2_* expert tensors described in config.json (fused_experts)\nvllm serve {repo_id}",
+            serve_hint="# target vllm-fused: no released loader reads this layout yet; it needs one that takes\n"
+            "# the fused w13_*/w2_* expert tensors described in config.json (fused_experts) as they are\nvllm serve {repo_id}",
             user_row_order=True,
         ),
         Target(
@@ -171,8 +172,8 @@ TARGETS: dict[str, Target] = {
             scale_2=MergeByMax(),
             input_scale=ExpertMax(),
             values=PackedValues.U8,
-            serve_hint="# target linear: needs a vLLM build whose NVFP4 fused-MoE loader reads the fused\n"
-            "# w13_*/w2_* expert tensors described in config.json (fused_experts)\nvllm serve {repo_id}",
+            serve_hint="# target linear: no released loader reads this layout yet; it needs one that takes\n"
+            "# the fused w13_*/w2_* expert tensors described in config.json (fused_experts) as they are\nvllm serve {repo_id}",
             user_row_order=True,
         ),
     )
