@@ -7,6 +7,8 @@ runs; these tests pin the runs to the torch transform they replace, the vectored
 
 from __future__ import annotations
 
+import hashlib
+import mmap
 import os
 import random
 
@@ -16,8 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 from nvfp4_fuse import convert as conv
+from nvfp4_fuse import safetensors_io as sio
 from nvfp4_fuse.convert import ConvertOptions, convert, make_plan
-from nvfp4_fuse.safetensors_io import ShardReader, read_header
+from nvfp4_fuse.safetensors_io import ShardReader, SourceSpan, piece_views, read_header, write_pieces
 from nvfp4_fuse.spec import FUSED_PARTS
 
 
@@ -111,6 +114,52 @@ def test_buffer_pool_recycles_and_caps():
     assert ptr(pool.get(40)) == ptr(d)
 
 
+@pytest.mark.parametrize("short_writes", [False, True])
+@pytest.mark.parametrize("copy_ok", [True, False])
+def test_write_pieces_mixes_spans_views_and_arrays(tmp_path, monkeypatch, short_writes, copy_ok):
+    data = os.urandom(200_000)
+    (tmp_path / "src").write_bytes(data)
+    fd_in = os.open(tmp_path / "src", os.O_RDONLY)
+    mm = mmap.mmap(fd_in, 0, access=mmap.ACCESS_READ)
+    whole = memoryview(mm)
+    monkeypatch.setattr(sio, "_copy_file_range_ok", copy_ok)
+    if short_writes:
+        real = os.pwritev
+
+        def stingy(fd, bufs, off):  # the kernel may write fewer bytes than asked
+            head, left = [], random.randint(1, 5000)
+            for b in bufs:
+                if not left:
+                    break
+                head.append(b[:left])
+                left -= min(left, len(b))
+            return real(fd, head, off)
+
+        monkeypatch.setattr(os, "pwritev", stingy)
+    pieces, want = [], []
+    for _ in range(3000):  # more than IOV_MAX pieces between spans
+        a = random.randrange(len(data))
+        b = min(len(data), a + random.choice([0, 1, 7, 100, 4096, 30_000]))
+        kind = random.random()
+        if kind < 0.05:
+            pieces.append(SourceSpan(fd_in, a, whole[a:b]))
+        elif kind < 0.9:
+            pieces.append(whole[a:b])
+        else:
+            pieces.append(torch.randint(-(2**15), 2**15, ((b - a) // 2,), dtype=torch.int16).numpy())  # not bytes
+        want.append(bytes(piece_views([pieces[-1]])[0]))
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o644)
+    end = write_pieces(fd, 13, pieces)
+    os.close(fd)
+    expect = b"".join(want)
+    assert end == 13 + len(expect)
+    assert out.read_bytes()[13:] == expect
+    del whole, pieces
+    mm.close()
+    os.close(fd_in)
+
+
 def test_peak_estimate_does_not_grow_with_experts(make_ckpt):
     opts = ConvertOptions(target="vllm-fused")
     small = make_plan(make_ckpt(layers=2, experts=4, hidden=128, inter=64), opts)
@@ -140,9 +189,10 @@ def test_writer_refuses_too_few_or_too_many_bytes(tmp_path):
     data = os.urandom(n1 + n2)
     exact.write(data[:n1 // 2])
     exact.write(data[n1 // 2 :])
-    size, _ = exact.finish()
+    size, digest = exact.finish()
     h = read_header(tmp_path / "exact.safetensors")
     assert size == (tmp_path / "exact.safetensors").stat().st_size
+    assert digest == hashlib.sha256((tmp_path / "exact.safetensors").read_bytes()).hexdigest()
     r = ShardReader(h)
     assert bytes(r.read_bytes("a")) + bytes(r.read_bytes("b")) == data
     r.close()
