@@ -1,9 +1,17 @@
 """The streaming converter: spec from headers, then write each shard header-first, expert by expert.
 
-Reads run on a thread pool (pread and numpy release the GIL) while the main thread writes and a helper
-thread hashes, with read-ahead bounded in bytes, so resident memory is a few experts' tensors plus a
-fixed overhead whatever the number of experts, layers or the shard size. The byte transforms are the
-numpy ones in host_layout.py: converting never imports torch.
+Packed values need no transform beyond their row order, so they never pass through a buffer of ours:
+they are written straight from the source into their place in the output, contiguous spans (w2,
+whole gate/up halves, copied tensors) with ``copy_file_range`` and row runs (the 8-row gate/up
+interleave) with ``pwritev`` from a read-only mapping of the source shard. Only block scales, 1/8 of
+the bytes, are transformed in memory (numpy, host_layout.py: converting never imports torch).
+
+Tasks run ahead on a thread pool (scales transformed, source ranges read ahead into the page cache);
+the main thread writes their pieces in file order (one writer per file: the kernel serialises writes
+to a file anyway); the shard writer's helper thread hashes the same mapped views and arrays, then
+drops the source ranges from the mapping. At most a byte budget of output is between being taken on
+and being hashed, so resident memory is a few experts' bytes plus a fixed overhead whatever the
+number of experts, layers or the shard size.
 
 Order of writing, for crash safety: shards (each under a temporary name, fsynced, renamed, then
 recorded in the progress journal), sidecar files, configs, the index, and last the manifest. A folder
@@ -17,12 +25,11 @@ import hashlib
 import json
 import os
 import shutil
-import sys
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +39,23 @@ from . import __version__
 from .errors import InputError
 from .experts import ExpertLayer
 from .host_layout import check_block_scale_bytes, rescale_block_scales
-from .layout import W13Order
+from .layout import RowOrder, W13Order
 from .manifest import MANIFEST_NAME, Manifest, fingerprint, load_manifest, save_manifest, sha256_file
-from .safetensors_io import PARTIAL_SUFFIX, ShardReader, StreamingShardWriter, fsync_dir, tensor_bytes, write_file_atomic
-from .source import INDEX_NAME, scan_source
+from .safetensors_io import (
+    PARTIAL_SUFFIX,
+    Piece,
+    ShardReader,
+    StreamingShardWriter,
+    fsync_dir,
+    tensor_bytes,
+    write_file_atomic,
+)
+from .source import INDEX_NAME, SourceRef, scan_source
 from .spec import COPY_CHUNK, INFLIGHT_BYTES, OutputOptions, OutputSpec, OutShard, OutTensor, build_spec, disk_free, human
 from .targets import DEFAULT_TARGET, LAYOUT_VERSION, Target
 
 PROGRESS_NAME = ".nvfp4-fuse-progress.json"
+SPAN_MIN = 1 << 20  # row runs at least this long are copied file to file; shorter ones gathered into pwritev
 
 
 def window_size(workers: int) -> int:
@@ -91,76 +107,46 @@ class ConvertResult:
 # per-expert tasks
 
 
-class _BufferPool:
-    """Recycles the big uint8 buffers that tasks read expert bytes into.
+@dataclass
+class _Chunk:
+    """What one task produced: its output bytes as pieces in file order, the largest rescale change,
+    and the source file ranges it (or the hash, later) reads through the mapping, which are dropped
+    from it once hashed."""
 
-    A fresh buffer per expert costs page faults and zeroing in the kernel for every byte converted.
-    Buffers instead cycle between the read-ahead window and this free list. Sizes come in phases (a
-    layer's w13 experts, then its w2 experts, then copy chunks), so a miss drops the buffers of other
-    sizes; the list never holds more than ``cap`` bytes. Buffers are allocated with glibc told to mmap
-    blocks of 1 MiB and more (see :func:`_mmap_big_blocks`), so what is dropped goes back to the OS.
-    """
+    pieces: list[Piece] = field(default_factory=list)
+    change: float = 0.0
+    mapped: list[tuple[ShardReader, int, int]] = field(default_factory=list)
 
-    def __init__(self, cap: int):
-        self._free: dict[int, list[np.ndarray]] = {}
-        self._held = 0
-        self._cap = cap
-        self._lock = threading.Lock()
-
-    def get(self, n: int) -> np.ndarray:
-        with self._lock:
-            lst = self._free.get(n)
-            if lst:
-                self._held -= n
-                return lst.pop()
-            self._free.clear()  # a new phase: the old size is not coming back soon
-            self._held = 0
-        return np.empty(n, dtype=np.uint8)
-
-    def put(self, buf: np.ndarray) -> None:
-        n = buf.size
-        with self._lock:
-            if self._held + n <= self._cap:
-                self._free.setdefault(n, []).append(buf)
-                self._held += n
-
-
-def _mmap_big_blocks() -> None:
-    """Make glibc serve blocks of 1 MiB and more with mmap, and give them back on free.
-
-    By default glibc raises its mmap threshold to the size of the last big block freed (up to 32 MiB),
-    after which expert-sized buffers come from per-thread heaps that keep their pages: resident memory
-    then grew with the number of reader threads (measured: 586 MB of anonymous memory with 4 workers
-    on the bench checkpoint, against 283 MB with this).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        M_MMAP_THRESHOLD = -3
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator has its own policy
+    def release(self) -> None:
+        for reader, begin, end in self.mapped:
+            reader.release(begin, end)
 
 
 class _Ctx:
-    """Shared state of one conversion: readers per shard (one fd each; pread is thread safe), buffers."""
+    """Shared state of one conversion: a reader per source shard (one fd and one read-only mapping
+    each; both are safe to use from several threads)."""
 
     def __init__(self, spec: OutputSpec):
         self.spec = spec
         self.readers = {f: ShardReader(h) for f, h in spec.source.headers.items()}
-        _mmap_big_blocks()
-        self.pool = _BufferPool(INFLIGHT_BYTES)
 
     def close(self) -> None:
         for r in self.readers.values():
             r.close()
 
-    def scales(self, layer: ExpertLayer, e: int, role: str) -> np.ndarray:
-        """One expert's block scales as uint8 [rows, K/16], checked for NaN and negative bytes."""
+    def tensor(self, ref: SourceRef, chunk: _Chunk, start: int = 0, length: int | None = None) -> tuple[ShardReader, str]:
+        """The reader of a source tensor; records bytes ``[start, start + length)`` of it in ``chunk``."""
+        reader = self.readers[ref.file]
+        off, n = reader.file_range(ref.info.name, start, length)
+        chunk.mapped.append((reader, off, off + n))
+        return reader, ref.info.name
+
+    def scales(self, layer: ExpertLayer, e: int, role: str, chunk: _Chunk) -> np.ndarray:
+        """One expert's block scales as uint8 [rows, K/16] (a read-only view of the mapped source),
+        checked for NaN and negative bytes."""
         ref = layer.ref(e, role, "weight_scale")
-        raw = self.readers[ref.file].read_array(ref.info.name).reshape(ref.info.shape)
+        reader, name = self.tensor(ref, chunk)
+        raw = np.frombuffer(reader.view(name), dtype=np.uint8).reshape(ref.info.shape)
         bad = check_block_scale_bytes(raw)
         if bad is not None:
             k16 = ref.info.shape[1]
@@ -172,40 +158,64 @@ class _Ctx:
         return raw
 
 
-def _fused_task(ctx: _Ctx, tgt: Target, layer: ExpertLayer, part: str, e: int) -> Callable[[], tuple[Any, float]]:
-    def run() -> tuple[Any, float]:
+@lru_cache(maxsize=64)
+def _runs_cached(order_cls: type[RowOrder], rows: int) -> tuple[tuple[str, int, int], ...]:
+    return tuple(order_cls().runs(rows))
+
+
+def _runs(order: RowOrder, rows: int) -> tuple[tuple[str, int, int], ...]:
+    """``order.runs(rows)``, once per order and row count (row orders are stateless)."""
+    return _runs_cached(type(order), rows)
+
+
+def _fused_task(ctx: _Ctx, tgt: Target, layer: ExpertLayer, part: str, e: int) -> Callable[[], _Chunk]:
+    def run() -> _Chunk:
+        chunk = _Chunk()
         if part == "w13_weight":
-            # Read gate and up straight into their rows of the output: one buffer, no copies.
+            # gate and up rows in the target's order, straight from the source: long runs file to file,
+            # short ones (the 8-row interleave) gathered from the mapping.
             refs = {role: layer.ref(e, role, "weight") for role in ("gate", "up")}
-            rows, row_bytes = refs["gate"].info.shape
-            buf = ctx.pool.get(2 * rows * row_bytes)
-            mv = memoryview(buf)
-            views: dict[str, list[memoryview]] = {"gate": [], "up": []}
-            pos = 0
-            for role, _, n in tgt.rows.runs(rows):  # runs of each role come in source order
-                views[role].append(mv[pos : pos + n * row_bytes])
-                pos += n * row_bytes
+            src = {}
             for role, ref in refs.items():
-                ctx.readers[ref.file].read_into(ref.info.name, views[role])
-            return buf, 0.0
-        if part == "w2_weight":
-            ref = layer.ref(e, "down", "weight")
-            return ctx.readers[ref.file].read_array(ref.info.name, out=ctx.pool.get(ref.info.nbytes)), 0.0
-        if part == "w13_weight_scale":
+                reader, name = ctx.tensor(ref, chunk)
+                src[role] = reader, name, reader.view(name)
+            rows, row_bytes = refs["gate"].info.shape
+            for role, r0, n in _runs(tgt.rows, rows):
+                reader, name, whole = src[role]
+                a, b = r0 * row_bytes, (r0 + n) * row_bytes
+                chunk.pieces.append(reader.span(name, a, b - a) if b - a >= SPAN_MIN else whole[a:b])
+        elif part == "w2_weight":
+            reader, name = ctx.tensor(layer.ref(e, "down", "weight"), chunk)
+            chunk.pieces.append(reader.span(name))
+        elif part == "w13_weight_scale":
             assert layer.ratio_gate is not None and layer.ratio_up is not None
-            g, cg = rescale_block_scales(ctx.scales(layer, e, "gate"), float(layer.ratio_gate[e]))
-            u, cu = rescale_block_scales(ctx.scales(layer, e, "up"), float(layer.ratio_up[e]))
-            return tensor_bytes(tgt.scales.lay_out(tgt.rows.join_np(g, u))), max(cg, cu)
-        if part == "w2_weight_scale":
-            return tensor_bytes(tgt.scales.lay_out(ctx.scales(layer, e, "down"))), 0.0
-        raise AssertionError(part)
+            g, cg = rescale_block_scales(ctx.scales(layer, e, "gate", chunk), float(layer.ratio_gate[e]))
+            u, cu = rescale_block_scales(ctx.scales(layer, e, "up", chunk), float(layer.ratio_up[e]))
+            chunk.pieces.append(tensor_bytes(tgt.scales.lay_out(tgt.rows.join_np(g, u))))
+            chunk.change = max(cg, cu)
+        elif part == "w2_weight_scale":
+            chunk.pieces.append(tensor_bytes(tgt.scales.lay_out(ctx.scales(layer, e, "down", chunk))))
+        else:
+            raise AssertionError(part)
+        return chunk
 
     return run
 
 
-# (output tensor, bytes it yields, work); work returns (bytes, largest rescale change), the bytes either a
-# memoryview or a uint8 array from the buffer pool, which goes back to the pool once written.
-Task = tuple[OutTensor, int, Callable[[], tuple[Any, float]]]
+def _copy_task(ctx: _Ctx, ref: SourceRef, start: int, length: int) -> Callable[[], _Chunk]:
+    def run() -> _Chunk:
+        chunk = _Chunk()
+        reader, name = ctx.tensor(ref, chunk, start, length)
+        chunk.pieces.append(reader.span(name, start, length))
+        return chunk
+
+    return run
+
+
+# (output tensor, bytes it yields, work): the work runs on the thread pool and returns the task's bytes as
+# pieces (mapped views, source spans, arrays), which the main thread writes in file order and the writer
+# hashes.
+Task = tuple[OutTensor, int, Callable[[], _Chunk]]
 
 
 def _shard_tasks(ctx: _Ctx, shard: OutShard) -> Iterator[Task]:
@@ -214,18 +224,17 @@ def _shard_tasks(ctx: _Ctx, shard: OutShard) -> Iterator[Task]:
     for t in shard.tensors:
         if t.kind == "copy":
             assert t.source is not None
-            reader = ctx.readers[t.source.file]
             n = t.entry.nbytes
             for start in range(0, n, COPY_CHUNK):
                 ln = min(COPY_CHUNK, n - start)
-                yield t, ln, (lambda r=reader, nm=t.source.info.name, s=start, ln=ln: (r.read_array(nm, s, ln, out=ctx.pool.get(ln)), 0.0))
+                yield t, ln, _copy_task(ctx, t.source, start, ln)
         elif t.kind == "global":
             assert t.layer is not None
             if t.layer not in globals_cache:
                 layer = spec.layers[t.layer]
                 globals_cache[t.layer] = spec.target.global_tensors(layer.prefix, layer.scalars)
             data = globals_cache[t.layer][t.entry.name]
-            yield t, t.entry.nbytes, (lambda d=data: (tensor_bytes(d), 0.0))
+            yield t, t.entry.nbytes, (lambda d=data: _Chunk([tensor_bytes(d)]))
         else:
             assert t.layer is not None and t.part is not None
             layer = spec.layers[t.layer]
@@ -488,41 +497,62 @@ def _write_shard(
     reports: dict[str, LayerReport],
     on_bytes: Callable[[int], None] | None,
 ) -> tuple[int, str]:
+    """Write one shard. Tasks run ahead on the pool (scales transformed, source ranges read ahead); this
+    thread writes their pieces in file order, the writer hashes them beside. At most ``window`` tasks
+    run ahead, and at most ``INFLIGHT_BYTES`` of output (or one task) is between being taken on and
+    being hashed: that bounds both the scale arrays held and the source pages mapped."""
     writer = StreamingShardWriter(out / shard.name, shard.entries, meta)
-    inflight: deque[tuple[OutTensor, int, Future]] = deque()
-    held = 0  # output bytes of the tasks in flight
+    ahead: deque[tuple[OutTensor, int, Future]] = deque()  # on the pool, in file order
+    hashing: deque[tuple[int, Future]] = deque()  # written, being hashed
+    held = 0  # output bytes taken on and not yet hashed
     tasks = _shard_tasks(ctx, shard)
     pending: Task | None = None
     try:
         while True:
-            # Read ahead while both the task count and the byte budget allow; always keep one going.
-            while len(inflight) < window:
+            while hashing and hashing[0][1].done():
+                n, fut = hashing.popleft()
+                fut.result()
+                held -= n
+            # Take tasks on while both the task count and the byte budget allow; always keep one going.
+            while len(ahead) < window:
                 pending = pending or next(tasks, None)
-                if pending is None or (inflight and held + pending[1] > INFLIGHT_BYTES):
+                if pending is None or ((ahead or hashing) and held + pending[1] > INFLIGHT_BYTES):
                     break
                 t, nbytes, work = pending
-                inflight.append((t, nbytes, pool.submit(work)))
+                ahead.append((t, nbytes, pool.submit(_prepare, work)))
                 held += nbytes
                 pending = None
-            if not inflight:
-                break
-            t, nbytes, fut = inflight.popleft()
-            data, change = fut.result()
-            held -= nbytes
-            if isinstance(data, np.ndarray):  # a pooled buffer: back to the pool once written
-                writer.write(memoryview(data))
-                ctx.pool.put(data)
+            if ahead:
+                t, nbytes, fut = ahead.popleft()
+                chunk = fut.result()
+                hashing.append((nbytes, writer.put(chunk.pieces, after=chunk.release)))
+                if on_bytes:
+                    on_bytes(nbytes)
+                if chunk.change and t.layer:
+                    r = reports[t.layer]
+                    r.max_rescale_change = max(r.max_rescale_change, chunk.change)
+                del chunk
+            elif hashing:
+                n, fut = hashing.popleft()
+                fut.result()
+                held -= n
             else:
-                writer.write(data)
-            if on_bytes:
-                on_bytes(nbytes)
-            if change and t.layer:
-                r = reports[t.layer]
-                r.max_rescale_change = max(r.max_rescale_change, change)
-            del data
+                break
         return writer.finish()
     except BaseException:
-        for _, _, fut in inflight:
+        for _, _, fut in ahead:
             fut.cancel()
         writer.abort()
         raise
+
+
+def _prepare(work: Callable[[], _Chunk]) -> _Chunk:
+    """Run a task on the pool, then start reading its source ranges into the page cache (asynchronous
+    read-ahead), so that the writer rarely waits on the disk for them. Cached ranges cost next to nothing."""
+    chunk = work()
+    for reader, begin, end in chunk.mapped:
+        try:
+            os.posix_fadvise(reader.fd, begin, end - begin, os.POSIX_FADV_WILLNEED)
+        except (OSError, AttributeError):
+            break  # only a hint
+    return chunk

@@ -1,30 +1,37 @@
-"""safetensors I/O: strict header reading, bounded reads by offset, and the streaming shard writer.
+"""safetensors I/O: strict header reading, reads and mapped views by offset, and the streaming shard writer.
 
 Reading: every shard's header is parsed here with the checks safetensors itself makes (contiguous,
 non-overlapping byte ranges that cover the whole file, byte counts that match dtype and shape, a
 100 MB header cap) plus those it does not (duplicate JSON keys, which safetensors silently resolves to
 the last one). The file is then opened once with ``safetensors.safe_open`` too, so the library's own
-parser agrees before any byte is used. Tensor bytes are read with ``os.pread`` by offset: one expert
-at a time, no mmap, so resident memory stays bounded by what is being converted.
+parser agrees before any byte is used. Tensor bytes are read with ``os.pread`` by offset, or seen in
+place through a read-only mapping of the file (:meth:`ShardReader.view`, :meth:`ShardReader.span`):
+the converter writes and hashes packed values from there without copying them through a buffer of
+its own, and drops each range from the mapping once it is done with it.
 
 Writing: :class:`StreamingShardWriter` takes the complete list of tensors (name, dtype, shape) first,
-writes the header, then accepts each tensor's bytes in order, in as many chunks as the caller likes,
-hashing them on the way (on a helper thread, beside the write). Nothing is ever held for a whole shard.
-Writeback is started every 32 MiB (``sync_file_range``) so the disk writes while the caller reads, and
-the final fsync has little left. The file is written under a temporary name, fsynced, and renamed into
-place only when every declared byte has arrived.
+writes the header, then accepts each tensor's bytes in order, as pieces (mapped views, source spans,
+computed arrays) that :func:`write_pieces` writes with ``pwritev`` and ``copy_file_range``; the same
+views are hashed on a helper thread, beside the writes. Nothing is ever held for a whole shard and the
+file is never read back. Writeback is started every 32 MiB (``sync_file_range``) so the disk writes
+while the caller reads, and the final fsync has little left. The file is written under a temporary
+name, fsynced, and renamed into place only when every declared byte has arrived.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 import sys
+import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +46,6 @@ if TYPE_CHECKING:
 MAX_HEADER_SIZE = 100_000_000
 WRITE_BEHIND = 32 << 20  # start writeback of every this many bytes at once
 WRITE_BEHIND_DEPTH = 8  # windows under writeback before the writer waits for the oldest (256 MiB)
-HASH_OVERLAP_MIN = 1 << 20  # chunks at least this big are hashed beside the write, not after it
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 PARTIAL_SUFFIX = ".partial"
 
@@ -226,17 +232,85 @@ def _check_with_safetensors(path: Path) -> None:
         raise InputError(f"safetensors rejects the file: {e}", file=str(path)) from None
 
 
+@dataclass(frozen=True)
+class SourceSpan:
+    """Bytes ``[offset, offset + len(view))`` of an open file, and the same bytes mapped (``view``).
+
+    :func:`write_pieces` copies them file to file (``copy_file_range``: no pass through user space);
+    the view is what they are hashed from, and written from where that call is not supported."""
+
+    fd: int
+    offset: int
+    view: memoryview
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+
 class ShardReader:
-    """Reads tensors of one shard by offset with pread; keeps one file descriptor open."""
+    """Reads tensors of one shard by offset with pread, or hands out views of a read-only mapping of
+    the file; keeps one file descriptor open, and maps the file on first use."""
 
     def __init__(self, header: ShardHeader):
         self.header = header
         self._fd = os.open(header.path, os.O_RDONLY)
+        self._map: mmap.mmap | None = None
+        self._map_lock = threading.Lock()
+
+    @property
+    def fd(self) -> int:
+        return self._fd
 
     def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # a view is still alive somewhere: the mapping goes when the last one does
+            self._map = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def _mapped(self) -> mmap.mmap:
+        with self._map_lock:
+            if self._map is None:
+                # A file shorter than its header says would fault (SIGBUS) on access instead of failing a
+                # read: check before mapping. (A file truncated while it is being converted still can.)
+                size = os.fstat(self._fd).st_size
+                if size != self.header.file_size:
+                    raise InputError(
+                        f"file is {size} bytes now, {self.header.file_size} when its header was read (changed?)",
+                        file=str(self.header.path),
+                    )
+                self._map = mmap.mmap(self._fd, size, access=mmap.ACCESS_READ)
+            return self._map
+
+    def view(self, name: str, start: int = 0, length: int | None = None) -> memoryview:
+        """Bytes ``[start, start + length)`` of a tensor, in place: a read-only view of the mapped file."""
+        off, length = self._range(name, start, length)
+        return memoryview(self._mapped())[off : off + length]
+
+    def span(self, name: str, start: int = 0, length: int | None = None) -> SourceSpan:
+        """Like :meth:`view`, with the file offset, for a file-to-file copy."""
+        off, length = self._range(name, start, length)
+        return SourceSpan(self._fd, off, memoryview(self._mapped())[off : off + length])
+
+    def file_range(self, name: str, start: int = 0, length: int | None = None) -> tuple[int, int]:
+        """(file offset, length) of bytes ``[start, start + length)`` of a tensor."""
+        return self._range(name, start, length)
+
+    def release(self, begin: int, end: int) -> None:
+        """Drop file bytes ``[begin, end)`` from this process's mapping (``MADV_DONTNEED``; whole pages
+        that overlap it). The page cache keeps them, and a later access maps them again: this only
+        keeps the process's resident set to what is in use, not the whole file once it is read."""
+        if self._map is None or end <= begin:
+            return
+        a = begin - begin % mmap.PAGESIZE
+        try:
+            self._map.madvise(mmap.MADV_DONTNEED, a, min(end, len(self._map)) - a)
+        except (OSError, ValueError, AttributeError):
+            pass  # only a hint
 
     def _range(self, name: str, start: int, length: int | None) -> tuple[int, int]:
         t = self.header.tensors[name]
@@ -373,15 +447,102 @@ def _load_sync_file_range() -> Any:
 _SYNC_FILE_RANGE = _load_sync_file_range()
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
 
+# What a piece of output is: bytes to write as they are (a mapped view, an array's bytes) or a span of
+# a source file.
+Piece = memoryview | bytes | bytearray | SourceSpan
+
+# copy_file_range is refused on some file systems and kernels: EXDEV (source and output on two file
+# systems, before Linux 5.3 and again since 5.19 unless both are of the same type), ENOSYS (no such call),
+# EPERM (a seccomp filter in some containers), EINVAL / EOPNOTSUPP (file systems that do not implement it,
+# e.g. some FUSE and network ones). The first refusal switches this process to plain writes from the
+# mapped view, which are always correct; any other error is a real one and is raised.
+_COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+_copy_file_range_ok = hasattr(os, "copy_file_range")
+
+
+def _pwrite_all(fd: int, views: list[memoryview], off: int) -> int:
+    """Write ``views`` in order at file offset ``off`` with vectored pwrites (short writes resumed)."""
+    views = [v for v in views if len(v)]
+    i = 0
+    while i < len(views):
+        n = os.pwritev(fd, views[i : i + IOV_MAX], off)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        off += n
+        while n:
+            if n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+    return off
+
+
+def _copy_span(fd: int, off: int, span: SourceSpan) -> int:
+    """Copy a source span to file offset ``off``: ``copy_file_range``, else a write from its view."""
+    global _copy_file_range_ok
+    done, n = 0, len(span)
+    while done < n and _copy_file_range_ok:
+        try:
+            k = os.copy_file_range(span.fd, fd, n - done, span.offset + done, off + done)
+        except OSError as e:
+            if e.errno not in _COPY_FALLBACK_ERRNOS:
+                raise
+            _copy_file_range_ok = False  # see _COPY_FALLBACK_ERRNOS; what is left goes the plain way
+            break
+        if k <= 0:  # the source ends before the span does: it changed since its header was read
+            raise OSError(errno.EIO, "source file ended early (truncated while converting?)")
+        done += k
+    if done < n:
+        _pwrite_all(fd, [span.view[done:]], off + done)
+    return off + n
+
+
+def piece_views(pieces: Sequence[Piece]) -> list[memoryview]:
+    """The bytes of ``pieces`` as flat byte views, in order: what is written and hashed."""
+    out = []
+    for p in pieces:
+        v = p.view if isinstance(p, SourceSpan) else memoryview(p)
+        out.append(v if v.format == "B" and v.ndim == 1 else v.cast("B"))
+    return out
+
+
+def write_pieces(fd: int, off: int, pieces: Sequence[Piece], views: list[memoryview] | None = None) -> int:
+    """Write ``pieces`` one after the other from file offset ``off``; returns the offset after them.
+
+    Source spans are copied file to file with ``copy_file_range``, runs of other pieces go out with
+    ``pwritev`` (up to ``IOV_MAX`` at a time): bytes that need no transform never pass through a
+    buffer of ours. ``views`` is ``piece_views(pieces)`` where the caller has it already."""
+    if views is None:
+        views = piece_views(pieces)
+    run: list[memoryview] = []
+    run_off = off
+    for p, v in zip(pieces, views):
+        if isinstance(p, SourceSpan):
+            if run:
+                _pwrite_all(fd, run, run_off)
+                run = []
+            off = _copy_span(fd, off, p)
+            run_off = off
+        else:
+            run.append(v)
+            off += len(v)
+    if run:
+        _pwrite_all(fd, run, run_off)
+    return off
+
 
 class StreamingShardWriter:
     """Header first, then each declared tensor's bytes in order; sha256 computed while writing.
 
-    ``write(data)`` appends bytes to the current tensor and moves on when it is full, so callers can
-    hand over one expert's slice at a time. ``finish()`` checks that every declared byte arrived,
-    fsyncs, renames the temporary file into place, fsyncs the folder and returns (size, sha256).
-    Anything else (an exception, a crash) leaves only the ``.partial`` file, never a complete-looking
-    shard.
+    ``put(pieces)`` writes pieces (mapped views, source spans, array bytes) one after the other at the
+    end of what was handed over so far, moving on to the next tensor when one is full, and hashes the
+    same bytes on a helper thread: the caller goes on writing while they are hashed, and the file is
+    never read back. ``write(data)`` is ``put`` for one buffer, returning once it is hashed too.
+    ``finish()`` checks that every declared byte arrived, waits for the hash, fsyncs, renames the
+    temporary file into place, fsyncs the folder and returns (size, sha256). Anything else (an
+    exception, a crash) leaves only the ``.partial`` file, never a complete-looking shard.
     """
 
     def __init__(self, path: Path, entries: list[OutEntry], metadata: dict[str, str] | None = None):
@@ -393,26 +554,58 @@ class StreamingShardWriter:
         self._left = self._sizes[0] if self._sizes else 0
         self._hash = hashlib.sha256()
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="nvfp4-sha256")
-        self._fh = open(self.tmp, "wb")
         header = build_header(entries, metadata)
-        self._size = 0
+        self.file_size = len(header) + sum(self._sizes)
+        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self._size = 0  # bytes written and handed to the hasher
         self._behind = 0  # writeback has been started up to here
         self._windows: deque[tuple[int, int]] = deque()  # ranges under writeback, oldest first
-        self._raw_write(header)
+        try:
+            self._put([memoryview(header)], None)
+        except BaseException:
+            self.abort()
+            raise
         self._skip_empty()
 
-    def _raw_write(self, data: bytes | bytearray | memoryview) -> None:
-        if len(data) >= HASH_OVERLAP_MIN:
-            # sha256 and write(2) both release the GIL: hash on a helper thread while the bytes go out.
-            fut = self._hasher.submit(self._hash.update, data)
-            self._fh.write(data)
-            fut.result()
-        else:
-            self._fh.write(data)
-            self._hash.update(data)
-        self._size += len(data)
+    @property
+    def written(self) -> int:
+        """Bytes of the file written so far, header included."""
+        return self._size
+
+    def put(self, pieces: Sequence[Piece], after: Callable[[], None] | None = None) -> Future:
+        """Write ``pieces`` next. They are hashed on the helper thread, then ``after()`` runs there; the
+        returned future is done when both are, and the pieces must stay unchanged until then."""
+        views = piece_views(pieces)
+        n = sum(len(v) for v in views)
+        if self._size + n > self.file_size:
+            raise RuntimeError(f"{self.path.name}: {self._size + n - self.file_size} bytes more than the header declares")
+        fut = self._put(pieces, after, views)
+        left = n
+        while left:
+            k = min(self._left, left)
+            left -= k
+            self._left -= k
+            self._skip_empty()
+        return fut
+
+    def _put(self, pieces: Sequence[Piece], after: Callable[[], None] | None, views: list[memoryview] | None = None) -> Future:
+        views = piece_views(pieces) if views is None else views
+        end = write_pieces(self._fd, self._size, pieces, views)
+        fut = self._hasher.submit(self._hash_views, views, after)
+        self._size = end
         if self._size - self._behind >= WRITE_BEHIND:
             self._write_behind()
+        return fut
+
+    def _hash_views(self, views: list[memoryview], after: Callable[[], None] | None) -> None:
+        for v in views:
+            self._hash.update(v)  # releases the GIL for all but tiny views
+        if after is not None:
+            after()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` next (it may run over several tensors) and return once it is hashed too."""
+        self.put([memoryview(data).cast("B")]).result()
 
     def _write_behind(self) -> None:
         """Write-behind: start writeback of what was just written; wait for the oldest window once
@@ -423,14 +616,12 @@ class StreamingShardWriter:
         windows, and the fsync at the end has little left to do."""
         if _SYNC_FILE_RANGE is None:
             return
-        self._fh.flush()
-        fd = self._fh.fileno()
         start, end = self._behind, self._size
-        _SYNC_FILE_RANGE(fd, start, end - start, _SFR_WRITE)
+        _SYNC_FILE_RANGE(self._fd, start, end - start, _SFR_WRITE)
         self._windows.append((start, end))
         while len(self._windows) > WRITE_BEHIND_DEPTH:
             a, b = self._windows.popleft()
-            _SYNC_FILE_RANGE(fd, a, b - a, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+            _SYNC_FILE_RANGE(self._fd, a, b - a, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
         self._behind = end
 
     def _skip_empty(self) -> None:
@@ -440,34 +631,26 @@ class StreamingShardWriter:
 
     @property
     def current(self) -> str | None:
+        """The tensor the next byte belongs to."""
         return self.entries[self._idx].name if self._idx < len(self.entries) else None
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        mv = memoryview(data).cast("B")
-        while len(mv):
-            if self._idx >= len(self._sizes):
-                raise RuntimeError(f"{self.path.name}: {len(mv)} bytes more than the header declares")
-            n = min(self._left, len(mv))
-            self._raw_write(mv[:n])
-            mv = mv[n:]
-            self._left -= n
-            self._skip_empty()
 
     def finish(self) -> tuple[int, str]:
         if self._idx < len(self._sizes):
             raise RuntimeError(f"{self.path.name}: tensor {self.current} is missing {self._left} bytes")
-        self._hasher.shutdown()
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        self._hasher.shutdown()  # waits for the last hashes
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
         os.replace(self.tmp, self.path)
         fsync_dir(self.path.parent)
         return self._size, self._hash.hexdigest()
 
     def abort(self) -> None:
+        """Drop the temporary file."""
         self._hasher.shutdown(cancel_futures=True)
-        if not self._fh.closed:
-            self._fh.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         self.tmp.unlink(missing_ok=True)
 
 

@@ -26,7 +26,7 @@ from .targets import DEFAULT_TARGET, LAYOUT_VERSION, Target, get_target
 
 # Memory budget of the converter (used by convert.py; here so the spec can estimate the peak).
 COPY_CHUNK = 16 << 20  # non-expert tensors (embeddings: GBs) are copied in pieces of this size
-INFLIGHT_BYTES = 128 << 20  # output bytes read ahead of the writer, at most (always at least one task)
+INFLIGHT_BYTES = 128 << 20  # output bytes taken on and not yet hashed, at most (always at least one task)
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 
 PER_EXPERT_PARTS = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")  # per-expert slices

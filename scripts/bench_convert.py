@@ -3,15 +3,18 @@
 
 Makes a synthetic DeepSeek-shaped NVFP4 checkpoint (real format: packed E2M1 codes, E4M3 block scales,
 F32 scalars; experts of each layer spread over several shards), then, each time from a cold page
-cache for the source (posix_fadvise DONTNEED after an fsync):
+cache for the source (posix_fadvise DONTNEED after an fsync), or with --warm from a source read into
+the page cache just before:
 
   1. cp -r of the source folder, plus an fsync of every copied file (convert fsyncs what it writes)
-  2. nvfp4-fuse convert, in a subprocess; peak RSS from wait4, peak anonymous RSS sampled from /proc
+  2. nvfp4-fuse convert, in a subprocess; peak RSS and peak anonymous RSS sampled from /proc
   3. a naive conversion: safetensors load_file of every shard, torch.cat/stack per layer, one save_file
 
-and prints wall times, convert/cp, peak memory and the plan's own peak estimate.
+cp and convert alternate; every run starts after a sync(2), so no run pays for the previous one's
+writeback. It prints wall times, the user and system CPU each spent, convert/cp per pair and its
+median, peak memory and the plan's own peak estimate.
 
-    python scripts/bench_convert.py --workdir /big/disk [--layers 5 --experts 32 --hidden 7168 --inter 2560]
+    python scripts/bench_convert.py --workdir /big/disk [--warm] [--layers 5 --experts 32 --hidden 7168 --inter 2560]
 
 The default makes ~4 GB of routed experts at ~31 MB an expert (H=7168, I=2560: DeepSeek-V3's hidden
 size, a multiple of 512 so the default mega-moe target accepts it). Needs ~4x the checkpoint in free
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -89,18 +93,37 @@ def evict(folder: Path) -> None:
     sync_files(folder, drop_cache=True)
 
 
+def warm(folder: Path) -> None:
+    """Write back, then read every file of a folder, so the next read finds it in the page cache."""
+    sync_files(folder)
+    for p in files_of(folder):
+        with open(p, "rb", buffering=0) as fh:
+            while fh.read(16 << 20):
+                pass
+
+
+def cpu_split(self_too: bool) -> tuple[float, float]:
+    """(user, system) CPU seconds of the waited-for children so far, plus this process's own if asked."""
+    b = resource.getrusage(resource.RUSAGE_CHILDREN)
+    u, s = b.ru_utime, b.ru_stime
+    if self_too:
+        a = resource.getrusage(resource.RUSAGE_SELF)
+        u, s = u + a.ru_utime, s + a.ru_stime
+    return u, s
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in files_of(folder))
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int, int, str]:
+def run_measured(cmd: list[str], cwd: Path | None = None) -> tuple[float, int, int, str]:
     """Run cmd; returns (wall seconds, peak RSS, peak anonymous RSS, stdout).
 
     Both peaks are sampled from /proc/<pid>/status every 10 ms: VmHWM (the kernel's own high-water mark,
     reset at exec) and RssAnon. getrusage's ru_maxrss is not used: for a forked child it counts the
     parent's image before exec, which here holds the sample checkpoint it has just written."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
     peak = {"VmHWM:": 0, "RssAnon:": 0}
     stop = threading.Event()
 
@@ -135,6 +158,15 @@ def cp_fsync(src: Path, dst: Path) -> float:
     return time.perf_counter() - t0
 
 
+def measured(self_too: bool, fn, *args):  # noqa: ANN001, ANN202
+    """fn(*args), with the (user, system) CPU seconds its child processes spent in it, and with
+    ``self_too`` this process's own (cp's fsync loop runs here; run_measured's sampler must not count)."""
+    u0, s0 = cpu_split(self_too)
+    r = fn(*args)
+    u1, s1 = cpu_split(self_too)
+    return r, (u1 - u0, s1 - s0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=5, help="layers (the first is dense, the rest MoE)")
@@ -148,6 +180,16 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="cp/convert pairs; medians are reported")
+    ap.add_argument(
+        "--warm", action="store_true", help="read the source into the page cache before each run instead of evicting it"
+    )
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a source tree of another commit (git archive C nvfp4_fuse | tar -x -C DIR): its convert runs in every "
+        "round too, after this tree's",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args()
 
@@ -186,19 +228,46 @@ def main() -> None:
         out = work / "out"
         cmd = [sys.executable, "-m", "nvfp4_fuse.cli", "convert", str(src), str(out), "--target", a.target,
                "--max-shard-size", a.max_shard_size, "--workers", str(a.workers), "--json"]  # fmt: skip
+        prepare = warm if a.warm else evict
+        mode = "source in the page cache" if a.warm else "source evicted from the page cache"
+        goal = 1.5 if a.warm else 1.2
+        print(f"mode: {mode}", flush=True)
         cps, convs, ratios, rss_conv, anon_conv = [], [], [], 0, 0
-        for rep in range(a.repeat):  # alternate, each from a cold source, so drift hits both alike
-            evict(src)
-            cps.append(cp_fsync(src, work / "cp"))
+        cpu_cp: list[tuple[float, float]] = []
+        cpu_conv: list[tuple[float, float]] = []
+        base: list[float] = []
+        cpu_base: list[tuple[float, float]] = []
+        for rep in range(a.repeat):  # alternate, so drift hits both alike
+            prepare(src)
+            os.sync()
+            t, cpu = measured(True, cp_fsync, src, work / "cp")
+            cps.append(t)
+            cpu_cp.append(cpu)
             shutil.rmtree(work / "cp")
-            evict(src)
-            t, rss, anon, _ = run_measured(cmd)
+            prepare(src)
+            os.sync()
+            (t, rss, anon, _), cpu = measured(False, run_measured, cmd, ROOT)
             convs.append(t)
+            cpu_conv.append(cpu)
             rss_conv, anon_conv = max(rss_conv, rss), max(anon_conv, anon)
             out_size = folder_bytes(out)
             shutil.rmtree(out)
             ratios.append(convs[-1] / cps[-1])
-            print(f"  run {rep + 1}: cp {cps[-1]:.2f} s, convert {convs[-1]:.2f} s, ratio {ratios[-1]:.2f}", flush=True)
+            line = (
+                f"  run {rep + 1}: cp {cps[-1]:.2f} s (CPU {cpu_cp[-1][0]:.2f} user + {cpu_cp[-1][1]:.2f} sys), "
+                f"convert {convs[-1]:.2f} s (CPU {cpu_conv[-1][0]:.2f} user + {cpu_conv[-1][1]:.2f} sys), "
+                f"ratio {ratios[-1]:.2f}"
+            )
+            if a.baseline:
+                prepare(src)
+                os.sync()
+                # python -m imports from the working directory first: there, the baseline's package
+                (t, _, _, _), cpu = measured(False, run_measured, cmd, a.baseline.resolve())
+                base.append(t)
+                cpu_base.append(cpu)
+                shutil.rmtree(out)
+                line += f"; baseline {t:.2f} s (CPU {cpu[0]:.2f} user + {cpu[1]:.2f} sys), ratio {t / cps[-1]:.2f}"
+            print(line, flush=True)
         t_cp, t_conv = statistics.median(cps), statistics.median(convs)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import nvfp4_fuse.cli, nvfp4_fuse.convert"], check=True)
@@ -206,7 +275,8 @@ def main() -> None:
 
         naive = None
         if not a.skip_naive:
-            evict(src)
+            prepare(src)
+            os.sync()
             nout = work / "naive"
             nout.mkdir()
             naive = run_measured([sys.executable, "-c", NAIVE, str(src), str(nout)])[:3]
@@ -225,8 +295,20 @@ def main() -> None:
                 f"{name:<46} {t:8.2f} {size / t / 1e9:6.2f} {human(rss) if rss else '-':>10} {human(anon) if anon else '-':>10}"
             )
         print(
-            f"\nconvert / cp: {statistics.median(ratios):.2f} median, {min(ratios):.2f}..{max(ratios):.2f} over {a.repeat} pairs  (goal <= 1.3)"
+            f"\nconvert / cp ({mode}): {statistics.median(ratios):.2f} median, {min(ratios):.2f}..{max(ratios):.2f} "
+            f"over {a.repeat} pairs  (goal <= {goal})"
         )
+        med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
+        print(
+            f"CPU, median (user + system, cp's includes the fsync loop): cp {med(cpu_cp, 0):.2f} + {med(cpu_cp, 1):.2f} s, "
+            f"convert {med(cpu_conv, 0):.2f} + {med(cpu_conv, 1):.2f} s"
+        )
+        if base:
+            br = [b / c for b, c in zip(base, cps)]
+            print(
+                f"baseline ({a.baseline}): {statistics.median(base):.2f} s median, / cp {statistics.median(br):.2f} median, "
+                f"{min(br):.2f}..{max(br):.2f}; CPU {med(cpu_base, 0):.2f} + {med(cpu_base, 1):.2f} s"
+            )
         print(f"of convert's time, starting Python and importing the CLI: {t_import:.2f} s (a fixed cost, whatever the size)")
         print(f"convert peak anonymous RSS: {human(anon_conv)}  (goal < 600 MB; plan estimate {human(est)})")
         if naive:
@@ -235,7 +317,9 @@ def main() -> None:
         if a.json:
             a.json.write_text(json.dumps({
                 "checkpoint_bytes": size, "expert_bytes": expert_bytes, "target": a.target, "workers": a.workers,
-                "cpus": os.cpu_count(), "cp_s": cps, "convert_s": convs, "ratios": ratios, "import_s": t_import, "convert_peak_rss": rss_conv,
+                "warm": a.warm, "cpus": os.cpu_count(), "cp_s": cps, "convert_s": convs, "ratios": ratios,
+                "cp_cpu_user_sys": cpu_cp, "convert_cpu_user_sys": cpu_conv, "baseline_s": base, "baseline_cpu_user_sys": cpu_base,
+                "import_s": t_import, "convert_peak_rss": rss_conv,
                 "convert_peak_anon": anon_conv, "estimate": est,
                 "naive_s": naive[0] if naive else None, "naive_peak_anon": naive[2] if naive else None,
             }, indent=1))  # fmt: skip

@@ -42,15 +42,17 @@ def install(point: str) -> None:
 
         conv._write_progress = progress
     elif phase == "bytes":
-        orig_write = conv.StreamingShardWriter.write
+        orig_put = conv.StreamingShardWriter.put  # every byte a shard writer writes goes through put
 
-        def write(self, data):
-            orig_write(self, data)
-            state["seen"] += len(data)
+        def put(self, pieces, *a, **kw):
+            before = self.written
+            fut = orig_put(self, pieces, *a, **kw)
+            state["seen"] += self.written - before
             if state["seen"] >= count:
                 die()
+            return fut
 
-        conv.StreamingShardWriter.write = write
+        conv.StreamingShardWriter.put = put
     elif phase == "index":
         orig_atomic = conv.write_file_atomic
 

@@ -136,13 +136,13 @@ def test_memory_does_not_hold_a_layer(make_ckpt, tmp_path, monkeypatch):
 
     src = make_ckpt(layers=2, experts=16, hidden=128, inter=64)
     biggest = []
-    orig = safetensors_io.StreamingShardWriter.write
+    orig = safetensors_io.StreamingShardWriter.put
 
-    def spy(self, data):
-        biggest.append(len(memoryview(data).cast("B")))
-        return orig(self, data)
+    def spy(self, pieces, *a, **kw):
+        biggest.append(sum(v.nbytes for v in safetensors_io.piece_views(pieces)))
+        return orig(self, pieces, *a, **kw)
 
-    monkeypatch.setattr(safetensors_io.StreamingShardWriter, "write", spy)
+    monkeypatch.setattr(safetensors_io.StreamingShardWriter, "put", spy)
     convert(src, tmp_path / "out", ConvertOptions(target="vllm-fused"))
     per_expert_w13 = 2 * 64 * 128 // 2
     largest_copied = max(t.numel() * t.element_size() for n, t in load_all(src).items() if ".experts." not in n)

@@ -1,24 +1,37 @@
-"""The converter's zero-copy read path and its read-ahead bound.
+"""The converter's write path and its memory bounds.
 
-w13 rows are read with vectored preads straight into the output buffer, following the target's row
-runs; these tests pin the runs to the torch transform they replace, the vectored read to the plain one
-(short reads included), and the read-ahead to its byte budget.
+Packed values go from the source to the output without a buffer of ours: spans with copy_file_range,
+row runs with pwritev from a read-only mapping of the source shard, hashed from the same views. These
+tests pin that, the plain-write fallback where copy_file_range is refused (and that output stays the
+same), the read-ahead budget, the release of the mapping behind the hash, vectored reads and writes
+(short ones included) and the writer's own checks.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import mmap
 import os
 import random
+import threading
+import time
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from nvfp4_fuse import convert as conv
+from nvfp4_fuse import safetensors_io as sio
 from nvfp4_fuse.convert import ConvertOptions, convert, make_plan
-from nvfp4_fuse.safetensors_io import ShardReader, read_header
+from nvfp4_fuse.errors import InputError
+from nvfp4_fuse.safetensors_io import ShardReader, SourceSpan, piece_views, read_header, write_pieces
 from nvfp4_fuse.spec import PER_EXPERT_PARTS
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 @pytest.mark.parametrize("short_reads", [False, True])
@@ -59,56 +72,240 @@ def test_read_into_scattered_views(tmp_path, monkeypatch, short_reads):
 
 
 def test_read_ahead_stays_within_its_byte_budget(make_ckpt, tmp_path, monkeypatch):
-    """Shrink the budget below a handful of experts: never more than the budget (or one task) read ahead."""
+    """Shrink the budget below a handful of experts: never more than the budget (or one task) of output
+    between a task's bytes being produced and their being hashed (when the task's mapped source ranges
+    are released)."""
     src = make_ckpt(layers=2, experts=12, hidden=128, inter=64)
     budget = 3 * (2 * 64 * 128 // 2)  # three experts' w13 weight
     monkeypatch.setattr(conv, "INFLIGHT_BYTES", budget)
-    live = {"now": 0, "peak": 0, "tasks": 0}
+    live = {"now": 0, "peak": 0, "tasks": 0, "hashed": 0}
+    lock = threading.Lock()
     real_fused = conv._fused_task
 
     def counting(ctx, tgt, layer, part, e):
         work = real_fused(ctx, tgt, layer, part, e)
 
         def run():
-            data, change = work()
-            n = data.size if isinstance(data, np.ndarray) else len(memoryview(data).cast("B"))
-            live["now"] += n
-            live["peak"] = max(live["peak"], live["now"])
-            live["tasks"] += 1
-            return data, change
+            chunk = work()
+            n = sum(v.nbytes for v in piece_views(chunk.pieces))
+            with lock:
+                live["now"] += n
+                live["peak"] = max(live["peak"], live["now"])
+                live["tasks"] += 1
+            release = chunk.release
+
+            def hashed():  # the writer calls it on its hashing thread once the chunk's bytes are hashed
+                release()
+                with lock:
+                    live["now"] -= n
+                    live["hashed"] += 1
+
+            chunk.release = hashed
+            return chunk
 
         return run
 
-    real_write = conv.StreamingShardWriter.write
-
-    def write(self, data):
-        if (self.current or "").rsplit(".", 1)[-1] in PER_EXPERT_PARTS:  # per-expert slices: one task per write
-            live["now"] -= len(memoryview(data).cast("B"))
-        real_write(self, data)
-
     monkeypatch.setattr(conv, "_fused_task", counting)
-    monkeypatch.setattr(conv.StreamingShardWriter, "write", write)
     convert(src, tmp_path / "out", ConvertOptions(target="vllm-fused", workers=4))
-    assert live["tasks"] == 12 * 4 and live["now"] == 0  # one MoE layer (layer 0 is dense), all written
+    assert live["tasks"] == live["hashed"] == 12 * 4 and live["now"] == 0  # one MoE layer (layer 0 is dense)
     assert 0 < live["peak"] <= budget, live
 
 
-def test_buffer_pool_recycles_and_caps():
-    pool = conv._BufferPool(cap=100)
-    ptr = lambda a: a.ctypes.data  # noqa: E731
-    a = pool.get(60)
-    assert a.dtype == np.uint8 and a.size == 60
-    pool.put(a)
-    assert ptr(pool.get(60)) == ptr(a)  # the same memory again
-    b, c = pool.get(60), pool.get(60)
-    pool.put(b)
-    pool.put(c)  # over the cap: dropped
-    assert ptr(pool.get(60)) == ptr(b)
-    pool.put(b)
-    d = pool.get(40)  # another size: a new phase drops the 60-byte buffers
-    assert d.size == 40 and pool._held == 0 and not any(pool._free.values())
-    pool.put(d)
-    assert ptr(pool.get(40)) == ptr(d)
+@pytest.mark.parametrize("target", ["mega-moe", "vllm-fused"])
+@pytest.mark.parametrize("span_min", [0, 1 << 40])
+def test_packed_values_go_from_the_source_not_through_a_buffer(make_ckpt, tmp_path, monkeypatch, target, span_min):
+    """Every byte of w13/w2 values and of copied tensors reaches the writer as a span of a source file
+    or a view of its mapping; only block scales and per-layer scalars are arrays of ours."""
+    monkeypatch.setattr(conv, "SPAN_MIN", span_min)  # 0: every row run is copied file to file
+    src = make_ckpt(layers=2, experts=3, hidden=512, inter=512, shards=2, unequal_scale_2=True)
+    kinds: dict[str, set[str]] = {}
+    orig = sio.StreamingShardWriter.put
+
+    def spy(self, pieces, *a, **kw):
+        name = self.current or ""
+        what = name.rsplit(".", 1)[-1] if name.rsplit(".", 1)[-1] in PER_EXPERT_PARTS else "copy" if ".experts." not in name else "global"
+        for p in pieces:
+            if isinstance(p, SourceSpan):
+                kinds.setdefault(what, set()).add("span")
+            elif isinstance(p, memoryview) and isinstance(p.obj, mmap.mmap):
+                kinds.setdefault(what, set()).add("mapped")
+            else:
+                kinds.setdefault(what, set()).add("array")
+        return orig(self, pieces, *a, **kw)
+
+    monkeypatch.setattr(sio.StreamingShardWriter, "put", spy)
+    convert(src, tmp_path / "out", ConvertOptions(target=target))
+    assert kinds["w13_weight"] == ({"mapped"} if span_min else {"span"})
+    assert kinds["w2_weight"] == kinds["copy"] == {"span"}
+    assert kinds["w13_weight_scale"] == kinds["w2_weight_scale"] == kinds["global"] == {"array"}
+
+
+def _rss_file() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_source_mapping_is_released_behind_the_hash(make_ckpt, tmp_path, monkeypatch):
+    """Mapped source pages leave the process once hashed: its resident file-backed memory stays near the
+    read-ahead budget instead of growing to the size of the source."""
+    src = make_ckpt(layers=3, experts=32, hidden=1024, inter=1024, shards=2, fast=True)
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    assert size > 100 << 20
+    monkeypatch.setattr(conv, "INFLIGHT_BYTES", 8 << 20)
+    base, peak, samples, stop = _rss_file(), [0], [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_file())
+            samples[0] += 1
+            time.sleep(0.002)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    try:
+        convert(src, tmp_path / "out", ConvertOptions(target="vllm-fused", workers=4))
+    finally:
+        stop.set()
+        th.join()
+    grew = peak[0] - base
+    assert samples[0] > 10
+    assert grew < 40 << 20, f"resident file pages grew by {grew >> 20} MiB converting {size >> 20} MiB"
+
+
+# ---------------------------------------------------------------------------------------------------
+# copy_file_range and its fallback
+
+
+def _src_and_fast_output(make_ckpt, tmp_path, monkeypatch) -> tuple[Path, dict[str, bytes], ConvertOptions]:
+    """A source, and its conversion on the fast path (copy_file_range really called)."""
+    src = make_ckpt(layers=3, experts=4, hidden=512, inter=512, shards=3, unequal_scale_2=True)
+    opts = ConvertOptions(target="mega-moe", max_shard_size=3_000_000)
+    calls = []
+    real = os.copy_file_range
+
+    def counted(*a):
+        calls.append(a)
+        return real(*a)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "copy_file_range", counted)
+        m.setattr(sio, "_copy_file_range_ok", True)
+        convert(src, tmp_path / "fast", opts)
+    assert calls, "the fast path never called copy_file_range"
+    return src, snapshot(tmp_path / "fast"), opts
+
+
+@pytest.mark.parametrize("err", [errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM])
+def test_copy_file_range_refused_falls_back_to_plain_writes(make_ckpt, tmp_path, monkeypatch, err):
+    src, fast, opts = _src_and_fast_output(make_ckpt, tmp_path, monkeypatch)
+    calls = []
+
+    def refuse(*a):
+        calls.append(a)
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    monkeypatch.setattr(sio, "_copy_file_range_ok", True)
+    convert(src, tmp_path / "plain", opts)
+    assert len(calls) == 1 and sio._copy_file_range_ok is False  # the first refusal switches it off
+    assert snapshot(tmp_path / "plain") == fast
+
+
+def test_short_copies_and_a_refusal_midway(make_ckpt, tmp_path, monkeypatch):
+    """copy_file_range may copy less than asked, and be refused after it has copied part of a span: the
+    rest of that span, and every span after it, is written from the mapped view at the right offset."""
+    src, fast, opts = _src_and_fast_output(make_ckpt, tmp_path, monkeypatch)
+    real = os.copy_file_range
+    n = [0]
+
+    def flaky(fd_in, fd_out, count, off_in, off_out):
+        n[0] += 1
+        if n[0] == 40:
+            raise OSError(errno.EXDEV, "refused")
+        return real(fd_in, fd_out, random.randint(1, min(count, 70_000)), off_in, off_out)
+
+    monkeypatch.setattr(os, "copy_file_range", flaky)
+    monkeypatch.setattr(sio, "_copy_file_range_ok", True)
+    convert(src, tmp_path / "flaky", opts)
+    assert n[0] == 40
+    assert snapshot(tmp_path / "flaky") == fast
+
+
+def test_a_real_copy_error_is_raised_and_leaves_no_shard(make_ckpt, tmp_path, monkeypatch):
+    src = make_ckpt(layers=2, experts=3, hidden=512, inter=512)
+
+    def broken(*a):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "copy_file_range", broken)
+    monkeypatch.setattr(sio, "_copy_file_range_ok", True)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="I/O error"):
+        convert(src, out, ConvertOptions())
+    assert sio._copy_file_range_ok is True  # not a refusal: no fallback
+    assert not list(out.glob("*.safetensors")) and not list(out.glob("*.partial"))
+
+
+@pytest.mark.parametrize("short_writes", [False, True])
+@pytest.mark.parametrize("copy_ok", [True, False])
+def test_write_pieces_mixes_spans_views_and_arrays(tmp_path, monkeypatch, short_writes, copy_ok):
+    data = os.urandom(200_000)
+    (tmp_path / "src").write_bytes(data)
+    fd_in = os.open(tmp_path / "src", os.O_RDONLY)
+    mm = mmap.mmap(fd_in, 0, access=mmap.ACCESS_READ)
+    whole = memoryview(mm)
+    monkeypatch.setattr(sio, "_copy_file_range_ok", copy_ok)
+    if short_writes:
+        real = os.pwritev
+
+        def stingy(fd, bufs, off):  # the kernel may write fewer bytes than asked
+            head, left = [], random.randint(1, 5000)
+            for b in bufs:
+                if not left:
+                    break
+                head.append(b[:left])
+                left -= min(left, len(b))
+            return real(fd, head, off)
+
+        monkeypatch.setattr(os, "pwritev", stingy)
+    pieces, want = [], []
+    for _ in range(3000):  # more than IOV_MAX pieces between spans
+        a = random.randrange(len(data))
+        b = min(len(data), a + random.choice([0, 1, 7, 100, 4096, 30_000]))
+        kind = random.random()
+        if kind < 0.05:
+            pieces.append(SourceSpan(fd_in, a, whole[a:b]))
+        elif kind < 0.9:
+            pieces.append(whole[a:b])
+        else:
+            pieces.append(torch.randint(-(2**15), 2**15, ((b - a) // 2,), dtype=torch.int16).numpy())  # not bytes
+        want.append(bytes(piece_views([pieces[-1]])[0]))
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o644)
+    end = write_pieces(fd, 13, pieces)
+    os.close(fd)
+    expect = b"".join(want)
+    assert end == 13 + len(expect)
+    assert out.read_bytes()[13:] == expect
+    del whole, pieces
+    mm.close()
+    os.close(fd_in)
+
+
+def test_a_source_shard_that_changed_size_is_refused_not_a_crash(make_ckpt, tmp_path):
+    """A mapped file shorter than its header says would kill the process (SIGBUS) at the first access
+    past its end; a shard that changed since it was planned is refused instead."""
+    src = make_ckpt(layers=2, experts=3, hidden=512, inter=512, shards=2)
+    opts = ConvertOptions()
+    plan = make_plan(src, opts)
+    shard = sorted(src.glob("*.safetensors"))[-1]
+    os.truncate(shard, shard.stat().st_size - 1)
+    with pytest.raises(InputError, match="changed"):
+        convert(src, tmp_path / "out", opts, spec=plan)
 
 
 def test_peak_estimate_does_not_grow_with_experts(make_ckpt):
@@ -140,9 +337,10 @@ def test_writer_refuses_too_few_or_too_many_bytes(tmp_path):
     data = os.urandom(n1 + n2)
     exact.write(data[:n1 // 2])
     exact.write(data[n1 // 2 :])
-    size, _ = exact.finish()
+    size, digest = exact.finish()
     h = read_header(tmp_path / "exact.safetensors")
     assert size == (tmp_path / "exact.safetensors").stat().st_size
+    assert digest == hashlib.sha256((tmp_path / "exact.safetensors").read_bytes()).hexdigest()
     r = ShardReader(h)
     assert bytes(r.read_bytes("a")) + bytes(r.read_bytes("b")) == data
     r.close()
