@@ -291,6 +291,15 @@ class ShardReader:
         off, length = self._range(name, start, length)
         return memoryview(self._mapped())[off : off + length]
 
+    def mapped_array(self, name: str, start: int = 0, length: int | None = None) -> np.ndarray:
+        """Like :meth:`view`, as a read-only uint8 numpy array (compared and hashed in place)."""
+        return np.frombuffer(self.view(name, start, length), dtype=np.uint8)
+
+    def release_tensor(self, name: str, start: int = 0, length: int | None = None) -> None:
+        """:meth:`release` of bytes ``[start, start + length)`` of a tensor."""
+        off, length = self._range(name, start, length)
+        self.release(off, off + length)
+
     def span(self, name: str, start: int = 0, length: int | None = None) -> SourceSpan:
         """Like :meth:`view`, with the file offset, for a file-to-file copy."""
         off, length = self._range(name, start, length)

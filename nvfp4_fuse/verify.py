@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import random
 import threading
@@ -55,7 +54,7 @@ from .errors import CheckFailed, InputError
 from .experts import ExpertLayer
 from .host_layout import E4M3_VALUES
 from .manifest import MANIFEST_NAME, load_manifest, sha256_file
-from .safetensors_io import ShardHeader, tensor_bytes
+from .safetensors_io import ShardReader, tensor_bytes
 from .source import CONFIG_FILES, INDEX_NAME, Source, scan_source
 from .spec import COPY_CHUNK, OutputOptions, OutputSpec, OutShard, OutTensor, build_spec
 
@@ -261,42 +260,6 @@ def _load_memcmp() -> Callable[[int, int, int], int]:
 
 
 _memcmp = _load_memcmp()
-_PAGE = mmap.PAGESIZE
-
-
-class _Mapped:
-    """A shard mapped read-only: pieces are compared and hashed in place (no copy into user memory),
-    and their pages are dropped from this process once done (``release``), so resident memory stays
-    at what is in flight; the page cache keeps them for whoever reads next."""
-
-    def __init__(self, header: ShardHeader):
-        self.header = header
-        with open(header.path, "rb") as f:
-            self.mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if header.file_size else None
-        self.buf = np.frombuffer(self.mm, np.uint8) if self.mm is not None else np.empty(0, np.uint8)
-        self.base = self.buf.ctypes.data
-
-    def offset(self, name: str, start: int = 0) -> int:
-        return self.header.data_start + self.header.tensors[name].begin + start
-
-    def array(self, name: str, start: int = 0, n: int | None = None) -> np.ndarray:
-        """Bytes ``[start, start + n)`` of tensor ``name`` as a read-only uint8 view."""
-        off = self.offset(name, start)
-        return self.buf[off : off + (self.header.tensors[name].nbytes - start if n is None else n)]
-
-    def release(self, name: str, start: int, n: int) -> None:
-        off = self.offset(name, start)
-        lo = off - off % _PAGE
-        if self.mm is not None and n:
-            self.mm.madvise(mmap.MADV_DONTNEED, lo, off + n - lo)
-
-    def close(self) -> None:
-        self.buf = np.empty(0, np.uint8)
-        if self.mm is not None:
-            try:
-                self.mm.close()
-            except BufferError:  # a view still alive (an exception's traceback): let the GC unmap it
-                pass
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -317,8 +280,11 @@ class _Piece:
 class _Verifier:
     def __init__(self, spec: OutputSpec, conv: Source, experts: dict[str, set[int]], decode: str | None):
         self.spec, self.tgt = spec, spec.target
-        self.src_m = {f: _Mapped(h) for f, h in spec.source.headers.items()}
-        self.conv_m = {f: _Mapped(h) for f, h in conv.headers.items()}
+        # Both checkpoints are read through read-only mappings: pieces are compared and hashed in place
+        # (no copy into user memory), and their pages are dropped from this process once done, so
+        # resident memory stays at what is in flight; the page cache keeps them for whoever reads next.
+        self.src_m = {f: ShardReader(h) for f, h in spec.source.headers.items()}
+        self.conv_m = {f: ShardReader(h) for f, h in conv.headers.items()}
         self.conv_map = conv.tensor_file
         self.experts = experts  # prefix -> experts to check
         self.decode = decode  # None, or the device the end-to-end compare runs on
@@ -339,14 +305,14 @@ class _Verifier:
     def src(self, layer: ExpertLayer, e: int, role: str, fld: str) -> np.ndarray:
         """One source tensor of an expert, mapped (read-only)."""
         ref = layer.ref(e, role, fld)
-        return self.src_m[ref.file].array(ref.info.name).reshape(ref.info.shape)
+        return self.src_m[ref.file].mapped_array(ref.info.name).reshape(ref.info.shape)
 
     def release_src(self, layer: ExpertLayer, e: int, role: str, fld: str) -> None:
         ref = layer.ref(e, role, fld)
-        self.src_m[ref.file].release(ref.info.name, 0, ref.info.nbytes)
+        self.src_m[ref.file].release_tensor(ref.info.name)
 
     def conv(self, name: str, start: int = 0, nbytes: int | None = None) -> np.ndarray:
-        return self.conv_m[self.conv_map[name]].array(name, start, nbytes)
+        return self.conv_m[self.conv_map[name]].mapped_array(name, start, nbytes)
 
     # -- pieces, in file order --------------------------------------------------------------------
     def pieces(self, shard: OutShard) -> Iterator[_Piece]:
@@ -368,11 +334,11 @@ class _Verifier:
         def check(got: np.ndarray) -> None:
             assert t.source is not None
             m = self.src_m[t.source.file]
-            want = m.array(t.source.info.name, start, got.size)
+            want = m.mapped_array(t.source.info.name, start, got.size)
             if not _same(got, want):
                 at = start + int(np.flatnonzero(got != want)[0])
                 raise _fail(f"{t.entry.name} is not byte-identical to the source (first difference at byte {at})")
-            m.release(t.source.info.name, start, got.size)
+            m.release_tensor(t.source.info.name, start, got.size)
             if start == 0:
                 with self._lock:
                     self.copied += 1
@@ -569,7 +535,7 @@ class _Verifier:
         m = self.conv_m[shard.name]
         h = hashlib.sha256() if hash_file else None
         if h is not None:
-            h.update(m.buf[: m.header.data_start])
+            h.update(os.pread(m.fd, m.header.data_start, 0))  # the length prefix and the header
         inflight: deque[tuple[_Piece, Future | None]] = deque()
 
         def finish_one() -> None:
@@ -578,8 +544,8 @@ class _Verifier:
                 if fut is not None:
                     fut.result()
                 if h is not None:
-                    h.update(m.array(pc.tensor.entry.name, pc.start, pc.nbytes))
-                m.release(pc.tensor.entry.name, pc.start, pc.nbytes)
+                    h.update(m.mapped_array(pc.tensor.entry.name, pc.start, pc.nbytes))
+                m.release_tensor(pc.tensor.entry.name, pc.start, pc.nbytes)
             finally:
                 budget.release(pc.nbytes)
 
@@ -597,7 +563,7 @@ class _Verifier:
                     else:
                         budget.acquire(pc.nbytes)  # the others hold it, and release it as they finish
                         break
-                got = m.array(pc.tensor.entry.name, pc.start, pc.nbytes)
+                got = m.mapped_array(pc.tensor.entry.name, pc.start, pc.nbytes)
                 inflight.append((pc, pool.submit(pc.check, got) if pc.check is not None else None))
                 while len(inflight) > 64:
                     finish_one()
