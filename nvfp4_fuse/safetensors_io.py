@@ -332,19 +332,8 @@ class ShardReader:
     def _pread_into(self, views: list[memoryview], off: int, name: str) -> None:
         """Fill ``views`` in order from file offset ``off`` with vectored preads (short reads resumed)."""
         views = [v.cast("B") for v in views if len(v)]
-        i = 0
-        while i < len(views):
-            n = os.preadv(self._fd, views[i : i + IOV_MAX], off)
-            if n <= 0:
-                raise InputError("file ended early while reading (truncated?)", file=str(self.header.path), tensor=name)
-            off += n
-            while n:  # drop what was filled; a short read leaves the rest of a view for the next call
-                if n >= len(views[i]):
-                    n -= len(views[i])
-                    i += 1
-                else:
-                    views[i] = views[i][n:]
-                    n = 0
+        if _vectored(os.preadv, self._fd, views, off) < 0:
+            raise InputError("file ended early while reading (truncated?)", file=str(self.header.path), tensor=name)
 
     def read_small(self, name: str) -> bytes:
         """A small tensor's bytes (a scalar scale) with one plain pread."""
@@ -469,16 +458,18 @@ _COPY_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EPERM, errno.EINVAL, e
 _copy_file_range_ok = hasattr(os, "copy_file_range")
 
 
-def _pwrite_all(fd: int, views: list[memoryview], off: int) -> int:
-    """Write ``views`` in order at file offset ``off`` with vectored pwrites (short writes resumed)."""
+def _vectored(call: Any, fd: int, views: list[memoryview], off: int) -> int:
+    """Transfer ``views`` in order from/to file offset ``off`` with ``os.preadv`` or ``os.pwritev``, at
+    most ``IOV_MAX`` views a call, resuming after short transfers. Returns the offset after the last
+    byte, or -1 when a call transferred nothing (the file ended, or the disk refused)."""
     views = [v for v in views if len(v)]
     i = 0
     while i < len(views):
-        n = os.pwritev(fd, views[i : i + IOV_MAX], off)
+        n = call(fd, views[i : i + IOV_MAX], off)
         if n <= 0:
-            raise OSError(errno.EIO, "pwritev wrote nothing")
+            return -1
         off += n
-        while n:
+        while n:  # drop what was transferred; a short call leaves the rest of a view for the next
             if n >= len(views[i]):
                 n -= len(views[i])
                 i += 1
@@ -486,6 +477,14 @@ def _pwrite_all(fd: int, views: list[memoryview], off: int) -> int:
                 views[i] = views[i][n:]
                 n = 0
     return off
+
+
+def _pwrite_all(fd: int, views: list[memoryview], off: int) -> int:
+    """Write ``views`` in order at file offset ``off`` with vectored pwrites (short writes resumed)."""
+    end = _vectored(os.pwritev, fd, views, off)
+    if end < 0:
+        raise OSError(errno.EIO, "pwritev wrote nothing")
+    return end
 
 
 def _copy_span(fd: int, off: int, span: SourceSpan) -> int:

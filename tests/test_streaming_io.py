@@ -30,6 +30,21 @@ from nvfp4_fuse.safetensors_io import ShardReader, SourceSpan, piece_views, read
 from nvfp4_fuse.spec import PER_EXPERT_PARTS
 
 
+def stingy(real, most: int):
+    """``os.preadv`` / ``os.pwritev`` that transfers a random 1..``most`` bytes a call, as the kernel may."""
+
+    def call(fd, bufs, off):
+        head, left = [], random.randint(1, most)
+        for b in bufs:
+            if not left:
+                break
+            head.append(b[:left])
+            left -= min(left, len(b))
+        return real(fd, head, off)
+
+    return call
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -39,19 +54,7 @@ def test_read_into_scattered_views(tmp_path, monkeypatch, short_reads):
     data = torch.randint(0, 256, (3000 + random.randint(0, 999),), dtype=torch.uint8)
     save_file({"pad": torch.zeros(5, dtype=torch.uint8), "t": data}, tmp_path / "x.safetensors")
     if short_reads:  # the kernel may return fewer bytes than asked; the reader must carry on mid-view
-        real = os.preadv
-
-        def stingy(fd, bufs, off):
-            want = random.randint(1, 97)
-            head, left = [], want
-            for b in bufs:
-                if not left:
-                    break
-                head.append(b[:left])
-                left -= min(left, len(b))
-            return real(fd, head, off)
-
-        monkeypatch.setattr(os, "preadv", stingy)
+        monkeypatch.setattr(os, "preadv", stingy(os.preadv, 97))
     reader = ShardReader(read_header(tmp_path / "x.safetensors"))
     n = data.numel()
     cuts = sorted(random.sample(range(1, n), 40))
@@ -259,19 +262,8 @@ def test_write_pieces_mixes_spans_views_and_arrays(tmp_path, monkeypatch, short_
     mm = mmap.mmap(fd_in, 0, access=mmap.ACCESS_READ)
     whole = memoryview(mm)
     monkeypatch.setattr(sio, "_copy_file_range_ok", copy_ok)
-    if short_writes:
-        real = os.pwritev
-
-        def stingy(fd, bufs, off):  # the kernel may write fewer bytes than asked
-            head, left = [], random.randint(1, 5000)
-            for b in bufs:
-                if not left:
-                    break
-                head.append(b[:left])
-                left -= min(left, len(b))
-            return real(fd, head, off)
-
-        monkeypatch.setattr(os, "pwritev", stingy)
+    if short_writes:  # the kernel may write fewer bytes than asked
+        monkeypatch.setattr(os, "pwritev", stingy(os.pwritev, 5000))
     pieces, want = [], []
     for _ in range(3000):  # more than IOV_MAX pieces between spans
         a = random.randrange(len(data))
