@@ -13,7 +13,6 @@ MXFP4_BLOCK = 32  # values per E8M0 block scale
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 E4M3_MIN_SUBNORMAL = 2.0**-9
-E4M3_SUBNORMAL_LIMIT = 2.0**-6  # smallest normal E4M3 value
 E4M3_HALF_STEP = 0.0625  # half an E4M3 step (3 mantissa bits), relative, in the normal range
 E4M3_SUBNORMAL_HALF_SPACING = 2.0**-10  # half the spacing of E4M3 subnormals (2^-9)
 

@@ -29,7 +29,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from . import __version__
 from .errors import InputError
 from .experts import ExpertLayer
 from .host_layout import check_block_scale_bytes, rescale_block_scales
-from .layout import RowOrder, W13Order
+from .layout import W13Order
 from .manifest import MANIFEST_NAME, Manifest, fingerprint, load_manifest, save_manifest, sha256_file
 from .safetensors_io import (
     PARTIAL_SUFFIX,
@@ -158,16 +157,6 @@ class _Ctx:
         return raw
 
 
-@lru_cache(maxsize=64)
-def _runs_cached(order_cls: type[RowOrder], rows: int) -> tuple[tuple[str, int, int], ...]:
-    return tuple(order_cls().runs(rows))
-
-
-def _runs(order: RowOrder, rows: int) -> tuple[tuple[str, int, int], ...]:
-    """``order.runs(rows)``, once per order and row count (row orders are stateless)."""
-    return _runs_cached(type(order), rows)
-
-
 def _fused_task(ctx: _Ctx, tgt: Target, layer: ExpertLayer, part: str, e: int) -> Callable[[], _Chunk]:
     def run() -> _Chunk:
         chunk = _Chunk()
@@ -180,7 +169,7 @@ def _fused_task(ctx: _Ctx, tgt: Target, layer: ExpertLayer, part: str, e: int) -
                 reader, name = ctx.tensor(ref, chunk)
                 src[role] = reader, name, reader.view(name)
             rows, row_bytes = refs["gate"].info.shape
-            for role, r0, n in _runs(tgt.rows, rows):
+            for role, r0, n in tgt.rows.cached_runs(rows):
                 reader, name, whole = src[role]
                 a, b = r0 * row_bytes, (r0 + n) * row_bytes
                 chunk.pieces.append(reader.span(name, a, b - a) if b - a >= SPAN_MIN else whole[a:b])

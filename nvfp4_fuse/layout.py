@@ -50,9 +50,17 @@ class RowOrder(ABC):
         """Output rows in order, as runs of source rows: each role's runs come in source order and
         cover its rows once. The converter reads straight into the output with them."""
 
+    def cached_runs(self, rows: int) -> tuple[Run, ...]:
+        """:meth:`runs`, computed once per order and row count (row orders are stateless)."""
+        return _runs(type(self), rows)
+
     def permutation(self, rows: int) -> np.ndarray:
         """int64 [2R]: output row j is row ``perm[j]`` of ``[gate; up]`` stacked."""
         return _permutation(type(self), rows)
+
+    def inverse_permutation(self, rows: int) -> np.ndarray:
+        """int64 [2R]: row j of ``[gate; up]`` stacked is output row ``inv[j]``."""
+        return _inverse_permutation(type(self), rows)
 
     def join_np(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """numpy: gate and up [R, ...] -> w13 [2R, ...] in this order."""
@@ -70,19 +78,30 @@ class RowOrder(ABC):
         import torch
 
         rows = w13.shape[-2] // 2
-        inv = torch.tensor(np.argsort(self.permutation(rows)), device=w13.device)
+        inv = torch.tensor(self.inverse_permutation(rows), device=w13.device)
         both = _bits_op(lambda x: x.index_select(-2, inv), w13)
         return both[..., :rows, :], both[..., rows:, :]
 
 
+# Row orders are stateless, so runs and permutations depend on the class and the row count alone.
+@lru_cache(maxsize=64)
+def _runs(order_cls: type[RowOrder], rows: int) -> tuple[Run, ...]:
+    return tuple(order_cls().runs(rows))
+
+
 @lru_cache(maxsize=64)
 def _permutation(order_cls: type[RowOrder], rows: int) -> np.ndarray:
-    """Row orders are stateless, so the permutation depends on the class and the row count alone."""
     base = {"gate": 0, "up": rows}
-    runs = order_cls().runs(rows)
-    perm = np.concatenate([np.arange(base[role] + r0, base[role] + r0 + n) for role, r0, n in runs])
+    perm = np.concatenate([np.arange(base[role] + r0, base[role] + r0 + n) for role, r0, n in _runs(order_cls, rows)])
     perm.setflags(write=False)
     return perm
+
+
+@lru_cache(maxsize=64)
+def _inverse_permutation(order_cls: type[RowOrder], rows: int) -> np.ndarray:
+    inv = np.argsort(_permutation(order_cls, rows))
+    inv.setflags(write=False)
+    return inv
 
 
 def _bits_op(fn, *ts):

@@ -58,17 +58,6 @@ DTYPE_BITS = {
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }  # fmt: skip
 
-def torch_dtype(name: str) -> torch.dtype | None:
-    """The torch dtype of a safetensors dtype name, or None (torch is imported here, lazily)."""
-    import torch
-
-    return {
-        "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-        "I16": torch.int16, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I32": torch.int32, "F32": torch.float32, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool,
-    }.get(name)  # fmt: skip
-
-
 def tensor_nbytes(dtype: str, shape: list[int] | tuple[int, ...]) -> int:
     bits = DTYPE_BITS[dtype] * math.prod(shape)
     if bits % 8:
@@ -363,23 +352,6 @@ class ShardReader:
             self._pread_into([memoryview(buf)], off, name)
         return buf
 
-    def read_into(self, name: str, views: list[memoryview]) -> None:
-        """Fill ``views`` (in order) with the whole tensor's bytes: a tensor's bytes can land in scattered
-        places of an output buffer without an intermediate copy."""
-        t = self.header.tensors[name]
-        total = sum(memoryview(v).nbytes for v in views)
-        if total != t.nbytes:
-            raise ValueError(f"{name}: views hold {total} bytes, the tensor {t.nbytes}")
-        self._pread_into(views, self.header.data_start + t.begin, name)
-
-    def read_tensor(self, name: str) -> torch.Tensor:
-        import torch
-
-        t = self.header.tensors[name]
-        dt = torch_dtype(t.dtype)
-        if dt is None:
-            raise InputError(f"dtype {t.dtype} cannot be read as a tensor here", file=str(self.header.path), tensor=name)
-        return torch.from_numpy(self.read_array(name)).view(dt).reshape(t.shape)
 
 
 def tensor_bytes(t: torch.Tensor | np.ndarray) -> memoryview:

@@ -369,7 +369,7 @@ class _Verifier:
         row, runs = d.hidden // 2, self.tgt.rows.runs(d.inter)
         if all(n == d.inter for _, _, n in runs):
             return {role: got[k * d.inter * row : (k + 1) * d.inter * row] for k, (role, _, _) in enumerate(runs)}
-        inv = np.argsort(self.tgt.rows.permutation(d.inter))
+        inv = self.tgt.rows.inverse_permutation(d.inter)
         w = got.reshape(2 * d.inter, row)
         return {"gate": w[inv[: d.inter]].reshape(-1), "up": w[inv[d.inter :]].reshape(-1)}
 
