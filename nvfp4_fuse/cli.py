@@ -55,10 +55,10 @@ def _progress() -> Progress:
     )
 
 
-def _print_plan(plan: Any, out_dir: Path, workers: int, as_json: bool) -> None:
+def _print_plan(plan: Any, out_dir: Path, workers: int, streams: int, as_json: bool) -> None:
     from .spec import human
 
-    d = plan.summary(workers, out_dir)
+    d = plan.summary(workers, out_dir, streams)
     if as_json:
         out.print_json(json.dumps(d))
         return
@@ -95,7 +95,7 @@ def _print_plan(plan: Any, out_dir: Path, workers: int, as_json: bool) -> None:
             )
     out.print(f"target: {d['target']}: {d['description']}")
     out.print(f"disk needed: {human(d['disk_needed'])}; free at {out_dir}: {human(d['disk_free'])}")
-    out.print(f"peak memory (estimate, {workers} workers): {human(d['peak_memory_estimate'])}")
+    out.print(f"peak memory (estimate, {streams} shard(s) written at once): {human(d['peak_memory_estimate'])}")
 
 
 @app.command()
@@ -106,17 +106,21 @@ def convert(
     w13_order: W13Order = typer.Option(W13Order.GATE_UP, help="Row order of w13 for vllm-fused/linear."),
     max_shard_size: str = typer.Option("5GB", help="Largest output shard (a tensor is never split)."),
     workers: int = typer.Option(4, help="Reader threads (they mostly wait on the disk, so more than the cores is fine)."),
+    shard_streams: int = typer.Option(
+        0, help="Output shards written (and hashed) at once, each by its own threads; 0 picks by the CPU count (1 per 4 cores, 2 to 4)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier conversion held in the output folder (never a folder nvfp4-fuse did not write)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (from headers only) and exit."),
     revision: str | None = typer.Option(None, help="Hub revision, for a repo id."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Convert a per-expert ModelOpt NVFP4 MoE checkpoint into a fused-expert layout."""
-    from .convert import ConvertOptions, make_plan
+    from .convert import ConvertOptions, auto_shard_streams, make_plan
     from .convert import convert as run_convert
     from .spec import build_spec, human, parse_size
 
-    opts = ConvertOptions(target, w13_order, parse_size(max_shard_size), workers, overwrite)
+    opts = ConvertOptions(target, w13_order, parse_size(max_shard_size), workers, overwrite, shard_streams)
+    streams = shard_streams or auto_shard_streams()
     if dry_run and not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
         from . import hub
         from .source import source_from_headers
@@ -124,14 +128,14 @@ def convert(
         remote = hub.remote_safetensors_headers(source, revision=revision)
         src = source_from_headers(source, remote.headers, sharded=remote.sharded)
         plan = build_spec(src, opts.output_options(), with_scalars=False)
-        _print_plan(plan, output, workers, json_out)
+        _print_plan(plan, output, workers, streams, json_out)
         if not json_out:
             out.print("(planned from the Hub's shard headers alone: scalar scales not read, sidecar sizes not counted)")
         return
     folder, trust = _resolve(source, revision)
     plan = make_plan(folder, opts, trust_root=trust)
     if dry_run:
-        _print_plan(plan, output, workers, json_out)
+        _print_plan(plan, output, workers, streams, json_out)
         return
     with _progress() as prog:
         task = prog.add_task("convert", total=plan.total_size)

@@ -6,15 +6,16 @@ whole gate/up halves, copied tensors) with ``copy_file_range`` and row runs (the
 interleave) with ``pwritev`` from a read-only mapping of the source shard. Only block scales, 1/8 of
 the bytes, are transformed in memory (numpy, host_layout.py: converting never imports torch).
 
-Tasks run ahead on a thread pool (scales transformed, source ranges read ahead into the page cache);
-the main thread writes their pieces in file order (one writer per file: the kernel serialises writes
-to a file anyway); the shard writer's helper thread hashes the same mapped views and arrays, then
-drops the source ranges from the mapping. At most a byte budget of output is between being taken on
-and being hashed, so resident memory is a few experts' bytes plus a fixed overhead whatever the
-number of experts, layers or the shard size.
+Several shards are written at once (``shard_streams``), each by a thread of its own that writes its
+pieces in file order (one writer per file: the kernel serialises writes to a file anyway) and a
+helper thread that hashes the same mapped views and arrays, then drops the source ranges from the
+mapping. Tasks run ahead on a thread pool the streams share (scales transformed, source ranges read
+ahead into the page cache). At most a byte budget of output, shared by the streams, is between being
+taken on and being hashed, so resident memory is a few experts' bytes plus a fixed overhead whatever
+the number of experts, layers or the shard size.
 
 Order of writing, for crash safety: shards (each under a temporary name, fsynced, renamed, then
-recorded in the progress journal), sidecar files, configs, the index, and last the manifest. A folder
+recorded in the progress journal, in whatever order they finish), sidecar files, configs, the index, and last the manifest. A folder
 without the manifest is never a complete conversion; a rerun with the same input and options resumes,
 keeping every shard the journal lists whose size and sha256 still match.
 """
@@ -25,9 +26,10 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .budget import ByteBudget
 from .errors import InputError
 from .experts import ExpertLayer
 from .host_layout import check_block_scale_bytes, rescale_block_scales
@@ -61,6 +64,14 @@ def window_size(workers: int) -> int:
     return 2 * workers + 2
 
 
+def auto_shard_streams(cpus: int | None = None) -> int:
+    """Shards written at once by default: one per 4 cores, 2 to 4. Each stream is a thread writing
+    (mostly in the kernel, copying into the page cache) and a thread hashing (sha256 at 1-2 GB/s a
+    core); two overlap one shard's fsync and hashing tail with the next shard's writes even on 2 cores."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(2, min(4, cpus // 4))
+
+
 @dataclass
 class ConvertOptions:
     """What ``convert`` is asked to do, as plain values (the CLI's options); ``workers`` and
@@ -71,6 +82,7 @@ class ConvertOptions:
     max_shard_size: int = 5 * 10**9
     workers: int = 4
     overwrite: bool = False
+    shard_streams: int = 0  # shards written at once; 0: auto_shard_streams()
 
     def output_options(self) -> OutputOptions:
         return OutputOptions.parse(self.target, self.w13_order, self.max_shard_size)
@@ -365,6 +377,8 @@ def make_plan(source_dir: Path, opts: ConvertOptions, *, trust_root: Path | None
     """Scan ``source_dir`` and build the output spec (the plan a dry run prints); ``InputError``."""
     if opts.workers < 1:
         raise InputError("--workers must be at least 1")
+    if opts.shard_streams < 0:
+        raise InputError("--shard-streams must be 0 (auto) or more")
     return build_spec(scan_source(source_dir, trust_root=trust_root), opts.output_options())
 
 
@@ -426,22 +440,12 @@ def convert(
     files: dict[str, dict[str, Any]] = dict(keep)
     result.resumed_shards = sorted(keep)
     _write_progress(out, fp, files, reports)
-    ctx = _Ctx(spec)
-    meta = spec.shard_metadata()
-    try:
-        with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="nvfp4-read") as pool:
-            for shard in spec.shards:
-                if shard.name in keep:
-                    if on_bytes:
-                        on_bytes(shard.data_bytes)
-                    continue
-                size, digest = _write_shard(ctx, pool, out, shard, meta, window_size(opts.workers), reports, on_bytes)
-                files[shard.name] = {"size": size, "sha256": digest}
-                _write_progress(out, fp, files, reports)
-                if on_shard:
-                    on_shard(shard.name, size)
-    finally:
-        ctx.close()
+    for shard in spec.shards:
+        if shard.name in keep and on_bytes:
+            on_bytes(shard.data_bytes)
+    todo = [s for s in spec.shards if s.name not in keep]
+    streams = max(1, min(opts.shard_streams or auto_shard_streams(), len(todo) or 1))
+    _write_shards(_Ctx(spec), todo, out, streams, opts.workers, reports, on_bytes, on_shard, lambda: _write_progress(out, fp, files, reports), files)
     # Sidecars, configs, index, then the manifest.
     configs = spec.configs()
     for rel in spec.source.sidecars:
@@ -476,55 +480,132 @@ def convert(
     return result
 
 
-def _write_shard(
+class _Stopped(Exception):
+    """Another shard's stream failed: this one stops and drops its partial file."""
+
+
+@dataclass
+class _Streams:
+    """What the shard streams of one conversion share: the pool, the byte budget, the stop flag and a
+    lock over the reports, the journal and the progress callbacks."""
+
+    ctx: _Ctx
+    pool: ThreadPoolExecutor
+    budget: ByteBudget
+    window: int
+    reports: dict[str, LayerReport]
+    on_bytes: Callable[[int], None] | None
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _write_shards(
     ctx: _Ctx,
-    pool: ThreadPoolExecutor,
+    todo: list[OutShard],
     out: Path,
-    shard: OutShard,
-    meta: dict[str, str],
-    window: int,
+    streams: int,
+    workers: int,
     reports: dict[str, LayerReport],
     on_bytes: Callable[[int], None] | None,
-) -> tuple[int, str]:
+    on_shard: Callable[[str, int], None] | None,
+    journal: Callable[[], None],
+    files: dict[str, dict[str, Any]],
+) -> None:
+    """Write the shards of ``todo``, ``streams`` of them at once (taken in order), each by its own
+    thread with its own hashing thread, sharing the task pool and the read-ahead budget. Each shard is
+    recorded in ``files`` and journaled as soon as it is renamed into place, in whatever order the
+    shards finish. The first failure stops the other streams (their partial files are dropped) and is
+    raised."""
+    meta = ctx.spec.shard_metadata()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nvfp4-read")
+    shared = _Streams(ctx, pool, ByteBudget(INFLIGHT_BYTES), window_size(workers), reports, on_bytes)
+    writers = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="nvfp4-shard")
+
+    def one(shard: OutShard) -> None:
+        if shared.stop.is_set():
+            raise _Stopped
+        size, digest = _write_shard(shared, out, shard, meta)
+        with shared.lock:
+            files[shard.name] = {"size": size, "sha256": digest}
+            journal()
+        if on_shard:
+            on_shard(shard.name, size)
+
+    futs = [writers.submit(one, s) for s in todo]
+    try:
+        for fut in as_completed(futs):
+            fut.result()
+    except BaseException as e:
+        shared.stop.set()
+        for fut in futs:
+            fut.cancel()
+        wait(futs)
+        if isinstance(e, _Stopped):  # cannot be first: a stream stops only after another failed
+            raise AssertionError("a shard stream stopped with no failure") from e
+        raise
+    finally:
+        writers.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
+        ctx.close()
+
+
+def _write_shard(shared: _Streams, out: Path, shard: OutShard, meta: dict[str, str]) -> tuple[int, str]:
     """Write one shard. Tasks run ahead on the pool (scales transformed, source ranges read ahead); this
     thread writes their pieces in file order, the writer hashes them beside. At most ``window`` tasks
-    run ahead, and at most ``INFLIGHT_BYTES`` of output (or one task) is between being taken on and
-    being hashed: that bounds both the scale arrays held and the source pages mapped."""
+    run ahead, and at most the shared budget of output (or one task) is between being taken on and
+    being hashed, over all the streams: that bounds both the scale arrays held and the source pages
+    mapped."""
+    budget, reports = shared.budget, shared.reports
     writer = StreamingShardWriter(out / shard.name, shard.entries, meta)
     ahead: deque[tuple[OutTensor, int, Future]] = deque()  # on the pool, in file order
     hashing: deque[tuple[int, Future]] = deque()  # written, being hashed
-    held = 0  # output bytes taken on and not yet hashed
-    tasks = _shard_tasks(ctx, shard)
+    tasks = _shard_tasks(shared.ctx, shard)
     pending: Task | None = None
+
+    def hashed_one() -> None:
+        n, fut = hashing.popleft()
+        try:
+            fut.result()
+        finally:
+            budget.release(n)
+
     try:
         while True:
+            if shared.stop.is_set():
+                raise _Stopped
             while hashing and hashing[0][1].done():
-                n, fut = hashing.popleft()
-                fut.result()
-                held -= n
-            # Take tasks on while both the task count and the byte budget allow; always keep one going.
-            while len(ahead) < window:
+                hashed_one()
+            # Take tasks on while the window and the budget allow; a stream holding nothing waits for
+            # its share instead, so each always has one going.
+            while len(ahead) < shared.window:
                 pending = pending or next(tasks, None)
-                if pending is None or ((ahead or hashing) and held + pending[1] > INFLIGHT_BYTES):
+                if pending is None:
                     break
+                if ahead or hashing:
+                    if not budget.try_acquire(pending[1]):
+                        break
+                else:
+                    budget.acquire(pending[1])
                 t, nbytes, work = pending
-                ahead.append((t, nbytes, pool.submit(_prepare, work)))
-                held += nbytes
+                ahead.append((t, nbytes, shared.pool.submit(_prepare, work)))
                 pending = None
             if ahead:
                 t, nbytes, fut = ahead.popleft()
-                chunk = fut.result()
-                hashing.append((nbytes, writer.put(chunk.pieces, after=chunk.release)))
-                if on_bytes:
-                    on_bytes(nbytes)
+                try:
+                    chunk = fut.result()
+                    hashing.append((nbytes, writer.put(chunk.pieces, after=chunk.release)))
+                except BaseException:
+                    budget.release(nbytes)
+                    raise
+                if shared.on_bytes:
+                    shared.on_bytes(nbytes)
                 if chunk.change and t.layer:
-                    r = reports[t.layer]
-                    r.max_rescale_change = max(r.max_rescale_change, chunk.change)
+                    with shared.lock:
+                        r = reports[t.layer]
+                        r.max_rescale_change = max(r.max_rescale_change, chunk.change)
                 del chunk
             elif hashing:
-                n, fut = hashing.popleft()
-                fut.result()
-                held -= n
+                hashed_one()
             else:
                 break
         return writer.finish()
@@ -532,6 +613,10 @@ def _write_shard(
         for _, _, fut in ahead:
             fut.cancel()
         writer.abort()
+        for _, nbytes, _ in ahead:
+            budget.release(nbytes)
+        for n, _ in hashing:
+            budget.release(n)
         raise
 
 

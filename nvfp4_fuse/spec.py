@@ -130,7 +130,7 @@ class OutputSpec:
         index = {"metadata": {"total_size": self.total_size, "nvfp4_fuse_target": self.target.name}, "weight_map": self.weight_map()}
         return (json.dumps(index, indent=2) + "\n").encode()
 
-    def summary(self, workers: int, out_dir: Path | None = None) -> dict[str, Any]:
+    def summary(self, workers: int, out_dir: Path | None = None, streams: int = 1) -> dict[str, Any]:
         """The plan as plain data (what the dry run prints, as a table or as JSON)."""
         mods = []
         for p, l in self.layers.items():
@@ -154,8 +154,9 @@ class OutputSpec:
             "source": {"path": str(src.root), "shards": len(src.headers), "tensors": len(src.tensor_file), "other_files": len(src.sidecars)},
             "disk_needed": self.output_bytes_estimate(),
             "disk_free": disk_free(out_dir) if out_dir is not None else None,
-            "peak_memory_estimate": self.peak_memory_estimate(workers),
+            "peak_memory_estimate": self.peak_memory_estimate(streams),
             "workers": workers,
+            "shard_streams": streams,
         }
 
     # -- estimates ---------------------------------------------------------------------------------
@@ -166,11 +167,11 @@ class OutputSpec:
         headers = sum(8 + len(json.dumps({t.entry.name: 0 for t in s.tensors})) * 3 for s in self.shards)
         return self.total_size + headers + self.sidecar_bytes() + (1 << 20)
 
-    def peak_memory_estimate(self, workers: int) -> int:
-        """Read-ahead budget (or one task, if larger), the task being written, scale temporaries, and
-        the interpreter with numpy (the converter never imports torch). Independent of the number of
-        experts, layers and shard size."""
-        return max(INFLIGHT_BYTES, self.max_expert_bytes) + 2 * self.max_expert_bytes + (64 << 20)
+    def peak_memory_estimate(self, streams: int = 1) -> int:
+        """Read-ahead budget (shared by the shard streams; or one task, if larger), each stream's task
+        being written, scale temporaries, and the interpreter with numpy (the converter never imports
+        torch). Independent of the number of experts, layers and shard size."""
+        return max(INFLIGHT_BYTES, self.max_expert_bytes) + (1 + streams) * self.max_expert_bytes + (64 << 20)
 
 
 def build_spec(src: Source, options: OutputOptions, *, with_scalars: bool = True) -> OutputSpec:

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .budget import ByteBudget
 from .constants import E4M3_HALF_STEP as HALF_STEP
 from .constants import E4M3_SUBNORMAL_HALF_SPACING as SUBNORMAL_HALF_SPACING
 from .constants import NVFP4_BLOCK
@@ -219,34 +220,6 @@ def _check_structure(spec: OutputSpec, conv_dir: Path, conv: Source, *, model_ca
 
 # ---------------------------------------------------------------------------------------------------
 # the pass: pieces of output shards, each read once, hashed in order and checked
-
-
-class _ByteBudget:
-    """Bytes held by pieces read ahead of the hashing, shared by every shard's stream."""
-
-    def __init__(self, limit: int):
-        self.limit, self.held, self.peak = limit, 0, 0
-        self._cv = threading.Condition()
-
-    def try_acquire(self, n: int) -> bool:
-        with self._cv:
-            if self.held and self.held + n > self.limit:
-                return False
-            self.held += n
-            self.peak = max(self.peak, self.held)
-            return True
-
-    def acquire(self, n: int) -> None:
-        with self._cv:
-            while self.held and self.held + n > self.limit:
-                self._cv.wait()
-            self.held += n
-            self.peak = max(self.peak, self.held)
-
-    def release(self, n: int) -> None:
-        with self._cv:
-            self.held -= n
-            self._cv.notify_all()
 
 
 def _load_memcmp() -> Callable[[int, int, int], int]:
@@ -530,7 +503,7 @@ class _Verifier:
                 )
 
     # -- one shard ---------------------------------------------------------------------------------
-    def stream(self, shard: OutShard, pool: ThreadPoolExecutor, budget: _ByteBudget, hash_file: bool) -> str | None:
+    def stream(self, shard: OutShard, pool: ThreadPoolExecutor, budget: ByteBudget, hash_file: bool) -> str | None:
         """Check every piece of ``shard``; returns its sha256 (hashing every byte once, in order)."""
         m = self.conv_m[shard.name]
         h = hashlib.sha256() if hash_file else None
@@ -665,7 +638,7 @@ def verify(
         result.checks.append(f"end to end: every checked expert of both checkpoints dequantized and compared ({how})")
     else:
         result.note = "end-to-end dequant-and-compare not run (no GPU; --decode runs its CPU reference, slowly)"
-    budget = _ByteBudget(budget_bytes)
+    budget = ByteBudget(budget_bytes)
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nvfp4-verify")
     # Shards stream side by side (each hashes in its own order), sharing the workers and the budget.
     streams = ThreadPoolExecutor(max_workers=max(1, min(len(spec.shards), workers)), thread_name_prefix="nvfp4-verify-shard")

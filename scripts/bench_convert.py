@@ -177,6 +177,10 @@ def main() -> None:
     ap.add_argument("--target", default="mega-moe")
     ap.add_argument("--max-shard-size", default="2GB")
     ap.add_argument("--workers", type=int, default=4, help="as convert --workers (its default)")
+    ap.add_argument("--shard-streams", type=int, default=0, help="as convert --shard-streams (0: its default, by the CPU count)")
+    ap.add_argument(
+        "--also-streams", type=int, default=0, help="in every round, also run this tree's convert with this many --shard-streams"
+    )
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="cp/convert pairs; medians are reported")
@@ -228,6 +232,12 @@ def main() -> None:
         out = work / "out"
         cmd = [sys.executable, "-m", "nvfp4_fuse.cli", "convert", str(src), str(out), "--target", a.target,
                "--max-shard-size", a.max_shard_size, "--workers", str(a.workers), "--json"]  # fmt: skip
+        base_cmd = list(cmd)  # another commit's convert may not know --shard-streams
+        if a.shard_streams:
+            cmd += ["--shard-streams", str(a.shard_streams)]
+        from nvfp4_fuse.convert import auto_shard_streams
+
+        print(f"shard streams: {a.shard_streams or auto_shard_streams()} ({len(plan.shards)} output shards)", flush=True)
         prepare = warm if a.warm else evict
         mode = "source in the page cache" if a.warm else "source evicted from the page cache"
         goal = 1.5 if a.warm else 1.2
@@ -237,6 +247,8 @@ def main() -> None:
         cpu_conv: list[tuple[float, float]] = []
         base: list[float] = []
         cpu_base: list[tuple[float, float]] = []
+        also: list[float] = []
+        cpu_also: list[tuple[float, float]] = []
         for rep in range(a.repeat):  # alternate, so drift hits both alike
             prepare(src)
             os.sync()
@@ -262,11 +274,19 @@ def main() -> None:
                 prepare(src)
                 os.sync()
                 # python -m imports from the working directory first: there, the baseline's package
-                (t, _, _, _), cpu = measured(False, run_measured, cmd, a.baseline.resolve())
+                (t, _, _, _), cpu = measured(False, run_measured, base_cmd, a.baseline.resolve())
                 base.append(t)
                 cpu_base.append(cpu)
                 shutil.rmtree(out)
                 line += f"; baseline {t:.2f} s (CPU {cpu[0]:.2f} user + {cpu[1]:.2f} sys), ratio {t / cps[-1]:.2f}"
+            if a.also_streams:
+                prepare(src)
+                os.sync()
+                (t, _, _, _), cpu = measured(False, run_measured, [*base_cmd, "--shard-streams", str(a.also_streams)], ROOT)
+                also.append(t)
+                cpu_also.append(cpu)
+                shutil.rmtree(out)
+                line += f"; {a.also_streams} stream(s) {t:.2f} s (CPU {cpu[0]:.2f} user + {cpu[1]:.2f} sys), ratio {t / cps[-1]:.2f}"
             print(line, flush=True)
         t_cp, t_conv = statistics.median(cps), statistics.median(convs)
         t0 = time.perf_counter()
@@ -282,7 +302,7 @@ def main() -> None:
             naive = run_measured([sys.executable, "-c", NAIVE, str(src), str(nout)])[:3]
             shutil.rmtree(nout)
 
-        est = plan.peak_memory_estimate(a.workers)
+        est = plan.peak_memory_estimate(a.shard_streams or auto_shard_streams())
         rows = [
             (f"cp -r + fsync (median of {a.repeat})", t_cp, None, None),
             (f"nvfp4-fuse convert (median of {a.repeat})", t_conv, rss_conv, anon_conv),
@@ -309,6 +329,12 @@ def main() -> None:
                 f"baseline ({a.baseline}): {statistics.median(base):.2f} s median, / cp {statistics.median(br):.2f} median, "
                 f"{min(br):.2f}..{max(br):.2f}; CPU {med(cpu_base, 0):.2f} + {med(cpu_base, 1):.2f} s"
             )
+        if also:
+            ar = [b / c for b, c in zip(also, cps)]
+            print(
+                f"--shard-streams {a.also_streams}: {statistics.median(also):.2f} s median, {size / statistics.median(also) / 1e9:.2f} GB/s, "
+                f"/ cp {statistics.median(ar):.2f} median, {min(ar):.2f}..{max(ar):.2f}; CPU {med(cpu_also, 0):.2f} + {med(cpu_also, 1):.2f} s"
+            )
         print(f"of convert's time, starting Python and importing the CLI: {t_import:.2f} s (a fixed cost, whatever the size)")
         print(f"convert peak anonymous RSS: {human(anon_conv)}  (goal < 600 MB; plan estimate {human(est)})")
         if naive:
@@ -319,6 +345,8 @@ def main() -> None:
                 "checkpoint_bytes": size, "expert_bytes": expert_bytes, "target": a.target, "workers": a.workers,
                 "warm": a.warm, "cpus": os.cpu_count(), "cp_s": cps, "convert_s": convs, "ratios": ratios,
                 "cp_cpu_user_sys": cpu_cp, "convert_cpu_user_sys": cpu_conv, "baseline_s": base, "baseline_cpu_user_sys": cpu_base,
+                "shard_streams": a.shard_streams or auto_shard_streams(), "also_streams": a.also_streams, "also_s": also,
+                "also_cpu_user_sys": cpu_also,
                 "import_s": t_import, "convert_peak_rss": rss_conv,
                 "convert_peak_anon": anon_conv, "estimate": est,
                 "naive_s": naive[0] if naive else None, "naive_peak_anon": naive[2] if naive else None,

@@ -27,7 +27,9 @@ from nvfp4_fuse.spec import human
 
 TARGET = "vllm-fused"
 SHARD = "20KB"
-ARGS = ("--target", TARGET, "--max-shard-size", SHARD, "--workers", "2")
+# One shard at a time, so that the kill points below fall in known shards; shards written at once have
+# a test of their own.
+ARGS = ("--target", TARGET, "--max-shard-size", SHARD, "--workers", "2", "--shard-streams", "1")
 
 
 RUNNER = Path(__file__).with_name("crash_runner.py")
@@ -129,6 +131,31 @@ def test_sigkill_then_resume_is_byte_identical(src, reference, tmp_path, point):
 
     r = convert_cli(src, out)  # a third run finds the manifest: nothing to do
     assert r.returncode == 0 and json.loads(r.stdout)["already_complete"] is True
+
+
+@pytest.mark.parametrize("point", ["first-journaled", "three-quarters"])
+def test_sigkill_with_shards_written_at_once_then_resume(src, reference, tmp_path, point):
+    """Three shards written at once, killed: the journal names only whole shards (in whatever order they
+    finished), a shard killed while being written is a .partial, and the rerun keeps exactly the
+    journaled shards and ends byte-identical to an uninterrupted run."""
+    ref_files, sizes = reference
+    out = tmp_path / "out"
+    kill_at = "shard:1" if point == "first-journaled" else f"bytes:{3 * sum(sizes) // 4}"
+    r = convert_cli(src, out, "--shard-streams", "3", kill_at=kill_at)
+    assert killed(r), (r.returncode, r.stderr)
+    assert not (out / MANIFEST_NAME).exists() and not (out / INDEX_NAME).exists()
+    kept = journaled(out)
+    if point == "first-journaled":
+        assert len(kept) == 1
+    else:  # the kill came right after a write to a shard not yet finished
+        assert len(kept) < len(sizes) and list(out.glob("model-*.partial"))
+    for name in kept:
+        assert (out / name).read_bytes() == ref_files[name]
+    before = stamps(out, kept)
+    r = convert_cli(src, out, "--shard-streams", "3")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resumed_shards"] == kept and stamps(out, kept) == before
+    assert snapshot(out) == ref_files
 
 
 def test_repeated_crashes_each_keep_more(src, reference, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import mmap
 import os
 import random
@@ -65,11 +66,12 @@ def test_reads_resume_after_short_reads(tmp_path, monkeypatch, short_reads):
     reader.close()
 
 
-def test_read_ahead_stays_within_its_byte_budget(make_ckpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("streams", [1, 3])
+def test_read_ahead_stays_within_its_byte_budget(make_ckpt, tmp_path, monkeypatch, streams):
     """Shrink the budget below a handful of experts: never more than the budget (or one task) of output
     between a task's bytes being produced and their being hashed (when the task's mapped source ranges
-    are released)."""
-    src = make_ckpt(layers=2, experts=12, hidden=128, inter=64)
+    are released), over all the shards being written at once."""
+    src = make_ckpt(layers=4, experts=12, hidden=128, inter=64)
     budget = 3 * (2 * 64 * 128 // 2)  # three experts' w13 weight
     monkeypatch.setattr(conv, "INFLIGHT_BYTES", budget)
     live = {"now": 0, "peak": 0, "tasks": 0, "hashed": 0}
@@ -100,8 +102,9 @@ def test_read_ahead_stays_within_its_byte_budget(make_ckpt, tmp_path, monkeypatc
         return run
 
     monkeypatch.setattr(conv, "_fused_task", counting)
-    convert(src, tmp_path / "out", ConvertOptions(target="vllm-fused", workers=4))
-    assert live["tasks"] == live["hashed"] == 12 * 4 and live["now"] == 0  # one MoE layer (layer 0 is dense)
+    res = convert(src, tmp_path / "out", ConvertOptions(target="vllm-fused", workers=4, max_shard_size=40_000, shard_streams=streams))
+    assert len(res.spec.shards) >= 6
+    assert live["tasks"] == live["hashed"] == 3 * 12 * 4 and live["now"] == 0  # three MoE layers (layer 0 is dense)
     assert 0 < live["peak"] <= budget, live
 
 
@@ -292,10 +295,12 @@ def test_a_source_shard_that_changed_size_is_refused_not_a_crash(make_ckpt, tmp_
 
 
 def test_peak_estimate_does_not_grow_with_experts(make_ckpt):
+    """Only the shards written at once add to it, one expert each; the model's size does not."""
     opts = ConvertOptions(target="vllm-fused")
     small = make_plan(make_ckpt(layers=2, experts=4, hidden=128, inter=64), opts)
     big = make_plan(make_ckpt(layers=3, experts=32, hidden=128, inter=64, shards=3), opts)
-    assert small.peak_memory_estimate(4) == big.peak_memory_estimate(4) == big.peak_memory_estimate(16)
+    assert small.peak_memory_estimate(4) == big.peak_memory_estimate(4)
+    assert big.peak_memory_estimate(4) - big.peak_memory_estimate(1) == 3 * big.max_expert_bytes
 
 
 def test_writer_refuses_too_few_or_too_many_bytes(tmp_path):
@@ -327,3 +332,67 @@ def test_writer_refuses_too_few_or_too_many_bytes(tmp_path):
     r = ShardReader(h)
     assert bytes(r.read_bytes("a")) + bytes(r.read_bytes("b")) == data
     r.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# several shards written at once
+
+
+def _concurrent_src(make_ckpt) -> tuple[Path, ConvertOptions]:
+    src = make_ckpt(layers=4, experts=4, hidden=512, inter=512, shards=3, unequal_scale_2=True)
+    return src, ConvertOptions(target="mega-moe", max_shard_size=600_000, workers=3)
+
+
+def test_shards_written_at_once_give_the_same_bytes(make_ckpt, tmp_path, monkeypatch):
+    """Three shard streams really write at once (the first three shard writers each wait in their first
+    write until all three are there), and every file, manifest included, is byte-identical to one
+    stream's output."""
+    src, opts = _concurrent_src(make_ckpt)
+    one = convert(src, tmp_path / "one", ConvertOptions(**{**opts.__dict__, "shard_streams": 1}))
+    assert len(one.spec.shards) >= 5
+    barrier = threading.Barrier(3, timeout=30)
+    first_puts: set[int] = set()
+    lock = threading.Lock()
+    orig = sio.StreamingShardWriter.put
+
+    def put(self, pieces, *a, **kw):
+        with lock:
+            wait = id(self) not in first_puts and len(first_puts) < 3
+            first_puts.add(id(self))
+        if wait:
+            barrier.wait()  # BrokenBarrierError unless three writers are open at once
+        return orig(self, pieces, *a, **kw)
+
+    monkeypatch.setattr(sio.StreamingShardWriter, "put", put)
+    three = convert(src, tmp_path / "three", ConvertOptions(**{**opts.__dict__, "shard_streams": 3}))
+    assert barrier.n_waiting == 0 and not barrier.broken
+    assert snapshot(tmp_path / "three") == snapshot(tmp_path / "one")
+    assert [r.to_json() for r in three.layers] == [r.to_json() for r in one.layers]
+
+
+def test_a_failing_shard_stops_the_others_and_leaves_no_partial(make_ckpt, tmp_path, monkeypatch):
+    """An I/O error in one shard's stream is raised; the shards being written beside it are dropped (no
+    .partial left, nothing renamed that the journal does not list), and a rerun completes the job."""
+    src, opts = _concurrent_src(make_ckpt)
+    opts = ConvertOptions(**{**opts.__dict__, "shard_streams": 3})
+    ref = convert(src, tmp_path / "ref", opts)
+    victim = ref.spec.shards[len(ref.spec.shards) // 2].name
+    real = conv._write_shard
+
+    def failing(shared, out, shard, meta):
+        if shard.name == victim:
+            time.sleep(0.05)  # let the other streams get going
+            raise OSError(errno.EIO, "disk says no")
+        return real(shared, out, shard, meta)
+
+    with monkeypatch.context() as m:
+        m.setattr(conv, "_write_shard", failing)
+        with pytest.raises(OSError, match="disk says no"):
+            convert(src, tmp_path / "out", opts)
+    out = tmp_path / "out"
+    assert not list(out.glob("*.partial")) and not (out / "nvfp4-fuse-manifest.json").exists()
+    journal = json.loads((out / conv.PROGRESS_NAME).read_text())["files"]
+    assert victim not in journal
+    assert sorted(p.name for p in out.glob("model-*")) == sorted(journal)
+    convert(src, out, opts)
+    assert snapshot(out) == snapshot(tmp_path / "ref")
