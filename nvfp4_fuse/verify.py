@@ -32,12 +32,12 @@ The result lists the checks that ran.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import random
 import threading
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -54,6 +54,7 @@ from .constants import NVFP4_BLOCK
 from .errors import CheckFailed, InputError
 from .experts import ExpertLayer
 from .host_layout import E4M3_VALUES
+from .layout import RowOrder
 from .manifest import MANIFEST_NAME, load_manifest, sha256_file
 from .safetensors_io import ShardReader, tensor_bytes
 from .source import CONFIG_FILES, INDEX_NAME, Source, scan_source
@@ -119,18 +120,26 @@ def _fail(msg: str) -> CheckFailed:
 # the rescale bound, per block
 
 
+def _pair_errors(a: np.ndarray, b: np.ndarray, s2_src: float, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """(relative error, within the bound) of source scale bytes ``a`` stored as bytes ``b``
+    (elementwise, float64; see :func:`block_errors`)."""
+    vals = E4M3_VALUES.astype(np.float64)
+    x = vals[a] * float(np.float32(s2_src)) / float(np.float32(c))  # exact rescaled scale of each source byte
+    y = vals[b]
+    tol = np.where(x < SUBNORMAL_HALF_SPACING, 2 * SUBNORMAL_HALF_SPACING, np.maximum(HALF_STEP * x, SUBNORMAL_HALF_SPACING))
+    diff = np.abs(y - x)
+    zero = vals[a] == 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok = np.where(zero, y == 0, diff <= tol * (1 + 1e-9))
+        rel = np.where(zero, np.where(y == 0, 0.0, np.inf), diff / x)
+    rel = np.where(np.isnan(rel), np.inf, rel)  # NaN bytes: never within the bound
+    return rel, ok & ~np.isnan(diff)
+
+
 def _tables(s2_src: float, c: float) -> tuple[np.ndarray, np.ndarray]:
     """(relative error, within the bound) of every (source byte, output byte) pair: [256 * 256] each."""
-    vals = E4M3_VALUES.astype(np.float64)
-    x = vals * float(np.float32(s2_src)) / float(np.float32(c))  # exact rescaled scale of each source byte
-    tol = np.where(x < SUBNORMAL_HALF_SPACING, 2 * SUBNORMAL_HALF_SPACING, np.maximum(HALF_STEP * x, SUBNORMAL_HALF_SPACING))
-    diff = np.abs(vals[None, :] - x[:, None])
-    zero = (vals == 0)[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ok = np.where(zero, (vals == 0)[None, :], diff <= tol[:, None] * (1 + 1e-9))
-        rel = np.where(zero, np.where((vals == 0)[None, :], 0.0, np.inf), diff / x[:, None])
-    rel = np.where(np.isnan(rel), np.inf, rel)  # NaN bytes: never within the bound
-    return rel.reshape(-1), ok.reshape(-1) & ~np.isnan(diff).reshape(-1)
+    a, b = np.divmod(np.arange(1 << 16), 256)
+    return _pair_errors(a, b, s2_src, c)
 
 
 def block_errors(src: np.ndarray, s2_src: float, new: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
@@ -147,29 +156,23 @@ def block_errors(src: np.ndarray, s2_src: float, new: np.ndarray, c: float) -> t
     return rel[idx], ok[idx]
 
 
-def pair_counts(src: np.ndarray, new: np.ndarray) -> np.ndarray:
-    """How often each (source byte, output byte) pair occurs: int64 [65536], index ``src << 8 | new``.
-    One pass over the scales; every per-block check is then a look-up over the pairs present."""
-    idx = src.astype(np.uint16).reshape(-1)
-    idx <<= 8
-    idx |= new.reshape(-1)
-    return np.bincount(idx, minlength=1 << 16)
-
-
 def rescaled_half_problem(src: np.ndarray, new: np.ndarray, expected: np.ndarray, s2_src: float, c: float) -> tuple[float, str | None]:
     """Check a rescaled half's block scales: ``new`` must be ``expected[src]`` (the RNE rescale of each
     byte) and every block within the rescale bound. Returns (largest relative error, the first problem
-    as "[row, col] ..." or None)."""
-    present = np.flatnonzero(pair_counts(src, new))
-    a, b = present >> 8, present & 0xFF
-    rel, ok = _tables(s2_src, c)
-    if (b == expected[a]).all() and ok[present].all():
-        return float(rel[present].max(initial=0.0)), None
-    bad_rescale = new != expected[src]  # the slow way, only to say where
-    if bad_rescale.any():
-        r, k = (int(i[0]) for i in np.nonzero(bad_rescale))
+    as "[row, col] ..." or None).
+
+    Once ``new`` is ``expected[src]`` byte for byte (one table look-up and a memcmp), each block's
+    error depends on its source byte alone, so the bound is checked on the distinct source bytes
+    present (at most 256), not per block."""
+    want = expected[src]
+    if not _same(want.reshape(-1), np.ascontiguousarray(new).reshape(-1)):
+        r, k = (int(i[0]) for i in np.nonzero(new != want))
         return 0.0, f"[{r}, {k}] differs from the rescaled source's"
-    rel_e, ok_e = block_errors(src, s2_src, new, c)
+    present = np.flatnonzero(np.bincount(src.reshape(-1), minlength=256))
+    rel, ok = _pair_errors(present, expected[present], s2_src, c)
+    if ok.all():
+        return float(rel.max(initial=0.0)), None
+    rel_e, ok_e = block_errors(src, s2_src, new, c)  # only to say where
     r, k = (int(i[0]) for i in np.nonzero(~ok_e))
     return 0.0, f"at [{r}, {k}] is {100 * rel_e[r, k]:.3g}% off the source: more than half an E4M3 step"
 
@@ -240,6 +243,24 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return a.size == b.size and (a.size == 0 or _memcmp(a.ctypes.data, b.ctypes.data, a.size) == 0)
 
 
+@functools.cache
+def _alternating(order: type, rows: int) -> tuple[tuple[str, str], int] | None:
+    runs = order().cached_runs(rows)
+    g = runs[0][2]
+    roles = (runs[0][0], runs[1][0]) if len(runs) > 1 else None
+    if roles is None or rows % g or sorted(roles) != ["gate", "up"]:
+        return None
+    if list(runs) != [(roles[i % 2], (i // 2) * g, g) for i in range(2 * rows // g)]:
+        return None
+    return roles, g
+
+
+def _alternating_groups(order: RowOrder, rows: int) -> tuple[tuple[str, str], int] | None:
+    """((first role, second role), group) when ``order`` lays out w13 as groups of ``group`` rows
+    alternating between the two roles (a whole half being one group), else None."""
+    return _alternating(type(order), rows)
+
+
 @dataclass
 class _Piece:
     """``nbytes`` of output tensor ``tensor`` from byte ``start``; ``check`` (if any) runs on them."""
@@ -248,6 +269,89 @@ class _Piece:
     start: int
     nbytes: int
     check: Callable[[np.ndarray], None] | None
+
+
+@functools.cache
+def _gate_rows(order: type, rows: int) -> np.ndarray:
+    """bool [2R]: which output rows of w13 are gate rows, in ``order``."""
+    return order().permutation(rows) < rows
+
+
+class _Lane:
+    """One worker thread's GPU state. Its own CUDA stream (a worker waits for its own work only);
+    every expert part's inputs are copied into a pinned staging buffer and go to the device in one
+    non-blocking upload, the buffers used in turn (a buffer is refilled once its upload is done); the
+    compare kernel's statistics stay on the device and are read back every ``FLUSH`` launches, so the
+    worker goes on preparing the next expert while the GPU works."""
+
+    RING = 2
+    FLUSH = 32
+    ALIGN = 256
+
+    def __init__(self, v: _Verifier):
+        import torch
+
+        self.v = v
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(self.device)
+        self.bufs: list[torch.Tensor | None] = [None] * self.RING
+        self.events: list[Any] = [None] * self.RING
+        self.turn = 0
+        self.pending: list[tuple[tuple[str, str, int, bool], torch.Tensor]] = []
+
+    def _stage(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """The arrays' bytes on the device, as uint8 views of one upload."""
+        import torch
+
+        offs, total = [], 0
+        for a in arrays:
+            offs.append(total)
+            total += -(-a.nbytes // self.ALIGN) * self.ALIGN
+        i, self.turn = self.turn, (self.turn + 1) % self.RING
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # its last upload has left it
+        buf = self.bufs[i]
+        if buf is None or buf.numel() < total:
+            buf = self.bufs[i] = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        host = buf.numpy()
+        for a, o in zip(arrays, offs):
+            np.copyto(host[o : o + a.nbytes], np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+        dev = buf[:total].to(self.device, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        self.events[i] = ev
+        return [dev[o : o + a.nbytes] for a, o in zip(arrays, offs)]
+
+    def launch(self, key, rows: int, cols: int, values, a_scales, a_s2, b_scales, b_shape, b_swizzled: bool, b_s2) -> None:
+        import torch
+
+        from .kernels.compare import compare_nvfp4
+
+        with torch.cuda.stream(self.stream):
+            vals, a_t, a2, b_t, b2 = self._stage([values, a_scales, a_s2, b_scales, b_s2])
+            vals = vals.reshape(rows, cols // 2)
+            a_t = a_t.reshape(rows, cols // NVFP4_BLOCK)
+            a2, b2 = a2.view(torch.float32), b2.view(torch.float32)
+            res = compare_nvfp4(vals, a_t, a2, vals, b_t.reshape(b_shape), b2, b_swizzled=b_swizzled, check=False)
+            stats = torch.stack([res.n_diff.double(), res.nonfinite.double(), res.max_abs.double(), res.max_rel.double()])[:, 0]
+            self.pending.append((key, stats))
+            if len(self.pending) >= self.FLUSH:
+                self._read_back()
+
+    def _read_back(self) -> None:
+        import torch
+
+        pending, self.pending = self.pending, []
+        if pending:
+            got = torch.stack([st for _, st in pending]).cpu()  # waits for this stream's work only
+            for (key, _), row in zip(pending, got.tolist()):
+                self.v._decoded(key, row)
+
+    def flush(self) -> None:
+        import torch
+
+        with torch.cuda.stream(self.stream):
+            self._read_back()
 
 
 class _Verifier:
@@ -267,6 +371,8 @@ class _Verifier:
         self.decoded_rel: dict[tuple[str, str, int], float] = {}  # end to end, rescaled expert parts
         self.stop = threading.Event()  # set when a check failed: the other shards' streams end early
         self._local = threading.local()
+        self._lanes: list[_Lane] = []  # one per worker thread that launched on the GPU
+        self._gathers: dict[tuple[str, int, int], dict[str, np.ndarray]] = {}  # see _natural_index
         self._lock = threading.Lock()
         self._globals = {p: self.tgt.global_tensors(p, l.scalars) for p, l in spec.layers.items()}
 
@@ -335,49 +441,72 @@ class _Verifier:
     # -- per-expert checks ------------------------------------------------------------------------
     def _halves(self, layer: ExpertLayer, part: str, got: np.ndarray) -> dict[str, np.ndarray]:
         """One expert's packed values by role, the row order undone: views where each half is one run
-        of rows, else gathered (with no lock held: numpy's copy, not Python, does the work)."""
+        of rows, else gathered (a copy; only used to say where a difference is)."""
         d = layer.dims
         if part == "w2_weight":
             return {"down": got}
-        row, runs = d.hidden // 2, self.tgt.rows.runs(d.inter)
+        row, runs = d.hidden // 2, self.tgt.rows.cached_runs(d.inter)
         if all(n == d.inter for _, _, n in runs):
             return {role: got[k * d.inter * row : (k + 1) * d.inter * row] for k, (role, _, _) in enumerate(runs)}
         inv = self.tgt.rows.inverse_permutation(d.inter)
         w = got.reshape(2 * d.inter, row)
         return {"gate": w[inv[: d.inter]].reshape(-1), "up": w[inv[d.inter :]].reshape(-1)}
 
+    def _values_equal(self, layer: ExpertLayer, part: str, e: int, got: np.ndarray) -> bool:
+        """Whether the output's packed values are the source's in the target's row order, compared in
+        place: one memcmp a half where it is one run of rows; for groups of rows alternating between
+        gate and up, each half as a strided view of 8-byte words (no gather copy)."""
+        if part == "w2_weight":
+            return _same(got, self.src(layer, e, "down", "weight").reshape(-1))
+        d = layer.dims
+        row = d.hidden // 2
+        src = {role: self.src(layer, e, role, "weight").reshape(-1) for role in ("gate", "up")}
+        alt = _alternating_groups(self.tgt.rows, d.inter)
+        if alt is None:
+            return all(_same(half, src[role]) for role, half in self._halves(layer, part, got).items())
+        first, g = alt
+        if g == d.inter:
+            return _same(got[: g * row], src[first[0]]) and _same(got[g * row :], src[first[1]])
+        width = g * row
+        if width % 8:
+            return all(_same(half, src[role]) for role, half in self._halves(layer, part, got).items())
+        words = got.view(np.uint64).reshape(d.inter // g, 2, width // 8)
+        return all(np.array_equal(words[:, k], src[role].view(np.uint64).reshape(d.inter // g, width // 8)) for k, role in enumerate(first))
+
     def _values(self, layer: ExpertLayer, part: str, e: int, got: np.ndarray) -> None:
         """Packed values: the output's rows are the source's, in the target's row order."""
-        row = (layer.dims.hidden if part == "w13_weight" else layer.dims.inter) // 2
-        for role, conv in self._halves(layer, part, got).items():
-            src = self.src(layer, e, role, "weight").reshape(-1)
-            if not _same(conv, src):
-                k = int(np.flatnonzero(conv != src)[0])
-                raise _fail(f"{layer.prefix}.{part}: expert {e} {role} packed bytes differ from the source at [{k // row}, {k % row}]")
+        if not self._values_equal(layer, part, e, got):
+            row = (layer.dims.hidden if part == "w13_weight" else layer.dims.inter) // 2
+            for role, conv in self._halves(layer, part, got).items():
+                src = self.src(layer, e, role, "weight").reshape(-1)
+                if not _same(conv, src):
+                    k = int(np.flatnonzero(conv != src)[0])
+                    raise _fail(f"{layer.prefix}.{part}: expert {e} {role} packed bytes differ from the source at [{k // row}, {k % row}]")
+            raise AssertionError("packed values compared unequal, then equal")
         if self.decode:
             self._decode(layer, part, e, got)
         for role in ("down",) if part == "w2_weight" else ("gate", "up"):
             self.release_src(layer, e, role, "weight")
 
-    def _stored_scales(self, layer: ExpertLayer, part: str, stored: np.ndarray) -> torch.Tensor:
-        """One expert's stored block scales with the layout undone (torch inverse): uint8 [rows, K/16]
-        in the output's row order."""
-        import torch
-
-        d = layer.dims
-        rows, cols = (2 * d.inter, d.hidden) if part.startswith("w13") else (d.hidden, d.inter)
-        stored = stored.copy()  # small; torch wants writable memory
-        t = torch.from_numpy(stored.view(np.int32) if self.tgt.scales.dtype == "I32" else stored)
-        t = t.reshape(self.tgt.scales.expert_shape(rows, cols))
-        return self.tgt.scales.natural(t, rows, cols // NVFP4_BLOCK).view(torch.uint8)
+    def _natural_index(self, part: str, rows: int, cols: int) -> dict[str, np.ndarray]:
+        """role -> int64 [R, K/16]: where each of the role's natural scale bytes sits in one expert's
+        stored scales (the layout's inverse as a gather, with the row order folded in)."""
+        key = (part, rows, cols)
+        if key not in self._gathers:
+            idx = self.tgt.scales.natural_index(rows, cols)
+            if part.startswith("w13"):
+                inv = self.tgt.rows.inverse_permutation(rows // 2)
+                self._gathers[key] = {"gate": idx[inv[: rows // 2]], "up": idx[inv[rows // 2 :]]}
+            else:
+                self._gathers[key] = {"down": idx}
+        return self._gathers[key]
 
     def _natural_scales(self, layer: ExpertLayer, part: str, stored: np.ndarray) -> dict[str, np.ndarray]:
         """One expert's stored scales, layout and row order undone: role -> uint8 [rows, K/16]."""
-        nat = self._stored_scales(layer, part, stored)
-        if part == "w2_weight_scale":
-            return {"down": nat.numpy()}
-        g, u = self.tgt.rows.split(nat)
-        return {"gate": g.numpy(), "up": u.numpy()}
+        d = layer.dims
+        rows, cols = (2 * d.inter, d.hidden) if part.startswith("w13") else (d.hidden, d.inter)
+        flat = stored.reshape(-1)
+        return {role: flat.take(idx) for role, idx in self._natural_index(part, rows, cols).items()}
 
     def _scale_2(self, layer: ExpertLayer, role: str, e: int) -> tuple[float, float, float]:
         """(source scale_2, output scale_2, rescale ratio) of one expert's half."""
@@ -421,66 +550,63 @@ class _Verifier:
 
     def _decode(self, layer: ExpertLayer, part: str, e: int, values: np.ndarray) -> None:
         """End to end: dequantize the expert of both checkpoints with the compare kernel (the values
-        are the output's, just found byte-identical to the source's). The inputs go to the device as
-        stored and are prepared there; a rescaled half's result is held against the largest error its
-        block scales allow once the pass has checked them (:meth:`check_decoded`)."""
-        import torch
-
+        are the output's, just found byte-identical to the source's); a rescaled half's result is held
+        against the largest error its block scales allow once the pass has checked them
+        (:meth:`check_decoded`). On the GPU (:class:`_Lane`) the launch is asynchronous and its
+        statistics are read back in batches; on the CPU the kernel's torch reference runs."""
         assert self.decode is not None
-        if self.decode == "cuda":  # a stream per worker: a worker's sync waits for its own work only
-            if not hasattr(self._local, "stream"):
-                self._local.stream = torch.cuda.Stream()
-            with torch.cuda.stream(self._local.stream):
-                return self._decode_on(layer, part, e, values)
-        return self._decode_on(layer, part, e, values)
-
-    def _decode_on(self, layer: ExpertLayer, part: str, e: int, values: np.ndarray) -> None:
-        import torch
-
-        d, p = layer.dims, layer.prefix
+        d = layer.dims
         w13 = part == "w13_weight"
         rows, cols = (2 * d.inter, d.hidden) if w13 else (d.hidden, d.inter)
-        sname = f"{p}.{part}_scale"
+        sname = f"{layer.prefix}.{part}_scale"
         per = self.conv_m[self.conv_map[sname]].header.tensors[sname].nbytes // d.experts
         roles = ("gate", "up") if w13 else ("down",)
         s2 = {r: self._scale_2(layer, r, e) for r in roles}  # (source, output, ratio)
-        dev = torch.device(self.decode)
-
-        def up(a: np.ndarray) -> torch.Tensor:  # read-only mapped bytes, copied at once onto the device
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                return torch.frombuffer(a, dtype=torch.uint8).to(dev, copy=True)
-
-        def per_row(i: int) -> torch.Tensor:
-            full = {r: torch.full((rows // len(roles), 1), s2[r][i], dtype=torch.float32, device=dev) for r in roles}
-            return (self.tgt.rows.join(full["gate"], full["up"]) if w13 else full["down"])[:, 0].contiguous()
-
-        src_s = {r: up(self.src(layer, e, r, "weight_scale").reshape(-1)).reshape(rows // len(roles), -1) for r in roles}
-        a_scales = self.tgt.rows.join(src_s["gate"], src_s["up"]) if w13 else src_s["down"]
-        stored = up(self.conv(sname, e * per, per))  # small; hashed later, in order, by its own piece
-        if self.tgt.scales.dtype == "I32":
-            stored = stored.view(torch.int32)
-        stored = stored.reshape(self.tgt.scales.expert_shape(rows, cols))
-        swz = self.tgt.scales.kernel_reads_in_place
-        b_scales = stored if swz else self.tgt.scales.natural(stored, rows, cols // NVFP4_BLOCK).view(torch.uint8)
-        vals = up(values).reshape(rows, cols // 2)
-        args = (vals, a_scales.contiguous(), per_row(0), vals, b_scales.contiguous(), per_row(1))
-        if dev.type == "cuda":
-            from .kernels.compare import compare_nvfp4
+        if self.decode == "cuda":
             from .kernels.dequant import S2_LIMIT
 
-            if max(abs(v) for r in roles for v in s2[r][:2]) >= S2_LIMIT:  # checked here: no device sync
-                raise _fail(f"{p}.{part}: expert {e} has a scale_2 too large for the compare kernel")
-            st = compare_nvfp4(*args, b_swizzled=swz, check=False)
+            if max(abs(v) for r in roles for v in s2[r][:2]) >= S2_LIMIT:
+                raise _fail(f"{layer.prefix}.{part}: expert {e} has a scale_2 too large for the compare kernel")
+        # Host inputs: source block scales in the output's row order, the stored scales as they are,
+        # the per-row scale_2 of both sides, and the values.
+        src_s = {r: self.src(layer, e, r, "weight_scale").reshape(rows // len(roles), -1) for r in roles}
+        a_scales = self.tgt.rows.join_np(src_s["gate"], src_s["up"]) if w13 else src_s["down"]
+        if w13:
+            gate_row = _gate_rows(type(self.tgt.rows), d.inter)
+            a_s2 = np.where(gate_row, np.float32(s2["gate"][0]), np.float32(s2["up"][0])).astype(np.float32)
+            b_s2 = np.where(gate_row, np.float32(s2["gate"][1]), np.float32(s2["up"][1])).astype(np.float32)
         else:
+            a_s2 = np.full(rows, s2["down"][0], dtype=np.float32)
+            b_s2 = np.full(rows, s2["down"][1], dtype=np.float32)
+        # The output's scales as the kernel reads them: as stored where it reads the layout itself,
+        # else with the layout undone by its gather index (row order kept: both sides are in it).
+        stored = self.conv(sname, e * per, per)  # small; hashed later, in order, by its own piece
+        swz = self.tgt.scales.kernel_reads_in_place
+        b_scales = stored if swz else stored.reshape(-1).take(self.tgt.scales.natural_index(rows, cols))
+        b_shape = self.tgt.scales.expert_shape(rows, cols) if swz else (rows, cols // NVFP4_BLOCK)
+        key = (layer.prefix, part, e, all(s2[r][2] == 1.0 for r in roles))
+        if self.decode == "cuda":
+            if not hasattr(self._local, "lane"):
+                self._local.lane = _Lane(self)
+                with self._lock:
+                    self._lanes.append(self._local.lane)
+            self._local.lane.launch(key, rows, cols, values, a_scales, a_s2, b_scales, b_shape, swz, b_s2)
+        else:
+            import torch
+
             from .kernels.reference import compare_nvfp4_ref
 
-            st = compare_nvfp4_ref(*args, b_swizzled=swz)
-        stats = torch.stack([st.n_diff.double(), st.nonfinite.double(), st.max_abs.double(), st.max_rel.double()]).cpu()
-        n_diff, nonfinite, mabs, mrel = int(stats[0, 0]), bool(stats[1, 0]), float(stats[2, 0]), float(stats[3, 0])
+            vals, a_t, a2, b_t, b2 = (torch.from_numpy(np.array(x)) for x in (values, a_scales, a_s2, b_scales, b_s2))
+            vals = vals.reshape(rows, cols // 2)
+            res = compare_nvfp4_ref(vals, a_t, a2, vals, b_t.reshape(b_shape), b2, b_swizzled=swz)
+            self._decoded(key, torch.stack([res.n_diff.double(), res.nonfinite.double(), res.max_abs.double(), res.max_rel.double()])[:, 0])
+
+    def _decoded(self, key: tuple[str, str, int, bool], stats: Any) -> None:
+        """The read-back statistics (n_diff, nonfinite, max_abs, max_rel) of one decoded expert part."""
+        p, part, e, copied = key
+        n_diff, nonfinite, mabs, mrel = int(stats[0]), bool(stats[1]), float(stats[2]), float(stats[3])
         if nonfinite:
             raise _fail(f"{p}.{part}: expert {e} decodes to NaN or Inf")
-        copied = all(s2[r][2] == 1.0 for r in roles)
         if copied and n_diff:
             raise _fail(f"{p}.{part}: expert {e} should decode bit-identically but {n_diff} values differ")
         with self._lock:
@@ -488,8 +614,13 @@ class _Verifier:
                 self.decoded_rel[(p, part, e)] = mrel
             res = self.results[p]
             res.max_abs = max(res.max_abs or 0.0, mabs)
-            if not w13:
+            if part == "w2_weight":
                 res.decoded += 1
+
+    def finish_decode(self) -> None:
+        """Read back what the GPU lanes still hold (after the pass; each lane's stream is synchronised)."""
+        for lane in self._lanes:
+            lane.flush()
 
     def check_decoded(self) -> None:
         """Each rescaled expert decoded no further from the source than its block scales allow (each
@@ -556,6 +687,30 @@ class _Verifier:
 # entry point
 
 
+def _warm_kernels(spec: OutputSpec) -> None:
+    """Import Triton and the compare kernel and launch it once on zeros of every expert shape, while
+    the structure and the small files are checked: loading a compiled kernel takes most of a second
+    the first time, and the first experts' decodes would wait for it. Only a warm-up: a failure here
+    is left to the real launches to report."""
+    try:
+        import torch
+
+        from .kernels.compare import compare_nvfp4
+
+        tgt, dev = spec.target, torch.device("cuda", torch.cuda.current_device())
+        shapes = {s for l in spec.layers.values() for s in ((2 * l.dims.inter, l.dims.hidden), (l.dims.hidden, l.dims.inter))}
+        for rows, cols in sorted(shapes):
+            swz = tgt.scales.kernel_reads_in_place
+            vals = torch.zeros((rows, cols // 2), dtype=torch.uint8, device=dev)
+            a_s = torch.zeros((rows, cols // NVFP4_BLOCK), dtype=torch.uint8, device=dev)
+            b_s = torch.zeros(tgt.scales.expert_shape(rows, cols), dtype=torch.uint8, device=dev) if swz else a_s
+            s2 = torch.ones(rows, dtype=torch.float32, device=dev)
+            compare_nvfp4(vals, a_s, s2, vals, b_s, s2, b_swizzled=swz, check=False)
+        torch.cuda.synchronize(dev)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def pick_device(device: str) -> str:
     """'cuda' or 'cpu' for --device auto|cuda|cpu."""
     import torch
@@ -614,6 +769,8 @@ def verify(
     if src.fingerprint() != manifest.input_fingerprint:
         raise _fail("the source's headers and configs are not those this output was converted from (fingerprint differs)")
     spec = build_spec(src, options)
+    if decode and dev == "cuda":
+        threading.Thread(target=_warm_kernels, args=(spec,), daemon=True).start()
     try:
         conv = scan_source(conv_dir)
     except InputError as e:  # the output's index and shard headers disagree, a shard is unreadable...
@@ -656,6 +813,7 @@ def verify(
         streams.shutdown(wait=True, cancel_futures=True)
         pool.shutdown(wait=True, cancel_futures=True)
         v.close()
+    v.finish_decode()
     v.check_decoded()
     result.files_hashed = len(manifest.files) if hash_files else 0
     result.copied_tensors = v.copied

@@ -100,6 +100,9 @@ def test_scale_layout_forward_then_inverse(layout):
     assert stored.tobytes() == ref.contiguous().view(torch.uint8).numpy().tobytes()
     back = layout.natural(torch.from_numpy(stored), rows, k16)
     assert back.dtype == torch.float8_e4m3fn and torch.equal(back.view(torch.uint8), raw)
+    # the inverse as a gather index (what verify runs) reads the same bytes as natural()
+    gathered = np.ascontiguousarray(stored).reshape(-1).view(np.uint8)[layout.natural_index(rows, cols)]
+    assert np.array_equal(gathered, raw.numpy())
 
 
 def test_scale_layout_shape_rules():

@@ -167,6 +167,18 @@ def test_tampered_weight_byte_is_located(converted):
     assert "[8, 7]" in msg
 
 
+@pytest.mark.parametrize("group_row", [random.randrange(8) for _ in range(2)])
+def test_tampered_interleaved_weight_byte_is_located(converted, group_row):
+    """mega-moe's w13 alternates groups of 8 gate and 8 up rows: a byte of a random up row of a random
+    expert is named by role and by its row in the source's up half."""
+    src, out = converted("mega-moe", hidden=512, inter=512)
+    row_bytes, e, group, col = 256, random.randrange(4), random.randrange(64), random.randrange(256)
+    out_row = group * 16 + 8 + group_row  # the up rows of group `group` follow its 8 gate rows
+    _flip(out, f"{P}.w13_weight", e * 1024 * row_bytes + out_row * row_bytes + col)
+    msg = _expect_fail(src, out, f"w13_weight: expert {e} up packed bytes differ", hash_files=False)
+    assert f"[{group * 8 + group_row}, {col}]" in msg
+
+
 def test_tampered_swizzled_scale_is_located(converted):
     src, out = converted()
     _, _, n = _locate(out, f"{P}.w2_weight_scale")
@@ -305,8 +317,8 @@ def test_verify_memory_is_a_fixed_budget_not_the_model(converted):
     assert res.peak_read_ahead < layer_w13 / 3  # never a stacked layer
 
 
-def test_the_pair_count_check_agrees_with_the_elementwise_one():
-    """rescaled_half_problem looks up the (source, output) byte pairs present; it must say exactly
+def test_the_rescaled_half_check_agrees_with_the_elementwise_one():
+    """rescaled_half_problem checks the bound on the distinct source bytes present; it must say exactly
     what checking every block one by one says, on fresh random scales, right or tampered."""
     import torch
 
@@ -328,3 +340,11 @@ def test_the_pair_count_check_agrees_with_the_elementwise_one():
         assert (problem is None) == (exact and ok_e.all())
         if problem is None:
             assert rel == rel_e.max()
+    # bytes that match the table but a table off by a step: only the bound can catch that
+    src = np.random.randint(0x30, 0x70, (64, 8)).astype(np.uint8)
+    table = rescale_block_scales(torch.arange(256, dtype=torch.uint8), 0.5).view(torch.uint8).numpy().copy()
+    a = int(src[np.random.randint(64), np.random.randint(8)])
+    table[a] += 2
+    rel, problem = rescaled_half_problem(src, table[src], table, 1.0, 2.0)
+    r, k = (int(i[0]) for i in np.nonzero(src == a))
+    assert problem is not None and problem.startswith(f"at [{r}, {k}]") and "off the source" in problem
