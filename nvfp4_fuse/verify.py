@@ -291,6 +291,8 @@ class _Lane:
     def __init__(self, v: _Verifier):
         import torch
 
+        if v.kernels_ready is not None:
+            v.kernels_ready.wait()  # one load of the kernels, not one per worker
         self.v = v
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device)
@@ -355,7 +357,7 @@ class _Lane:
 
 
 class _Verifier:
-    def __init__(self, spec: OutputSpec, conv: Source, experts: dict[str, set[int]], decode: str | None):
+    def __init__(self, spec: OutputSpec, conv: Source, experts: dict[str, set[int]], decode: str | None, kernels_ready: threading.Event | None = None):
         self.spec, self.tgt = spec, spec.target
         # Both checkpoints are read through read-only mappings: pieces are compared and hashed in place
         # (no copy into user memory), and their pages are dropped from this process once done, so
@@ -365,6 +367,7 @@ class _Verifier:
         self.conv_map = conv.tensor_file
         self.experts = experts  # prefix -> experts to check
         self.decode = decode  # None, or the device the end-to-end compare runs on
+        self.kernels_ready = kernels_ready  # set once the GPU kernels are loaded (_warm_kernels)
         self.results = {p: LayerResult(p, l.dims.experts, rescaled=l.rescaled_experts) for p, l in spec.layers.items()}
         self.copied = 0
         self.block_rel: dict[tuple[str, str, int], float] = {}  # largest block error of each checked expert part
@@ -687,11 +690,12 @@ class _Verifier:
 # entry point
 
 
-def _warm_kernels(spec: OutputSpec) -> None:
+def _warm_kernels(spec: OutputSpec, ready: threading.Event) -> None:
     """Import Triton and the compare kernel and launch it once on zeros of every expert shape, while
-    the structure and the small files are checked: loading a compiled kernel takes most of a second
-    the first time, and the first experts' decodes would wait for it. Only a warm-up: a failure here
-    is left to the real launches to report."""
+    the structure and the small files are checked, then set ``ready``. Loading a compiled kernel takes
+    most of a second the first time, and Triton does not serialise it: every worker whose first
+    launch came before it was loaded would load it again. Only a warm-up: a failure here is left to
+    the real launches to report."""
     try:
         import torch
 
@@ -709,6 +713,8 @@ def _warm_kernels(spec: OutputSpec) -> None:
         torch.cuda.synchronize(dev)
     except Exception:  # noqa: BLE001
         pass
+    finally:
+        ready.set()
 
 
 def pick_device(device: str) -> str:
@@ -769,8 +775,9 @@ def verify(
     if src.fingerprint() != manifest.input_fingerprint:
         raise _fail("the source's headers and configs are not those this output was converted from (fingerprint differs)")
     spec = build_spec(src, options)
+    kernels_ready = threading.Event()
     if decode and dev == "cuda":
-        threading.Thread(target=_warm_kernels, args=(spec,), daemon=True).start()
+        threading.Thread(target=_warm_kernels, args=(spec, kernels_ready), daemon=True).start()
     try:
         conv = scan_source(conv_dir)
     except InputError as e:  # the output's index and shard headers disagree, a shard is unreadable...
@@ -787,7 +794,7 @@ def verify(
     for p, layer in spec.layers.items():
         n = layer.dims.experts
         experts[p] = set(range(n)) if not sample or sample >= n else set(rng.sample(range(n), sample))
-    v = _Verifier(spec, conv, experts, dev if decode else None)
+    v = _Verifier(spec, conv, experts, dev if decode else None, kernels_ready)
     result = VerifyResult(source_label or str(source_dir), str(conv_dir), options.target.name, dev)
     result.checks = [CHECK_HASHES if hash_files else CHECK_SIZES, CHECK_STRUCTURE, CHECK_COPIED, CHECK_GLOBALS, CHECK_VALUES, CHECK_SCALES, CHECK_BOUND]
     if decode:
