@@ -192,7 +192,7 @@ class ScaleLayout(ABC):
         return torch.int32 if self.dtype == "I32" else torch.uint8
 
     def natural_index(self, rows: int, cols: int) -> np.ndarray:
-        """:meth:`natural` as a gather: int64 [rows, K/16], the byte offset in one expert's stored
+        """:meth:`natural` as a gather: int32 [rows, K/16], the byte offset in one expert's stored
         scales of each natural scale byte. Computed once per layout and shape, by running
         :meth:`natural` on stored bytes that hold their own offsets, so ``stored_bytes[index]`` is
         exactly ``natural(stored)`` (a test pins it) at the cost of one numpy take."""
@@ -206,17 +206,31 @@ def _natural_index(layout: type[ScaleLayout], rows: int, cols: int) -> np.ndarra
     lay, k16 = layout(), cols // NVFP4_BLOCK
     shape = lay.expert_shape(rows, cols)
     n = int(np.prod(shape)) * (4 if lay.dtype == "I32" else 1)
-    pos = torch.arange(n, dtype=torch.int64)
-    index = torch.zeros((rows, k16), dtype=torch.int64)
+    if n >= 1 << 31:
+        raise ValueError(f"{n} bytes of scales in one expert")
+    index = np.zeros((rows, k16), dtype=np.int32)
     for plane in range(-(-max(n - 1, 1).bit_length() // 8)):  # one pass per byte of an offset
-        coded = ((pos >> (8 * plane)) & 0xFF).to(torch.uint8)
+        coded = torch.from_numpy((np.arange(n, dtype=np.int32) >> (8 * plane)).astype(np.uint8))
         stored = coded.view(torch.int32) if lay.dtype == "I32" else coded
-        index |= lay.natural(stored.reshape(shape), rows, k16).view(torch.uint8).to(torch.int64) << (8 * plane)
-    out = index.numpy()
-    if np.bincount(out.reshape(-1), minlength=n).max(initial=0) > 1:
+        got = lay.natural(stored.reshape(shape), rows, k16).view(torch.uint8).numpy()
+        index |= got.astype(np.int32) << (8 * plane)
+        del coded, stored, got
+    if np.bincount(index.reshape(-1), minlength=n).max(initial=0) > 1:
         raise AssertionError(f"{layout.name}: natural() reads some stored byte twice")
-    out.setflags(write=False)
-    return out
+    index.setflags(write=False)
+    _release_free_heap()
+    return index
+
+
+def _release_free_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim): building an index takes
+    tens of MB of temporaries once, which the allocator would otherwise keep for the process's life."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class LinearScales(ScaleLayout):
