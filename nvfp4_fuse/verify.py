@@ -156,6 +156,9 @@ def block_errors(src: np.ndarray, s2_src: float, new: np.ndarray, c: float) -> t
     return rel[idx], ok[idx]
 
 
+_CHUNK = 1 << 14  # scale bytes a look-up takes at once: its 8-byte index temporaries stay at 128 KiB
+
+
 def rescaled_half_problem(src: np.ndarray, new: np.ndarray, expected: np.ndarray, s2_src: float, c: float) -> tuple[float, str | None]:
     """Check a rescaled half's block scales: ``new`` must be ``expected[src]`` (the RNE rescale of each
     byte) and every block within the rescale bound. Returns (largest relative error, the first problem
@@ -164,11 +167,15 @@ def rescaled_half_problem(src: np.ndarray, new: np.ndarray, expected: np.ndarray
     Once ``new`` is ``expected[src]`` byte for byte (one table look-up and a memcmp), each block's
     error depends on its source byte alone, so the bound is checked on the distinct source bytes
     present (at most 256), not per block."""
-    want = expected[src]
-    if not _same(want.reshape(-1), np.ascontiguousarray(new).reshape(-1)):
-        r, k = (int(i[0]) for i in np.nonzero(new != want))
-        return 0.0, f"[{r}, {k}] differs from the rescaled source's"
-    present = np.flatnonzero(np.bincount(src.reshape(-1), minlength=256))
+    flat_src, flat_new = np.ascontiguousarray(src).reshape(-1), np.ascontiguousarray(new).reshape(-1)
+    counts = np.zeros(256, dtype=np.int64)
+    for a in range(0, flat_src.size, _CHUNK):  # numpy widens byte indices to 8 bytes: a chunk at a time
+        s = flat_src[a : a + _CHUNK]
+        if not _same(expected[s], flat_new[a : a + _CHUNK]):
+            r, k = (int(i[0]) for i in np.nonzero(new != expected[src]))
+            return 0.0, f"[{r}, {k}] differs from the rescaled source's"
+        counts += np.bincount(s, minlength=256)
+    present = np.flatnonzero(counts)
     rel, ok = _pair_errors(present, expected[present], s2_src, c)
     if ok.all():
         return float(rel.max(initial=0.0)), None
@@ -377,6 +384,7 @@ class _Verifier:
         self._lanes: list[_Lane] = []  # one per worker thread that launched on the GPU
         self._gathers: dict[tuple[str, int, int], dict[str, np.ndarray]] = {}  # see _natural_index
         self._lock = threading.Lock()
+        self._gather_lock = threading.Lock()
         self._globals = {p: self.tgt.global_tensors(p, l.scalars) for p, l in spec.layers.items()}
 
     def close(self) -> None:
@@ -492,24 +500,31 @@ class _Verifier:
             self.release_src(layer, e, role, "weight")
 
     def _natural_index(self, part: str, rows: int, cols: int) -> dict[str, np.ndarray]:
-        """role -> int64 [R, K/16]: where each of the role's natural scale bytes sits in one expert's
-        stored scales (the layout's inverse as a gather, with the row order folded in)."""
+        """role -> intp [R, K/16]: where each of the role's natural scale bytes sits in one expert's
+        stored scales (the layout's inverse as a gather, with the row order folded in); "all" is the
+        whole [rows, K/16] in the output's row order. Held as intp, numpy's index type: a take with
+        any other would make an 8-byte copy of the index on every call, in every worker."""
         key = (part, rows, cols)
-        if key not in self._gathers:
-            idx = self.tgt.scales.natural_index(rows, cols)
-            if part.startswith("w13"):
-                inv = self.tgt.rows.inverse_permutation(rows // 2)
-                self._gathers[key] = {"gate": idx[inv[: rows // 2]], "up": idx[inv[rows // 2 :]]}
-            else:
-                self._gathers[key] = {"down": idx}
-        return self._gathers[key]
+        got = self._gathers.get(key)
+        if got is None:
+            with self._gather_lock:  # built once, not by every worker that gets there first at once
+                got = self._gathers.get(key)
+                if got is None:
+                    idx = self.tgt.scales.natural_index(rows, cols).astype(np.intp)
+                    if part.startswith("w13"):
+                        inv = self.tgt.rows.inverse_permutation(rows // 2)
+                        got = {"gate": idx[inv[: rows // 2]], "up": idx[inv[rows // 2 :]], "all": idx}
+                    else:
+                        got = {"down": idx, "all": idx}
+                    self._gathers[key] = got
+        return got
 
     def _natural_scales(self, layer: ExpertLayer, part: str, stored: np.ndarray) -> dict[str, np.ndarray]:
         """One expert's stored scales, layout and row order undone: role -> uint8 [rows, K/16]."""
         d = layer.dims
         rows, cols = (2 * d.inter, d.hidden) if part.startswith("w13") else (d.hidden, d.inter)
         flat = stored.reshape(-1)
-        return {role: flat.take(idx) for role, idx in self._natural_index(part, rows, cols).items()}
+        return {role: flat.take(idx) for role, idx in self._natural_index(part, rows, cols).items() if role != "all"}
 
     def _scale_2(self, layer: ExpertLayer, role: str, e: int) -> tuple[float, float, float]:
         """(source scale_2, output scale_2, rescale ratio) of one expert's half."""
@@ -585,7 +600,7 @@ class _Verifier:
         # else with the layout undone by its gather index (row order kept: both sides are in it).
         stored = self.conv(sname, e * per, per)  # small; hashed later, in order, by its own piece
         swz = self.tgt.scales.kernel_reads_in_place
-        b_scales = stored if swz else stored.reshape(-1).take(self.tgt.scales.natural_index(rows, cols))
+        b_scales = stored if swz else stored.reshape(-1).take(self._natural_index(f"{part}_scale", rows, cols)["all"])
         b_shape = self.tgt.scales.expert_shape(rows, cols) if swz else (rows, cols // NVFP4_BLOCK)
         key = (layer.prefix, part, e, all(s2[r][2] == 1.0 for r in roles))
         if self.decode == "cuda":

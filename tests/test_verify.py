@@ -340,6 +340,13 @@ def test_the_rescaled_half_check_agrees_with_the_elementwise_one():
         assert (problem is None) == (exact and ok_e.all())
         if problem is None:
             assert rel == rel_e.max()
+    # several look-up chunks: a tampered byte anywhere is found and placed
+    src = np.random.randint(0, 0x7F, (600, 256)).astype(np.uint8)
+    table = rescale_block_scales(torch.arange(256, dtype=torch.uint8), 0.37).view(torch.uint8).numpy()
+    new = table[src]
+    r, k = np.random.randint(600), np.random.randint(256)
+    new[r, k] ^= 0x01
+    assert rescaled_half_problem(src, new, table, 1.0, 1 / 0.37)[1] == f"[{r}, {k}] differs from the rescaled source's"
     # bytes that match the table but a table off by a step: only the bound can catch that
     src = np.random.randint(0x30, 0x70, (64, 8)).astype(np.uint8)
     table = rescale_block_scales(torch.arange(256, dtype=torch.uint8), 0.5).view(torch.uint8).numpy().copy()
