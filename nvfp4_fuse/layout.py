@@ -54,6 +54,11 @@ class RowOrder(ABC):
         """:meth:`runs`, computed once per order and row count (row orders are stateless)."""
         return _runs(type(self), rows)
 
+    def alternating_groups(self, rows: int) -> tuple[tuple[str, str], int] | None:
+        """((first role, second role), group) when this order lays out w13 as groups of ``group`` rows
+        alternating between the two roles (a whole half being one group), else None."""
+        return _alternating_groups(type(self), rows)
+
     def permutation(self, rows: int) -> np.ndarray:
         """int64 [2R]: output row j is row ``perm[j]`` of ``[gate; up]`` stacked."""
         return _permutation(type(self), rows)
@@ -87,6 +92,19 @@ class RowOrder(ABC):
 @lru_cache(maxsize=64)
 def _runs(order_cls: type[RowOrder], rows: int) -> tuple[Run, ...]:
     return tuple(order_cls().runs(rows))
+
+
+@lru_cache(maxsize=64)
+def _alternating_groups(order_cls: type[RowOrder], rows: int) -> tuple[tuple[str, str], int] | None:
+    runs = _runs(order_cls, rows)
+    if len(runs) < 2:
+        return None
+    roles, g = (runs[0][0], runs[1][0]), runs[0][2]
+    if sorted(roles) != ["gate", "up"] or rows % g:
+        return None
+    if list(runs) != [(roles[i % 2], (i // 2) * g, g) for i in range(2 * rows // g)]:
+        return None
+    return roles, g
 
 
 @lru_cache(maxsize=64)

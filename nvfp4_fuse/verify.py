@@ -32,7 +32,6 @@ The result lists the checks that ran.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -54,7 +53,6 @@ from .constants import NVFP4_BLOCK
 from .errors import CheckFailed, InputError
 from .experts import ExpertLayer
 from .host_layout import E4M3_VALUES
-from .layout import RowOrder
 from .manifest import MANIFEST_NAME, load_manifest, sha256_file
 from .safetensors_io import ShardReader, tensor_bytes
 from .source import CONFIG_FILES, INDEX_NAME, Source, scan_source
@@ -136,24 +134,16 @@ def _pair_errors(a: np.ndarray, b: np.ndarray, s2_src: float, c: float) -> tuple
     return rel, ok & ~np.isnan(diff)
 
 
-def _tables(s2_src: float, c: float) -> tuple[np.ndarray, np.ndarray]:
-    """(relative error, within the bound) of every (source byte, output byte) pair: [256 * 256] each."""
-    a, b = np.divmod(np.arange(1 << 16), 256)
-    return _pair_errors(a, b, s2_src, c)
-
-
 def block_errors(src: np.ndarray, s2_src: float, new: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
     """For E4M3 block-scale bytes ``src`` (scale_2 ``s2_src``) stored as ``new`` (scale_2 ``c``):
     (relative error of every value in each block, whether each block is within the rescale bound).
 
     A value q * s * s2 becomes q * s' * c: its relative error |s' c - s s2| / (s s2) does not depend
     on its E2M1 code q. The bound is half an E4M3 step of the exact rescaled scale x = s s2 / c (see
-    the module notes); blocks whose source scale is 0 must stay 0. Both depend on the two bytes alone,
-    so they are looked up in 256 x 256 tables computed in float64.
+    the module notes); blocks whose source scale is 0 must stay 0. Both depend on the two bytes alone
+    (computed in float64).
     """
-    rel, ok = _tables(s2_src, c)
-    idx = src.astype(np.intp) * 256 + new
-    return rel[idx], ok[idx]
+    return _pair_errors(src, new, s2_src, c)
 
 
 _CHUNK = 1 << 14  # scale bytes a look-up takes at once: its 8-byte index temporaries stay at 128 KiB
@@ -250,24 +240,6 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return a.size == b.size and (a.size == 0 or _memcmp(a.ctypes.data, b.ctypes.data, a.size) == 0)
 
 
-@functools.cache
-def _alternating(order: type, rows: int) -> tuple[tuple[str, str], int] | None:
-    runs = order().cached_runs(rows)
-    g = runs[0][2]
-    roles = (runs[0][0], runs[1][0]) if len(runs) > 1 else None
-    if roles is None or rows % g or sorted(roles) != ["gate", "up"]:
-        return None
-    if list(runs) != [(roles[i % 2], (i // 2) * g, g) for i in range(2 * rows // g)]:
-        return None
-    return roles, g
-
-
-def _alternating_groups(order: RowOrder, rows: int) -> tuple[tuple[str, str], int] | None:
-    """((first role, second role), group) when ``order`` lays out w13 as groups of ``group`` rows
-    alternating between the two roles (a whole half being one group), else None."""
-    return _alternating(type(order), rows)
-
-
 @dataclass
 class _Piece:
     """``nbytes`` of output tensor ``tensor`` from byte ``start``; ``check`` (if any) runs on them."""
@@ -278,10 +250,12 @@ class _Piece:
     check: Callable[[np.ndarray], None] | None
 
 
-@functools.cache
-def _gate_rows(order: type, rows: int) -> np.ndarray:
-    """bool [2R]: which output rows of w13 are gate rows, in ``order``."""
-    return order().permutation(rows) < rows
+def _stats(res: Any) -> torch.Tensor:
+    """float64 [4] (n_diff, nonfinite, max_abs, max_rel) of a one-expert compare result, on its device:
+    what :meth:`_Verifier._decoded` reads back."""
+    import torch
+
+    return torch.stack([res.n_diff.double(), res.nonfinite.double(), res.max_abs.double(), res.max_rel.double()])[:, 0]
 
 
 class _Lane:
@@ -342,8 +316,7 @@ class _Lane:
             a_t = a_t.reshape(rows, cols // NVFP4_BLOCK)
             a2, b2 = a2.view(torch.float32), b2.view(torch.float32)
             res = compare_nvfp4(vals, a_t, a2, vals, b_t.reshape(b_shape), b2, b_swizzled=b_swizzled, check=False)
-            stats = torch.stack([res.n_diff.double(), res.nonfinite.double(), res.max_abs.double(), res.max_rel.double()])[:, 0]
-            self.pending.append((key, stats))
+            self.pending.append((key, _stats(res)))
             if len(self.pending) >= self.FLUSH:
                 self._read_back()
 
@@ -472,7 +445,7 @@ class _Verifier:
         d = layer.dims
         row = d.hidden // 2
         src = {role: self.src(layer, e, role, "weight").reshape(-1) for role in ("gate", "up")}
-        alt = _alternating_groups(self.tgt.rows, d.inter)
+        alt = self.tgt.rows.alternating_groups(d.inter)
         if alt is None:
             return all(_same(half, src[role]) for role, half in self._halves(layer, part, got).items())
         first, g = alt
@@ -590,7 +563,7 @@ class _Verifier:
         src_s = {r: self.src(layer, e, r, "weight_scale").reshape(rows // len(roles), -1) for r in roles}
         a_scales = self.tgt.rows.join_np(src_s["gate"], src_s["up"]) if w13 else src_s["down"]
         if w13:
-            gate_row = _gate_rows(type(self.tgt.rows), d.inter)
+            gate_row = self.tgt.rows.permutation(d.inter) < d.inter
             a_s2 = np.where(gate_row, np.float32(s2["gate"][0]), np.float32(s2["up"][0])).astype(np.float32)
             b_s2 = np.where(gate_row, np.float32(s2["gate"][1]), np.float32(s2["up"][1])).astype(np.float32)
         else:
@@ -617,7 +590,7 @@ class _Verifier:
             vals, a_t, a2, b_t, b2 = (torch.from_numpy(np.array(x)) for x in (values, a_scales, a_s2, b_scales, b_s2))
             vals = vals.reshape(rows, cols // 2)
             res = compare_nvfp4_ref(vals, a_t, a2, vals, b_t.reshape(b_shape), b2, b_swizzled=swz)
-            self._decoded(key, torch.stack([res.n_diff.double(), res.nonfinite.double(), res.max_abs.double(), res.max_rel.double()])[:, 0])
+            self._decoded(key, _stats(res))
 
     def _decoded(self, key: tuple[str, str, int, bool], stats: Any) -> None:
         """The read-back statistics (n_diff, nonfinite, max_abs, max_rel) of one decoded expert part."""

@@ -72,6 +72,10 @@ def test_the_orders_themselves():
     assert InterleavedByGroup().join(gate, up)[:, 0].tolist() == (
         list(range(8)) + list(range(100, 108)) + list(range(8, 16)) + list(range(108, 116))
     )
+    # what verify compares in place: whole halves, or groups of rows alternating between the roles
+    assert GateThenUp().alternating_groups(rows) == (("gate", "up"), rows)
+    assert UpThenGate().alternating_groups(rows) == (("up", "gate"), rows)
+    assert InterleavedByGroup().alternating_groups(rows) == (("gate", "up"), 8)
 
 
 def test_interleave_refuses_rows_off_its_group():
