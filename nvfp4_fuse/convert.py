@@ -446,7 +446,14 @@ def convert(
             on_bytes(shard.data_bytes)
     todo = [s for s in spec.shards if s.name not in keep]
     streams = max(1, min(opts.shard_streams or auto_shard_streams(), len(todo) or 1))
-    _write_shards(_Ctx(spec), todo, out, streams, opts.workers, reports, on_bytes, on_shard, lambda: _write_progress(out, fp, files, reports), files)
+
+    def shard_done(name: str, size: int, digest: str) -> None:  # called under the streams' lock
+        files[name] = {"size": size, "sha256": digest}
+        _write_progress(out, fp, files, reports)
+        if on_shard:
+            on_shard(name, size)
+
+    _write_shards(_Ctx(spec), todo, out, streams, opts.workers, reports, on_bytes, shard_done)
     # Sidecars, configs, index, then the manifest.
     configs = spec.configs()
     for rel in spec.source.sidecars:
@@ -508,15 +515,13 @@ def _write_shards(
     workers: int,
     reports: dict[str, LayerReport],
     on_bytes: Callable[[int], None] | None,
-    on_shard: Callable[[str, int], None] | None,
-    journal: Callable[[], None],
-    files: dict[str, dict[str, Any]],
+    shard_done: Callable[[str, int, str], None],
 ) -> None:
     """Write the shards of ``todo``, ``streams`` of them at once (taken in order), each by its own
     thread with its own hashing thread, sharing the task pool and the read-ahead budget. Each shard is
-    recorded in ``files`` and journaled as soon as it is renamed into place, in whatever order the
-    shards finish. The first failure stops the other streams (their partial files are dropped) and is
-    raised."""
+    handed to ``shard_done(name, size, sha256)`` (one call at a time) as soon as it is renamed into
+    place, in whatever order the shards finish. The first failure stops the other streams (their
+    partial files are dropped) and is raised."""
     meta = ctx.spec.shard_metadata()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nvfp4-read")
     shared = _Streams(ctx, pool, ByteBudget(INFLIGHT_BYTES), window_size(workers), reports, on_bytes)
@@ -527,10 +532,7 @@ def _write_shards(
             raise _Stopped
         size, digest = _write_shard(shared, out, shard, meta)
         with shared.lock:
-            files[shard.name] = {"size": size, "sha256": digest}
-            journal()
-        if on_shard:
-            on_shard(shard.name, size)
+            shard_done(shard.name, size, digest)
 
     futs = [writers.submit(one, s) for s in todo]
     try:
