@@ -11,10 +11,11 @@ its own, and drops each range from the mapping once it is done with it.
 
 Writing: :class:`StreamingShardWriter` takes the complete list of tensors (name, dtype, shape) first,
 writes the header, then accepts each tensor's bytes in order, as pieces (mapped views, source spans,
-computed arrays) that :func:`write_pieces` writes with ``pwritev`` and ``copy_file_range``; the same
-views are hashed on a helper thread, beside the writes. Nothing is ever held for a whole shard and the
-file is never read back. Writeback is started every 32 MiB (``sync_file_range``) so the disk writes
-while the caller reads, and the final fsync has little left. The file is written under a temporary
+computed arrays) that :func:`write_pieces` writes with ``pwritev`` and ``copy_file_range``; a helper
+thread hashes the same bytes beside the writes: large pieces in place, many small ones (row runs of a
+few KiB) read back from the page cache in large reads, since hashing them one by one costs a GIL
+hand-over each. Nothing is ever held for a whole shard. Writeback is started every 32 MiB (``sync_file_range``) so the disk writes while the
+caller reads, and the final fsync has little left. The file is written under a temporary
 name, fsynced, and renamed into place only when every declared byte has arrived.
 """
 
@@ -46,6 +47,11 @@ if TYPE_CHECKING:
 MAX_HEADER_SIZE = 100_000_000
 WRITE_BEHIND = 32 << 20  # start writeback of every this many bytes at once
 WRITE_BEHIND_DEPTH = 8  # windows under writeback before the writer waits for the oldest (256 MiB)
+# A put of more pieces than this (the 8-row gate/up interleave: hundreds of a few KiB each) is hashed
+# from the file in reads of HASH_READ bytes, not piece by piece: each hashed piece is a GIL hand-over,
+# and with several streams and the task pool wanting the GIL those held a stream to half the hash rate.
+HASH_VIEWS_MAX = 16
+HASH_READ = 8 << 20
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 PARTIAL_SUFFIX = ".partial"
 
@@ -518,8 +524,8 @@ class StreamingShardWriter:
 
     ``put(pieces)`` writes pieces (mapped views, source spans, array bytes) one after the other at the
     end of what was handed over so far, moving on to the next tensor when one is full, and hashes the
-    same bytes on a helper thread: the caller goes on writing while they are hashed, and the file is
-    never read back. ``write(data)`` is ``put`` for one buffer, returning once it is hashed too.
+    same bytes on a helper thread (a few large pieces in place, many small ones read back from the page
+    cache): the caller goes on writing while they are hashed. ``write(data)`` is ``put`` for one buffer, returning once it is hashed too.
     ``finish()`` checks that every declared byte arrived, waits for the hash, fsyncs, renames the
     temporary file into place, fsyncs the folder and returns (size, sha256). Anything else (an
     exception, a crash) leaves only the ``.partial`` file, never a complete-looking shard.
@@ -534,9 +540,11 @@ class StreamingShardWriter:
         self._left = self._sizes[0] if self._sizes else 0
         self._hash = hashlib.sha256()
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="nvfp4-sha256")
+        self._hash_buf = memoryview(bytearray(HASH_READ))
         header = build_header(entries, metadata)
         self.file_size = len(header) + sum(self._sizes)
-        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        # read and write: the hash reads back what was written
+        self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
         self._size = 0  # bytes written and handed to the hasher
         self._behind = 0  # writeback has been started up to here
         self._windows: deque[tuple[int, int]] = deque()  # ranges under writeback, oldest first
@@ -570,16 +578,34 @@ class StreamingShardWriter:
 
     def _put(self, pieces: Sequence[Piece], after: Callable[[], None] | None, views: list[memoryview] | None = None) -> Future:
         views = piece_views(pieces) if views is None else views
-        end = write_pieces(self._fd, self._size, pieces, views)
-        fut = self._hasher.submit(self._hash_views, views, after)
+        start = self._size
+        end = write_pieces(self._fd, start, pieces, views)
+        if len(views) > HASH_VIEWS_MAX:
+            fut = self._hasher.submit(self._hash_range, start, end, after)
+        else:
+            fut = self._hasher.submit(self._hash_views, views, after)
         self._size = end
         if self._size - self._behind >= WRITE_BEHIND:
             self._write_behind()
         return fut
 
     def _hash_views(self, views: list[memoryview], after: Callable[[], None] | None) -> None:
+        """Hash a few large pieces in place (mapped views, arrays): no copy."""
         for v in views:
-            self._hash.update(v)  # releases the GIL for all but tiny views
+            self._hash.update(v)  # releases the GIL
+        if after is not None:
+            after()
+
+    def _hash_range(self, start: int, end: int, after: Callable[[], None] | None) -> None:
+        """Hash file bytes ``[start, end)`` (just written, so in the page cache) in large reads: two GIL
+        hand-overs per ``HASH_READ`` bytes, however many pieces wrote them."""
+        buf = self._hash_buf
+        while start < end:
+            n = os.preadv(self._fd, [buf[: min(len(buf), end - start)]], start)
+            if n <= 0:
+                raise OSError(errno.EIO, f"{self.tmp.name}: read back {n} bytes at {start} of what was written")
+            self._hash.update(buf[:n])  # releases the GIL
+            start += n
         if after is not None:
             after()
 
