@@ -107,7 +107,7 @@ def convert(
     max_shard_size: str = typer.Option("5GB", help="Largest output shard (a tensor is never split)."),
     workers: int = typer.Option(4, help="Reader threads (they mostly wait on the disk, so more than the cores is fine)."),
     shard_streams: int = typer.Option(
-        0, help="Output shards written (and hashed) at once, each by its own threads; 0 picks by the CPU count (1 per 4 cores, 2 to 4)."
+        0, help="Output shards written (and hashed) at once, each by its own threads; 0 picks by the CPU count (1 per 2 cores, 2 to 8)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier conversion held in the output folder (never a folder nvfp4-fuse did not write)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (from headers only) and exit."),
@@ -187,7 +187,9 @@ def verify(
     skip_hashes: bool = typer.Option(False, "--skip-hashes", help="Compare file sizes with the manifest but do not hash."),
     revision: str | None = typer.Option(None, help="Hub revision, for a repo id."),
     seed: int | None = typer.Option(None, help="Seed for --sample."),
-    workers: int = typer.Option(min(8, os.cpu_count() or 1), help="Worker threads."),
+    workers: int = typer.Option(
+        0, help="Worker threads; 0: up to 8 on the CPU, 4 with the GPU decode (its per-expert host work holds the GIL)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Prove the converted checkpoint decodes to what the source did (exit 3 when a check fails)."""
@@ -205,7 +207,7 @@ def verify(
             device=device,
             decode=decode,
             hash_files=not skip_hashes,
-            workers=max(1, workers),
+            workers=max(0, workers),
             trust_root=trust,
             source_label=source,
             seed=seed,

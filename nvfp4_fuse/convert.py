@@ -6,10 +6,13 @@ whole gate/up halves, copied tensors) with ``copy_file_range`` and row runs (the
 interleave) with ``pwritev`` from a read-only mapping of the source shard. Only block scales, 1/8 of
 the bytes, are transformed in memory (numpy, host_layout.py: converting never imports torch).
 
-Several shards are written at once (``shard_streams``), each by a thread of its own that writes its
-pieces in file order (one writer per file: the kernel serialises writes to a file anyway) and a
-helper thread that hashes the same mapped views and arrays, then drops the source ranges from the
-mapping. Tasks run ahead on a thread pool the streams share (scales transformed, source ranges read
+Several shards are written at once (``shard_streams``), largest first, each by a thread of its own
+that writes its pieces in file order (one writer per file: the kernel serialises writes to a file
+anyway) and a helper thread that hashes the same bytes (mapped views and arrays in place; the many
+short row runs of an interleave read back from the page cache in large reads), then drops the source
+ranges from the mapping. A shard's sha256 is one chain, so a shard
+takes at least its size over one core's hash rate: taking the largest first keeps one large shard
+from running alone at the end. Tasks run ahead on a thread pool the streams share (scales transformed, source ranges read
 ahead into the page cache). At most a byte budget of output, shared by the streams, is between being
 taken on and being hashed, so resident memory is a few experts' bytes plus a fixed overhead whatever
 the number of experts, layers or the shard size.
@@ -65,11 +68,13 @@ def window_size(workers: int) -> int:
 
 
 def auto_shard_streams(cpus: int | None = None) -> int:
-    """Shards written at once by default: one per 4 cores, 2 to 4. Each stream is a thread writing
+    """Shards written at once by default: one per 2 cores, 2 to 8. Each stream is a thread writing
     (mostly in the kernel, copying into the page cache) and a thread hashing (sha256 at 1-2 GB/s a
-    core); two overlap one shard's fsync and hashing tail with the next shard's writes even on 2 cores."""
+    core, and each shard's hash is one chain), so the streams' hashers set the rate once the disk
+    does not; two overlap one shard's fsync and hashing tail with the next shard's writes even on 2
+    cores. On the 16-core GPU host 8 streams beat 4 in every case measured (docs/benchmarks.md)."""
     cpus = cpus or os.cpu_count() or 1
-    return max(2, min(4, cpus // 4))
+    return max(2, min(8, cpus // 2))
 
 
 @dataclass
@@ -524,7 +529,7 @@ def _write_shards(
     partial files are dropped) and is raised."""
     meta = ctx.spec.shard_metadata()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nvfp4-read")
-    shared = _Streams(ctx, pool, ByteBudget(INFLIGHT_BYTES), window_size(workers), reports, on_bytes)
+    shared = _Streams(ctx, pool, ByteBudget(streams * INFLIGHT_BYTES), window_size(workers), reports, on_bytes)
     writers = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="nvfp4-shard")
 
     def one(shard: OutShard) -> None:
@@ -534,7 +539,10 @@ def _write_shards(
         with shared.lock:
             shard_done(shard.name, size, digest)
 
-    futs = [writers.submit(one, s) for s in todo]
+    # Longest first (LPT): each stream's time is bounded below by its shards' hashing, a chain per shard.
+    # One stream keeps file order, which is then also the order of progress.
+    order = sorted(todo, key=lambda s: -s.data_bytes) if streams > 1 else todo
+    futs = [writers.submit(one, s) for s in order]
     try:
         for fut in as_completed(futs):
             fut.result()

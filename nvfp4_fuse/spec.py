@@ -26,7 +26,7 @@ from .targets import DEFAULT_TARGET, LAYOUT_VERSION, Target, get_target
 
 # Memory budget of the converter (used by convert.py; here so the spec can estimate the peak).
 COPY_CHUNK = 16 << 20  # non-expert tensors (embeddings: GBs) are copied in pieces of this size
-INFLIGHT_BYTES = 128 << 20  # output bytes taken on and not yet hashed, at most (always at least one task)
+INFLIGHT_BYTES = 64 << 20  # per shard stream: output bytes taken on and not yet hashed, at most (always one task)
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 
 PER_EXPERT_PARTS = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")  # per-expert slices
@@ -168,10 +168,10 @@ class OutputSpec:
         return self.total_size + headers + self.sidecar_bytes() + (1 << 20)
 
     def peak_memory_estimate(self, streams: int = 1) -> int:
-        """Read-ahead budget (shared by the shard streams; or one task, if larger), each stream's task
-        being written, scale temporaries, and the interpreter with numpy (the converter never imports
-        torch). Independent of the number of experts, layers and shard size."""
-        return max(INFLIGHT_BYTES, self.max_expert_bytes) + (1 + streams) * self.max_expert_bytes + (64 << 20)
+        """Read-ahead budget (``INFLIGHT_BYTES`` a stream, shared by the shard streams; or one task, if
+        larger), each stream's task being written, scale temporaries, and the interpreter with numpy (the
+        converter never imports torch). Independent of the number of experts, layers and shard size."""
+        return max(streams * INFLIGHT_BYTES, self.max_expert_bytes) + (1 + streams) * self.max_expert_bytes + (64 << 20)
 
 
 def build_spec(src: Source, options: OutputOptions, *, with_scalars: bool = True) -> OutputSpec:

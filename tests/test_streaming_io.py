@@ -68,12 +68,13 @@ def test_reads_resume_after_short_reads(tmp_path, monkeypatch, short_reads):
 
 @pytest.mark.parametrize("streams", [1, 3])
 def test_read_ahead_stays_within_its_byte_budget(make_ckpt, tmp_path, monkeypatch, streams):
-    """Shrink the budget below a handful of experts: never more than the budget (or one task) of output
-    between a task's bytes being produced and their being hashed (when the task's mapped source ranges
-    are released), over all the shards being written at once."""
+    """Shrink the budget below a handful of experts: never more than the budget (a stream's share times
+    the streams, or one task) of output between a task's bytes being produced and their being hashed
+    (when the task's mapped source ranges are released), over all the shards being written at once."""
     src = make_ckpt(layers=4, experts=12, hidden=128, inter=64)
-    budget = 3 * (2 * 64 * 128 // 2)  # three experts' w13 weight
-    monkeypatch.setattr(conv, "INFLIGHT_BYTES", budget)
+    share = 3 * (2 * 64 * 128 // 2) // streams  # three experts' w13 weight over all the streams
+    budget = share * streams
+    monkeypatch.setattr(conv, "INFLIGHT_BYTES", share)
     live = {"now": 0, "peak": 0, "tasks": 0, "hashed": 0}
     lock = threading.Lock()
     real_fused = conv._fused_task
@@ -295,12 +296,15 @@ def test_a_source_shard_that_changed_size_is_refused_not_a_crash(make_ckpt, tmp_
 
 
 def test_peak_estimate_does_not_grow_with_experts(make_ckpt):
-    """Only the shards written at once add to it, one expert each; the model's size does not."""
+    """Only the shards written at once add to it, each its share of the read-ahead budget and one
+    expert; the model's size does not."""
+    from nvfp4_fuse.spec import INFLIGHT_BYTES
+
     opts = ConvertOptions(target="vllm-fused")
     small = make_plan(make_ckpt(layers=2, experts=4, hidden=128, inter=64), opts)
     big = make_plan(make_ckpt(layers=3, experts=32, hidden=128, inter=64, shards=3), opts)
     assert small.peak_memory_estimate(4) == big.peak_memory_estimate(4)
-    assert big.peak_memory_estimate(4) - big.peak_memory_estimate(1) == 3 * big.max_expert_bytes
+    assert big.peak_memory_estimate(4) - big.peak_memory_estimate(1) == 3 * (INFLIGHT_BYTES + big.max_expert_bytes)
 
 
 def test_writer_refuses_too_few_or_too_many_bytes(tmp_path):
