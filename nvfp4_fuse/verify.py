@@ -62,6 +62,9 @@ if TYPE_CHECKING:
     import torch
 
 BUDGET_BYTES = 256 << 20  # output bytes read ahead of the hashing, at most (always at least one piece)
+# GPU decodes put off while the kernel loads, at most this many bytes of packed values: the pass goes
+# on with its other checks meanwhile. A put-off decode holds nothing but its place in the mapped output.
+DEFERRED_BYTES = 4 << 30
 
 CHECK_STRUCTURE = "structure: index, shard headers and metadata, configs and sidecars as convert writes them"
 CHECK_HASHES = "manifest: every file's size and sha256 (each file read once)"
@@ -356,6 +359,8 @@ class _Verifier:
         self._local = threading.local()
         self._lanes: list[_Lane] = []  # one per worker thread that launched on the GPU
         self._gathers: dict[tuple[str, int, int], dict[str, np.ndarray]] = {}  # see _natural_index
+        self._deferred: deque[tuple[ExpertLayer, str, int, np.ndarray]] = deque()  # see _decode
+        self._deferred_bytes = 0
         self._lock = threading.Lock()
         self._gather_lock = threading.Lock()
         self._globals = {p: self.tgt.global_tensors(p, l.scalars) for p, l in spec.layers.items()}
@@ -546,6 +551,57 @@ class _Verifier:
         (:meth:`check_decoded`). On the GPU (:class:`_Lane`) the launch is asynchronous and its
         statistics are read back in batches; on the CPU the kernel's torch reference runs."""
         assert self.decode is not None
+        if self.decode == "cuda" and not hasattr(self._local, "lane") and not self._defer(layer, part, e, values):
+            self._local.lane = _Lane(self)  # waits for the kernel to be loaded
+            with self._lock:
+                self._lanes.append(self._local.lane)
+        if hasattr(self._local, "lane"):
+            self._launch(layer, part, e, values)
+            for item in self._take_deferred(2):  # a share of what was put off while the kernel loaded
+                self._launch(*item)
+        elif self.decode == "cpu":
+            self._launch(layer, part, e, values)
+
+    def _defer(self, layer: ExpertLayer, part: str, e: int, values: np.ndarray) -> bool:
+        """Put a GPU decode off while the kernel is still loading (the first second or so of a run), up to
+        ``DEFERRED_BYTES`` of values: the worker goes on to its next checks instead of waiting. Its
+        values stay a view of the mapped output; their pages are dropped once hashed and read again
+        from the page cache when the decode runs. Returns False (not put off) once the kernel is ready
+        or the cap is reached."""
+        if self.kernels_ready is None or self.kernels_ready.is_set():
+            return False
+        with self._lock:
+            if self._deferred_bytes + values.nbytes > DEFERRED_BYTES:
+                return False
+            self._deferred.append((layer, part, e, values))
+            self._deferred_bytes += values.nbytes
+        return True
+
+    def _take_deferred(self, n: int | None) -> list[tuple[ExpertLayer, str, int, np.ndarray]]:
+        """Up to ``n`` (None: all) of the put-off decodes, oldest first."""
+        if not self._deferred:
+            return []
+        with self._lock:
+            got = []
+            while self._deferred and (n is None or len(got) < n):
+                got.append(self._deferred.popleft())
+                self._deferred_bytes -= got[-1][3].nbytes
+        return got
+
+    def run_deferred(self) -> None:
+        """Decode what is still put off (after the pass, on the calling thread; before the mappings close)."""
+        items = self._take_deferred(None)
+        if items and not hasattr(self._local, "lane"):
+            self._local.lane = _Lane(self)
+            with self._lock:
+                self._lanes.append(self._local.lane)
+        for item in items:
+            self._launch(*item)
+
+    def _launch(self, layer: ExpertLayer, part: str, e: int, values: np.ndarray) -> None:
+        """The decode of :meth:`_decode`: inputs prepared, then launched on this thread's lane or run by
+        the CPU reference."""
+        assert self.decode is not None
         d = layer.dims
         w13 = part == "w13_weight"
         rows, cols = (2 * d.inter, d.hidden) if w13 else (d.hidden, d.inter)
@@ -577,10 +633,6 @@ class _Verifier:
         b_shape = self.tgt.scales.expert_shape(rows, cols) if swz else (rows, cols // NVFP4_BLOCK)
         key = (layer.prefix, part, e, all(s2[r][2] == 1.0 for r in roles))
         if self.decode == "cuda":
-            if not hasattr(self._local, "lane"):
-                self._local.lane = _Lane(self)
-                with self._lock:
-                    self._lanes.append(self._local.lane)
             self._local.lane.launch(key, rows, cols, values, a_scales, a_s2, b_scales, b_shape, swz, b_s2)
         else:
             import torch
@@ -678,18 +730,23 @@ class _Verifier:
 # entry point
 
 
-def _warm_kernels(spec: OutputSpec, ready: threading.Event) -> None:
-    """Import Triton and the compare kernel and launch it once on zeros of every expert shape, while
-    the structure and the small files are checked, then set ``ready``. Loading a compiled kernel takes
-    most of a second the first time, and Triton does not serialise it: every worker whose first
-    launch came before it was loaded would load it again. Only a warm-up: a failure here is left to
-    the real launches to report."""
+def _warm_kernels(plan: Future, ready: threading.Event) -> None:
+    """Import Triton and the compare kernel, then (once ``plan`` gives the output spec) launch it once
+    on zeros of every expert shape, and set ``ready``. It starts with verify, so the import overlaps
+    the headers being read and checked; the first decodes are put off meanwhile (see
+    :meth:`_Verifier._decode`). Loading a compiled kernel takes most of a second the first time, and
+    Triton does not serialise it: every worker whose first launch came before it was loaded would load
+    it again. Only a warm-up: a failure here is left to the real launches to report."""
     try:
         import torch
 
         from .kernels.compare import compare_nvfp4
 
-        tgt, dev = spec.target, torch.device("cuda", torch.cuda.current_device())
+        dev = torch.device("cuda", torch.cuda.current_device())
+        spec: OutputSpec | None = plan.result()
+        if spec is None:
+            return
+        tgt = spec.target
         shapes = {s for l in spec.layers.values() for s in ((2 * l.dims.inter, l.dims.hidden), (l.dims.hidden, l.dims.inter))}
         for rows, cols in sorted(shapes):
             swz = tgt.scales.kernel_reads_in_place
@@ -703,6 +760,15 @@ def _warm_kernels(spec: OutputSpec, ready: threading.Event) -> None:
         pass
     finally:
         ready.set()
+
+
+def default_workers(*, gpu_decode: bool, cpus: int | None = None) -> int:
+    """Worker threads by default: up to 8, or 4 with the GPU decode. Its per-expert host work (staging,
+    launching the kernel, torch's dispatch) is Python that holds the GIL, and on the 16-core GPU host 8
+    workers spent most of their time waiting for it: 4 took 10-20% less time than 8 and than 6, 16
+    took more (docs/benchmarks.md)."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, min(4 if gpu_decode else 8, cpus))
 
 
 def pick_device(device: str) -> str:
@@ -726,7 +792,7 @@ def verify(
     device: str = "auto",
     decode: bool | None = None,
     hash_files: bool = True,
-    workers: int = min(8, os.cpu_count() or 1),
+    workers: int = 0,
     budget_bytes: int = BUDGET_BYTES,
     trust_root: Path | None = None,
     source_label: str | None = None,
@@ -734,7 +800,8 @@ def verify(
 ) -> VerifyResult:
     """Check the converted folder ``conv_dir`` against the source ``source_dir`` (see the module notes).
 
-    ``sample`` checks that many experts a layer, drawn at random (``seed`` makes the draw
+    ``workers`` threads check the pieces (0: :func:`default_workers`). ``sample`` checks that many
+    experts a layer, drawn at random (``seed`` makes the draw
     repeatable); every file is still hashed unless ``hash_files=False``, which compares sizes only.
     ``decode`` runs the end-to-end dequant-and-compare (default: on a GPU, yes; on the CPU, no: it
     runs the torch reference there, which is slow). Raises :class:`CheckFailed` naming file, tensor,
@@ -746,80 +813,87 @@ def verify(
     t0 = time.perf_counter()
     dev = pick_device(device)
     decode = (dev == "cuda") if decode is None else decode
-    conv_dir = Path(conv_dir)
-    if not conv_dir.is_dir():
-        raise InputError("converted folder does not exist", file=str(conv_dir))
-    manifest = load_manifest(conv_dir)
-    if manifest is None:
-        raise _fail(f"{conv_dir} has no {MANIFEST_NAME}: the conversion is incomplete (rerun convert to resume)")
-    for name, rec in manifest.files.items():
-        p = conv_dir / name
-        if not p.is_file():
-            raise _fail(f"output files do not match the manifest: {name}: missing")
-        if p.stat().st_size != rec["size"]:
-            raise _fail(f"output files do not match the manifest: {name}: size {p.stat().st_size} != manifest {rec['size']}")
-    options = OutputOptions.from_json(manifest.options, file=str(conv_dir / MANIFEST_NAME))
-    src = scan_source(source_dir, trust_root=trust_root)
-    if src.fingerprint() != manifest.input_fingerprint:
-        raise _fail("the source's headers and configs are not those this output was converted from (fingerprint differs)")
-    spec = build_spec(src, options)
-    kernels_ready = threading.Event()
+    workers = workers or default_workers(gpu_decode=decode and dev == "cuda")
+    kernels_ready, plan = threading.Event(), Future()  # plan: the spec for _warm_kernels, None if there is none
     if decode and dev == "cuda":
-        threading.Thread(target=_warm_kernels, args=(spec, kernels_ready), daemon=True).start()
+        threading.Thread(target=_warm_kernels, args=(plan, kernels_ready), daemon=True).start()
     try:
-        conv = scan_source(conv_dir)
-    except InputError as e:  # the output's index and shard headers disagree, a shard is unreadable...
-        raise _fail(f"the converted folder is not a consistent checkpoint: {e}") from None
-    shard_names = {s.name for s in spec.shards}
-    if hash_files:  # the small files first; the shards are hashed by the pass below
+        conv_dir = Path(conv_dir)
+        if not conv_dir.is_dir():
+            raise InputError("converted folder does not exist", file=str(conv_dir))
+        manifest = load_manifest(conv_dir)
+        if manifest is None:
+            raise _fail(f"{conv_dir} has no {MANIFEST_NAME}: the conversion is incomplete (rerun convert to resume)")
         for name, rec in manifest.files.items():
-            if name not in shard_names and sha256_file(conv_dir / name) != rec["sha256"]:
-                raise _fail(f"output files do not match the manifest: {name}: sha256 differs from manifest")
-    _check_structure(spec, conv_dir, conv, model_card=manifest.model_card)
+            p = conv_dir / name
+            if not p.is_file():
+                raise _fail(f"output files do not match the manifest: {name}: missing")
+            if p.stat().st_size != rec["size"]:
+                raise _fail(f"output files do not match the manifest: {name}: size {p.stat().st_size} != manifest {rec['size']}")
+        options = OutputOptions.from_json(manifest.options, file=str(conv_dir / MANIFEST_NAME))
+        src = scan_source(source_dir, trust_root=trust_root)
+        if src.fingerprint() != manifest.input_fingerprint:
+            raise _fail("the source's headers and configs are not those this output was converted from (fingerprint differs)")
+        spec = build_spec(src, options)
+        plan.set_result(spec)
+        try:
+            conv = scan_source(conv_dir)
+        except InputError as e:  # the output's index and shard headers disagree, a shard is unreadable...
+            raise _fail(f"the converted folder is not a consistent checkpoint: {e}") from None
+        shard_names = {s.name for s in spec.shards}
+        if hash_files:  # the small files first; the shards are hashed by the pass below
+            for name, rec in manifest.files.items():
+                if name not in shard_names and sha256_file(conv_dir / name) != rec["sha256"]:
+                    raise _fail(f"output files do not match the manifest: {name}: sha256 differs from manifest")
+        _check_structure(spec, conv_dir, conv, model_card=manifest.model_card)
 
-    rng = random.Random(seed)
-    experts = {}
-    for p, layer in spec.layers.items():
-        n = layer.dims.experts
-        experts[p] = set(range(n)) if not sample or sample >= n else set(rng.sample(range(n), sample))
-    v = _Verifier(spec, conv, experts, dev if decode else None, kernels_ready)
-    result = VerifyResult(source_label or str(source_dir), str(conv_dir), options.target.name, dev)
-    result.checks = [CHECK_HASHES if hash_files else CHECK_SIZES, CHECK_STRUCTURE, CHECK_COPIED, CHECK_GLOBALS, CHECK_VALUES, CHECK_SCALES, CHECK_BOUND]
-    if decode:
-        how = "the Triton compare kernel on the GPU" if dev == "cuda" else "the kernel's torch reference on the CPU"
-        result.checks.append(f"end to end: every checked expert of both checkpoints dequantized and compared ({how})")
-    else:
-        result.note = "end-to-end dequant-and-compare not run (no GPU; --decode runs its CPU reference, slowly)"
-    budget = ByteBudget(budget_bytes)
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nvfp4-verify")
-    # Shards stream side by side (each hashes in its own order), sharing the workers and the budget.
-    streams = ThreadPoolExecutor(max_workers=max(1, min(len(spec.shards), workers)), thread_name_prefix="nvfp4-verify-shard")
-    futs: dict[str, Future] = {}
-    try:
-        futs = {s.name: streams.submit(v.stream, s, pool, budget, hash_files) for s in spec.shards}
-        for name, fut in futs.items():
-            digest = fut.result()
-            if digest is not None and digest != manifest.files[name]["sha256"]:
-                raise _fail(f"output files do not match the manifest: {name}: sha256 differs from manifest")
+        rng = random.Random(seed)
+        experts = {}
+        for p, layer in spec.layers.items():
+            n = layer.dims.experts
+            experts[p] = set(range(n)) if not sample or sample >= n else set(rng.sample(range(n), sample))
+        v = _Verifier(spec, conv, experts, dev if decode else None, kernels_ready)
+        result = VerifyResult(source_label or str(source_dir), str(conv_dir), options.target.name, dev)
+        result.checks = [CHECK_HASHES if hash_files else CHECK_SIZES, CHECK_STRUCTURE, CHECK_COPIED, CHECK_GLOBALS, CHECK_VALUES, CHECK_SCALES, CHECK_BOUND]
+        if decode:
+            how = "the Triton compare kernel on the GPU" if dev == "cuda" else "the kernel's torch reference on the CPU"
+            result.checks.append(f"end to end: every checked expert of both checkpoints dequantized and compared ({how})")
+        else:
+            result.note = "end-to-end dequant-and-compare not run (no GPU; --decode runs its CPU reference, slowly)"
+        budget = ByteBudget(budget_bytes)
+        pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nvfp4-verify")
+        # Shards stream side by side (each hashes in its own order), sharing the workers and the budget.
+        streams = ThreadPoolExecutor(max_workers=max(1, min(len(spec.shards), workers)), thread_name_prefix="nvfp4-verify-shard")
+        futs: dict[str, Future] = {}
+        try:
+            futs = {s.name: streams.submit(v.stream, s, pool, budget, hash_files) for s in spec.shards}
+            for name, fut in futs.items():
+                digest = fut.result()
+                if digest is not None and digest != manifest.files[name]["sha256"]:
+                    raise _fail(f"output files do not match the manifest: {name}: sha256 differs from manifest")
+            v.run_deferred()
+        finally:
+            v.stop.set()  # a no-op after a full pass; after a failure, the other streams stop reading
+            for fut in futs.values():
+                fut.cancel()
+            streams.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)
+            v.close()
+        v.finish_decode()
+        v.check_decoded()
+        result.files_hashed = len(manifest.files) if hash_files else 0
+        result.copied_tensors = v.copied
+        result.copied_groups = [
+            {"prefix": g.prefix, "format": g.format, "experts": g.experts, "tensors": g.tensors, "identical": True}
+            for g in spec.copied_groups.values()
+        ]
+        for p, lr in v.results.items():
+            n = spec.layers[p].dims.experts
+            lr.sampled = sorted(experts[p]) if len(experts[p]) < n else None
+            result.layers.append(lr)
+        result.peak_read_ahead = budget.peak
+        result.seconds = time.perf_counter() - t0
+        return result
     finally:
-        v.stop.set()  # a no-op after a full pass; after a failure, the other streams stop reading
-        for fut in futs.values():
-            fut.cancel()
-        streams.shutdown(wait=True, cancel_futures=True)
-        pool.shutdown(wait=True, cancel_futures=True)
-        v.close()
-    v.finish_decode()
-    v.check_decoded()
-    result.files_hashed = len(manifest.files) if hash_files else 0
-    result.copied_tensors = v.copied
-    result.copied_groups = [
-        {"prefix": g.prefix, "format": g.format, "experts": g.experts, "tensors": g.tensors, "identical": True}
-        for g in spec.copied_groups.values()
-    ]
-    for p, lr in v.results.items():
-        n = spec.layers[p].dims.experts
-        lr.sampled = sorted(experts[p]) if len(experts[p]) < n else None
-        result.layers.append(lr)
-    result.peak_read_ahead = budget.peak
-    result.seconds = time.perf_counter() - t0
-    return result
+        if not plan.done():
+            plan.set_result(None)  # no spec: the warm-up thread stops

@@ -355,3 +355,72 @@ def test_the_rescaled_half_check_agrees_with_the_elementwise_one():
     rel, problem = rescaled_half_problem(src, table[src], table, 1.0, 2.0)
     r, k = (int(i[0]) for i in np.nonzero(src == a))
     assert problem is not None and problem.startswith(f"at [{r}, {k}]") and "off the source" in problem
+
+
+@pytest.mark.parametrize("when", ["a third", "all", "cap"])
+def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypatch, when):
+    """The GPU path's first decodes wait for the kernel in a queue while the pass goes on: every
+    expert part is still decoded exactly once, by a worker once the kernel is ready or by the main
+    thread after the pass, and the result is the CPU reference's. A stand-in lane runs the kernel's
+    torch reference; the warm-up sets the kernel ready only after some decodes were put off."""
+    import threading
+    from collections import Counter
+
+    import torch
+
+    from nvfp4_fuse import verify as ver
+    from nvfp4_fuse.kernels.reference import compare_nvfp4_ref
+
+    target = random.choice(["vllm-fused", "mega-moe", "linear"])
+    experts = random.randint(6, 12)
+    hidden, inter = (512, 512) if target == "mega-moe" else (64, 32)
+    src, out = converted(target, experts=experts, hidden=hidden, inter=inter)
+    total = 2 * experts  # one MoE layer: w13 and w2 of each expert
+    launched: Counter = Counter()
+    deferred = threading.Semaphore(0)
+
+    class CpuLane:
+        def __init__(self, v):
+            assert v.kernels_ready.wait(30)
+            self.v = v
+
+        def launch(self, key, rows, cols, values, a_scales, a_s2, b_scales, b_shape, b_swizzled, b_s2):
+            launched[key[:3]] += 1
+            vals, a_t, a2, b_t, b2 = (torch.from_numpy(np.array(x)) for x in (values, a_scales, a_s2, b_scales, b_s2))
+            vals = vals.reshape(rows, cols // 2)
+            res = compare_nvfp4_ref(vals, a_t, a2, vals, b_t.reshape(b_shape), b2, b_swizzled=b_swizzled)
+            self.v._decoded(key, ver._stats(res))
+
+        def flush(self):
+            pass
+
+    real_defer = ver._Verifier._defer
+
+    def counting_defer(self, *a):
+        put_off = real_defer(self, *a)
+        if put_off:
+            deferred.release()
+        return put_off
+
+    wanted = {"a third": max(1, total // 3), "all": total, "cap": 1}[when]
+    if when == "cap":  # room for one expert part's values: the next decode waits for the kernel
+        monkeypatch.setattr(ver, "DEFERRED_BYTES", 2 * hidden * inter // 2)
+
+    def warm(plan, ready):
+        try:
+            if plan.result() is not None:
+                for _ in range(wanted):
+                    assert deferred.acquire(timeout=30)
+        finally:
+            ready.set()
+
+    monkeypatch.setattr(ver, "_Lane", CpuLane)
+    monkeypatch.setattr(ver, "_warm_kernels", warm)
+    monkeypatch.setattr(ver, "pick_device", lambda device: "cuda")
+    monkeypatch.setattr(ver._Verifier, "_defer", counting_defer)
+    got = verify(src, out, device="cuda", workers=random.choice([1, 2, 4]))
+    assert sorted(launched.values()) == [1] * total, launched
+    ref = verify(src, out, device="cpu", decode=True)
+    for g, c in zip(got.layers, ref.layers):
+        assert g.decoded == c.decoded == experts
+        assert g.max_abs == c.max_abs and g.max_rel == c.max_rel
