@@ -558,7 +558,7 @@ class _Verifier:
         if hasattr(self._local, "lane"):
             self._launch(layer, part, e, values)
             for item in self._take_deferred(2):  # a share of what was put off while the kernel loaded
-                self._launch(*item)
+                self._launch_deferred(item)
         elif self.decode == "cpu":
             self._launch(layer, part, e, values)
 
@@ -596,7 +596,21 @@ class _Verifier:
             with self._lock:
                 self._lanes.append(self._local.lane)
         for item in items:
-            self._launch(*item)
+            self._launch_deferred(item)
+
+    def _launch_deferred(self, item: tuple[ExpertLayer, str, int, np.ndarray]) -> None:
+        """Run a put-off decode, then drop the pages it read from the mappings again (its values, the
+        stored scales, the source's scales): the pass dropped them once already, and nothing else
+        would before the mappings close."""
+        layer, part, e, values = item
+        self._launch(layer, part, e, values)
+        n = layer.dims.experts
+        for name in (f"{layer.prefix}.{part}", f"{layer.prefix}.{part}_scale"):
+            m = self.conv_m[self.conv_map[name]]
+            per = m.header.tensors[name].nbytes // n
+            m.release_tensor(name, e * per, per)
+        for role in ("down",) if part == "w2_weight" else ("gate", "up"):
+            self.release_src(layer, e, role, "weight_scale")
 
     def _launch(self, layer: ExpertLayer, part: str, e: int, values: np.ndarray) -> None:
         """The decode of :meth:`_decode`: inputs prepared, then launched on this thread's lane or run by

@@ -418,8 +418,23 @@ def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypa
     monkeypatch.setattr(ver, "_warm_kernels", warm)
     monkeypatch.setattr(ver, "pick_device", lambda device: "cuda")
     monkeypatch.setattr(ver._Verifier, "_defer", counting_defer)
+    released: Counter = Counter()  # the output's expert parts whose pages were dropped, by tensor and offset
+    real_release = ver.ShardReader.release_tensor
+
+    def counting_release(self, name, start=0, length=None):
+        released[(name, start)] += 1
+        return real_release(self, name, start, length)
+
+    monkeypatch.setattr(ver.ShardReader, "release_tensor", counting_release)
+    put_off: list = []
+    real_launch_deferred = ver._Verifier._launch_deferred
+    monkeypatch.setattr(ver._Verifier, "_launch_deferred", lambda self, item: (put_off.append((item[0].prefix, *item[1:3])), real_launch_deferred(self, item)))
     got = verify(src, out, device="cuda", workers=random.choice([1, 2, 4]))
     assert sorted(launched.values()) == [1] * total, launched
+    assert len(put_off) == len(set(put_off)) >= wanted
+    for prefix, part, e in put_off:  # dropped by the pass once, and again after the put-off decode read them
+        per = 2 * inter * hidden // 2 if part == "w13_weight" else hidden * inter // 2
+        assert released[(f"{prefix}.{part}", e * per)] == 2, (part, e)
     ref = verify(src, out, device="cpu", decode=True)
     for g, c in zip(got.layers, ref.layers):
         assert g.decoded == c.decoded == experts
