@@ -554,16 +554,23 @@ class _Verifier:
         (:meth:`check_decoded`). On the GPU (:class:`_Lane`) the launch is asynchronous and its
         statistics are read back in batches; on the CPU the kernel's torch reference runs."""
         assert self.decode is not None
-        if self.decode == "cuda" and not hasattr(self._local, "lane") and not self._defer(layer, part, e, values):
-            self._local.lane = _Lane(self)  # waits for the kernel to be loaded
+        if self.decode == "cpu":
+            self._launch(layer, part, e, values)
+            return
+        if not hasattr(self._local, "lane") and self._defer(layer, part, e, values):
+            return
+        self._lane()
+        self._launch(layer, part, e, values)
+        for item in self._take_deferred(2):  # a share of what was put off while the kernel loaded
+            self._launch_deferred(item)
+
+    def _lane(self) -> _Lane:
+        """This thread's GPU lane; the first call makes it, waiting for the kernel to be loaded."""
+        if not hasattr(self._local, "lane"):
+            self._local.lane = _Lane(self)
             with self._lock:
                 self._lanes.append(self._local.lane)
-        if hasattr(self._local, "lane"):
-            self._launch(layer, part, e, values)
-            for item in self._take_deferred(2):  # a share of what was put off while the kernel loaded
-                self._launch_deferred(item)
-        elif self.decode == "cpu":
-            self._launch(layer, part, e, values)
+        return self._local.lane
 
     def _defer(self, layer: ExpertLayer, part: str, e: int, values: np.ndarray) -> bool:
         """Put a GPU decode off while the kernel is still loading (the first second or so of a run), up to
@@ -594,10 +601,8 @@ class _Verifier:
     def run_deferred(self) -> None:
         """Decode what is still put off (after the pass, on the calling thread; before the mappings close)."""
         items = self._take_deferred(None)
-        if items and not hasattr(self._local, "lane"):
-            self._local.lane = _Lane(self)
-            with self._lock:
-                self._lanes.append(self._local.lane)
+        if items:
+            self._lane()
         for item in items:
             self._launch_deferred(item)
 
@@ -650,7 +655,7 @@ class _Verifier:
         b_shape = self.tgt.scales.expert_shape(rows, cols) if swz else (rows, cols // NVFP4_BLOCK)
         key = (layer.prefix, part, e, all(s2[r][2] == 1.0 for r in roles))
         if self.decode == "cuda":
-            self._local.lane.launch(key, rows, cols, values, a_scales, a_s2, b_scales, b_shape, swz, b_s2)
+            self._lane().launch(key, rows, cols, values, a_scales, a_s2, b_scales, b_shape, swz, b_s2)
         else:
             import torch
 
@@ -782,8 +787,8 @@ def _warm_kernels(plan: Future, ready: threading.Event) -> None:
 def default_workers(*, gpu_decode: bool, cpus: int | None = None) -> int:
     """Worker threads by default: up to 8, or 4 with the GPU decode. Its per-expert host work (staging,
     launching the kernel, torch's dispatch) is Python that holds the GIL, and on the 16-core GPU host 8
-    workers spent most of their time waiting for it: 4 took 10-20% less time than 8 and than 6, 16
-    took more (docs/benchmarks.md)."""
+    workers spent most of their time waiting for it: in repeated calls 4 took 10-20% less time than 8
+    and than 6, and 16 took more (first calls in fresh processes were mixed; docs/benchmarks.md)."""
     cpus = cpus or os.cpu_count() or 1
     return max(1, min(4 if gpu_decode else 8, cpus))
 
