@@ -115,12 +115,12 @@ def convert(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Convert a per-expert ModelOpt NVFP4 MoE checkpoint into a fused-expert layout."""
-    from .convert import ConvertOptions, auto_shard_streams, make_plan
+    from .convert import ConvertOptions, make_plan
     from .convert import convert as run_convert
     from .spec import build_spec, human, parse_size
 
     opts = ConvertOptions(target, w13_order, parse_size(max_shard_size), workers, overwrite, shard_streams)
-    streams = shard_streams or auto_shard_streams()
+    streams = opts.streams()
     if dry_run and not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
         from . import hub
         from .source import source_from_headers

@@ -10,17 +10,18 @@ Several shards are written at once (``shard_streams``), largest first, each by a
 that writes its pieces in file order (one writer per file: the kernel serialises writes to a file
 anyway) and a helper thread that hashes the same bytes (mapped views and arrays in place; the many
 short row runs of an interleave read back from the page cache in large reads), then drops the source
-ranges from the mapping. A shard's sha256 is one chain, so a shard
-takes at least its size over one core's hash rate: taking the largest first keeps one large shard
-from running alone at the end. Tasks run ahead on a thread pool the streams share (scales transformed, source ranges read
-ahead into the page cache). At most a byte budget of output, shared by the streams, is between being
-taken on and being hashed, so resident memory is a few experts' bytes plus a fixed overhead whatever
-the number of experts, layers or the shard size.
+ranges from the mapping. A shard's sha256 is one chain, so a shard takes at least its size over one
+core's hash rate: taking the largest first keeps one large shard from running alone at the end. Tasks
+run ahead on a thread pool the streams share (scales transformed, source ranges read ahead into the
+page cache). At most a byte budget of output, a share a stream, is between being taken on and being
+hashed, so resident memory is a few experts' bytes a stream plus a fixed overhead whatever the number
+of experts, layers or the shard size.
 
 Order of writing, for crash safety: shards (each under a temporary name, fsynced, renamed, then
-recorded in the progress journal, in whatever order they finish), sidecar files, configs, the index, and last the manifest. A folder
-without the manifest is never a complete conversion; a rerun with the same input and options resumes,
-keeping every shard the journal lists whose size and sha256 still match.
+recorded in the progress journal, in whatever order they finish), sidecar files, configs, the index,
+and last the manifest. A folder without the manifest is never a complete conversion; a rerun with the
+same input and options resumes, keeping every shard the journal lists whose size and sha256 still
+match.
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ class ConvertOptions:
 
     def output_options(self) -> OutputOptions:
         return OutputOptions.parse(self.target, self.w13_order, self.max_shard_size)
+
+    def streams(self) -> int:
+        """Shards written at once: ``shard_streams``, or :func:`auto_shard_streams` for 0."""
+        return self.shard_streams or auto_shard_streams()
 
 
 @dataclass
@@ -416,9 +421,9 @@ def convert(
 
     ``spec`` is the plan when the caller already built it (``make_plan``). ``on_bytes`` and
     ``on_shard`` report progress; they are called from the shard streams' threads, several at once
-    (rich's ``Progress.advance`` is safe to call so). Raises :class:`InputError` for unusable input, options or output
-    folder (nothing is written then, beyond what an earlier run of the same conversion left), and
-    ``OSError`` for I/O failures while writing (what was written stays under ``.partial`` names or in
+    (rich's ``Progress.advance`` is safe to call so). Raises :class:`InputError` for unusable input,
+    options or output folder (nothing is written then, beyond what an earlier run of the same
+    conversion left), and ``OSError`` for I/O failures while writing (what was written stays under ``.partial`` names or in
     the progress journal, and a rerun resumes).
     """
     import time
@@ -450,7 +455,7 @@ def convert(
         if shard.name in keep and on_bytes:
             on_bytes(shard.data_bytes)
     todo = [s for s in spec.shards if s.name not in keep]
-    streams = max(1, min(opts.shard_streams or auto_shard_streams(), len(todo) or 1))
+    streams = max(1, min(opts.streams(), len(todo) or 1))
 
     def shard_done(name: str, size: int, digest: str) -> None:  # called under the streams' lock
         files[name] = {"size": size, "sha256": digest}
@@ -522,7 +527,7 @@ def _write_shards(
     on_bytes: Callable[[int], None] | None,
     shard_done: Callable[[str, int, str], None],
 ) -> None:
-    """Write the shards of ``todo``, ``streams`` of them at once (taken in order), each by its own
+    """Write the shards of ``todo``, ``streams`` of them at once (the largest first), each by its own
     thread with its own hashing thread, sharing the task pool and the read-ahead budget. Each shard is
     handed to ``shard_done(name, size, sha256)`` (one call at a time) as soon as it is renamed into
     place, in whatever order the shards finish. The first failure stops the other streams (their

@@ -14,9 +14,10 @@ writes the header, then accepts each tensor's bytes in order, as pieces (mapped 
 computed arrays) that :func:`write_pieces` writes with ``pwritev`` and ``copy_file_range``; a helper
 thread hashes the same bytes beside the writes: large pieces in place, many small ones (row runs of a
 few KiB) read back from the page cache in large reads, since hashing them one by one costs a GIL
-hand-over each. Nothing is ever held for a whole shard. Writeback is started every 32 MiB (``sync_file_range``) so the disk writes while the
-caller reads, and the final fsync has little left. The file is written under a temporary
-name, fsynced, and renamed into place only when every declared byte has arrived.
+hand-over each. Nothing is ever held for a whole shard. Writeback is started every 32 MiB
+(``sync_file_range``) so the disk writes while the caller reads, and the final fsync has little left.
+The file is written under a temporary name, fsynced, and renamed into place only when every declared
+byte has arrived.
 """
 
 from __future__ import annotations
@@ -525,7 +526,8 @@ class StreamingShardWriter:
     ``put(pieces)`` writes pieces (mapped views, source spans, array bytes) one after the other at the
     end of what was handed over so far, moving on to the next tensor when one is full, and hashes the
     same bytes on a helper thread (a few large pieces in place, many small ones read back from the page
-    cache): the caller goes on writing while they are hashed. ``write(data)`` is ``put`` for one buffer, returning once it is hashed too.
+    cache): the caller goes on writing while they are hashed. ``write(data)`` is ``put`` for one
+    buffer, returning once it is hashed too.
     ``finish()`` checks that every declared byte arrived, waits for the hash, fsyncs, renames the
     temporary file into place, fsyncs the folder and returns (size, sha256). Anything else (an
     exception, a crash) leaves only the ``.partial`` file, never a complete-looking shard.

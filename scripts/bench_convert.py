@@ -235,9 +235,8 @@ def main() -> None:
         base_cmd = list(cmd)  # another commit's convert may not know --shard-streams
         if a.shard_streams:
             cmd += ["--shard-streams", str(a.shard_streams)]
-        from nvfp4_fuse.convert import auto_shard_streams
-
-        print(f"shard streams: {a.shard_streams or auto_shard_streams()} ({len(plan.shards)} output shards)", flush=True)
+        streams = ConvertOptions(shard_streams=a.shard_streams).streams()
+        print(f"shard streams: {streams} ({len(plan.shards)} output shards)", flush=True)
         prepare = warm if a.warm else evict
         mode = "source in the page cache" if a.warm else "source evicted from the page cache"
         goal = 1.5 if a.warm else 1.2
@@ -302,7 +301,7 @@ def main() -> None:
             naive = run_measured([sys.executable, "-c", NAIVE, str(src), str(nout)])[:3]
             shutil.rmtree(nout)
 
-        est = plan.peak_memory_estimate(a.shard_streams or auto_shard_streams())
+        est = plan.peak_memory_estimate(streams)
         rows = [
             (f"cp -r + fsync (median of {a.repeat})", t_cp, None, None),
             (f"nvfp4-fuse convert (median of {a.repeat})", t_conv, rss_conv, anon_conv),
@@ -345,7 +344,7 @@ def main() -> None:
                 "checkpoint_bytes": size, "expert_bytes": expert_bytes, "target": a.target, "workers": a.workers,
                 "warm": a.warm, "cpus": os.cpu_count(), "cp_s": cps, "convert_s": convs, "ratios": ratios,
                 "cp_cpu_user_sys": cpu_cp, "convert_cpu_user_sys": cpu_conv, "baseline_s": base, "baseline_cpu_user_sys": cpu_base,
-                "shard_streams": a.shard_streams or auto_shard_streams(), "also_streams": a.also_streams, "also_s": also,
+                "shard_streams": streams, "also_streams": a.also_streams, "also_s": also,
                 "also_cpu_user_sys": cpu_also,
                 "import_s": t_import, "convert_peak_rss": rss_conv,
                 "convert_peak_anon": anon_conv, "estimate": est,
