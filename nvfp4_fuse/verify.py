@@ -342,6 +342,26 @@ class _Lane:
             self._read_back()
 
 
+class _ReferenceLane:
+    """The CPU's stand-in for :class:`_Lane`: the kernel's torch reference, run at once."""
+
+    def __init__(self, v: _Verifier):
+        self.v = v
+
+    def launch(self, key, rows: int, cols: int, values, a_scales, a_s2, b_scales, b_shape, b_swizzled: bool, b_s2) -> None:
+        import torch
+
+        from .kernels.reference import compare_nvfp4_ref
+
+        vals, a_t, a2, b_t, b2 = (torch.from_numpy(np.array(x)) for x in (values, a_scales, a_s2, b_scales, b_s2))
+        vals = vals.reshape(rows, cols // 2)
+        res = compare_nvfp4_ref(vals, a_t, a2, vals, b_t.reshape(b_shape), b2, b_swizzled=b_swizzled)
+        self.v._decoded(key, _stats(res))
+
+    def flush(self) -> None:
+        pass
+
+
 class _Verifier:
     def __init__(self, spec: OutputSpec, conv: Source, experts: dict[str, set[int]], decode: str | None, kernels_ready: threading.Event | None = None):
         self.spec, self.tgt = spec, spec.target
@@ -654,17 +674,8 @@ class _Verifier:
         b_scales = stored if swz else stored.reshape(-1).take(self._natural_index(f"{part}_scale", rows, cols)["all"])
         b_shape = self.tgt.scales.expert_shape(rows, cols) if swz else (rows, cols // NVFP4_BLOCK)
         key = (layer.prefix, part, e, all(s2[r][2] == 1.0 for r in roles))
-        if self.decode == "cuda":
-            self._lane().launch(key, rows, cols, values, a_scales, a_s2, b_scales, b_shape, swz, b_s2)
-        else:
-            import torch
-
-            from .kernels.reference import compare_nvfp4_ref
-
-            vals, a_t, a2, b_t, b2 = (torch.from_numpy(np.array(x)) for x in (values, a_scales, a_s2, b_scales, b_s2))
-            vals = vals.reshape(rows, cols // 2)
-            res = compare_nvfp4_ref(vals, a_t, a2, vals, b_t.reshape(b_shape), b2, b_swizzled=swz)
-            self._decoded(key, _stats(res))
+        lane = self._lane() if self.decode == "cuda" else _ReferenceLane(self)
+        lane.launch(key, rows, cols, values, a_scales, a_s2, b_scales, b_shape, swz, b_s2)
 
     def _decoded(self, key: tuple[str, str, int, bool], stats: Any) -> None:
         """The read-back statistics (n_diff, nonfinite, max_abs, max_rel) of one decoded expert part."""
@@ -750,6 +761,29 @@ class _Verifier:
 
 # ---------------------------------------------------------------------------------------------------
 # entry point
+
+
+def _run_pass(v: _Verifier, spec: OutputSpec, files: dict[str, dict[str, Any]], budget: ByteBudget, workers: int, hash_files: bool) -> None:
+    """The pass: every output shard streamed (shards side by side, each hashed in its own order),
+    its pieces checked on ``workers`` threads, within ``budget``; each shard's sha256 held to the
+    manifest's ``files``; then the decodes still put off. The mappings are closed on the way out."""
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nvfp4-verify")
+    streams = ThreadPoolExecutor(max_workers=max(1, min(len(spec.shards), workers)), thread_name_prefix="nvfp4-verify-shard")
+    futs: dict[str, Future] = {}
+    try:
+        futs = {s.name: streams.submit(v.stream, s, pool, budget, hash_files) for s in spec.shards}
+        for name, fut in futs.items():
+            digest = fut.result()
+            if digest is not None and digest != files[name]["sha256"]:
+                raise _fail(f"output files do not match the manifest: {name}: sha256 differs from manifest")
+        v.run_deferred()
+    finally:
+        v.stop.set()  # a no-op after a full pass; after a failure, the other streams stop reading
+        for fut in futs.values():
+            fut.cancel()
+        streams.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
+        v.close()
 
 
 def _warm_kernels(plan: Future, ready: threading.Event) -> None:
@@ -883,24 +917,7 @@ def verify(
         else:
             result.note = "end-to-end dequant-and-compare not run (no GPU; --decode runs its CPU reference, slowly)"
         budget = ByteBudget(budget_bytes)
-        pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nvfp4-verify")
-        # Shards stream side by side (each hashes in its own order), sharing the workers and the budget.
-        streams = ThreadPoolExecutor(max_workers=max(1, min(len(spec.shards), workers)), thread_name_prefix="nvfp4-verify-shard")
-        futs: dict[str, Future] = {}
-        try:
-            futs = {s.name: streams.submit(v.stream, s, pool, budget, hash_files) for s in spec.shards}
-            for name, fut in futs.items():
-                digest = fut.result()
-                if digest is not None and digest != manifest.files[name]["sha256"]:
-                    raise _fail(f"output files do not match the manifest: {name}: sha256 differs from manifest")
-            v.run_deferred()
-        finally:
-            v.stop.set()  # a no-op after a full pass; after a failure, the other streams stop reading
-            for fut in futs.values():
-                fut.cancel()
-            streams.shutdown(wait=True, cancel_futures=True)
-            pool.shutdown(wait=True, cancel_futures=True)
-            v.close()
+        _run_pass(v, spec, manifest.files, budget, workers, hash_files)
         v.finish_decode()
         v.check_decoded()
         result.files_hashed = len(manifest.files) if hash_files else 0
