@@ -257,21 +257,34 @@ class _Piece:
 
 
 def _stats(res: Any) -> torch.Tensor:
-    """float64 [4] (n_diff, nonfinite, max_abs, max_rel) of a one-expert compare result, on its device:
-    what :meth:`_Verifier._decoded` reads back."""
+    """float64 [E, 4] (n_diff, nonfinite, max_abs, max_rel) of a compare result, a row per expert, on
+    its device: what :meth:`_Verifier._decoded` reads back."""
     import torch
 
-    return torch.stack([res.n_diff.double(), res.nonfinite.double(), res.max_abs.double(), res.max_rel.double()])[:, 0]
+    return torch.stack([res.n_diff.double(), res.nonfinite.double(), res.max_abs.double(), res.max_rel.double()], dim=1)
+
+
+class _Batch:
+    """Up to :attr:`_Lane.BATCH` expert parts of one shape, gathered on the device for one compare
+    launch: slot ``i`` of ``slots`` holds part ``i``'s inputs at ``offs`` (as staged)."""
+
+    def __init__(self, slots: torch.Tensor, offs: list[int], sizes: list[int]):
+        self.slots, self.offs, self.sizes = slots, offs, sizes
+        self.keys: list[tuple[str, str, int, bool]] = []
 
 
 class _Lane:
     """One worker thread's GPU state. Its own CUDA stream (a worker waits for its own work only);
     every expert part's inputs are copied into a pinned staging buffer and go to the device in one
-    non-blocking upload, the buffers used in turn (a buffer is refilled once its upload is done); the
-    compare kernel's statistics stay on the device and are read back every ``FLUSH`` launches, so the
-    worker goes on preparing the next expert while the GPU works."""
+    non-blocking upload, into the next slot of a batch of parts of its shape (the pinned buffers used
+    in turn, each refilled once its upload is done); a full batch is compared in one launch (the
+    kernel's host side, Triton's argument binding and torch's dispatch, holds the GIL: once a batch
+    instead of once a part); its statistics stay on the device and are read back every ``FLUSH``
+    parts, so the worker goes on preparing the next expert while the GPU works. The stream orders
+    each slot's next upload after the launch that read it."""
 
     RING = 2
+    BATCH = 8
     FLUSH = 32
     ALIGN = 256
 
@@ -286,16 +299,28 @@ class _Lane:
         self.bufs: list[torch.Tensor | None] = [None] * self.RING
         self.events: list[Any] = [None] * self.RING
         self.turn = 0
-        self.pending: list[tuple[tuple[str, str, int, bool], torch.Tensor]] = []
+        self.batches: dict[tuple, _Batch] = {}
+        self.pending: list[tuple[list[tuple[str, str, int, bool]], torch.Tensor]] = []
+        self.unread = 0  # parts launched and not read back
 
-    def _stage(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        """The arrays' bytes on the device, as uint8 views of one upload."""
+    def _batch(self, shape: tuple, arrays: list[np.ndarray]) -> _Batch:
         import torch
 
-        offs, total = [], 0
-        for a in arrays:
-            offs.append(total)
-            total += -(-a.nbytes // self.ALIGN) * self.ALIGN
+        b = self.batches.get(shape)
+        if b is None:
+            offs, total = [], 0
+            for a in arrays:
+                offs.append(total)
+                total += -(-a.nbytes // self.ALIGN) * self.ALIGN
+            slots = torch.empty((self.BATCH, total), dtype=torch.uint8, device=self.device)
+            b = self.batches[shape] = _Batch(slots, offs, [a.nbytes for a in arrays])
+        return b
+
+    def _stage(self, arrays: list[np.ndarray], b: _Batch) -> None:
+        """The arrays' bytes into the batch's next slot, in one upload through a pinned buffer."""
+        import torch
+
+        total = b.slots.shape[1]
         i, self.turn = self.turn, (self.turn + 1) % self.RING
         if self.events[i] is not None:
             self.events[i].synchronize()  # its last upload has left it
@@ -303,42 +328,65 @@ class _Lane:
         if buf is None or buf.numel() < total:
             buf = self.bufs[i] = torch.empty(total, dtype=torch.uint8, pin_memory=True)
         host = buf.numpy()
-        for a, o in zip(arrays, offs):
+        for a, o in zip(arrays, b.offs):
             np.copyto(host[o : o + a.nbytes], np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-        dev = buf[:total].to(self.device, non_blocking=True)
+        b.slots[len(b.keys)].copy_(buf[:total], non_blocking=True)
         ev = torch.cuda.Event()
         ev.record(self.stream)
         self.events[i] = ev
-        return [dev[o : o + a.nbytes] for a, o in zip(arrays, offs)]
 
     def launch(self, key, rows: int, cols: int, values, a_scales, a_s2, b_scales, b_shape, b_swizzled: bool, b_s2) -> None:
         import torch
 
+        shape = (rows, cols, tuple(b_shape), b_swizzled)
+        arrays = [values, a_scales, a_s2, b_scales, b_s2]
+        with torch.cuda.stream(self.stream):
+            b = self._batch(shape, arrays)
+            self._stage(arrays, b)
+            b.keys.append(key)
+            if len(b.keys) == self.BATCH:
+                self._compare(shape, b)
+            if self.unread >= self.FLUSH:
+                self._read_back()
+
+    def _compare(self, shape: tuple, b: _Batch) -> None:
+        """One launch over the batch's parts (the caller holds the lane's stream)."""
+        import torch
+
         from .kernels.compare import compare_nvfp4
 
-        with torch.cuda.stream(self.stream):
-            vals, a_t, a2, b_t, b2 = self._stage([values, a_scales, a_s2, b_scales, b_s2])
-            vals = vals.reshape(rows, cols // 2)
-            a_t = a_t.reshape(rows, cols // NVFP4_BLOCK)
-            a2, b2 = a2.view(torch.float32), b2.view(torch.float32)
-            res = compare_nvfp4(vals, a_t, a2, vals, b_t.reshape(b_shape), b2, b_swizzled=b_swizzled, check=False)
-            self.pending.append((key, _stats(res)))
-            if len(self.pending) >= self.FLUSH:
-                self._read_back()
+        rows, cols, b_shape, b_swizzled = shape
+        n = len(b.keys)
+
+        def region(k: int, dtype: torch.dtype, *dims: int) -> torch.Tensor:
+            return b.slots[:n, b.offs[k] : b.offs[k] + b.sizes[k]].view(dtype).reshape(n, *dims)
+
+        vals = region(0, torch.uint8, rows, cols // 2).contiguous()  # one copy for both sides
+        a_t, a2 = region(1, torch.uint8, rows, cols // NVFP4_BLOCK), region(2, torch.float32, rows)
+        b_t, b2 = region(3, torch.uint8, *b_shape), region(4, torch.float32, rows)
+        res = compare_nvfp4(vals, a_t, a2, vals, b_t, b2, b_swizzled=b_swizzled, check=False)
+        self.pending.append((b.keys, _stats(res)))
+        self.unread += n
+        b.keys = []
 
     def _read_back(self) -> None:
         import torch
 
-        pending, self.pending = self.pending, []
+        pending, self.pending, self.unread = self.pending, [], 0
         if pending:
-            got = torch.stack([st for _, st in pending]).cpu()  # waits for this stream's work only
-            for (key, _), row in zip(pending, got.tolist()):
+            got = torch.cat([st for _, st in pending]).cpu()  # waits for this stream's work only
+            keys = [k for ks, _ in pending for k in ks]
+            for key, row in zip(keys, got.tolist()):
                 self.v._decoded(key, row)
 
     def flush(self) -> None:
+        """Launch the part-filled batches and read everything back."""
         import torch
 
         with torch.cuda.stream(self.stream):
+            for shape, b in self.batches.items():
+                if b.keys:
+                    self._compare(shape, b)
             self._read_back()
 
 
@@ -356,7 +404,7 @@ class _ReferenceLane:
         vals, a_t, a2, b_t, b2 = (torch.from_numpy(np.array(x)) for x in (values, a_scales, a_s2, b_scales, b_s2))
         vals = vals.reshape(rows, cols // 2)
         res = compare_nvfp4_ref(vals, a_t, a2, vals, b_t.reshape(b_shape), b2, b_swizzled=b_swizzled)
-        self.v._decoded(key, _stats(res))
+        self.v._decoded(key, _stats(res)[0])
 
     def flush(self) -> None:
         pass

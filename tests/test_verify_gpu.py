@@ -1,5 +1,6 @@
 """verify's end-to-end decode on a GPU: the asynchronous lanes (pinned staging, one upload per expert
-part, statistics read back in batches) report what the kernel's torch reference reports on the CPU.
+part into a batch of its shape, one compare launch a batch, statistics read back every few batches)
+report what the kernel's torch reference reports on the CPU.
 
 Skipped without CUDA (the CPU suite runs the same checks through the reference); run on a GPU with
 ``python3 -m pytest tests/test_verify_gpu.py``.
@@ -32,6 +33,7 @@ def test_gpu_decode_matches_the_cpu_reference(make_ckpt, tmp_path, target, monke
     out = tmp_path / "out"
     convert(src, out, ConvertOptions(target=target))
     monkeypatch.setattr(ver._Lane, "FLUSH", random.choice([7, 32]))
+    monkeypatch.setattr(ver._Lane, "BATCH", random.choice([1, 3, 8]))  # part-filled batches launched at the flush
     if slow_kernel_load:  # the pass runs ahead: decodes are put off, then run by the lanes and the main thread
         warm = ver._warm_kernels
         monkeypatch.setattr(ver, "_warm_kernels", lambda plan, ready: (time.sleep(0.5), warm(plan, ready)))
@@ -59,5 +61,6 @@ def test_gpu_decode_failure_is_named(make_ckpt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ver._Verifier, "_scale_2", skewed)
     monkeypatch.setattr(ver._Verifier, "_scales", lambda *a, **kw: None)  # the per-block check would see it first
+    monkeypatch.setattr(ver._Lane, "BATCH", random.choice([3, 8]))  # the expert is found by its row in a batch
     with pytest.raises(CheckFailed, match=f"w2_weight: expert {victim} should decode bit-identically"):
         verify(src, out, device="cuda", workers=2)
