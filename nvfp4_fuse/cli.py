@@ -188,7 +188,7 @@ def verify(
     revision: str | None = typer.Option(None, help="Hub revision, for a repo id."),
     seed: int | None = typer.Option(None, help="Seed for --sample."),
     workers: int = typer.Option(
-        0, help="Worker threads; 0: up to 8 on the CPU, 4 with the GPU decode (its per-expert host work holds the GIL)."
+        0, help="Worker threads; 0: up to 8 on the CPU, 6 with the GPU decode (its per-expert host work holds the GIL)."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:

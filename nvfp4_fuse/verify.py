@@ -666,13 +666,23 @@ class _Verifier:
                 self._deferred_bytes -= got[-1][3].nbytes
         return got
 
-    def run_deferred(self) -> None:
-        """Decode what is still put off (after the pass, on the calling thread; before the mappings close)."""
-        items = self._take_deferred(None)
-        if items:
+    def run_deferred(self, pool: ThreadPoolExecutor | None = None, workers: int = 1) -> None:
+        """Decode what is still put off, after the pass and before the mappings close: on ``workers``
+        threads of ``pool``, each on its own lane (a first call's pass can end before the kernel is
+        loaded, with most decodes put off), or on the calling thread."""
+        if not self._deferred:
+            return
+        if pool is None or workers <= 1:
+            self._drain_deferred()
+            return
+        for fut in [pool.submit(self._drain_deferred) for _ in range(workers)]:
+            fut.result()
+
+    def _drain_deferred(self) -> None:
+        """Run put-off decodes, one at a time, until none is left."""
+        while items := self._take_deferred(1):
             self._lane()
-        for item in items:
-            self._launch_deferred(item)
+            self._launch_deferred(items[0])
 
     def _launch_deferred(self, item: tuple[ExpertLayer, str, int, np.ndarray]) -> None:
         """Run a put-off decode, then drop the pages it read from the mappings again (its values, the
@@ -814,7 +824,8 @@ class _Verifier:
 def _run_pass(v: _Verifier, spec: OutputSpec, files: dict[str, dict[str, Any]], budget: ByteBudget, workers: int, hash_files: bool) -> None:
     """The pass: every output shard streamed (shards side by side, each hashed in its own order),
     its pieces checked on ``workers`` threads, within ``budget``; each shard's sha256 held to the
-    manifest's ``files``; then the decodes still put off. The mappings are closed on the way out."""
+    manifest's ``files``; then the decodes still put off, on the same workers. The mappings are closed
+    on the way out."""
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nvfp4-verify")
     streams = ThreadPoolExecutor(max_workers=max(1, min(len(spec.shards), workers)), thread_name_prefix="nvfp4-verify-shard")
     futs: dict[str, Future] = {}
@@ -824,7 +835,7 @@ def _run_pass(v: _Verifier, spec: OutputSpec, files: dict[str, dict[str, Any]], 
             digest = fut.result()
             if digest is not None and digest != files[name]["sha256"]:
                 raise _fail(f"output files do not match the manifest: {name}: sha256 differs from manifest")
-        v.run_deferred()
+        v.run_deferred(pool, workers)
     finally:
         v.stop.set()  # a no-op after a full pass; after a failure, the other streams stop reading
         for fut in futs.values():
@@ -867,12 +878,12 @@ def _warm_kernels(plan: Future, ready: threading.Event) -> None:
 
 
 def default_workers(*, gpu_decode: bool, cpus: int | None = None) -> int:
-    """Worker threads by default: up to 8, or 4 with the GPU decode. Its per-expert host work (staging,
-    launching the kernel, torch's dispatch) is Python that holds the GIL, and on the 16-core GPU host 8
-    workers spent most of their time waiting for it: in repeated calls 4 took 10-20% less time than 8
-    and than 6, and 16 took more (first calls in fresh processes were mixed; docs/benchmarks.md)."""
+    """Worker threads by default: up to 8, or 6 with the GPU decode. Its per-expert host work (staging,
+    the batched launches, torch's dispatch) is Python that holds the GIL: on the 16-core GPU host, in
+    fresh processes, 6 workers gave the fastest first calls, and 8 little more in later calls
+    (docs/benchmarks.md)."""
     cpus = cpus or os.cpu_count() or 1
-    return max(1, min(4 if gpu_decode else 8, cpus))
+    return max(1, min(6 if gpu_decode else 8, cpus))
 
 
 def pick_device(device: str) -> str:
