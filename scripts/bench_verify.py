@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_convert import files_of, run_measured  # noqa: E402
 
 from nvfp4_fuse.convert import ConvertOptions, convert  # noqa: E402
+from nvfp4_fuse.manifest import MANIFEST_NAME  # noqa: E402
 from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint  # noqa: E402
 from nvfp4_fuse.spec import parse_size  # noqa: E402
 
@@ -60,6 +61,23 @@ if again:  # the same verify() again in this process: without the one-off costs
     res["again_seconds"] = verify(sys.argv[1], sys.argv[2], **kw).seconds
 print(json.dumps(res))
 """
+
+
+def expert_bytes(layers: int = 4, experts: int = 96, hidden: int = 4096, inter: int = 2048) -> float:
+    """Bytes of routed-expert data (values and block scales) of one such checkpoint; layer 0 is dense."""
+    return (layers - 1) * experts * 3 * hidden * inter * (1 / 2 + 1 / 16)
+
+
+def ensure_checkpoint(work: Path, target: str = "mega-moe", max_shard_size: str = "500MB") -> tuple[Path, Path]:
+    """(source, converted) in ``work``: this script's default checkpoint (4.08 GB of routed experts),
+    converted to ``target``; made there if absent, else reused (the diagnostics that call verify()
+    many times share it)."""
+    src, out = work / "src", work / target
+    if not (src / "model.safetensors.index.json").exists():
+        make_sample_checkpoint(src, SampleSpec("deepseek", 4, 96, 4096, 2048, 4, unequal_scale_2=True, fast=True, seed=1))
+    if not (out / MANIFEST_NAME).exists():
+        convert(src, out, ConvertOptions(target=target, workers=8, max_shard_size=parse_size(max_shard_size)))
+    return src, out
 
 
 def cat_both(a: Path, b: Path) -> float:
@@ -93,8 +111,8 @@ def main() -> None:
             shards=4, unequal_scale_2=True, fast=True, seed=1,
         )  # fmt: skip
         make_sample_checkpoint(src, spec)
-        expert_bytes = (args.layers - 1) * args.experts * 3 * args.hidden * args.inter * (1 / 2 + 1 / 16)
-        print(f"sample: {expert_bytes / 1e9:.2f} GB of routed-expert data, made in {time.perf_counter() - t0:.1f} s", flush=True)
+        data = expert_bytes(args.layers, args.experts, args.hidden, args.inter)
+        print(f"sample: {data / 1e9:.2f} GB of routed-expert data, made in {time.perf_counter() - t0:.1f} s", flush=True)
         for target in args.targets.split(","):
             out = work / target
             res = convert(src, out, ConvertOptions(target=target, workers=8, max_shard_size=parse_size(args.max_shard_size)))
@@ -110,7 +128,7 @@ def main() -> None:
             call = res["seconds"]  # verify() itself, without Python's start and the imports
             print(
                 f"{target:10s} verify ({res['device']}): process {wall:6.2f} s = {wall / t_cat:4.1f}x cat of both ({t_cat:.2f} s); "
-                f"verify() {call:6.2f} s = {call / t_cat:4.1f}x cat, {2 * expert_bytes / call / 1e9:5.2f} GB/s of both checkpoints' "
+                f"verify() {call:6.2f} s = {call / t_cat:4.1f}x cat, {2 * data / call / 1e9:5.2f} GB/s of both checkpoints' "
                 f"expert data | peak RSS {peak / 1e6:.0f} MB (anonymous {anon / 1e6:.0f} MB) | decoded "
                 f"{sum(l['decoded'] for l in res['layers'])} experts, max rel {100 * rel:.3f}%",
                 flush=True,
@@ -120,7 +138,7 @@ def main() -> None:
             again = json.loads(run_measured([*cmd, json.dumps({**kw, "again": True})])[3])["again_seconds"]
             print(
                 f"{'':10s} the same verify() called a second time in one process (one-off costs paid): {again:6.2f} s = "
-                f"{again / t_cat:4.1f}x cat, {2 * expert_bytes / again / 1e9:5.2f} GB/s",
+                f"{again / t_cat:4.1f}x cat, {2 * data / again / 1e9:5.2f} GB/s",
                 flush=True,
             )
             for c in res["checks"]:

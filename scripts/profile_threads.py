@@ -3,6 +3,7 @@
 
     python scripts/profile_threads.py convert --workdir /dev/shm [--runs 4,4,128,1GB;8,8,512,500MB] [--tree DIR]
     python scripts/profile_threads.py verify --workdir /tmp [--runs cuda:4,cuda:8,cpu:8] [--tree DIR]
+        [--src DIR] [--timeline] [--preload import|key|kernel] [--switch S]
 
 ``convert`` makes the synthetic checkpoint of bench_convert.py (4.64 GB; ``--src`` reuses one) and
 converts it in this process once per run (streams, workers, read-ahead MiB a stream, max shard size),
@@ -14,7 +15,14 @@ is about to run. In tmpfs no disk sets the pace, so what is left is the converte
 ``verify`` makes bench_verify.py's checkpoint (4.08 GB of routed experts), converts it to mega-moe
 (500 MB shards), then calls verify() once per run (device:workers) and prints, per function of the
 workers and the GPU lanes, the calls, the wall time and the thread CPU time summed over threads: wall
-far above CPU is time spent waiting (for the GIL, mostly).
+far above CPU is time spent waiting (for the GIL, mostly). Each run also prints when the warm-up
+imported Triton and had the kernel loaded, when the first lane started, the spans of verify()'s steps
+on the calling thread and how many decodes were put off. With CUDA runs, Triton's kernel cache is
+filled first in another process, as a user's earlier run would; the first run is then a first call.
+``--timeline`` samples every thread's stack during each run and prints, a quarter second at a time,
+where each kind of thread was. ``--preload`` pays part of Triton's one-off before the first run (its
+import; its cache key, a hash of its own files; the kernel loaded for the checkpoint's shapes), to see
+what that part costs a first call. ``--src DIR`` keeps the checkpoint there for later runs.
 
 ``--tree DIR`` profiles another checkout's nvfp4_fuse (``git archive C nvfp4_fuse kernels | tar -x
 -C DIR``; before ``1cc3f70`` the read-ahead MiB are for all the streams together); the sampling and the timing wrappers add overhead of their own, so compare runs of this
@@ -24,6 +32,7 @@ script with each other only.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import sys
@@ -61,14 +70,31 @@ def _where(frame: Any) -> tuple[str | None, str]:
     return None, inner
 
 
-def sample_stacks(stop: threading.Event, counts: Samples, interval: float = 0.004) -> None:
+def sample_stacks(stop: threading.Event, counts: Samples, interval: float = 0.004, timeline: list | None = None) -> None:
+    """Every ``interval``, where each other thread is; with ``timeline``, also (time, kind, where) a sample."""
     me = threading.get_ident()
     while not stop.is_set():
         names = {t.ident: t.name for t in threading.enumerate()}
+        now = time.perf_counter()
         for tid, frame in sys._current_frames().items():
             if tid != me:
-                counts[_kind(names.get(tid, "?"))][_where(frame)] += 1
+                kind, where = _kind(names.get(tid, "?")), _where(frame)
+                counts[kind][where] += 1
+                if timeline is not None:
+                    timeline.append((now, kind, where))
         time.sleep(interval)
+
+
+def print_timeline(timeline: list, t0: float, window: float = 0.25, top: int = 2) -> None:
+    """Per ``window`` seconds of the run and kind of thread: the samples and the most frequent places."""
+    slots: dict[int, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    for t, kind, (ours, inner) in timeline:
+        slots[int((t - t0) / window)][kind][f"{ours or '-'} <- {inner}"] += 1
+    for i in sorted(slots):
+        print(f"   {i * window:5.2f} s")
+        for kind, c in sorted(slots[i].items()):
+            total = sum(c.values())
+            print(f"      [{kind}] {total}: " + "; ".join(f"{100 * n // total}% {w}" for w, n in c.most_common(top)))
 
 
 def print_samples(counts: Samples, top: int, floor: float = 1.0) -> None:
@@ -140,13 +166,33 @@ def _timed(acc: dict[str, list[float]], lock: threading.Lock, owner: Any, name: 
     setattr(owner, name, wrapper)
 
 
-def profile_verify(work: Path, runs: list[tuple[str, int]]) -> None:
+def _spanned(spans: list, owner: Any, name: str) -> None:
+    fn: Callable[..., Any] = getattr(owner, name)
+
+    def wrapper(*args: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                spans.append((name, t, time.perf_counter()))
+
+    setattr(owner, name, wrapper)
+
+
+def profile_verify(work: Path, runs: list[tuple[str, int]], timeline: bool = False, preload: str = "", switch: float = 0.0) -> None:
+    """``work`` keeps the checkpoints (made there if absent); ``preload`` (import, key, kernel) pays that much of
+    Triton's one-off before the first run, to see what it costs the run; ``switch`` sets the GIL's
+    switch interval."""
     from source_tree import use_source_tree
 
     use_source_tree()
+    import nvfp4_fuse.convert  # noqa: F401  (the tree's modules first: bench_verify reuses them)
+    import nvfp4_fuse.manifest  # noqa: F401
+    import nvfp4_fuse.sample  # noqa: F401
     from nvfp4_fuse import verify as ver
-    from nvfp4_fuse.convert import ConvertOptions, convert
-    from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
+
+    ensure_checkpoint = importlib.import_module("bench_verify").ensure_checkpoint
 
     acc: dict[str, list[float]] = {}
     lock = threading.Lock()
@@ -154,15 +200,87 @@ def profile_verify(work: Path, runs: list[tuple[str, int]]) -> None:
         _timed(acc, lock, ver._Verifier, name)
     for name in ("_stage", "launch", "_read_back"):
         _timed(acc, lock, ver._Lane, name)
-    src, out = work / "src", work / "mega-moe"
-    make_sample_checkpoint(src, SampleSpec("deepseek", 4, 96, 4096, 2048, 4, unequal_scale_2=True, fast=True, seed=1))
-    convert(src, out, ConvertOptions(target="mega-moe", workers=8, max_shard_size=500 * 10**6))
+    src, out = ensure_checkpoint(work)
+    if any(d == "cuda" for d, _ in runs):  # fill Triton's kernel cache in another process, as a user's earlier run would
+        import subprocess
+
+        code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from nvfp4_fuse.verify import verify; verify({str(src)!r}, {str(out)!r}, device='cuda', sample=1)"
+        subprocess.run([sys.executable, "-c", code], check=True)
+        import torch
+
+        torch.cuda.init()  # as bench_verify does: a fixed cost kept out of the first call
+    if preload:
+        import triton
+
+        if preload in ("key", "kernel"):
+            triton.runtime.cache.triton_key()  # Triton's cache key: a hash of its own files (libtriton: 500 MB)
+        if preload == "kernel":  # the compare kernel loaded for this checkpoint's shapes, as the warm-up does
+            from concurrent.futures import Future
+
+            from nvfp4_fuse.manifest import load_manifest
+            from nvfp4_fuse.source import scan_source
+            from nvfp4_fuse.spec import OutputOptions, build_spec
+
+            plan: Future = Future()
+            plan.set_result(build_spec(scan_source(src), OutputOptions.from_json(load_manifest(out).options, file=str(out))))
+            ver._warm_kernels(plan, threading.Event())
+    if switch:
+        sys.setswitchinterval(switch)
+    warm = ver._warm_kernels
+    marks: dict[str, float] = {}
+
+    def timed_warm(plan: Any, ready: threading.Event) -> None:
+        marks["warm-up start"] = time.perf_counter()
+        try:
+            import triton  # noqa: F401  (the warm-up's first step: how long Triton's import takes)
+
+            marks["triton imported"] = time.perf_counter()
+            warm(plan, ready)
+        finally:
+            marks["kernels ready"] = time.perf_counter()
+
+    ver._warm_kernels = timed_warm
+    spans: list[tuple[str, float, float]] = []  # verify()'s steps on the calling thread
+    verifier = ver._Verifier
+    for owner, name in ((ver, "load_manifest"), (ver, "scan_source"), (ver, "build_spec"), (ver, "_check_structure"),
+                        (ver, "_Verifier"), (ver, "_run_pass"), (verifier, "run_deferred"), (verifier, "finish_decode")):  # fmt: skip
+        _spanned(spans, owner, name)
+    lane_init, defer = ver._Lane.__init__, verifier._defer
+    put_off = [0]
+
+    def counted_lane(self: Any, v: Any) -> None:
+        lane_init(self, v)
+        marks.setdefault("first lane", time.perf_counter())
+
+    def counted_defer(self: Any, *args: Any) -> bool:
+        got = defer(self, *args)
+        put_off[0] += got
+        return got
+
+    ver._Lane.__init__, verifier._defer = counted_lane, counted_defer
     for device, workers in runs:
         acc.clear()
-        r0 = os.times()
-        res = ver.verify(src, out, device=device, workers=workers)
+        marks.clear()
+        counts: Samples = defaultdict(Counter)
+        samples: list = []
+        stop = threading.Event()
+        th = threading.Thread(target=sample_stacks, args=(stop, counts, 0.004, samples), daemon=True)
+        if timeline:
+            th.start()
+        r0, t0 = os.times(), time.perf_counter()
+        try:
+            res = ver.verify(src, out, device=device, workers=workers)
+        finally:
+            stop.set()
         r1 = os.times()
         print(f"\n== verify on {device}, {workers} workers: {res.seconds:.2f} s, CPU {r1.user - r0.user:.2f} user + {r1.system - r0.system:.2f} sys")
+        print("   " + ", ".join(f"{k} at {v - t0:.2f} s" for k, v in marks.items()))
+        print("   " + ", ".join(f"{k} {a - t0:.2f}-{b - t0:.2f}" for k, a, b in spans) + f"; {put_off[0]} decodes put off")
+        put_off[0] = 0
+        spans.clear()
+        if timeline:
+            th.join()
+            print_timeline(samples, t0)
         for name, (wall, cpu, n) in sorted(acc.items(), key=lambda kv: -kv[1][0]):
             print(f"   {name:16s} {int(n):5d} calls, wall {wall:7.3f} s, thread CPU {cpu:7.3f} s")
 
@@ -172,15 +290,23 @@ def main() -> None:
     ap.add_argument("what", choices=["convert", "verify"])
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--runs", default=None, help="convert: streams,workers,MiB a stream,shard size;...  verify: device:workers,...")
-    ap.add_argument("--src", type=Path, default=None, help="convert: a checkpoint made earlier by this script (made there if absent)")
+    ap.add_argument("--src", type=Path, default=None, help="a checkpoint made earlier by this script (made there if absent, and kept)")
     ap.add_argument("--tree", default=None, help="profile the nvfp4_fuse of this checkout")
+    ap.add_argument("--timeline", action="store_true", help="verify: also where each kind of thread is, a quarter second at a time")
+    ap.add_argument(
+        "--preload", choices=["", "import", "key", "kernel"], default="", help="verify: import Triton (hash its key, load the kernel) before the first run"
+    )
+    ap.add_argument("--switch", type=float, default=0.0, help="verify: sys.setswitchinterval (s)")
     a = ap.parse_args()
     print(f"nvfp4_fuse from {ROOT}, {os.cpu_count()} cpus", flush=True)
     work = Path(tempfile.mkdtemp(prefix="nvfp4-profile-", dir=a.workdir))
     try:
         if a.what == "verify":
             runs = [(d, int(w)) for d, w in (r.split(":") for r in (a.runs or "cuda:4,cuda:8,cpu:8").split(","))]
-            profile_verify(work, runs)
+            keep = a.src is not None
+            if keep:
+                a.src.mkdir(parents=True, exist_ok=True)
+            profile_verify(a.src if keep else work, runs, a.timeline, a.preload, a.switch)
             return
         from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
 
