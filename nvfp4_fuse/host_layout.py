@@ -134,6 +134,13 @@ def swizzle_128x4(raw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(raw.reshape(mp // 128, 4, 32, kp // 4, 4).transpose(0, 3, 2, 1, 4)).reshape(mp, kp)
 
 
+def unswizzle_128x4(stored: np.ndarray, m: int, k16: int) -> np.ndarray:
+    """Inverse of :func:`swizzle_128x4`: one expert's stored bytes -> uint8 [m, k16] (a copy)."""
+    mp, kp = padded_shape(m, k16)
+    tiles = np.ascontiguousarray(stored).reshape(-1).view(np.uint8).reshape(mp // 128, kp // 4, 32, 4, 4)
+    return np.ascontiguousarray(tiles.transpose(0, 3, 2, 1, 4).reshape(mp, kp)[:m, :k16])
+
+
 # ---------------------------------------------------------------------------------------------------
 # DeepGEMM NVFP4 MegaMoE scales
 
@@ -190,4 +197,12 @@ def mega_moe_scales(raw: np.ndarray) -> np.ndarray:
     c = words.shape[1]
     permuted = words.reshape(n // UTCCP_BLOCK, 4, 32, c).transpose(0, 2, 1, 3).reshape(n, c)
     return np.ascontiguousarray(permuted.T)
+
+
+def mega_moe_natural(stored: np.ndarray, n: int, k16: int) -> np.ndarray:
+    """Inverse of :func:`mega_moe_scales`: one expert's stored words (or their bytes) -> uint8 [N, K/16],
+    in one strided copy of 4-byte words: word [p, row b*4+a of block g] is row g*128+a*32+b's group p."""
+    c = k16 // SCALES_PER_WORD
+    words = np.ascontiguousarray(stored).reshape(-1).view("<i4").reshape(c, n // UTCCP_BLOCK, 32, 4)
+    return np.ascontiguousarray(words.transpose(1, 3, 2, 0)).reshape(n, c).view(np.uint8).reshape(n, k16)
 

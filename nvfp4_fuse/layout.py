@@ -209,6 +209,11 @@ class ScaleLayout(ABC):
 
         return torch.int32 if self.dtype == "I32" else torch.uint8
 
+    def natural_np(self, stored: np.ndarray, rows: int, cols: int) -> np.ndarray:
+        """numpy inverse (verify): one expert's stored scales (as stored, or their bytes) -> uint8
+        [rows, K/16]; here one gather through :meth:`natural_index`, where a layout has no closed form."""
+        return np.ascontiguousarray(stored).reshape(-1).view(np.uint8).take(self.natural_index(rows, cols).astype(np.intp))
+
     def natural_index(self, rows: int, cols: int) -> np.ndarray:
         """:meth:`natural` as a gather: int32 [rows, K/16], the byte offset in one expert's stored
         scales of each natural scale byte. Computed once per layout and shape, by running
@@ -273,6 +278,9 @@ class LinearScales(ScaleLayout):
 
         return stored.view(torch.float8_e4m3fn).reshape(rows, k16)
 
+    def natural_np(self, stored: np.ndarray, rows: int, cols: int) -> np.ndarray:
+        return stored.reshape(-1).view(np.uint8).reshape(rows, cols // NVFP4_BLOCK)
+
 
 class Swizzled128x4(ScaleLayout):
     """The 128x4 swizzle of CUTLASS/FlashInfer-style NVFP4 GEMMs, each expert padded on its own."""
@@ -298,6 +306,9 @@ class Swizzled128x4(ScaleLayout):
         from .swizzle import unswizzle_128x4
 
         return unswizzle_128x4(stored.view(torch.uint8), rows, k16).view(torch.float8_e4m3fn)
+
+    def natural_np(self, stored: np.ndarray, rows: int, cols: int) -> np.ndarray:
+        return host_layout.unswizzle_128x4(stored, rows, cols // NVFP4_BLOCK)
 
 
 class MegaMoEScales(ScaleLayout):
@@ -327,6 +338,9 @@ class MegaMoEScales(ScaleLayout):
 
         words = stored.view(torch.int32).reshape(k16 * NVFP4_BLOCK // K_PER_WORD, rows)
         return mega_moe.unpack_scales_k64(mega_moe.utccp_unpermute(words.T.contiguous()))
+
+    def natural_np(self, stored: np.ndarray, rows: int, cols: int) -> np.ndarray:
+        return host_layout.mega_moe_natural(stored, rows, cols // NVFP4_BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -429,11 +429,9 @@ class _Verifier:
         self.stop = threading.Event()  # set when a check failed: the other shards' streams end early
         self._local = threading.local()
         self._lanes: list[_Lane] = []  # one per worker thread that launched on the GPU
-        self._gathers: dict[tuple[str, int, int], dict[str, np.ndarray]] = {}  # see _natural_index
         self._deferred: deque[tuple[ExpertLayer, str, int, np.ndarray]] = deque()  # see _decode
         self._deferred_bytes = 0
         self._lock = threading.Lock()
-        self._gather_lock = threading.Lock()
         self._globals = {p: self.tgt.global_tensors(p, l.scalars) for p, l in spec.layers.items()}
 
     def close(self) -> None:
@@ -548,32 +546,23 @@ class _Verifier:
         for role in ("down",) if part == "w2_weight" else ("gate", "up"):
             self.release_src(layer, e, role, "weight")
 
-    def _natural_index(self, part: str, rows: int, cols: int) -> dict[str, np.ndarray]:
-        """role -> intp [R, K/16]: where each of the role's natural scale bytes sits in one expert's
-        stored scales (the layout's inverse as a gather, with the row order folded in); "all" is the
-        whole [rows, K/16] in the output's row order. Held as intp, numpy's index type: a take with
-        any other would make an 8-byte copy of the index on every call, in every worker."""
-        key = (part, rows, cols)
-        got = self._gathers.get(key)
-        if got is None:
-            with self._gather_lock:  # built once, not by every worker that gets there first at once
-                got = self._gathers.get(key)
-                if got is None:
-                    idx = self.tgt.scales.natural_index(rows, cols).astype(np.intp)
-                    if part.startswith("w13"):
-                        inv = self.tgt.rows.inverse_permutation(rows // 2)
-                        got = {"gate": idx[inv[: rows // 2]], "up": idx[inv[rows // 2 :]], "all": idx}
-                    else:
-                        got = {"down": idx, "all": idx}
-                    self._gathers[key] = got
-        return got
-
     def _natural_scales(self, layer: ExpertLayer, part: str, stored: np.ndarray) -> dict[str, np.ndarray]:
-        """One expert's stored scales, layout and row order undone: role -> uint8 [rows, K/16]."""
+        """One expert's stored scales, layout and row order undone: role -> uint8 [rows, K/16]. The
+        layout is undone by the target's numpy inverse (a view or one strided copy); the gate/up row
+        order by slicing where the rows alternate in groups, else by a gather."""
         d = layer.dims
-        rows, cols = (2 * d.inter, d.hidden) if part.startswith("w13") else (d.hidden, d.inter)
-        flat = stored.reshape(-1)
-        return {role: flat.take(idx) for role, idx in self._natural_index(part, rows, cols).items() if role != "all"}
+        w13 = part.startswith("w13")
+        rows, cols = (2 * d.inter, d.hidden) if w13 else (d.hidden, d.inter)
+        nat = self.tgt.scales.natural_np(stored, rows, cols)
+        if not w13:
+            return {"down": nat}
+        alt = self.tgt.rows.alternating_groups(d.inter)
+        if alt is None:
+            inv = self.tgt.rows.inverse_permutation(d.inter)
+            return {"gate": nat[inv[: d.inter]], "up": nat[inv[d.inter :]]}
+        first, g = alt
+        groups = nat.reshape(d.inter // g, 2, g, -1)
+        return {role: groups[:, k].reshape(d.inter, -1) for k, role in enumerate(first)}
 
     def _scale_2(self, layer: ExpertLayer, role: str, e: int) -> tuple[float, float, float]:
         """(source scale_2, output scale_2, rescale ratio) of one expert's half."""
@@ -726,10 +715,10 @@ class _Verifier:
             a_s2 = np.full(rows, s2["down"][0], dtype=np.float32)
             b_s2 = np.full(rows, s2["down"][1], dtype=np.float32)
         # The output's scales as the kernel reads them: as stored where it reads the layout itself,
-        # else with the layout undone by its gather index (row order kept: both sides are in it).
+        # else with the layout undone by its numpy inverse (row order kept: both sides are in it).
         stored = self.conv(sname, e * per, per)  # small; hashed later, in order, by its own piece
         swz = self.tgt.scales.kernel_reads_in_place
-        b_scales = stored if swz else stored.reshape(-1).take(self._natural_index(f"{part}_scale", rows, cols)["all"])
+        b_scales = stored if swz else self.tgt.scales.natural_np(stored, rows, cols)
         b_shape = self.tgt.scales.expert_shape(rows, cols) if swz else (rows, cols // NVFP4_BLOCK)
         key = (layer.prefix, part, e, all(s2[r][2] == 1.0 for r in roles))
         lane = self._lane() if self.decode == "cuda" else _ReferenceLane(self)

@@ -17,6 +17,7 @@ from nvfp4_fuse.layout import (
     LinearScales,
     MegaMoEScales,
     MergeByMax,
+    ScaleLayout,
     Swizzled128x4,
     UpThenGate,
     W13Order,
@@ -104,9 +105,14 @@ def test_scale_layout_forward_then_inverse(layout):
     assert stored.tobytes() == ref.contiguous().view(torch.uint8).numpy().tobytes()
     back = layout.natural(torch.from_numpy(stored), rows, k16)
     assert back.dtype == torch.float8_e4m3fn and torch.equal(back.view(torch.uint8), raw)
-    # the inverse as a gather index (what verify runs) reads the same bytes as natural()
-    gathered = np.ascontiguousarray(stored).reshape(-1).view(np.uint8)[layout.natural_index(rows, cols)]
-    assert np.array_equal(gathered, raw.numpy())
+    # the inverse as a gather index reads the same bytes as natural(), and so does the numpy inverse
+    # verify runs (a closed form where the layout has one, else that gather), from words or bytes
+    flat = np.ascontiguousarray(stored).reshape(-1).view(np.uint8)
+    assert np.array_equal(flat[layout.natural_index(rows, cols)], raw.numpy())
+    for given in (stored, flat):
+        got = layout.natural_np(given, rows, cols)
+        assert got.dtype == np.uint8 and got.shape == (rows, k16) and np.array_equal(got, raw.numpy())
+    assert np.array_equal(ScaleLayout.natural_np(layout, flat, rows, cols), raw.numpy())
 
 
 def test_scale_layout_shape_rules():
