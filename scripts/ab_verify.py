@@ -7,8 +7,10 @@ costs (Triton's import, the kernel load, first allocations) and of the steady st
 Each run is ``LABEL=TREE:KWARGS``: a checkout (``.`` is this one; a baseline is ``git archive C nvfp4_fuse
 kernels scripts | tar -x -C DIR``) and verify()'s keyword arguments as JSON. The checkpoint is
 bench_verify.py's (4.08 GB of routed experts, mega-moe, 500 MB output shards), made in ``--ckpt``
-if absent. Triton's kernel cache is filled first by one sampled run, as a user's earlier run would.
-Each process imports torch and initialises CUDA before the timed calls, as bench_verify.py does.
+if absent. Triton's kernel cache is filled first by one sampled run of the first tree, as a user's
+earlier run would.
+Each process imports torch and initialises CUDA (unless the run is on the CPU) before the timed calls,
+as bench_verify.py does.
 Prints each round, then per run the medians and the GB/s of both checkpoints' expert data.
 """
 
@@ -33,7 +35,8 @@ use_source_tree()
 import torch
 from nvfp4_fuse.verify import verify
 kw = json.loads(sys.argv[3])
-torch.cuda.init()
+if kw.get("device", "auto") != "cpu" and torch.cuda.is_available():
+    torch.cuda.init()
 print(json.dumps([verify(sys.argv[1], sys.argv[2], **kw).seconds for _ in range(int(sys.argv[4]))]))
 """
 
