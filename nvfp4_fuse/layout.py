@@ -212,13 +212,14 @@ class ScaleLayout(ABC):
     def natural_np(self, stored: np.ndarray, rows: int, cols: int) -> np.ndarray:
         """numpy inverse (verify): one expert's stored scales (as stored, or their bytes) -> uint8
         [rows, K/16]; here one gather through :meth:`natural_index`, where a layout has no closed form."""
-        return np.ascontiguousarray(stored).reshape(-1).view(np.uint8).take(self.natural_index(rows, cols).astype(np.intp))
+        return np.ascontiguousarray(stored).reshape(-1).view(np.uint8).take(self.natural_index(rows, cols))
 
     def natural_index(self, rows: int, cols: int) -> np.ndarray:
-        """:meth:`natural` as a gather: int32 [rows, K/16], the byte offset in one expert's stored
+        """:meth:`natural` as a gather: intp [rows, K/16], the byte offset in one expert's stored
         scales of each natural scale byte. Computed once per layout and shape, by running
         :meth:`natural` on stored bytes that hold their own offsets, so ``stored_bytes[index]`` is
-        exactly ``natural(stored)`` (a test pins it) at the cost of one numpy take."""
+        exactly ``natural(stored)`` (a test pins it) at the cost of one numpy take. Held as intp,
+        numpy's index type: a take with any other would widen the index on every call."""
         return _natural_index(type(self), rows, cols)
 
 
@@ -242,6 +243,7 @@ def _natural_index(layout: type[ScaleLayout], rows: int, cols: int) -> np.ndarra
     if ordered.size and (ordered[1:] == ordered[:-1]).any():
         raise AssertionError(f"{layout.name}: natural() reads some stored byte twice")
     del ordered
+    index = index.astype(np.intp)
     index.setflags(write=False)
     _release_free_heap()
     return index
