@@ -71,6 +71,19 @@ class RowOrder(ABC):
         """numpy: gate and up [R, ...] -> w13 [2R, ...] in this order."""
         return np.concatenate((gate, up))[self.permutation(gate.shape[0])]
 
+    def split_np(self, w13: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """numpy inverse of :meth:`join_np`: w13 [2R, ...] -> (gate, up) [R, ...]. Views where each
+        half is one run of rows, one strided copy a half where groups of rows alternate, else a gather."""
+        rows = w13.shape[0] // 2
+        alt = self.alternating_groups(rows)
+        if alt is None:
+            inv = self.inverse_permutation(rows)
+            return w13[inv[:rows]], w13[inv[rows:]]
+        first, g = alt
+        groups = w13.reshape(rows // g, 2, g, *w13.shape[1:])
+        half = {role: groups[:, k].reshape(rows, *w13.shape[1:]) for k, role in enumerate(first)}
+        return half["gate"], half["up"]
+
     def join(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """torch: gate and up [..., R, C] -> w13 [..., 2R, C] in this order (any dtype)."""
         import torch

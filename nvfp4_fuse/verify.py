@@ -498,17 +498,12 @@ class _Verifier:
 
     # -- per-expert checks ------------------------------------------------------------------------
     def _halves(self, layer: ExpertLayer, part: str, got: np.ndarray) -> dict[str, np.ndarray]:
-        """One expert's packed values by role, the row order undone: views where each half is one run
-        of rows, else gathered (a copy; only used to say where a difference is)."""
-        d = layer.dims
+        """One expert's packed values by role, flat, the row order undone (:meth:`RowOrder.split_np`:
+        views where each half is one run of rows, else copies)."""
         if part == "w2_weight":
             return {"down": got}
-        row, runs = d.hidden // 2, self.tgt.rows.cached_runs(d.inter)
-        if all(n == d.inter for _, _, n in runs):
-            return {role: got[k * d.inter * row : (k + 1) * d.inter * row] for k, (role, _, _) in enumerate(runs)}
-        inv = self.tgt.rows.inverse_permutation(d.inter)
-        w = got.reshape(2 * d.inter, row)
-        return {"gate": w[inv[: d.inter]].reshape(-1), "up": w[inv[d.inter :]].reshape(-1)}
+        gate, up = self.tgt.rows.split_np(got.reshape(2 * layer.dims.inter, -1))
+        return {"gate": gate.reshape(-1), "up": up.reshape(-1)}
 
     def _values_equal(self, layer: ExpertLayer, part: str, e: int, got: np.ndarray) -> bool:
         """Whether the output's packed values are the source's in the target's row order, compared in
@@ -548,21 +543,16 @@ class _Verifier:
 
     def _natural_scales(self, layer: ExpertLayer, part: str, stored: np.ndarray) -> dict[str, np.ndarray]:
         """One expert's stored scales, layout and row order undone: role -> uint8 [rows, K/16]. The
-        layout is undone by the target's numpy inverse (a view or one strided copy); the gate/up row
-        order by slicing where the rows alternate in groups, else by a gather."""
+        layout is undone by the target's numpy inverse (a view or one strided copy), the gate/up row
+        order by :meth:`RowOrder.split_np`."""
         d = layer.dims
         w13 = part.startswith("w13")
         rows, cols = (2 * d.inter, d.hidden) if w13 else (d.hidden, d.inter)
         nat = self.tgt.scales.natural_np(stored, rows, cols)
         if not w13:
             return {"down": nat}
-        alt = self.tgt.rows.alternating_groups(d.inter)
-        if alt is None:
-            inv = self.tgt.rows.inverse_permutation(d.inter)
-            return {"gate": nat[inv[: d.inter]], "up": nat[inv[d.inter :]]}
-        first, g = alt
-        groups = nat.reshape(d.inter // g, 2, g, -1)
-        return {role: groups[:, k].reshape(d.inter, -1) for k, role in enumerate(first)}
+        gate, up = self.tgt.rows.split_np(nat)
+        return {"gate": gate, "up": up}
 
     def _scale_2(self, layer: ExpertLayer, role: str, e: int) -> tuple[float, float, float]:
         """(source scale_2, output scale_2, rescale ratio) of one expert's half."""
