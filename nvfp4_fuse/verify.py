@@ -634,28 +634,24 @@ class _Verifier:
             self._deferred_bytes += values.nbytes
         return True
 
-    def _take_deferred(self, n: int | None) -> list[tuple[ExpertLayer, str, int, np.ndarray]]:
-        """Up to ``n`` (None: all) of the put-off decodes, oldest first."""
+    def _take_deferred(self, n: int) -> list[tuple[ExpertLayer, str, int, np.ndarray]]:
+        """Up to ``n`` of the put-off decodes, oldest first."""
         if not self._deferred:
             return []
         with self._lock:
             got = []
-            while self._deferred and (n is None or len(got) < n):
+            while self._deferred and len(got) < n:
                 got.append(self._deferred.popleft())
                 self._deferred_bytes -= got[-1][3].nbytes
         return got
 
-    def run_deferred(self, pool: ThreadPoolExecutor | None = None, workers: int = 1) -> None:
-        """Decode what is still put off, after the pass and before the mappings close: on ``workers``
+    def run_deferred(self, pool: ThreadPoolExecutor, workers: int) -> None:
+        """Decode what is still put off, after the pass and before the mappings close, on ``workers``
         threads of ``pool``, each on its own lane (a first call's pass can end before the kernel is
-        loaded, with most decodes put off), or on the calling thread."""
-        if not self._deferred:
-            return
-        if pool is None or workers <= 1:
-            self._drain_deferred()
-            return
-        for fut in [pool.submit(self._drain_deferred) for _ in range(workers)]:
-            fut.result()
+        loaded, with most decodes put off)."""
+        if self._deferred:
+            for fut in [pool.submit(self._drain_deferred) for _ in range(max(1, workers))]:
+                fut.result()
 
     def _drain_deferred(self) -> None:
         """Run put-off decodes, one at a time, until none is left."""
