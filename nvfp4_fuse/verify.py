@@ -53,7 +53,7 @@ from .constants import NVFP4_BLOCK
 from .errors import CheckFailed, InputError
 from .experts import ExpertLayer
 from .host_layout import E4M3_VALUES
-from .manifest import MANIFEST_NAME, load_manifest, sha256_file
+from .manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
 from .safetensors_io import ShardReader, tensor_bytes
 from .source import CONFIG_FILES, INDEX_NAME, Source, scan_source
 from .spec import COPY_CHUNK, OutputOptions, OutputSpec, OutShard, OutTensor, build_spec
@@ -907,66 +907,71 @@ def verify(
     kernels_ready, plan = threading.Event(), Future()  # plan: the spec for _warm_kernels, None if there is none
     if decode and dev == "cuda":
         threading.Thread(target=_warm_kernels, args=(plan, kernels_ready), daemon=True).start()
+    conv_dir = Path(conv_dir)
+    spec = None
     try:
-        conv_dir = Path(conv_dir)
-        if not conv_dir.is_dir():
-            raise InputError("converted folder does not exist", file=str(conv_dir))
-        manifest = load_manifest(conv_dir)
-        if manifest is None:
-            raise _fail(f"{conv_dir} has no {MANIFEST_NAME}: the conversion is incomplete (rerun convert to resume)")
-        for name, rec in manifest.files.items():
-            p = conv_dir / name
-            if not p.is_file():
-                raise _fail(f"output files do not match the manifest: {name}: missing")
-            if p.stat().st_size != rec["size"]:
-                raise _fail(f"output files do not match the manifest: {name}: size {p.stat().st_size} != manifest {rec['size']}")
-        options = OutputOptions.from_json(manifest.options, file=str(conv_dir / MANIFEST_NAME))
-        src = scan_source(source_dir, trust_root=trust_root)
-        if src.fingerprint() != manifest.input_fingerprint:
-            raise _fail("the source's headers and configs are not those this output was converted from (fingerprint differs)")
-        spec = build_spec(src, options)
-        plan.set_result(spec)
-        try:
-            conv = scan_source(conv_dir)
-        except InputError as e:  # the output's index and shard headers disagree, a shard is unreadable...
-            raise _fail(f"the converted folder is not a consistent checkpoint: {e}") from None
-        shard_names = {s.name for s in spec.shards}
-        if hash_files:  # the small files first; the shards are hashed by the pass below
-            for name, rec in manifest.files.items():
-                if name not in shard_names and sha256_file(conv_dir / name) != rec["sha256"]:
-                    raise _fail(f"output files do not match the manifest: {name}: sha256 differs from manifest")
-        _check_structure(spec, conv_dir, conv, model_card=manifest.model_card)
-
-        rng = random.Random(seed)
-        experts = {}
-        for p, layer in spec.layers.items():
-            n = layer.dims.experts
-            experts[p] = set(range(n)) if not sample or sample >= n else set(rng.sample(range(n), sample))
-        v = _Verifier(spec, conv, experts, dev if decode else None, kernels_ready)
-        result = VerifyResult(source_label or str(source_dir), str(conv_dir), options.target.name, dev)
-        result.checks = [CHECK_HASHES if hash_files else CHECK_SIZES, CHECK_STRUCTURE, CHECK_COPIED, CHECK_GLOBALS, CHECK_VALUES, CHECK_SCALES, CHECK_BOUND]
-        if decode:
-            how = "the Triton compare kernel on the GPU" if dev == "cuda" else "the kernel's torch reference on the CPU"
-            result.checks.append(f"end to end: every checked expert of both checkpoints dequantized and compared ({how})")
-        else:
-            result.note = "end-to-end dequant-and-compare not run (no GPU; --decode runs its CPU reference, slowly)"
-        budget = ByteBudget(budget_bytes)
-        _run_pass(v, spec, manifest.files, budget, workers, hash_files)
-        v.finish_decode()
-        v.check_decoded()
-        result.files_hashed = len(manifest.files) if hash_files else 0
-        result.copied_tensors = v.copied
-        result.copied_groups = [
-            {"prefix": g.prefix, "format": g.format, "experts": g.experts, "tensors": g.tensors, "identical": True}
-            for g in spec.copied_groups.values()
-        ]
-        for p, lr in v.results.items():
-            n = spec.layers[p].dims.experts
-            lr.sampled = sorted(experts[p]) if len(experts[p]) < n else None
-            result.layers.append(lr)
-        result.peak_read_ahead = budget.peak
-        result.seconds = time.perf_counter() - t0
-        return result
+        manifest, options, spec = _checked_plan(source_dir, conv_dir, trust_root)
     finally:
-        if not plan.done():
-            plan.set_result(None)  # no spec: the warm-up thread stops
+        plan.set_result(spec)  # None after a failure: the warm-up thread stops
+    try:
+        conv = scan_source(conv_dir)
+    except InputError as e:  # the output's index and shard headers disagree, a shard is unreadable...
+        raise _fail(f"the converted folder is not a consistent checkpoint: {e}") from None
+    shard_names = {s.name for s in spec.shards}
+    if hash_files:  # the small files first; the shards are hashed by the pass below
+        for name, rec in manifest.files.items():
+            if name not in shard_names and sha256_file(conv_dir / name) != rec["sha256"]:
+                raise _fail(f"output files do not match the manifest: {name}: sha256 differs from manifest")
+    _check_structure(spec, conv_dir, conv, model_card=manifest.model_card)
+
+    rng = random.Random(seed)
+    experts = {}
+    for p, layer in spec.layers.items():
+        n = layer.dims.experts
+        experts[p] = set(range(n)) if not sample or sample >= n else set(rng.sample(range(n), sample))
+    v = _Verifier(spec, conv, experts, dev if decode else None, kernels_ready)
+    result = VerifyResult(source_label or str(source_dir), str(conv_dir), options.target.name, dev)
+    result.checks = [CHECK_HASHES if hash_files else CHECK_SIZES, CHECK_STRUCTURE, CHECK_COPIED, CHECK_GLOBALS, CHECK_VALUES, CHECK_SCALES, CHECK_BOUND]
+    if decode:
+        how = "the Triton compare kernel on the GPU" if dev == "cuda" else "the kernel's torch reference on the CPU"
+        result.checks.append(f"end to end: every checked expert of both checkpoints dequantized and compared ({how})")
+    else:
+        result.note = "end-to-end dequant-and-compare not run (no GPU; --decode runs its CPU reference, slowly)"
+    budget = ByteBudget(budget_bytes)
+    _run_pass(v, spec, manifest.files, budget, workers, hash_files)
+    v.finish_decode()
+    v.check_decoded()
+    result.files_hashed = len(manifest.files) if hash_files else 0
+    result.copied_tensors = v.copied
+    result.copied_groups = [
+        {"prefix": g.prefix, "format": g.format, "experts": g.experts, "tensors": g.tensors, "identical": True}
+        for g in spec.copied_groups.values()
+    ]
+    for p, lr in v.results.items():
+        n = spec.layers[p].dims.experts
+        lr.sampled = sorted(experts[p]) if len(experts[p]) < n else None
+        result.layers.append(lr)
+    result.peak_read_ahead = budget.peak
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _checked_plan(source_dir: Path, conv_dir: Path, trust_root: Path | None) -> tuple[Manifest, OutputOptions, OutputSpec]:
+    """The manifest, options and output spec of ``conv_dir``, once every file the manifest lists is
+    there at its size and the source is the one it was converted from."""
+    if not conv_dir.is_dir():
+        raise InputError("converted folder does not exist", file=str(conv_dir))
+    manifest = load_manifest(conv_dir)
+    if manifest is None:
+        raise _fail(f"{conv_dir} has no {MANIFEST_NAME}: the conversion is incomplete (rerun convert to resume)")
+    for name, rec in manifest.files.items():
+        p = conv_dir / name
+        if not p.is_file():
+            raise _fail(f"output files do not match the manifest: {name}: missing")
+        if p.stat().st_size != rec["size"]:
+            raise _fail(f"output files do not match the manifest: {name}: size {p.stat().st_size} != manifest {rec['size']}")
+    options = OutputOptions.from_json(manifest.options, file=str(conv_dir / MANIFEST_NAME))
+    src = scan_source(source_dir, trust_root=trust_root)
+    if src.fingerprint() != manifest.input_fingerprint:
+        raise _fail("the source's headers and configs are not those this output was converted from (fingerprint differs)")
+    return manifest, options, build_spec(src, options)
