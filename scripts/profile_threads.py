@@ -148,7 +148,8 @@ def profile_convert(src: Path, out: Path, streams: int, workers: int, share: int
     shutil.rmtree(out)
 
 
-def _timed(acc: dict[str, list[float]], lock: threading.Lock, owner: Any, name: str) -> None:
+def _wrap(owner: Any, name: str, record: Callable[[str, float, float, float], None]) -> None:
+    """Replace ``owner.name`` by a wrapper that calls ``record(name, start, wall, thread CPU)`` after each call."""
     fn: Callable[..., Any] = getattr(owner, name)
 
     def wrapper(*args: Any, **kw: Any) -> Any:
@@ -156,28 +157,32 @@ def _timed(acc: dict[str, list[float]], lock: threading.Lock, owner: Any, name: 
         try:
             return fn(*args, **kw)
         finally:
-            dt, dc = time.perf_counter() - t, time.thread_time() - c
-            with lock:
-                r = acc.setdefault(name, [0.0, 0.0, 0])
-                r[0] += dt
-                r[1] += dc
-                r[2] += 1
+            record(name, t, time.perf_counter() - t, time.thread_time() - c)
 
     setattr(owner, name, wrapper)
+
+
+def _timed(acc: dict[str, list[float]], lock: threading.Lock, owner: Any, name: str) -> None:
+    """Sum each call's wall and thread CPU time, and count the calls, under ``acc[name]``."""
+
+    def add(name: str, start: float, wall: float, cpu: float) -> None:
+        with lock:
+            r = acc.setdefault(name, [0.0, 0.0, 0])
+            r[0] += wall
+            r[1] += cpu
+            r[2] += 1
+
+    _wrap(owner, name, add)
 
 
 def _spanned(spans: list, owner: Any, name: str) -> None:
-    fn: Callable[..., Any] = getattr(owner, name)
+    """Record (name, start, end) of each call made on the main thread."""
 
-    def wrapper(*args: Any, **kw: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return fn(*args, **kw)
-        finally:
-            if threading.current_thread() is threading.main_thread():
-                spans.append((name, t, time.perf_counter()))
+    def span(name: str, start: float, wall: float, cpu: float) -> None:
+        if threading.current_thread() is threading.main_thread():
+            spans.append((name, start, start + wall))
 
-    setattr(owner, name, wrapper)
+    _wrap(owner, name, span)
 
 
 def profile_verify(work: Path, runs: list[tuple[str, int]], timeline: bool = False, preload: str = "", switch: float = 0.0) -> None:
