@@ -423,8 +423,8 @@ def convert(
     ``on_shard`` report progress; they are called from the shard streams' threads, several at once
     (rich's ``Progress.advance`` is safe to call so). Raises :class:`InputError` for unusable input,
     options or output folder (nothing is written then, beyond what an earlier run of the same
-    conversion left), and ``OSError`` for I/O failures while writing (what was written stays under ``.partial`` names or in
-    the progress journal, and a rerun resumes).
+    conversion left), and ``OSError`` for I/O failures while writing (what was written stays under
+    ``.partial`` names or in the progress journal, and a rerun resumes).
     """
     import time
 
