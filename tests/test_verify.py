@@ -360,8 +360,8 @@ def test_the_rescaled_half_check_agrees_with_the_elementwise_one():
 @pytest.mark.parametrize("when", ["a third", "all", "cap"])
 def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypatch, when):
     """The GPU path's first decodes wait for the kernel in a queue while the pass goes on: every
-    expert part is still decoded exactly once, by a worker once the kernel is ready or by the main
-    thread after the pass, and the result is the CPU reference's. A stand-in lane runs the kernel's
+    expert part is still decoded exactly once, by a worker once the kernel is ready, during the pass
+    or after it, and the result is the CPU reference's. A stand-in lane runs the kernel's
     torch reference; the warm-up sets the kernel ready only after some decodes were put off."""
     import threading
     from collections import Counter
