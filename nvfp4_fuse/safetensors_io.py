@@ -55,6 +55,13 @@ HASH_VIEWS_MAX = 16
 HASH_READ = 8 << 20
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 PARTIAL_SUFFIX = ".partial"
+# What a read fault on a file mapping maps besides its own page (ShardReader.release drops all of it):
+# Linux maps the cached pages of a window this large around the fault (fault_around_bytes, 64 KiB by
+# default), aligned in the address space, not in the file; and since 6.18 it maps every page-cache
+# folio touching that window whole. Folios are aligned to their size in the file, and with 4 KiB
+# pages at most 2 MiB (PMD) large.
+FAULT_AROUND = max(64 << 10, mmap.PAGESIZE)
+LARGEST_FOLIO = max(2 << 20, mmap.PAGESIZE)
 
 # dtype string -> bits per element (safetensors' names)
 DTYPE_BITS = {
@@ -251,6 +258,7 @@ class ShardReader:
         self.header = header
         self._fd = os.open(header.path, os.O_RDONLY)
         self._map: mmap.mmap | None = None
+        self._skew = 0
         self._map_lock = threading.Lock()
 
     @property
@@ -280,6 +288,9 @@ class ShardReader:
                         file=str(self.header.path),
                     )
                 self._map = mmap.mmap(self._fd, size, access=mmap.ACCESS_READ)
+                first = np.frombuffer(self._map, dtype=np.uint8, count=1)
+                self._skew = first.ctypes.data % FAULT_AROUND  # where the mapping starts in its window
+                del first
             return self._map
 
     def view(self, name: str, start: int = 0, length: int | None = None) -> memoryview:
@@ -306,14 +317,27 @@ class ShardReader:
         return self._range(name, start, length)
 
     def release(self, begin: int, end: int) -> None:
-        """Drop file bytes ``[begin, end)`` from this process's mapping (``MADV_DONTNEED``; whole pages
-        that overlap it). The page cache keeps them, and a later access maps them again: this only
-        keeps the process's resident set to what is in use, not the whole file once it is read."""
+        """Drop file bytes ``[begin, end)`` from this process's mapping (``MADV_DONTNEED``), widened to
+        all that reading them may have mapped: the :data:`FAULT_AROUND` windows they touch, and the
+        folios touching those (:data:`LARGEST_FOLIO`). The page cache keeps the pages, and a later
+        access maps them again: this only keeps the process's resident set to what is in use, not the
+        whole file once it is read.
+
+        Widened because a read fault maps more than its own page: reading one tensor maps parts of its
+        neighbours, and if a neighbour was already dropped (pieces finish out of order) or is never
+        read through the mapping (the scalars beside the block scales), those pages would stay mapped,
+        from tens of KiB to 2 MiB a tensor: gigabytes over a large model. Every page a read maps lies
+        in the widened range of what it read, so dropping that range once the read is done leaves
+        nothing behind. A neighbour in use meanwhile only takes a minor fault to map it again (its
+        bytes never change: the mapping is read-only)."""
         if self._map is None or end <= begin:
             return
-        a = begin - begin % mmap.PAGESIZE
+        a = begin - (begin + self._skew) % FAULT_AROUND
+        b = end + (-(end + self._skew)) % FAULT_AROUND
+        a = max(0, a - a % LARGEST_FOLIO)
+        b = min(b + (-b) % LARGEST_FOLIO, len(self._map))
         try:
-            self._map.madvise(mmap.MADV_DONTNEED, a, min(end, len(self._map)) - a)
+            self._map.madvise(mmap.MADV_DONTNEED, a, b - a)
         except (OSError, ValueError, AttributeError):
             pass  # only a hint
 

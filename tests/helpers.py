@@ -1,5 +1,5 @@
 """Plain helpers shared by the tests: read a whole checkpoint, rewrite its tensors, run the CLI, a
-recording stand-in for the Hub client."""
+recording stand-in for the Hub client, the resident size of a mapping."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -138,3 +139,19 @@ class RecordingApi:
 
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
+
+
+def mapped_resident(mapping) -> int:
+    """Bytes of one ``mmap.mmap`` that are mapped into this process now (the Rss of its entry in
+    /proc/self/smaps)."""
+    addr = np.frombuffer(mapping, dtype=np.uint8, count=1).ctypes.data
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):  # a mapping's first line: start-end perms ...
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) << 10
+    raise AssertionError("mapping not found in /proc/self/smaps")
