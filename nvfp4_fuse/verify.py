@@ -660,18 +660,14 @@ class _Verifier:
             self._launch_deferred(items[0])
 
     def _launch_deferred(self, item: tuple[ExpertLayer, str, int, np.ndarray]) -> None:
-        """Run a put-off decode, then drop the pages it read from the mappings again (its values, the
-        stored scales, the source's scales): the pass dropped them once already, and nothing else
-        would before the mappings close."""
+        """Run a put-off decode, then drop its values' pages from the mapping again: the pass dropped
+        them once already, and nothing else would before the mappings close."""
         layer, part, e, values = item
         self._launch(layer, part, e, values)
-        n = layer.dims.experts
-        for name in (f"{layer.prefix}.{part}", f"{layer.prefix}.{part}_scale"):
-            m = self.conv_m[self.conv_map[name]]
-            per = m.header.tensors[name].nbytes // n
-            m.release_tensor(name, e * per, per)
-        for role in ("down",) if part == "w2_weight" else ("gate", "up"):
-            self.release_src(layer, e, role, "weight_scale")
+        name = f"{layer.prefix}.{part}"
+        m = self.conv_m[self.conv_map[name]]
+        per = m.header.tensors[name].nbytes // layer.dims.experts
+        m.release_tensor(name, e * per, per)
 
     def _launch(self, layer: ExpertLayer, part: str, e: int, values: np.ndarray) -> None:
         """The decode of :meth:`_decode`: inputs prepared, then launched on this thread's lane or run by
@@ -709,6 +705,11 @@ class _Verifier:
         key = (layer.prefix, part, e, all(s2[r][2] == 1.0 for r in roles))
         lane = self._lane() if self.decode == "cuda" else _ReferenceLane(self)
         lane.launch(key, rows, cols, values, a_scales, a_s2, b_scales, b_shape, swz, b_s2)
+        # Both sides' scales were read here, maybe after their own checks had dropped them: drop them
+        # again (the lane has copied them, or maps them again if it has not; only the pages go).
+        self.conv_m[self.conv_map[sname]].release_tensor(sname, e * per, per)
+        for r in roles:
+            self.release_src(layer, e, r, "weight_scale")
 
     def _decoded(self, key: tuple[str, str, int, bool], stats: Any) -> None:
         """The read-back statistics (n_diff, nonfinite, max_abs, max_rel) of one decoded expert part."""

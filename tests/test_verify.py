@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import RecordingApi, run_cli
+from helpers import RecordingApi, mapped_resident, run_cli
 
+from nvfp4_fuse import verify as ver
 from nvfp4_fuse.convert import ConvertOptions, convert
 from nvfp4_fuse.errors import CheckFailed, InputError
 from nvfp4_fuse.manifest import MANIFEST_NAME
@@ -317,6 +318,37 @@ def test_verify_memory_is_a_fixed_budget_not_the_model(converted):
     assert res.peak_read_ahead < layer_w13 / 3  # never a stacked layer
 
 
+def mapped_at_close(monkeypatch) -> list[int]:
+    """Records, as each verify() closes its mappings, the bytes of both checkpoints still mapped."""
+    seen: list[int] = []
+    real = ver._Verifier.close
+
+    def close(self):
+        readers = (*self.src_m.values(), *self.conv_m.values())
+        seen.append(sum(mapped_resident(r._map) for r in readers if r._map is not None))
+        real(self)
+
+    monkeypatch.setattr(ver._Verifier, "close", close)
+    return seen
+
+
+@pytest.mark.parametrize("decode", [False, True])
+@pytest.mark.parametrize("shards", ["few", "many"])
+def test_verify_leaves_no_page_of_either_checkpoint_mapped(make_ckpt, tmp_path, monkeypatch, decode, shards):
+    """Whatever the pass reads through the mappings it drops from them again: after it, nothing of
+    either checkpoint is mapped (not the few KiB to 2 MiB of every tensor that a read fault maps
+    beside what it reads: gigabytes at DeepSeek's 23,000 experts), whether the output is one shard
+    or a shard a tensor (each its own mapping, streamed side by side)."""
+    target = random.choice(["vllm-fused", "mega-moe", "linear"])
+    src = make_ckpt(layers=3, experts=random.randint(8, 16), hidden=512, inter=512, unequal_scale_2=True)
+    out = tmp_path / "out"
+    convert(src, out, ConvertOptions(target=target, max_shard_size=300_000 if shards == "many" else 5 << 30))
+    seen = mapped_at_close(monkeypatch)
+    res = verify(src, out, device="cpu", decode=decode, workers=random.choice([1, 2, 4]))
+    assert res.layers[0].checked == res.layers[0].experts
+    assert seen == [0], f"{seen[0] >> 10} KiB still mapped after the pass ({target})"
+
+
 def test_the_rescaled_half_check_agrees_with_the_elementwise_one():
     """rescaled_half_problem checks the bound on the distinct source bytes present; it must say exactly
     what checking every block one by one says, on fresh random scales, right or tampered."""
@@ -420,7 +452,9 @@ def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypa
     put_off: list = []
     real_launch_deferred = ver._Verifier._launch_deferred
     monkeypatch.setattr(ver._Verifier, "_launch_deferred", lambda self, item: (put_off.append((item[0].prefix, *item[1:3])), real_launch_deferred(self, item)))
+    seen = mapped_at_close(monkeypatch)
     got = verify(src, out, device="cuda", workers=random.choice([1, 2, 4]))
+    assert seen == [0], f"{seen[0] >> 10} KiB still mapped after the pass"
     assert sorted(launched.values()) == [1] * total, launched
     assert len(put_off) == len(set(put_off)) >= wanted
     for prefix, part, e in put_off:  # dropped by the pass once, and again after the put-off decode read them
