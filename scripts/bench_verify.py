@@ -68,13 +68,13 @@ def expert_bytes(layers: int = 4, experts: int = 96, hidden: int = 4096, inter: 
     return (layers - 1) * experts * 3 * hidden * inter * (1 / 2 + 1 / 16)
 
 
-def ensure_checkpoint(work: Path, target: str = "mega-moe", max_shard_size: str = "500MB") -> tuple[Path, Path]:
-    """(source, converted) in ``work``: this script's default checkpoint (4.08 GB of routed experts),
-    converted to ``target``; made there if absent, else reused (the diagnostics that call verify()
-    many times share it)."""
-    src, out = work / "src", work / target
+def ensure_checkpoint(work: Path, target: str = "mega-moe", max_shard_size: str = "500MB", experts: int = 96) -> tuple[Path, Path]:
+    """(source, converted) in ``work``: this script's default checkpoint (4.08 GB of routed experts
+    with 96 experts a layer), converted to ``target``; made there if absent, else reused (the
+    diagnostics that call verify() many times share it)."""
+    src, out = work / f"src-{experts}", work / f"{target}-{experts}"
     if not (src / "model.safetensors.index.json").exists():
-        make_sample_checkpoint(src, SampleSpec("deepseek", 4, 96, 4096, 2048, 4, unequal_scale_2=True, fast=True, seed=1))
+        make_sample_checkpoint(src, SampleSpec("deepseek", 4, experts, 4096, 2048, 4, unequal_scale_2=True, fast=True, seed=1))
     if not (out / MANIFEST_NAME).exists():
         convert(src, out, ConvertOptions(target=target, workers=8, max_shard_size=parse_size(max_shard_size)))
     return src, out
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--inter", type=int, default=2048)
     ap.add_argument("--targets", default="mega-moe,vllm-fused")
-    ap.add_argument("--device", default="auto", help="verify --device")
+    ap.add_argument("--device", default="auto", help="verify --device; several, comma-separated, are run in turn")
     ap.add_argument("--workers", type=int, default=None, help="verify --workers (default: its own)")
     ap.add_argument(
         "--max-shard-size", default="2GB", help="of the converted output: sha256 is a chain per shard, so the largest shard's hash is a floor"
@@ -117,32 +117,33 @@ def main() -> None:
             out = work / target
             res = convert(src, out, ConvertOptions(target=target, workers=8, max_shard_size=parse_size(args.max_shard_size)))
             print(f"{target}: {len(res.spec.shards)} output shards of at most {args.max_shard_size}", flush=True)
-            kw = {"device": args.device, **({"workers": args.workers} if args.workers else {})}
-            cmd = [sys.executable, "-c", VERIFY.format(scripts=str(ROOT / "scripts")), str(src), str(out)]
-            run_measured([*cmd, json.dumps({**kw, "sample": 1})])  # warm-up: page cache, Triton's kernel cache
-            cats = [cat_both(src, out) for _ in range(3)]
-            t_cat = statistics.median(cats)
-            wall, peak, anon, stdout = run_measured([*cmd, json.dumps(kw)])
-            res = json.loads(stdout)
-            rel = max(l["max_rel"] for l in res["layers"])
-            call = res["seconds"]  # verify() itself, without Python's start and the imports
-            print(
-                f"{target:10s} verify ({res['device']}): process {wall:6.2f} s = {wall / t_cat:4.1f}x cat of both ({t_cat:.2f} s); "
-                f"verify() {call:6.2f} s = {call / t_cat:4.1f}x cat, {2 * data / call / 1e9:5.2f} GB/s of both checkpoints' "
-                f"expert data | peak RSS {peak / 1e6:.0f} MB (anonymous {anon / 1e6:.0f} MB) | decoded "
-                f"{sum(l['decoded'] for l in res['layers'])} experts, max rel {100 * rel:.3f}%",
-                flush=True,
-            )
-            # a second process runs verify() twice; only its second call's time is used (the peak RSS
-            # above is the single call's)
-            again = json.loads(run_measured([*cmd, json.dumps({**kw, "again": True})])[3])["again_seconds"]
-            print(
-                f"{'':10s} the same verify() called a second time in one process (one-off costs paid): {again:6.2f} s = "
-                f"{again / t_cat:4.1f}x cat, {2 * data / again / 1e9:5.2f} GB/s",
-                flush=True,
-            )
-            for c in res["checks"]:
-                print(f"    - {c}")
+            for device in args.device.split(","):
+                kw = {"device": device, **({"workers": args.workers} if args.workers else {})}
+                cmd = [sys.executable, "-c", VERIFY.format(scripts=str(ROOT / "scripts")), str(src), str(out)]
+                run_measured([*cmd, json.dumps({**kw, "sample": 1})])  # warm-up: page cache, Triton's kernel cache
+                cats = [cat_both(src, out) for _ in range(3)]
+                t_cat = statistics.median(cats)
+                wall, peak, anon, stdout = run_measured([*cmd, json.dumps(kw)])
+                res = json.loads(stdout)
+                rel = max(l["max_rel"] for l in res["layers"])
+                call = res["seconds"]  # verify() itself, without Python's start and the imports
+                print(
+                    f"{target:10s} verify ({res['device']}): process {wall:6.2f} s = {wall / t_cat:4.1f}x cat of both ({t_cat:.2f} s); "
+                    f"verify() {call:6.2f} s = {call / t_cat:4.1f}x cat, {2 * data / call / 1e9:5.2f} GB/s of both checkpoints' "
+                    f"expert data | peak RSS {peak / 1e6:.0f} MB (anonymous {anon / 1e6:.0f} MB) | decoded "
+                    f"{sum(l['decoded'] for l in res['layers'])} experts, max rel {100 * rel:.3f}%",
+                    flush=True,
+                )
+                # a second process runs verify() twice; only its second call's time is used (the peak RSS
+                # above is the single call's)
+                again = json.loads(run_measured([*cmd, json.dumps({**kw, "again": True})])[3])["again_seconds"]
+                print(
+                    f"{'':10s} the same verify() called a second time in one process (one-off costs paid): {again:6.2f} s = "
+                    f"{again / t_cat:4.1f}x cat, {2 * data / again / 1e9:5.2f} GB/s",
+                    flush=True,
+                )
+                for c in res["checks"]:
+                    print(f"    - {c}")
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
