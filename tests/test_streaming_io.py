@@ -167,6 +167,23 @@ def test_released_tensors_leave_nothing_mapped_whatever_the_order(tmp_path):
     reader.close()
 
 
+@pytest.mark.parametrize("target", ["mega-moe", "vllm-fused"])
+def test_convert_leaves_no_page_of_the_source_mapped(make_ckpt, tmp_path, monkeypatch, target):
+    """Every source range convert maps it drops again once written and hashed, with whatever the reads
+    mapped beside it: when the conversion ends, nothing of the source is mapped."""
+    src = make_ckpt(layers=3, experts=random.randint(6, 12), hidden=512, inter=512, shards=3, unequal_scale_2=True)
+    seen: list[int] = []
+    real = conv._Ctx.close
+
+    def close(self):
+        seen.append(sum(mapped_resident(r._map) for r in self.readers.values() if r._map is not None))
+        real(self)
+
+    monkeypatch.setattr(conv._Ctx, "close", close)
+    convert(src, tmp_path / "out", ConvertOptions(target=target, workers=random.choice([1, 4]), max_shard_size=random.choice([300_000, 5 << 30])))
+    assert seen == [0], f"{seen[0] >> 10} KiB of the source still mapped"
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
 def test_source_mapping_is_released_behind_the_hash(make_ckpt, tmp_path, monkeypatch):
     """Mapped source pages leave the process once hashed: its resident file-backed memory stays near the
