@@ -32,7 +32,7 @@ import struct
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,6 +260,8 @@ class ShardReader:
         self._map: mmap.mmap | None = None
         self._skew = 0
         self._map_lock = threading.Lock()
+        self._held: dict[tuple[int, int], int] = {}  # (begin, end) -> holders: see held_array
+        self._held_lock = threading.Lock()
 
     @property
     def fd(self) -> int:
@@ -302,6 +304,15 @@ class ShardReader:
         """Like :meth:`view`, as a read-only uint8 numpy array (compared and hashed in place)."""
         return np.frombuffer(self.view(name, start, length), dtype=np.uint8)
 
+    def held_array(self, name: str, start: int = 0, length: int | None = None) -> np.ndarray:
+        """Like :meth:`mapped_array`, with the range marked in use until a :meth:`release_tensor` of
+        the same range: a release of a neighbour leaves its pages mapped instead of dropping them
+        under a reader (which would map them again at once). Each call needs its own release."""
+        off, n = self._range(name, start, length)
+        with self._held_lock:
+            self._held[(off, off + n)] = self._held.get((off, off + n), 0) + 1
+        return np.frombuffer(memoryview(self._mapped())[off : off + n], dtype=np.uint8)
+
     def release_tensor(self, name: str, start: int = 0, length: int | None = None) -> None:
         """:meth:`release` of bytes ``[start, start + length)`` of a tensor."""
         off, length = self._range(name, start, length)
@@ -328,18 +339,29 @@ class ShardReader:
         read through the mapping (the scalars beside the block scales), those pages would stay mapped,
         from tens of KiB to 2 MiB a tensor: gigabytes over a large model. Every page a read maps lies
         in the widened range of what it read, so dropping that range once the read is done leaves
-        nothing behind. A neighbour in use meanwhile only takes a minor fault to map it again (its
-        bytes never change: the mapping is read-only)."""
+        nothing behind.
+
+        Ranges still held (:meth:`held_array`; this release ends one hold of ``[begin, end)``) are
+        left out: their pages stay mapped for their readers, and each is dropped, widened in turn,
+        when its own last hold ends. Anything else in the widened range goes; a reader that did not
+        hold its range maps its pages again with a minor fault (the bytes never change: the mapping
+        is read-only)."""
         if self._map is None or end <= begin:
             return
         a = begin - (begin + self._skew) % FAULT_AROUND
         b = end + (-(end + self._skew)) % FAULT_AROUND
         a = max(0, a - a % LARGEST_FOLIO)
         b = min(b + (-b) % LARGEST_FOLIO, len(self._map))
-        try:
-            self._map.madvise(mmap.MADV_DONTNEED, a, b - a)
-        except (OSError, ValueError, AttributeError):
-            pass  # only a hint
+        with self._held_lock:
+            n = self._held.pop((begin, end), 0)
+            if n > 1:
+                self._held[(begin, end)] = n - 1
+            kept = sorted(r for r in self._held if r[0] < b and r[1] > a)
+        for lo, hi in _gaps(a, b, kept):
+            try:
+                self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            except (OSError, ValueError, AttributeError):
+                return  # only a hint
 
     def _range(self, name: str, start: int, length: int | None) -> tuple[int, int]:
         t = self.header.tensors[name]
@@ -427,6 +449,21 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _gaps(a: int, b: int, kept: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The page-aligned parts of ``[a, b)`` (page-aligned) outside the sorted ranges ``kept``, whose
+    partly covered pages are kept whole."""
+    page = mmap.PAGESIZE
+    for lo, hi in kept:
+        lo, hi = lo - lo % page, hi + (-hi) % page
+        if lo > a:
+            yield a, min(lo, b)
+        a = max(a, hi)
+        if a >= b:
+            return
+    if a < b:
+        yield a, b
 
 
 def _load_sync_file_range() -> Any:

@@ -440,16 +440,17 @@ class _Verifier:
 
     # -- reading --------------------------------------------------------------------------------
     def src(self, layer: ExpertLayer, e: int, role: str, fld: str) -> np.ndarray:
-        """One source tensor of an expert, mapped (read-only)."""
+        """One source tensor of an expert, mapped (read-only) and held until :meth:`release_src`."""
         ref = layer.ref(e, role, fld)
-        return self.src_m[ref.file].mapped_array(ref.info.name).reshape(ref.info.shape)
+        return self.src_m[ref.file].held_array(ref.info.name).reshape(ref.info.shape)
 
     def release_src(self, layer: ExpertLayer, e: int, role: str, fld: str) -> None:
         ref = layer.ref(e, role, fld)
         self.src_m[ref.file].release_tensor(ref.info.name)
 
     def conv(self, name: str, start: int = 0, nbytes: int | None = None) -> np.ndarray:
-        return self.conv_m[self.conv_map[name]].mapped_array(name, start, nbytes)
+        """Bytes of an output tensor, mapped and held until their release."""
+        return self.conv_m[self.conv_map[name]].held_array(name, start, nbytes)
 
     # -- pieces, in file order --------------------------------------------------------------------
     def pieces(self, shard: OutShard) -> Iterator[_Piece]:
@@ -471,7 +472,7 @@ class _Verifier:
         def check(got: np.ndarray) -> None:
             assert t.source is not None
             m = self.src_m[t.source.file]
-            want = m.mapped_array(t.source.info.name, start, got.size)
+            want = m.held_array(t.source.info.name, start, got.size)
             if not _same(got, want):
                 at = start + int(np.flatnonzero(got != want)[0])
                 raise _fail(f"{t.entry.name} is not byte-identical to the source (first difference at byte {at})")
@@ -750,15 +751,15 @@ class _Verifier:
         h = hashlib.sha256() if hash_file else None
         if h is not None:
             h.update(os.pread(m.fd, m.header.data_start, 0))  # the length prefix and the header
-        inflight: deque[tuple[_Piece, Future | None]] = deque()
+        inflight: deque[tuple[_Piece, Future | None, np.ndarray]] = deque()
 
         def finish_one() -> None:
-            pc, fut = inflight.popleft()
+            pc, fut, got = inflight.popleft()
             try:
                 if fut is not None:
                     fut.result()
                 if h is not None:
-                    h.update(m.mapped_array(pc.tensor.entry.name, pc.start, pc.nbytes))
+                    h.update(got)
                 m.release_tensor(pc.tensor.entry.name, pc.start, pc.nbytes)
             finally:
                 budget.release(pc.nbytes)
@@ -777,15 +778,15 @@ class _Verifier:
                     else:
                         budget.acquire(pc.nbytes)  # the others hold it, and release it as they finish
                         break
-                got = m.mapped_array(pc.tensor.entry.name, pc.start, pc.nbytes)
-                inflight.append((pc, pool.submit(pc.check, got) if pc.check is not None else None))
+                got = m.held_array(pc.tensor.entry.name, pc.start, pc.nbytes)  # held until hashed
+                inflight.append((pc, pool.submit(pc.check, got) if pc.check is not None else None, got))
                 while len(inflight) > 64:
                     finish_one()
             while inflight:
                 finish_one()
         except BaseException:
             self.stop.set()
-            for pc, fut in inflight:
+            for pc, fut, _ in inflight:
                 if fut is not None:
                     fut.cancel()
                 budget.release(pc.nbytes)

@@ -167,6 +167,26 @@ def test_released_tensors_leave_nothing_mapped_whatever_the_order(tmp_path):
     reader.close()
 
 
+def test_a_release_leaves_held_neighbours_mapped_and_their_own_release_drops_them(tmp_path):
+    """A held range (held_array) keeps its pages when a neighbour inside the widened release is
+    released; when its own last hold ends, nothing of the file stays mapped. Holds are counted."""
+    sizes = [random.randint(20_000, 90_000) for _ in range(3)]  # all three inside one 2 MiB folio
+    data = {f"t{i}": torch.randint(0, 256, (n,), dtype=torch.uint8) for i, n in enumerate(sizes)}
+    save_file(data, tmp_path / "x.safetensors")
+    reader = ShardReader(read_header(tmp_path / "x.safetensors"))
+    held = random.choice(["t0", "t2"])  # before or after the released one
+    for _ in range(2):
+        assert reader.held_array(held).tobytes() == data[held].numpy().tobytes()  # touches every page
+    assert reader.mapped_array("t1").tobytes() == data["t1"].numpy().tobytes()
+    reader.release_tensor("t1")
+    assert mapped_resident(reader._mapped()) >= sizes[int(held[1])] - 2 * mmap.PAGESIZE
+    reader.release_tensor(held)  # one of its two holds
+    assert mapped_resident(reader._mapped()) >= sizes[int(held[1])] - 2 * mmap.PAGESIZE
+    reader.release_tensor(held)
+    assert mapped_resident(reader._mapped()) == 0
+    reader.close()
+
+
 @pytest.mark.parametrize("target", ["mega-moe", "vllm-fused"])
 def test_convert_leaves_no_page_of_the_source_mapped(make_ckpt, tmp_path, monkeypatch, target):
     """Every source range convert maps it drops again once written and hashed, with whatever the reads
