@@ -448,9 +448,12 @@ class _Verifier:
         ref = layer.ref(e, role, fld)
         self.src_m[ref.file].release_tensor(ref.info.name)
 
-    def conv(self, name: str, start: int = 0, nbytes: int | None = None) -> np.ndarray:
-        """Bytes of an output tensor, mapped and held until their release."""
-        return self.conv_m[self.conv_map[name]].held_array(name, start, nbytes)
+    def conv_expert(self, layer: ExpertLayer, name: str, e: int) -> tuple[ShardReader, int, int]:
+        """The reader of a stacked output tensor, and where expert ``e``'s bytes sit in it (start,
+        count)."""
+        m = self.conv_m[self.conv_map[name]]
+        per = m.header.tensors[name].nbytes // layer.dims.experts
+        return m, e * per, per
 
     # -- pieces, in file order --------------------------------------------------------------------
     def pieces(self, shard: OutShard) -> Iterator[_Piece]:
@@ -666,9 +669,8 @@ class _Verifier:
         layer, part, e, values = item
         self._launch(layer, part, e, values)
         name = f"{layer.prefix}.{part}"
-        m = self.conv_m[self.conv_map[name]]
-        per = m.header.tensors[name].nbytes // layer.dims.experts
-        m.release_tensor(name, e * per, per)
+        m, start, n = self.conv_expert(layer, name, e)
+        m.release_tensor(name, start, n)
 
     def _launch(self, layer: ExpertLayer, part: str, e: int, values: np.ndarray) -> None:
         """The decode of :meth:`_decode`: inputs prepared, then launched on this thread's lane or run by
@@ -678,7 +680,6 @@ class _Verifier:
         w13 = part == "w13_weight"
         rows, cols = (2 * d.inter, d.hidden) if w13 else (d.hidden, d.inter)
         sname = f"{layer.prefix}.{part}_scale"
-        per = self.conv_m[self.conv_map[sname]].header.tensors[sname].nbytes // d.experts
         roles = ("gate", "up") if w13 else ("down",)
         s2 = {r: self._scale_2(layer, r, e) for r in roles}  # (source, output, ratio)
         if self.decode == "cuda":
@@ -699,7 +700,8 @@ class _Verifier:
             b_s2 = np.full(rows, s2["down"][1], dtype=np.float32)
         # The output's scales as the kernel reads them: as stored where it reads the layout itself,
         # else with the layout undone by its numpy inverse (row order kept: both sides are in it).
-        stored = self.conv(sname, e * per, per)  # small; hashed later, in order, by its own piece
+        m, start, n = self.conv_expert(layer, sname, e)
+        stored = m.held_array(sname, start, n)  # small; hashed later, in order, by its own piece
         swz = self.tgt.scales.kernel_reads_in_place
         b_scales = stored if swz else self.tgt.scales.natural_np(stored, rows, cols)
         b_shape = self.tgt.scales.expert_shape(rows, cols) if swz else (rows, cols // NVFP4_BLOCK)
@@ -708,7 +710,7 @@ class _Verifier:
         lane.launch(key, rows, cols, values, a_scales, a_s2, b_scales, b_shape, swz, b_s2)
         # Both sides' scales were read here, maybe after their own checks had dropped them: drop them
         # again (the lane has copied them, or maps them again if it has not; only the pages go).
-        self.conv_m[self.conv_map[sname]].release_tensor(sname, e * per, per)
+        m.release_tensor(sname, start, n)
         for r in roles:
             self.release_src(layer, e, r, "weight_scale")
 
