@@ -1,5 +1,5 @@
 """Plain helpers shared by the tests: read a whole checkpoint, rewrite its tensors, run the CLI, a
-recording stand-in for the Hub client, the resident size of a mapping."""
+recording stand-in for the Hub client, the resident size of a mapping and what stays mapped."""
 
 from __future__ import annotations
 
@@ -155,3 +155,17 @@ def mapped_resident(mapping) -> int:
             elif inside and head == "Rss:":
                 return int(line.split()[1]) << 10
     raise AssertionError("mapping not found in /proc/self/smaps")
+
+
+def mapped_at_close(monkeypatch, owner: type, readers: Callable) -> list[int]:
+    """Records, each time ``owner.close`` runs, the bytes its ShardReaders (``readers(self)``) still
+    have mapped, just before they are closed."""
+    seen: list[int] = []
+    real = owner.close
+
+    def close(self):
+        seen.append(sum(mapped_resident(r._map) for r in readers(self) if r._map is not None))
+        real(self)
+
+    monkeypatch.setattr(owner, "close", close)
+    return seen

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import mapped_resident
+from helpers import mapped_at_close, mapped_resident
 from safetensors.torch import save_file
 
 from nvfp4_fuse import convert as conv
@@ -192,14 +192,7 @@ def test_convert_leaves_no_page_of_the_source_mapped(make_ckpt, tmp_path, monkey
     """Every source range convert maps it drops again once written and hashed, with whatever the reads
     mapped beside it: when the conversion ends, nothing of the source is mapped."""
     src = make_ckpt(layers=3, experts=random.randint(6, 12), hidden=512, inter=512, shards=3, unequal_scale_2=True)
-    seen: list[int] = []
-    real = conv._Ctx.close
-
-    def close(self):
-        seen.append(sum(mapped_resident(r._map) for r in self.readers.values() if r._map is not None))
-        real(self)
-
-    monkeypatch.setattr(conv._Ctx, "close", close)
+    seen = mapped_at_close(monkeypatch, conv._Ctx, lambda ctx: ctx.readers.values())
     convert(src, tmp_path / "out", ConvertOptions(target=target, workers=random.choice([1, 4]), max_shard_size=random.choice([300_000, 5 << 30])))
     assert seen == [0], f"{seen[0] >> 10} KiB of the source still mapped"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import RecordingApi, mapped_resident, run_cli
+from helpers import RecordingApi, mapped_at_close, run_cli
 
 from nvfp4_fuse import verify as ver
 from nvfp4_fuse.convert import ConvertOptions, convert
@@ -318,18 +318,9 @@ def test_verify_memory_is_a_fixed_budget_not_the_model(converted):
     assert res.peak_read_ahead < layer_w13 / 3  # never a stacked layer
 
 
-def mapped_at_close(monkeypatch) -> list[int]:
+def verify_mapped_at_close(monkeypatch) -> list[int]:
     """Records, as each verify() closes its mappings, the bytes of both checkpoints still mapped."""
-    seen: list[int] = []
-    real = ver._Verifier.close
-
-    def close(self):
-        readers = (*self.src_m.values(), *self.conv_m.values())
-        seen.append(sum(mapped_resident(r._map) for r in readers if r._map is not None))
-        real(self)
-
-    monkeypatch.setattr(ver._Verifier, "close", close)
-    return seen
+    return mapped_at_close(monkeypatch, ver._Verifier, lambda v: (*v.src_m.values(), *v.conv_m.values()))
 
 
 @pytest.mark.parametrize("decode", [False, True])
@@ -343,7 +334,7 @@ def test_verify_leaves_no_page_of_either_checkpoint_mapped(make_ckpt, tmp_path, 
     src = make_ckpt(layers=3, experts=random.randint(8, 16), hidden=512, inter=512, unequal_scale_2=True)
     out = tmp_path / "out"
     convert(src, out, ConvertOptions(target=target, max_shard_size=300_000 if shards == "many" else 5 << 30))
-    seen = mapped_at_close(monkeypatch)
+    seen = verify_mapped_at_close(monkeypatch)
     res = verify(src, out, device="cpu", decode=decode, workers=random.choice([1, 2, 4]))
     assert res.layers[0].checked == res.layers[0].experts
     assert seen == [0], f"{seen[0] >> 10} KiB still mapped after the pass ({target})"
@@ -452,7 +443,7 @@ def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypa
     put_off: list = []
     real_launch_deferred = ver._Verifier._launch_deferred
     monkeypatch.setattr(ver._Verifier, "_launch_deferred", lambda self, item: (put_off.append((item[0].prefix, *item[1:3])), real_launch_deferred(self, item)))
-    seen = mapped_at_close(monkeypatch)
+    seen = verify_mapped_at_close(monkeypatch)
     got = verify(src, out, device="cuda", workers=random.choice([1, 2, 4]))
     assert seen == [0], f"{seen[0] >> 10} KiB still mapped after the pass"
     assert sorted(launched.values()) == [1] * total, launched
