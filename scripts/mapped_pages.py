@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import mmap
 import sys
 import threading
 import time
@@ -57,7 +58,7 @@ def present_pages(reader: ShardReader) -> np.ndarray:
     """Indices of the pages of ``reader``'s mapping that are mapped into this process now."""
     m = reader._mapped()
     addr = np.frombuffer(m, dtype=np.uint8, count=1).ctypes.data
-    page = 4096
+    page = mmap.PAGESIZE
     with open("/proc/self/pagemap", "rb") as f:
         f.seek(addr // page * 8)
         raw = f.read(-(-len(m) // page) * 8)
@@ -72,14 +73,15 @@ def left_mapped(readers: dict[str, ShardReader], kind: str) -> int:
         pages = present_pages(r)
         if not len(pages):
             continue
-        total += len(pages) * 4096
+        page = mmap.PAGESIZE
+        total += len(pages) * page
         per: collections.Counter = collections.Counter()
         for name, t in r.header.tensors.items():
-            a = (r.header.data_start + t.begin) // 4096
-            b = -(-(r.header.data_start + t.end) // 4096)
+            a = (r.header.data_start + t.begin) // page
+            b = -(-(r.header.data_start + t.end) // page)
             per[name] += int(((pages >= a) & (pages < b)).sum())
-        top = ", ".join(f"{n} {k * 4} KiB" for n, k in per.most_common(3) if k)
-        print(f"  left mapped, {kind} {fname}: {len(pages) * 4 / 1024:.1f} MiB ({top})")
+        top = ", ".join(f"{n} {k * page >> 10} KiB" for n, k in per.most_common(3) if k)
+        print(f"  left mapped, {kind} {fname}: {len(pages) * page / 2**20:.1f} MiB ({top})")
     return total
 
 
