@@ -1,6 +1,6 @@
 """Tests of the vLLM plugin against vLLM 0.33.0's own code, on the CPU.
 
-They run in ``.venv-vllm`` (``scripts/setup_vllm_env.sh``); in an interpreter without vLLM (the
+They run in ``.venv-vllm-<minor>`` (``scripts/setup_vllm_env.sh VERSION``); in an interpreter without vLLM (the
 main ``.venv``) this folder is not collected at all.
 """
 
