@@ -4,7 +4,8 @@ Packed values need no transform beyond their row order, so they never pass throu
 they are written straight from the source into their place in the output, contiguous spans (w2,
 whole gate/up halves, copied tensors) with ``copy_file_range`` and row runs (the 8-row gate/up
 interleave) with ``pwritev`` from a read-only mapping of the source shard. Only block scales, 1/8 of
-the bytes, are transformed in memory (numpy, host_layout.py: converting never imports torch).
+the bytes, are transformed in memory (numpy, host_layout.py: converting never imports torch);
+compressed ones (``encoded_scales.py``) are decoded first, one expert's at a time, and written plain.
 
 Several shards are written at once (``shard_streams``), largest first, each by a thread of its own
 that writes its pieces in file order (one writer per file: the kernel serialises writes to a file
@@ -42,6 +43,7 @@ import numpy as np
 
 from . import __version__
 from .budget import ByteBudget
+from .encoded_scales import EncodedScale
 from .errors import InputError
 from .experts import ExpertLayer
 from .host_layout import check_block_scale_bytes, rescale_block_scales
@@ -162,17 +164,32 @@ class _Ctx:
         chunk.mapped.append((reader, off, off + n))
         return reader, ref.info.name
 
+    def decoded(self, enc: EncodedScale, chunk: _Chunk) -> np.ndarray:
+        """A compressed block scale, decoded from its mapped streams (recorded in ``chunk``)."""
+
+        def read(file: str, name: str) -> memoryview:
+            reader = self.readers[file]
+            off, n = reader.file_range(name)
+            chunk.mapped.append((reader, off, off + n))
+            return reader.view(name)
+
+        return enc.decode(read)
+
     def scales(self, layer: ExpertLayer, e: int, role: str, chunk: _Chunk) -> np.ndarray:
-        """One expert's block scales as uint8 [rows, K/16] (a read-only view of the mapped source),
-        checked for NaN and negative bytes."""
+        """One expert's block scales as uint8 [rows, K/16] (a read-only view of the mapped source, or
+        the matrix its compressed streams decode to), checked for NaN and negative bytes."""
         ref = layer.ref(e, role, "weight_scale")
-        reader, name = self.tensor(ref, chunk)
-        raw = np.frombuffer(reader.view(name), dtype=np.uint8).reshape(ref.info.shape)
+        if ref.encoded is not None:
+            raw = self.decoded(ref.encoded, chunk)
+        else:
+            reader, name = self.tensor(ref, chunk)
+            raw = np.frombuffer(reader.view(name), dtype=np.uint8).reshape(ref.info.shape)
         bad = check_block_scale_bytes(raw)
         if bad is not None:
             k16 = ref.info.shape[1]
+            how = f" (decoded from its {ref.encoded.encoding} streams)" if ref.encoded is not None else ""
             raise InputError(
-                f"block scale at [{bad // k16}, {bad % k16}] is 0x{int(raw.reshape(-1)[bad]):02X} (NaN or negative)",
+                f"block scale at [{bad // k16}, {bad % k16}] is 0x{int(raw.reshape(-1)[bad]):02X} (NaN or negative){how}",
                 file=ref.file,
                 tensor=ref.info.name,
             )
@@ -213,6 +230,16 @@ def _fused_task(ctx: _Ctx, tgt: Target, layer: ExpertLayer, part: str, e: int) -
     return run
 
 
+def _decoded_task(ctx: _Ctx, ref: SourceRef) -> Callable[[], _Chunk]:
+    def run() -> _Chunk:
+        assert ref.encoded is not None
+        chunk = _Chunk()
+        chunk.pieces.append(tensor_bytes(ctx.decoded(ref.encoded, chunk)))
+        return chunk
+
+    return run
+
+
 def _copy_task(ctx: _Ctx, ref: SourceRef, start: int, length: int) -> Callable[[], _Chunk]:
     def run() -> _Chunk:
         chunk = _Chunk()
@@ -239,6 +266,9 @@ def _shard_tasks(ctx: _Ctx, shard: OutShard) -> Iterator[Task]:
             for start in range(0, n, COPY_CHUNK):
                 ln = min(COPY_CHUNK, n - start)
                 yield t, ln, _copy_task(ctx, t.source, start, ln)
+        elif t.kind == "decoded":
+            assert t.source is not None
+            yield t, t.entry.nbytes, _decoded_task(ctx, t.source)
         elif t.kind == "global":
             assert t.layer is not None
             if t.layer not in globals_cache:
@@ -487,6 +517,7 @@ def convert(
             "source": source_label or str(source_dir),
             "layers": {p: r.to_json() for p, r in reports.items()},
             **({"copied_expert_modules": spec.fused_block()["copied_expert_modules"]} if spec.copied_groups else {}),
+            **({"decoded_block_scales": spec.decoded_block_scales()} if spec.source.encoded else {}),
         },
     )
     save_manifest(out, manifest)

@@ -6,7 +6,8 @@ tensors' dtypes and shapes, never by name alone:
 - NVFP4 (what is converted): packed E2M1 values (U8 or I8 ``[out, in/2]``), an E4M3 block scale
   ``[out, in/16]`` (``weight_scale``, or ``scale`` as canada-quant stores it), ``weight_scale_2`` and
   ``input_scale`` (F32, 0-d or ``[1]``). Checked for completeness (experts 0..E-1, gate/up/down, every
-  field), dtypes and shapes; its scalar scales are read and checked (finite, > 0).
+  field), dtypes and shapes; its scalar scales are read and checked (finite, > 0). A compressed block
+  scale (``encoded_scales.py``) is its decoded E4M3 matrix here, like a plain one.
 - MXFP4 (DeepSeek-V4's native experts, which both published NVFP4 recipes keep in their MTP layer):
   I8 (or U8) values ``[out, in/2]`` and an E8M0 ``scale`` ``[out, in/32]``, nothing else. Left per
   expert and copied byte for byte.
@@ -108,7 +109,8 @@ def group_experts(src: Source) -> tuple[dict[str, ExpertLayer], dict[str, Copied
     """
     raw: dict[str, Parts] = {}
     projs: dict[tuple[str, int, str], set[str]] = {}
-    for name, fname in src.tensor_file.items():
+    for name, ref in src.refs():
+        fname = ref.file
         try:
             p = parse_expert_name(name)
         except UnknownExpertPart as e:
@@ -121,8 +123,7 @@ def group_experts(src: Source) -> tuple[dict[str, ExpertLayer], dict[str, Copied
             raise InputError(
                 f"expert {p.expert} {p.role} {p.field} is given twice (also as {grp[key].info.name})", file=fname, tensor=name
             )
-        info = src.headers[fname].tensors[name]
-        grp[key] = SourceRef(fname, info, p.reciprocal)
+        grp[key] = SourceRef(fname, ref.info, p.reciprocal, ref.encoded)
         projs.setdefault((p.prefix, p.expert, p.role), set()).add(p.proj)
     for (prefix, e, role), names in projs.items():
         if len(names) > 1:

@@ -11,7 +11,9 @@ The output's configs keep every key of the source's and gain a ``fused_experts``
 source has ``quantized_layers`` or an ``ignore`` / ``exclude_modules`` list, they are made to describe
 what is now on disk: one ``quantized_layers`` entry per fused module (per-expert entries of the
 ModelOpt schema are folded into it), no NVFP4 entry for an expert group that stayed MXFP4, and every
-such group covered by the ignore list.
+such group covered by the ignore list. A ``weight_scale_encoding`` (compressed block scales, which
+the converter decodes: ``encoded_scales.py``) is dropped from every block and entry: the output's
+block scales are plain E4M3.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from .errors import InputError
 
 FUSED_BLOCK_KEY = "fused_experts"
 NVFP4_ALGO = "NVFP4"
+# How a checkpoint says its block scales are compressed (vLLM 0.34's ModelOpt configs): a config
+# block's own key (for the whole checkpoint) or a ``quantized_layers`` entry's (for that layer).
+SCALE_ENCODING_KEY = "weight_scale_encoding"
 
 
 def _blocks(configs: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
@@ -59,6 +64,28 @@ def check_source_configs(configs: dict[str, dict[str, Any]]) -> None:
         moe = block.get("moe_quant_algo")
         if moe is not None and str(moe).upper() != NVFP4_ALGO:
             raise InputError(f"{where} says moe_quant_algo {moe!r}; only NVFP4 experts are converted", file=file)
+
+
+def declared_scale_encodings(configs: dict[str, dict[str, Any]]) -> list[tuple[str, Any]]:
+    """(where, value) of every ``weight_scale_encoding`` the configs declare: each quantization
+    block's own, and each ``quantized_layers`` entry's (where: the block and the layer)."""
+    out = []
+    for where, block in _blocks(configs):
+        if SCALE_ENCODING_KEY in block:
+            out.append((where, block[SCALE_ENCODING_KEY]))
+        ql = block.get("quantized_layers")
+        if isinstance(ql, dict):
+            for layer, entry in ql.items():
+                if isinstance(entry, dict) and SCALE_ENCODING_KEY in entry:
+                    algo = str(entry.get("quant_algo", "")).upper()
+                    if algo not in (NVFP4_ALGO, "W4A16_NVFP4"):
+                        raise InputError(
+                            f"{where} quantized_layers[{layer!r}] declares {SCALE_ENCODING_KEY} for quant_algo "
+                            f"{entry.get('quant_algo')!r}; only NVFP4 block scales are compressed",
+                            file=where.split()[0],
+                        )
+                    out.append((f"{where} quantized_layers[{layer!r}]", entry[SCALE_ENCODING_KEY]))
+    return out
 
 
 def _owner(key: str, prefixes: Iterable[str]) -> str | None:
@@ -135,6 +162,12 @@ def _describe_disk(block: dict[str, Any], fused: list[str], copied: list[str]) -
     for key in ("ignore", "exclude_modules"):
         if isinstance(block.get(key), list):
             block[key] = _ignore_list(block[key], copied)
+    # Compressed block scales are written decoded, as plain E4M3: nothing on disk is compressed.
+    block.pop(SCALE_ENCODING_KEY, None)
+    ql = block.get("quantized_layers")
+    for entry in ql.values() if isinstance(ql, dict) else ():
+        if isinstance(entry, dict):
+            entry.pop(SCALE_ENCODING_KEY, None)
 
 
 def _dump(obj: Any) -> bytes:

@@ -3,15 +3,19 @@
 Scanning a folder reads the index (or the lone ``model.safetensors``) and cross-checks it with every
 shard header, reads ``config.json`` / ``hf_quant_config.json`` strictly, and lists every other file
 (sidecars, copied as they are). Symlinks may not lead out of the folder (or, for a Hub cache snapshot,
-out of the repo's cache folder). Nothing here knows about experts.
+out of the repo's cache folder). Compressed block scales (``encoded_scales.py``) are found here, so
+every reader sees them as the E4M3 matrices they decode to (:meth:`Source.refs`). Nothing here knows
+about experts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .encoded_scales import EncodedScale, find_encoded_scales
 from .errors import InputError
 from .manifest import MANIFEST_NAME, fingerprint
 from .safetensors_io import PARTIAL_SUFFIX, ShardHeader, TensorInfo, loads_strict_json, read_header
@@ -26,6 +30,7 @@ class SourceRef:
     file: str  # shard file name, relative to the source folder
     info: TensorInfo
     reciprocal: bool = False  # compressed-tensors global scale
+    encoded: EncodedScale | None = None  # a compressed block scale: ``info`` is what it decodes to
 
 
 @dataclass
@@ -38,6 +43,19 @@ class Source:
     sidecars: list[str]  # relative paths of every other file to copy
     configs: dict[str, dict[str, Any]]  # parsed config.json / hf_quant_config.json (if present)
     had_index: bool
+    encoded: dict[str, EncodedScale] = field(default_factory=dict)  # compressed block scales, by name
+
+    def refs(self) -> Iterator[tuple[str, SourceRef]]:
+        """Every tensor as the converter reads it, in source order: a compressed block scale once, as
+        the E4M3 matrix it decodes to, where its first stream stands; its streams not on their own."""
+        first = {enc.first: enc for enc in self.encoded.values()}
+        streams = {i.name for enc in self.encoded.values() for _, i in enc.streams.values()}
+        for name, fname in self.tensor_file.items():
+            enc = first.get(name)
+            if enc is not None:
+                yield enc.name, SourceRef(fname, enc.info, encoded=enc)
+            elif name not in streams:
+                yield name, SourceRef(fname, self.headers[fname].tensors[name])
 
     def fingerprint(self) -> str:
         """Fingerprint of every shard header and config: a rerun on other input is told apart."""
@@ -153,11 +171,12 @@ def scan_source(root: Path, *, trust_root: Path | None = None) -> Source:
         if real.is_dir():
             raise InputError("symlink to a folder inside the checkpoint is not supported", file=str(p))
         sidecars.append(rel_s)
-    return Source(root, headers, tensor_file, sidecars, configs, had_index)
+    return Source(root, headers, tensor_file, sidecars, configs, had_index, find_encoded_scales(headers, tensor_file, configs))
 
 
 def source_from_headers(label: str, headers: dict[str, ShardHeader], *, sharded: bool) -> Source:
     """A Source from shard headers alone (the Hub's, read by range requests), for a dry-run plan:
-    no configs, no sidecars."""
+    no configs, no sidecars (compressed block scales are then known by their stream names alone)."""
     order = sorted(((f, t) for f, h in headers.items() for t in h.tensors.values()), key=lambda x: (x[0], x[1].begin))
-    return Source(Path(label), headers, {t.name: f for f, t in order}, [], {}, sharded)
+    tensor_file = {t.name: f for f, t in order}
+    return Source(Path(label), headers, tensor_file, [], {}, sharded, find_encoded_scales(headers, tensor_file, {}, configs_read=False))

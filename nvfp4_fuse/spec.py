@@ -64,8 +64,8 @@ class OutputOptions:
 @dataclass(frozen=True)
 class OutTensor:
     entry: OutEntry
-    kind: str  # "copy" | "fused" (per-expert slices) | "global" (small per-layer tensor)
-    source: SourceRef | None = None  # for "copy"
+    kind: str  # "copy" | "decoded" (a compressed block scale, written plain) | "fused" (per-expert slices) | "global"
+    source: SourceRef | None = None  # for "copy" and "decoded"
     layer: str | None = None  # prefix, for "fused"/"global"
     part: str | None = None  # e.g. "w13_weight"
 
@@ -103,6 +103,13 @@ class OutputSpec:
 
     def weight_map(self) -> dict[str, str]:
         return {t.entry.name: s.name for s in self.shards for t in s.tensors}
+
+    def decoded_block_scales(self) -> dict[str, int]:
+        """How many compressed block scales of each encoding the source has (all written decoded)."""
+        counts: dict[str, int] = {}
+        for enc in self.source.encoded.values():
+            counts[enc.encoding] = counts.get(enc.encoding, 0) + 1
+        return counts
 
     # -- what is written besides the shards --------------------------------------------------------
     def fused_block(self) -> dict[str, Any]:
@@ -149,6 +156,7 @@ class OutputSpec:
             "description": self.target.description,
             "modules": mods,
             "copied_expert_modules": {p: {"format": g.format, "experts": g.experts} for p, g in self.copied_groups.items()},
+            "decoded_block_scales": self.decoded_block_scales(),
             "shards": [{"name": s.name, "tensors": len(s.tensors), "bytes": s.data_bytes} for s in self.shards],
             "total_bytes": self.total_size,
             "source": {"path": str(src.root), "shards": len(src.headers), "tensors": len(src.tensor_file), "other_files": len(src.sidecars)},
@@ -205,11 +213,15 @@ def build_spec(src: Source, options: OutputOptions, *, with_scalars: bool = True
     emitted: set[str] = set()
     max_expert = 0
     owner = {n: prefix for prefix, layer in layers.items() for n in layer.names}  # converted tensors' groups
-    for name, fname in src.tensor_file.items():
+    for name, ref in src.refs():
         prefix = owner.get(name)
         if prefix is None:  # copied as it is: not an expert, or an expert group left as it was (MXFP4)
-            info = src.headers[fname].tensors[name]
-            out.append(OutTensor(OutEntry(name, info.dtype, info.shape), "copy", source=SourceRef(fname, info)))
+            info = ref.info
+            if ref.encoded is not None:  # a compressed block scale: written decoded, in one piece
+                out.append(OutTensor(OutEntry(name, info.dtype, info.shape), "decoded", source=ref))
+                max_expert = max(max_expert, 2 * info.nbytes)
+                continue
+            out.append(OutTensor(OutEntry(name, info.dtype, info.shape), "copy", source=ref))
             max_expert = max(max_expert, min(info.nbytes, COPY_CHUNK))
             continue
         if prefix in emitted:

@@ -10,7 +10,8 @@ The pass reads every output shard once, in file order, hashing it (its sha256 mu
 manifest's) and checking each piece as it goes by, against the source read once too:
 
 - copied tensors (everything but the converted experts, MXFP4 expert groups included) are
-  byte-identical to the source;
+  byte-identical to the source; a compressed block scale (``encoded_scales.py``) is decoded from the
+  source's streams, and read as that plain E4M3 matrix by this check and the expert checks below;
 - the small per-layer tensors equal what the source's scalar scales give;
 - packed values: byte-identical to the source's after undoing the target's row order (no target
   changes a value byte), so the values need no decoding;
@@ -50,6 +51,7 @@ from .budget import ByteBudget
 from .constants import E4M3_HALF_STEP as HALF_STEP
 from .constants import E4M3_SUBNORMAL_HALF_SPACING as SUBNORMAL_HALF_SPACING
 from .constants import NVFP4_BLOCK
+from .encoded_scales import EncodedScale
 from .errors import CheckFailed, InputError
 from .experts import ExpertLayer
 from .host_layout import E4M3_VALUES
@@ -74,6 +76,7 @@ CHECK_VALUES = "packed values: byte-identical to the source's after undoing the 
 CHECK_SCALES = "block scales: the source's after undoing the layout, or for rescaled halves their RNE rescale"
 CHECK_BOUND = "rescale bound: every block of every checked expert, from the scales, exactly"
 CHECK_GLOBALS = "per-layer scale_2 and input-scale tensors: as the source's scalars give them"
+CHECK_DECODED = "compressed block scales: decoded from the source's streams (every check of vLLM's decoder), then held to the above as plain E4M3"
 
 
 @dataclass
@@ -100,6 +103,7 @@ class VerifyResult:
     layers: list[LayerResult] = field(default_factory=list)
     files_hashed: int = 0
     copied_tensors: int = 0
+    decoded_block_scales: int = 0  # compressed source block scales outside the expert groups, checked decoded
     copied_groups: list[dict[str, Any]] = field(default_factory=list)  # expert groups left as they were
     checks: list[str] = field(default_factory=list)
     peak_read_ahead: int = 0  # most output bytes held at once by the pass
@@ -424,6 +428,7 @@ class _Verifier:
         self.kernels_ready = kernels_ready  # set once the GPU kernels are loaded (_warm_kernels)
         self.results = {p: LayerResult(p, l.dims.experts, rescaled=l.rescaled_experts) for p, l in spec.layers.items()}
         self.copied = 0
+        self.decoded = 0  # compressed block scales outside the expert groups, checked decoded
         self.block_rel: dict[tuple[str, str, int], float] = {}  # largest block error of each checked expert part
         self.decoded_rel: dict[tuple[str, str, int], float] = {}  # end to end, rescaled expert parts
         self.stop = threading.Event()  # set when a check failed: the other shards' streams end early
@@ -440,13 +445,31 @@ class _Verifier:
 
     # -- reading --------------------------------------------------------------------------------
     def src(self, layer: ExpertLayer, e: int, role: str, fld: str) -> np.ndarray:
-        """One source tensor of an expert, mapped (read-only) and held until :meth:`release_src`."""
+        """One source tensor of an expert, mapped (read-only) and held until :meth:`release_src`; a
+        compressed block scale is decoded instead (a new array: nothing stays held)."""
         ref = layer.ref(e, role, fld)
+        if ref.encoded is not None:
+            return self.decoded_src(ref.encoded)
         return self.src_m[ref.file].held_array(ref.info.name).reshape(ref.info.shape)
 
     def release_src(self, layer: ExpertLayer, e: int, role: str, fld: str) -> None:
         ref = layer.ref(e, role, fld)
-        self.src_m[ref.file].release_tensor(ref.info.name)
+        if ref.encoded is None:
+            self.src_m[ref.file].release_tensor(ref.info.name)
+
+    def decoded_src(self, enc: EncodedScale) -> np.ndarray:
+        """A compressed source block scale, decoded from its mapped streams (released once read)."""
+        held: list[tuple[ShardReader, str]] = []
+
+        def read(file: str, name: str) -> np.ndarray:
+            held.append((self.src_m[file], name))
+            return held[-1][0].held_array(name)
+
+        try:
+            return enc.decode(read)
+        finally:
+            for m, name in held:
+                m.release_tensor(name)
 
     def conv_expert(self, layer: ExpertLayer, name: str, e: int) -> tuple[ShardReader, int, int]:
         """The reader of a stacked output tensor, and where expert ``e``'s bytes sit in it (start,
@@ -462,6 +485,8 @@ class _Verifier:
             if t.kind == "copy":
                 for start in range(0, n, COPY_CHUNK):
                     yield _Piece(t, start, min(COPY_CHUNK, n - start), self._copy_check(t, start))
+            elif t.kind == "decoded":
+                yield _Piece(t, 0, n, self._decoded_check(t))
             elif t.kind == "global":
                 yield _Piece(t, 0, n, self._global_check(t))
             else:
@@ -483,6 +508,21 @@ class _Verifier:
             if start == 0:
                 with self._lock:
                     self.copied += 1
+
+        return check
+
+    def _decoded_check(self, t: OutTensor) -> Callable[[np.ndarray], None]:
+        def check(got: np.ndarray) -> None:
+            assert t.source is not None and t.source.encoded is not None
+            want = self.decoded_src(t.source.encoded).reshape(-1)
+            if not _same(got, want):
+                at = int(np.flatnonzero(got != want)[0])
+                raise _fail(
+                    f"{t.entry.name} is not the source's {t.source.encoded.encoding} block scale decoded "
+                    f"(first difference at byte {at})"
+                )
+            with self._lock:
+                self.decoded += 1
 
         return check
 
@@ -936,6 +976,8 @@ def verify(
     v = _Verifier(spec, conv, experts, dev if decode else None, kernels_ready)
     result = VerifyResult(source_label or str(source_dir), str(conv_dir), options.target.name, dev)
     result.checks = [CHECK_HASHES if hash_files else CHECK_SIZES, CHECK_STRUCTURE, CHECK_COPIED, CHECK_GLOBALS, CHECK_VALUES, CHECK_SCALES, CHECK_BOUND]
+    if spec.source.encoded:
+        result.checks.append(CHECK_DECODED)
     if decode:
         how = "the Triton compare kernel on the GPU" if dev == "cuda" else "the kernel's torch reference on the CPU"
         result.checks.append(f"end to end: every checked expert of both checkpoints dequantized and compared ({how})")
@@ -947,6 +989,7 @@ def verify(
     v.check_decoded()
     result.files_hashed = len(manifest.files) if hash_files else 0
     result.copied_tensors = v.copied
+    result.decoded_block_scales = v.decoded
     result.copied_groups = [
         {"prefix": g.prefix, "format": g.format, "experts": g.experts, "tensors": g.tensors, "identical": True}
         for g in spec.copied_groups.values()
