@@ -311,9 +311,14 @@ def sample(
     shards: int = typer.Option(3, help="Number of shards."),
     values: str = typer.Option("U8", help="deepseek-v4: dtype of the NVFP4 experts' packed values, U8 or I8."),
     unequal_scale_2: bool = typer.Option(False, "--unequal-scale-2", help="modelopt: give gate and up different weight_scale_2."),
+    scale_encoding: str | None = typer.Option(
+        None, help="modelopt: store every block scale compressed, csf or csf_32x2_v1 (weight_scale_encoding, as vLLM 0.34 reads it)."
+    ),
     seed: int | None = typer.Option(None, help="Random seed (default: random)."),
 ) -> None:
     """Write a small real-format NVFP4 MoE checkpoint (random weights, real quantization)."""
+    if arch == "deepseek-v4" and scale_encoding is not None:
+        raise InputError("--scale-encoding is for --arch modelopt")
     if arch == "deepseek-v4":
         from .sample_dsv4 import DSv4SampleSpec, make_dsv4_sample
 
@@ -328,7 +333,9 @@ def sample(
         raise InputError(f"--arch must be modelopt or deepseek-v4, not {arch!r}")
     from .sample import SampleSpec, make_sample_checkpoint
 
-    spec = SampleSpec(scheme, layers or 3, experts, hidden or 256, intermediate or 128, shards, unequal_scale_2, seed=seed)
+    spec = SampleSpec(
+        scheme, layers or 3, experts, hidden or 256, intermediate or 128, shards, unequal_scale_2, seed=seed, scale_encoding=scale_encoding
+    )
     try:
         make_sample_checkpoint(output, spec)
     except ValueError as e:

@@ -414,6 +414,8 @@ def tensor_bytes(t: torch.Tensor | np.ndarray) -> memoryview:
         return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
     import torch
 
+    if t.numel() == 0:  # torch will not view an empty tensor of wider elements as bytes
+        return memoryview(b"")
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 

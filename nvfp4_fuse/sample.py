@@ -4,7 +4,8 @@ Weights are random bf16 values quantized with ModelOpt's NVFP4 recipe (``nvfp4.q
 as sharded safetensors with an index, ``config.json``, ``hf_quant_config.json`` and a few sidecars,
 in any of the naming schemes the converter reads. Options make gate/up ``weight_scale_2`` unequal
 (as in pre-0.43 exports and some re-exports) and give every expert its own input scale; experts of
-one layer are spread over several shards.
+one layer are spread over several shards. ``scale_encoding`` stores every block scale compressed
+(``csf`` or ``csf_32x2_v1``, declared in both configs), as vLLM 0.34 reads them.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .constants import E2M1_MAX, E4M3_MAX
+from .csf import ENCODINGS, encode
 from .nvfp4 import quantize
 from .safetensors_io import OutEntry, StreamingShardWriter, tensor_bytes
 
@@ -39,6 +42,7 @@ class SampleSpec:
     shared_experts: bool = True
     seed: int | None = None
     fast: bool = False  # random codes and scales instead of quantizing random weights (for big benchmarks)
+    scale_encoding: str | None = None  # "csf" / "csf_32x2_v1": every block scale stored compressed (csf.py)
 
 
 def _names(scheme: str, layer: int) -> tuple[str, str, dict[str, str]]:
@@ -54,8 +58,26 @@ def _names(scheme: str, layer: int) -> tuple[str, str, dict[str, str]]:
     return f"model.layers.{layer}.mlp.experts", f"model.layers.{layer}", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
+def _block_scale(name: str, scale: torch.Tensor, encoding: str | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``name`` as it is, or the streams of its compressed encoding, as vLLM 0.34 reads them."""
+    if encoding is None:
+        yield name, scale
+        return
+    for stream, data in encode(encoding, scale.view(torch.uint8).numpy()).items():
+        yield f"{name}.{stream}", torch.from_numpy(np.ascontiguousarray(data))
+
+
 def _nvfp4_linear(
-    name: str, rows: int, cols: int, gen: torch.Generator, *, scale_2: float | None, input_scale: float, ct: bool, fast: bool
+    name: str,
+    rows: int,
+    cols: int,
+    gen: torch.Generator,
+    *,
+    scale_2: float | None,
+    input_scale: float,
+    ct: bool,
+    fast: bool,
+    encoding: str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     if fast:
         packed = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=gen)
@@ -76,7 +98,7 @@ def _nvfp4_linear(
         yield f"{name}.input_global_scale", torch.reciprocal(ist).reshape(1)
     else:
         yield f"{name}.weight", packed
-        yield f"{name}.weight_scale", scale
+        yield from _block_scale(f"{name}.weight_scale", scale, encoding)
         yield f"{name}.weight_scale_2", s2t
         yield f"{name}.input_scale", ist
 
@@ -84,20 +106,21 @@ def _nvfp4_linear(
 def _layer_tensors(spec: SampleSpec, layer: int, gen: torch.Generator) -> Iterator[tuple[str, torch.Tensor]]:
     h, i = spec.hidden, spec.inter
     ct = spec.scheme == "compressed-tensors"
+    kw = {"ct": ct, "fast": spec.fast, "encoding": spec.scale_encoding}
     prefix, block, proj = _names(spec.scheme, layer)
     yield f"{block}.input_layernorm.weight", torch.ones(h, dtype=torch.bfloat16)
     yield f"{block}.self_attn.o_proj.weight", (torch.randn(h, h, generator=gen) * 0.02).to(torch.bfloat16)
     if spec.dense_first_layer and layer == 0:
         mlp = prefix.rsplit(".", 1)[0]
         for role, rows, cols in (("gate", i, h), ("up", i, h), ("down", h, i)):
-            yield from _nvfp4_linear(f"{mlp}.{proj[role]}", rows, cols, gen, scale_2=None, input_scale=0.01, ct=ct, fast=spec.fast)
+            yield from _nvfp4_linear(f"{mlp}.{proj[role]}", rows, cols, gen, scale_2=None, input_scale=0.01, **kw)
         return
     mlp = prefix.rsplit(".", 1)[0]
     yield f"{mlp}.gate.weight", (torch.randn(spec.experts, h, generator=gen) * 0.02).to(torch.bfloat16)
     if spec.shared_experts:
         for role, rows, cols in (("gate", i, h), ("up", i, h), ("down", h, i)):
             yield from _nvfp4_linear(
-                f"{mlp}.shared_experts.{proj[role]}", rows, cols, gen, scale_2=None, input_scale=0.02, ct=ct, fast=spec.fast
+                f"{mlp}.shared_experts.{proj[role]}", rows, cols, gen, scale_2=None, input_scale=0.02, **kw
             )
     for e in range(spec.experts):
         amax = float(torch.empty(()).uniform_(0.05, 0.2, generator=gen))
@@ -113,9 +136,9 @@ def _layer_tensors(spec: SampleSpec, layer: int, gen: torch.Generator) -> Iterat
         else:
             in_gu = in_down = 0.02
         in_up = in_gu * (1.25 if e % 2 else 0.8) if spec.gate_up_input_scales_differ else in_gu
-        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['gate']}", i, h, gen, scale_2=s2_gate, input_scale=in_gu, ct=ct, fast=spec.fast)
-        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['up']}", i, h, gen, scale_2=s2_up, input_scale=in_up, ct=ct, fast=spec.fast)
-        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['down']}", h, i, gen, scale_2=None, input_scale=in_down, ct=ct, fast=spec.fast)
+        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['gate']}", i, h, gen, scale_2=s2_gate, input_scale=in_gu, **kw)
+        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['up']}", i, h, gen, scale_2=s2_up, input_scale=in_up, **kw)
+        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['down']}", h, i, gen, scale_2=None, input_scale=in_down, **kw)
 
 
 _DTYPE_NAME = {
@@ -127,6 +150,8 @@ _DTYPE_NAME = {
     torch.bfloat16: "BF16",
     torch.int32: "I32",
     torch.int64: "I64",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
 }
 
 
@@ -172,6 +197,9 @@ def _configs(spec: SampleSpec) -> dict[str, dict]:
         "producer": {"name": "modelopt", "version": "0.45.0"},
         "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": exclude},
     }
+    if spec.scale_encoding is not None:
+        cfg["quantization_config"]["weight_scale_encoding"] = spec.scale_encoding
+        hq["quantization"]["weight_scale_encoding"] = spec.scale_encoding
     return {"config.json": cfg, "hf_quant_config.json": hq}
 
 
@@ -180,6 +208,8 @@ def make_sample_checkpoint(out: Path, spec: SampleSpec | None = None) -> Path:
     spec = spec or SampleSpec()
     if spec.scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}")
+    if spec.scale_encoding is not None and (spec.scale_encoding not in ENCODINGS or spec.scheme == "compressed-tensors"):
+        raise ValueError(f"--scale-encoding must be one of {', '.join(ENCODINGS)}, for a ModelOpt scheme")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(spec.seed if spec.seed is not None else int(torch.randint(0, 2**31, ()).item()))
