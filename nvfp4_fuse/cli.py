@@ -78,6 +78,8 @@ def _print_plan(plan: Any, out_dir: Path, workers: int, streams: int, as_json: b
     out.print(t)
     for p, g in d["copied_expert_modules"].items():
         out.print(f"{p}: {g['experts']} experts, {g['format']}, copied (left per expert, byte for byte)")
+    for enc, n in d["decoded_block_scales"].items():
+        out.print(f"block scales: {n} stored compressed ({enc}), decoded exactly and written as plain E4M3")
     s = Table(title="output shards")
     s.add_column("file")
     s.add_column("tensors", justify="right")

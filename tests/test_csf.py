@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import run_cli
+from test_hub import fake_hub  # noqa: F401  (the loopback Hub fixture)
 
 from nvfp4_fuse import csf
 from nvfp4_fuse.convert import ConvertOptions, convert
@@ -332,3 +333,64 @@ def test_sample_cli_writes_a_compressed_checkpoint(tmp_path):
     assert cfg["weight_scale_encoding"] == "csf_32x2_v1"
     r = run_cli("sample", str(tmp_path / "t"), "--scale-encoding", "csf9")
     _one_line_error(r, "--scale-encoding")
+
+
+def test_the_plan_says_which_scales_are_decoded_locally_and_from_hub_headers(make_ckpt, tmp_path, fake_hub, monkeypatch):  # noqa: F811
+    """The dry run names the compressed scales, from a folder and from the Hub's shard headers alone
+    (no configs there: the streams' names tell the encoding)."""
+    from typer.testing import CliRunner
+
+    from nvfp4_fuse.cli import app
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    src = make_ckpt(layers=2, experts=4, hidden=64, inter=32, shards=2, scale_encoding="csf")
+    fake_hub.create("org/csf", {p.name: p.read_bytes() for p in src.iterdir()})
+    line = "block scales: 18 stored compressed (csf), decoded exactly and written as plain E4M3"
+    for where in (str(src), "org/csf"):
+        r = CliRunner().invoke(app, ["convert", where, str(tmp_path / "dry"), "--dry-run", "--target", "linear"])
+        assert r.exit_code == 0, (r.output, r.exception)
+        assert line in " ".join(r.output.split()), r.output
+        r = CliRunner().invoke(app, ["convert", where, str(tmp_path / "dry"), "--dry-run", "--target", "linear", "--json"])
+        assert json.loads(r.output)["decoded_block_scales"] == {"csf": 18}
+    assert not (tmp_path / "dry").exists()
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_decoding_holds_an_expert_at_a_time_and_leaves_nothing_mapped(make_ckpt, tmp_path, monkeypatch, encoding):
+    """Scales are decoded one at a time from the mapped streams, inside the per-expert tasks: the
+    writer never gets more than one expert's bytes (or one non-expert tensor) per call, and after
+    convert and verify no page of either checkpoint is left mapped."""
+    from helpers import mapped_at_close
+
+    from nvfp4_fuse import convert as conv
+    from nvfp4_fuse import safetensors_io
+    from nvfp4_fuse import verify as ver
+    from nvfp4_fuse.encoded_scales import EncodedScale
+
+    src = make_ckpt(layers=3, experts=12, hidden=512, inter=512, shards=3, unequal_scale_2=True, scale_encoding=encoding, fast=True)
+    biggest, decoded = [], []
+    put, decode = safetensors_io.StreamingShardWriter.put, EncodedScale.decode
+
+    def spy_put(self, pieces, *a, **kw):
+        biggest.append(sum(v.nbytes for v in safetensors_io.piece_views(pieces)))
+        return put(self, pieces, *a, **kw)
+
+    def spy_decode(self, read):
+        out = decode(self, read)
+        decoded.append(out.nbytes)
+        return out
+
+    monkeypatch.setattr(safetensors_io.StreamingShardWriter, "put", spy_put)
+    monkeypatch.setattr(EncodedScale, "decode", spy_decode)
+    seen = mapped_at_close(monkeypatch, conv._Ctx, lambda ctx: ctx.readers.values())
+    out = tmp_path / "out"
+    convert(src, out, ConvertOptions(target="mega-moe", workers=4, max_shard_size=2_000_000))
+    assert seen == [0], f"{seen[0] >> 10} KiB of the source still mapped"
+    per_expert_w13 = 2 * 512 * 512 // 2
+    largest_other = 512 * 512 * 2  # o_proj, BF16
+    assert max(biggest) <= max(per_expert_w13, largest_other) < 12 * per_expert_w13  # never a layer
+    assert max(decoded) == 512 * 512 // 16
+    assert len(decoded) == 3 + 2 * (3 + 12 * 3)  # each scale decoded once
+    seen = mapped_at_close(monkeypatch, ver._Verifier, lambda v: (*v.src_m.values(), *v.conv_m.values()))
+    verify(src, out, device="cpu", workers=3)
+    assert seen == [0], f"{seen[0] >> 10} KiB still mapped after verify"
