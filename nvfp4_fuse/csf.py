@@ -117,17 +117,16 @@ def _csf32_counts(rows: int, code_bytes: int) -> _Counts:
 
 @dataclass(frozen=True)
 class _Geometry:
-    """The 32x2 blocks of a ``[rows, cols]`` matrix in storage order."""
+    """The 32x2 blocks of a ``[rows, cols]`` matrix in storage order (a few entries a block)."""
 
     r0: np.ndarray  # first row of each block
     c0: np.ndarray  # first column
     width: np.ndarray  # 2, or 1 for the last odd column
     page: np.ndarray  # page of each block
-    cells: np.ndarray  # flat position of each code, in storage order
     first: np.ndarray  # first block of each page
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=16)
 def _geometry(rows: int, cols: int) -> _Geometry:
     tiles_r, tiles_c = -(-rows // 128), -(-cols // 4)
     tr, tc, pair, blk = (a.ravel() for a in np.meshgrid(np.arange(tiles_r), np.arange(tiles_c), np.arange(2), np.arange(4), indexing="ij"))
@@ -136,12 +135,62 @@ def _geometry(rows: int, cols: int) -> _Geometry:
     keep = (r0 < rows) & (c0 < cols)
     r0, c0, page = r0[keep], c0[keep], page[keep]
     width = np.minimum(cols - c0, 2)
-    i, j = np.meshgrid(np.arange(32), np.arange(2), indexing="ij")
-    cells = ((r0[:, None, None] + i) * cols + c0[:, None, None] + j)[j[None] < width[:, None, None]]
     first = np.flatnonzero(np.diff(page, prepend=-1))
-    for a in (r0, c0, width, page, cells, first):
+    for a in (r0, c0, width, page, first):
         a.flags.writeable = False
-    return _Geometry(r0, c0, width, page, cells, first)
+    return _Geometry(r0, c0, width, page, first)
+
+
+def _tile_groups(rows: int, cols: int) -> tuple[list[tuple[int, int]], int, tuple[int, ...]]:
+    """The storage order as reshapes: (tile rows, row blocks in each) for the full 128-row tile rows
+    and a last partial one; the number of full 4-column tiles a tile row; the widths of the column
+    pairs of its last, partial tile (none, [1], [2] or [2, 1])."""
+    groups = [(n, nb) for n, nb in ((rows // 128, 4), (int(rows % 128 > 0), (rows % 128) // 32)) if n]
+    return groups, cols // 4, {0: (), 1: (1,), 2: (2,), 3: (2, 1)}[cols % 4]
+
+
+def _tiles_to_matrix(packed: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Codes packed two a byte in 32x2-block storage order -> the ``[rows, cols]`` matrix (reshapes and
+    transposes; the blocks cover every cell once). In a 2-column block a byte holds one row's two
+    codes, so full tiles move as 2-byte words, each a byte unpacked to (low, high) nibble."""
+    pairs = np.empty(packed.size, dtype="<u2")  # byte b -> bytes (b & 0xF, b >> 4), little-endian
+    np.bitwise_or(packed & 0xF, (packed.astype(np.uint16) & 0xF0) << 4, out=pairs)
+    code = pairs.view(np.uint8)  # the codes in storage order
+    out = np.empty((rows, cols), dtype=np.uint8)
+    groups, full, widths = _tile_groups(rows, cols)
+    pos = r = 0
+    for n, nb in groups:
+        nr, per = n * 32 * nb, 32 * nb * cols
+        k = full * 128 * nb
+        words = pairs[pos // 2 : (pos + n * per) // 2].reshape(n, per // 2)[:, : k // 2]
+        block = words.reshape(n, full, 2, nb, 32).transpose(0, 3, 4, 1, 2).reshape(nr, 2 * full)
+        out[r : r + nr, : 4 * full] = np.ascontiguousarray(block).view(np.uint8)
+        seg = code[pos : pos + n * per].reshape(n, per)
+        c = 4 * full
+        for w in widths:
+            out[r : r + nr, c : c + w] = seg[:, k : k + 32 * nb * w].reshape(nr, w)
+            c, k = c + w, k + 32 * nb * w
+        pos, r = pos + n * per, r + nr
+    return out
+
+
+def _matrix_to_tiles(m: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`_tiles_to_matrix`: a ``[rows, cols]`` matrix's cells in storage order."""
+    rows, cols = m.shape
+    out = np.empty(rows * cols, dtype=m.dtype)
+    groups, full, widths = _tile_groups(rows, cols)
+    pos = r = 0
+    for n, nb in groups:
+        nr, per = n * 32 * nb, 32 * nb * cols
+        seg = out[pos : pos + n * per].reshape(n, per)
+        k = full * 128 * nb
+        seg[:, :k] = m[r : r + nr, : 4 * full].reshape(n, nb, 32, full, 2, 2).transpose(0, 3, 4, 1, 2, 5).reshape(n, k)
+        c = 4 * full
+        for w in widths:
+            seg[:, k : k + 32 * nb * w] = m[r : r + nr, c : c + w].reshape(n, 32 * nb * w)
+            c, k = c + w, k + 32 * nb * w
+        pos, r = pos + n * per, r + nr
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,11 +252,9 @@ def _decode_csf32(
     _check_bases("csf32_bases", base)
     geo = _geometry(rows, cols)
     packed = codes.reshape(-1)
-    out = np.empty(rows * cols, dtype=np.uint8)
-    code = np.empty(2 * packed.size, dtype=np.uint8)
-    code[0::2] = packed & 0xF
-    code[1::2] = packed >> 4
-    out[geo.cells] = code + base[geo.cells // cols]
+    out = _tiles_to_matrix(packed, rows, cols)
+    out += base[:, None]
+    out = out.reshape(-1)
 
     origins, index, words = page_bases.reshape(-1), offsets.reshape(-1), exceptions.reshape(-1)
     n_blocks = geo.r0.size
@@ -229,9 +276,9 @@ def _decode_csf32(
         raise StreamError("csf32_exceptions", f"has {words.size} exceptions, the offsets index {int(ends[-1])}")
     block = np.repeat(np.arange(n_blocks), ends - starts)
     pos = (words & 0xFF).astype(np.int64)
-    same_block = block[1:] == block[:-1]
-    bad = np.flatnonzero((pos >= 64) | (pos % 2 >= geo.width[block]))
-    bad = np.union1d(bad, np.flatnonzero((pos[1:] <= pos[:-1]) & same_block) + 1)
+    wrong = (pos >= 64) | (pos % 2 >= geo.width[block])
+    wrong[1:] |= (pos[1:] <= pos[:-1]) & (block[1:] == block[:-1])
+    bad = np.flatnonzero(wrong)
     if bad.size:
         k = int(bad[0])
         raise StreamError(
@@ -279,15 +326,15 @@ def encode(encoding: str, scales: np.ndarray) -> dict[str, np.ndarray]:
     if rows % 32 or cols == 0:
         raise ValueError(f"csf_32x2_v1 holds [rows, cols] with rows a multiple of 32, not {[rows, cols]}")
     geo = _geometry(rows, cols)
-    stored = code.reshape(-1)[geo.cells]
+    stored = _matrix_to_tiles(code)
     packed = stored[0::2] | (stored[1::2] << 4)
     n_blocks = geo.r0.size
     block_of = np.repeat(np.arange(n_blocks), 32 * geo.width)
     block_start = np.concatenate(([0], np.cumsum(32 * geo.width)[:-1]))
-    local = np.arange(geo.cells.size) - block_start[block_of]
+    local = np.arange(stored.size) - block_start[block_of]
     pos = local * (2 // geo.width[block_of])  # 2 * row + col in the block
-    exc = ~inside.reshape(-1)[geo.cells]
-    words = (scales.reshape(-1)[geo.cells[exc]].astype(np.uint16) << 8) | pos[exc].astype(np.uint16)
+    exc = ~_matrix_to_tiles(inside)
+    words = (_matrix_to_tiles(scales)[exc].astype(np.uint16) << 8) | pos[exc].astype(np.uint16)
     ends = np.cumsum(np.bincount(block_of[exc], minlength=n_blocks))
     starts = np.concatenate(([0], ends[:-1]))
     page_start = starts[geo.first]

@@ -35,10 +35,11 @@ def _random_scales(rng: np.random.Generator, rows: int, cols: int, outliers: flo
 
 def _shapes(encoding: str, rng: np.random.Generator) -> list[tuple[int, int]]:
     if encoding == "csf":  # rows: multiples of 16, columns even
-        fixed = [(16, 2), (32, 6), (48, 130), (16 * 19, 2 * 37)]
+        fixed = [(16, 2), (32, 6), (48, 130), (16 * 19, 2 * 37), (16 * 150, 2 * 500)]
         return fixed + [(16 * int(rng.integers(1, 40)), 2 * int(rng.integers(1, 90))) for _ in range(4)]
     # rows: multiples of 32; any column count, odd included; partial 128x4 tiles and pages
-    fixed = [(32, 1), (32, 3), (96, 5), (160, 7), (128, 4), (32 * 9, 130), (4096 // 4, 33)]
+    # (the last one has more cells than a geometry kept in the cache)
+    fixed = [(32, 1), (32, 3), (96, 5), (160, 7), (128, 4), (32 * 9, 130), (4096 // 4, 33), (32 * 70, 1001)]
     return fixed + [(32 * int(rng.integers(1, 40)), int(rng.integers(1, 200))) for _ in range(4)]
 
 
