@@ -347,7 +347,9 @@ def _check_layer(prefix: str, parts: Parts, optional: tuple[str, ...] = ()) -> E
     for e in range(n):
         for role in ROLES:
             for fld, shape in want[role].items():
-                ref = parts[(e, role, fld)]
+                ref = parts.get((e, role, fld))
+                if ref is None:  # an absent field the caller tolerates (``optional``)
+                    continue
                 if ref.info.shape != shape:
                     other = parts[(e, "gate", fld)] if role == "up" else g0
                     raise InputError(
