@@ -19,7 +19,16 @@ from .inspect import exit_code, expert_ranges, inspect, local_input, remote_inpu
 VERDICT_STYLE = {"loads": "[green]loads[/green]", "lossy": "[yellow]lossy[/yellow]", "fails": "[red]fails[/red]", "n/a": "[dim]n/a[/dim]"}
 
 
+def _engine_matches(engine: str, row_id: str, engine_id: str) -> bool:
+    return engine in (row_id, engine_id) or row_id.startswith(engine + ":")
+
+
 def run_inspect(source: str, *, revision: str | None, as_json: bool, engine: str | None, out: Console) -> int:
+    from .engines import ENGINES
+
+    if engine is not None and not any(_engine_matches(engine, f"{e.id}:{e.backend}", e.id) for e in ENGINES):
+        choices = sorted({e.id for e in ENGINES} | {f"{e.id}:{e.backend}" for e in ENGINES})
+        raise InputError(f"--engine {engine!r} is none of: {', '.join(choices)}")
     p = Path(source)
     if p.exists():
         if revision:
@@ -31,11 +40,7 @@ def run_inspect(source: str, *, revision: str | None, as_json: bool, engine: str
         inp = remote_input(source, revision=revision)
     report = inspect(inp)
     if engine is not None:
-        rows = [r for r in report["engines"] if engine in (r["id"], r["engine_id"]) or r["id"].startswith(engine + ":")]
-        if not rows:
-            choices = sorted({r["engine_id"] for r in report["engines"]} | {r["id"] for r in report["engines"]})
-            raise InputError(f"--engine {engine!r} is none of: {', '.join(choices)}")
-        report["engines"] = rows
+        report["engines"] = [r for r in report["engines"] if _engine_matches(engine, r["id"], r["engine_id"])]
         report["gated_on"] = engine
     rc = exit_code(report)
     report["exit_code"] = rc
