@@ -4,7 +4,8 @@ Every rule is a record: the engines and backends it holds for, the condition (in
 of the inspect report's facts), the verdict it gives (``fails``, ``lossy``, or ``n/a`` when the
 backend does not serve this kind of model), the message, and the source file and line it was read
 from, in which release. A rule marked ``inferred`` was reasoned from the code (or, for TensorRT-LLM,
-from the project's research notes) but not run. For each engine and backend the verdict is the worst
+from the project's research notes) but not run; ``unknown`` says what was not read and does not gate
+the exit code. For each engine and backend the verdict is the worst
 of the rules that hold (``n/a`` first); with none, it loads the checkpoint as is.
 
 Read from: vLLM 0.34.0 (wheel) and 0.33.0 (installed), SGLang 0.5.23 (wheel), this package's vLLM
@@ -20,7 +21,7 @@ from typing import Any
 
 Facts = dict[str, Any]
 
-VERDICT_ORDER = {"loads": 0, "lossy": 1, "fails": 2}
+VERDICT_ORDER = {"loads": 0, "unknown": 1, "lossy": 2, "fails": 3}  # "unknown" does not gate the exit code
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Rule:
     backends: tuple[str, ...]  # backends, or ("*",)
     when: str  # the condition, in words
     test: Callable[[Facts], bool]
-    verdict: str  # "fails" | "lossy" | "n/a"
+    verdict: str  # "fails" | "lossy" | "unknown" | "n/a"
     message: Callable[[Facts], str]
     source: str  # file:line it was read from
     version: str  # the release read
@@ -67,7 +68,14 @@ class Rule:
 V33, V34, VLLM = ("vllm-0.33",), ("vllm-0.34",), ("vllm-0.33", "vllm-0.34")
 SGL, TRT = ("sglang-0.5.23",), ("trtllm",)
 ANY = ("*",)
-PER_EXPERT_VLLM = ("flashinfer_cutlass", "flashinfer_trtllm", "flashinfer_cutedsl", "flashinfer_moe_ep_cutedsl", "cutlass", "marlin")
+PER_EXPERT_VLLM = (
+    "flashinfer_cutlass",
+    "flashinfer_trtllm",
+    "flashinfer_cutedsl",
+    "flashinfer_moe_ep_cutedsl",
+    "cutlass",
+    "marlin",
+)
 GLOBAL_MAX_VLLM = ("flashinfer_cutlass", "flashinfer_trtllm", "flashinfer_cutedsl")  # amax over all experts
 MEGA = ("deep_gemm_mega_moe", "deep_gemm_mega_moe+plugin")
 
@@ -116,7 +124,15 @@ def _facts(report: dict[str, Any]) -> Facts:
         "csf_streams": report["csf"]["streams"] > 0,
         "defects": s["defective_groups"] or report["problems"],
     }
-    f["sglang_missing"] = [k for k, ok in (("quant_algo: MIXED_PRECISION", qa == "MIXED_PRECISION"), ("moe_quant_algo: NVFP4", moe == "NVFP4"), ("top-level group_size", cfg.get("group_size") is not None)) if not ok]
+    f["sglang_missing"] = [
+        k
+        for k, ok in (
+            ("quant_algo: MIXED_PRECISION", qa == "MIXED_PRECISION"),
+            ("moe_quant_algo: NVFP4", moe == "NVFP4"),
+            ("top-level group_size", cfg.get("group_size") is not None),
+        )
+        if not ok
+    ]
     return f
 
 
@@ -125,6 +141,7 @@ def _first_defect(f: Facts) -> str:
     return d[0] if isinstance(d[0], str) else str(d[0])
 
 
+# fmt: off
 RULES: tuple[Rule, ...] = (
     # ---------------------------------------------------------------- applicability
     Rule(VLLM, MEGA, "the model is not DeepSeek-V4 (only its model wires the native MegaMoE backend)",
@@ -143,6 +160,11 @@ RULES: tuple[Rule, ...] = (
          lambda f: f["s"]["block_scales_missing"] > 0, "fails",
          lambda f: f"{f['s']['block_scales_missing']} expert block scales absent: the parameters stay uninitialized",
          "vllm/model_executor/layers/quantization/modelopt.py:944 (create_weights: torch.empty)", "0.34.0", inferred=True),
+    Rule(VLLM, ANY, "no quantization_config in config.json, and hf_quant_config.json lacks a field vLLM requires",
+         lambda f: not f["cfg"]["has_quantization_config"] and bool(f["cfg"]["hf_quant_config_missing"]), "fails",
+         lambda f: "ValueError: \"NVFP4 quantization requires the following fields in hf_quant_config.json: "
+                   f"{f['cfg']['hf_quant_config_missing']}\"",
+         "vllm/model_executor/layers/quantization/modelopt.py:846-858 (0.33.0: 818-830)", "0.34.0, 0.33.0"),
     # ---------------------------------------------------------------- fused checkpoints
     Rule(VLLM, ("deep_gemm_mega_moe", "flashinfer_cutlass", "flashinfer_trtllm", "flashinfer_cutedsl",
                 "flashinfer_moe_ep_cutedsl", "cutlass", "marlin"),
@@ -290,11 +312,12 @@ RULES: tuple[Rule, ...] = (
          lambda f: f["nvfp4"] and f["s"]["scale_2_pairs_differ"] > 0, "lossy",
          lambda f: f"smaller half off by up to {_x(f['s']['scale_2_worst_ratio'])} in {f['s']['scale_2_pairs_differ']} experts (max() + warning)",
          "research notes engines-and-hub.md 3.2, 4.1 (TensorRT-LLM PR 18772)", "TensorRT-LLM after PR 18772", inferred=True),
-    Rule(TRT, ANY, "an input_scale is zero, absent, NaN or Inf",
-         lambda f: f["nvfp4"] and (f["s"]["input_any_missing"] + f["s"]["input_any_zero"] + f["s"]["input_any_nonfinite"]) > 0, "fails",
-         lambda f: "input scales unusable for some experts (TensorRT-LLM's handling not read; assumed as vLLM's)",
-         "research notes engines-and-hub.md 4.2", "-", inferred=True),
+    Rule(TRT, ANY, "an input_scale is zero, absent, NaN or Inf (TensorRT-LLM's handling of them was not read)",
+         lambda f: f["nvfp4"] and (f["s"]["input_any_missing"] + f["s"]["input_any_zero"] + f["s"]["input_any_nonfinite"]) > 0, "unknown",
+         lambda f: "some input scales are unusable; how TensorRT-LLM treats them was not read (not installable here)",
+         "research notes engines-and-hub.md 3.2", "-", inferred=True),
 )
+# fmt: on
 
 
 def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -318,7 +341,10 @@ def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "backend": eng.backend,
                 "verdict": verdict,
                 "messages": [r.message(f) for r in hits] or ["loads as is"],
-                "rules": [{"when": r.when, "source": r.source, "version": r.version, "inferred": r.inferred, "verdict": r.verdict} for r in hits],
+                "rules": [
+                    {"when": r.when, "source": r.source, "version": r.version, "inferred": r.inferred, "verdict": r.verdict}
+                    for r in hits
+                ],
             }
         )
     return out

@@ -77,16 +77,34 @@ def config_facts(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out[key] = val
         out[f"{key}_from"] = where
     for key in ("ignore", "exclude_modules"):
-        lists = {n: b[key] for n, b in (("config.json", qc), ("hf_quant_config.json", hqq)) if isinstance(b, dict) and isinstance(b.get(key), list)}
+        lists = {
+            n: b[key]
+            for n, b in (("config.json", qc), ("hf_quant_config.json", hqq))
+            if isinstance(b, dict) and isinstance(b.get(key), list)
+        }
         out[key] = lists or None
-    ql = {n: len(b["quantized_layers"]) for n, b in (("config.json", qc), ("hf_quant_config.json", hqq)) if isinstance(b, dict) and isinstance(b.get("quantized_layers"), dict)}
+    ql = {
+        n: len(b["quantized_layers"])
+        for n, b in (("config.json", qc), ("hf_quant_config.json", hqq))
+        if isinstance(b, dict) and isinstance(b.get("quantized_layers"), dict)
+    }
     out["quantized_layers"] = ql or None
     out["producer"] = _get(hq, "producer") or _get(qc, "producer")
+    # vLLM's ModelOpt NVFP4 config needs these in hf_quant_config.json's "quantization" block
+    out["hf_quant_config_missing"] = (
+        [k for k in ("group_size", "kv_cache_quant_algo", "exclude_modules") if k not in hqq]
+        if isinstance(hqq, dict) and "NVFP4" in str(hqq.get("quant_algo", "")).upper()
+        else []
+    )
     out["expert_format"] = _get(qc, "expert_format")
     fused = None
     for block in (qc, hq):
         if isinstance(block, dict) and isinstance(block.get(FUSED_BLOCK_KEY), dict):
-            fused = {k: block[FUSED_BLOCK_KEY].get(k) for k in ("layout", "target", "w13_order", "producer") if k in block[FUSED_BLOCK_KEY]}
+            fused = {
+                k: block[FUSED_BLOCK_KEY].get(k)
+                for k in ("layout", "target", "w13_order", "producer")
+                if k in block[FUSED_BLOCK_KEY]
+            }
             break
     out["fused_experts"] = fused
     return out
@@ -286,13 +304,28 @@ def inspect(inp: InspectInput) -> dict[str, Any]:
     csf = csf_streams(src.tensor_file)
     stream_names = frozenset(n for streams in csf.values() for k, n in streams.items() if k != "__encoding__")
     fused = _fused_groups(src)
-    scan: ExpertScan = scan_experts(src, tolerate_missing=("input_scale", "weight_scale") if csf else ("input_scale",), skip=stream_names)
+    scan: ExpertScan = scan_experts(
+        src, tolerate_missing=("input_scale", "weight_scale") if csf else ("input_scale",), skip=stream_names
+    )
     # read every scalar of every checked NVFP4 group, in one batch
-    wanted = [ref for g in scan.groups.values() if g.layer is not None for (_, _, f), ref in g.layer.parts.items() if f in SCALARS]
+    wanted = [
+        ref for g in scan.groups.values() if g.layer is not None for (_, _, f), ref in g.layer.parts.items() if f in SCALARS
+    ]
     blobs = inp.read_scalars(wanted) if wanted else {}
     groups = [_group_report(scan.groups[p], blobs, csf) for p in sorted(scan.groups, key=layer_key)]
     for p in sorted(fused, key=layer_key):
-        groups.append({"prefix": p, "layer": layer_label(p), "format": "fused", "tensors": sorted(fused[p]), "problem": None})
+        w13 = f"{p}.w13_weight"
+        experts = src.headers[src.tensor_file[w13]].tensors[w13].shape[0] if w13 in src.tensor_file else None
+        groups.append(
+            {
+                "prefix": p,
+                "layer": layer_label(p),
+                "format": "fused",
+                "experts": experts,
+                "tensors": sorted(fused[p]),
+                "problem": None,
+            }
+        )
     groups.sort(key=lambda g: layer_key(g["prefix"]))
     cfg = config_facts(src.configs)
     global_problems = [str(e) for e in scan.problems if not any(e is g.problem for g in scan.groups.values())]
@@ -310,7 +343,11 @@ def inspect(inp: InspectInput) -> dict[str, Any]:
         },
         "config": cfg,
         "groups": groups,
-        "csf": {"streams": len(stream_names), "encoded_scales": len(csf), "encodings": sorted({s["__encoding__"] for s in csf.values()})},
+        "csf": {
+            "streams": len(stream_names),
+            "encoded_scales": len(csf),
+            "encodings": sorted({s["__encoding__"] for s in csf.values()}),
+        },
         "problems": global_problems,
         "scalars_read": len(wanted),
     }
@@ -336,13 +373,17 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         "up_factor_max": max((g["scale_2"]["up_factor_max"] for g in nv), default=1.0),
         "up_factor_min": min((g["scale_2"]["up_factor_min"] for g in nv), default=1.0),
         "block_scale_spellings": sorted({g["naming"]["block_scale"] for g in nv if g["naming"].get("block_scale")}),
-        "block_scale_encodings": sorted({g["naming"]["block_scale_encoding"] for g in nv if g["naming"].get("block_scale_encoding")}),
+        "block_scale_encodings": sorted(
+            {g["naming"]["block_scale_encoding"] for g in nv if g["naming"].get("block_scale_encoding")}
+        ),
         "block_scales_missing": sum(g.get("block_scales_missing", 0) for g in nv),
         "compressed_tensors": any(g["naming"]["fields"] == "compressed-tensors" for g in nv),
     }
     worst = max(nv, key=lambda g: g["scale_2"]["worst_ratio"], default=None)
     s["scale_2_worst_at"] = (
-        {"prefix": worst["prefix"], "expert": worst["scale_2"]["worst_expert"]} if worst and worst["scale_2"]["pairs_differ"] else None
+        {"prefix": worst["prefix"], "expert": worst["scale_2"]["worst_expert"]}
+        if worst and worst["scale_2"]["pairs_differ"]
+        else None
     )
     for name, roles in (("w13", ("gate", "up")), ("w2", ("down",))):
         for k in DEFECTS:
@@ -361,7 +402,11 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 def exit_code(report: dict[str, Any], engine: str | None = None) -> int:
     """0 when every engine considered loads the checkpoint as is (or does not apply to it), else 4."""
-    rows = [r for r in report["engines"] if engine is None or r["id"] == engine or r["id"].startswith(engine + ":") or r["engine_id"] == engine]
+    rows = [
+        r
+        for r in report["engines"]
+        if engine is None or r["id"] == engine or r["id"].startswith(engine + ":") or r["engine_id"] == engine
+    ]
     return EXIT_ENGINE_ISSUES if any(r["verdict"] in ("lossy", "fails") for r in rows) else EXIT_OK
 
 

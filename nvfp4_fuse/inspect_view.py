@@ -16,7 +16,13 @@ from rich.table import Table
 from .errors import InputError
 from .inspect import exit_code, expert_ranges, inspect, local_input, remote_input
 
-VERDICT_STYLE = {"loads": "[green]loads[/green]", "lossy": "[yellow]lossy[/yellow]", "fails": "[red]fails[/red]", "n/a": "[dim]n/a[/dim]"}
+VERDICT_STYLE = {
+    "loads": "[green]loads[/green]",
+    "lossy": "[yellow]lossy[/yellow]",
+    "fails": "[red]fails[/red]",
+    "n/a": "[dim]n/a[/dim]",
+    "unknown": "[dim]unknown[/dim]",
+}
 
 
 def _engine_matches(engine: str, row_id: str, engine_id: str) -> bool:
@@ -104,6 +110,8 @@ def print_report(report: dict[str, Any], out: Console) -> None:
                             out.print(f"  {g['prefix']}: {r} input_scale {k} in experts {expert_ranges(sc[r][k])}")
         if g.get("problem"):
             out.print(f"  [red]defect[/red] {g['prefix']}: {g['problem']}")
+    if report["summary"].get("input_all_one"):
+        out.print("  every input_scale is 1.0 (a placeholder, not a calibration)")
     for p in report["problems"]:
         out.print(f"  [red]defect[/red] {p}")
     if report["csf"]["streams"]:
@@ -115,7 +123,9 @@ def print_report(report: dict[str, Any], out: Console) -> None:
     for k in keys:
         v = cfg.get(k)
         if v is not None:
-            shown.append(f"{k}={json.dumps(v, separators=(',', ':'))}" + (f" ({cfg[k + '_from']})" if cfg.get(k + "_from") else ""))
+            shown.append(
+                f"{k}={json.dumps(v, separators=(',', ':'))}" + (f" ({cfg[k + '_from']})" if cfg.get(k + "_from") else "")
+            )
     for k in ("ignore", "exclude_modules"):
         if cfg.get(k):
             shown.append(f"{k}: " + ", ".join(f"{n} ({len(v)})" for n, v in cfg[k].items()))
@@ -151,4 +161,7 @@ def print_report(report: dict[str, Any], out: Console) -> None:
     for k, text in enumerate(notes, 1):
         out.print(f"[{k}] {text}", highlight=False)
     gate = f" (gated on {report['gated_on']})" if report.get("gated_on") else ""
-    out.print(f"exit code {report['exit_code']}{gate}: " + ("every engine loads it as is" if report["exit_code"] == 0 else "some engine loses accuracy or fails"))
+    out.print(
+        f"exit code {report['exit_code']}{gate}: "
+        + ("every engine loads it as is" if report["exit_code"] == 0 else "some engine loses accuracy or fails")
+    )

@@ -133,7 +133,9 @@ def test_every_input_scale_defect_is_found_where_it_is(make_ckpt):
 
 
 def test_a_zero_input_scale_is_harmless_to_a_max_over_experts_but_not_per_expert(make_ckpt):
-    src = make_ckpt(scheme="hf", layers=2, experts=4, hidden=64, inter=32, input_scale_defects={(1, 2, "gate"): "zero", (1, 2, "up"): "zero"})
+    src = make_ckpt(
+        scheme="hf", layers=2, experts=4, hidden=64, inter=32, input_scale_defects={(1, 2, "gate"): "zero", (1, 2, "up"): "zero"}
+    )
     rep = report_of(src)
     assert groups(rep)["model.layers.1.mlp.experts"]["input_scale_w13"]["experts_unusable"] == [2]
     assert verdict(rep, "vllm-0.34:flashinfer_cutlass")["verdict"] == "loads"
@@ -185,7 +187,10 @@ def test_dsv4_recipes(dsv4):
     assert groups(ca)["layers.0.ffn.experts"]["naming"]["block_scale"] == "scale"
     assert groups(ca)["layers.0.ffn.experts"]["naming"]["scalar_shape"] == "[1]"
     assert groups(nv)["layers.0.ffn.experts"]["naming"]["scalar_shape"] == "0-d"
-    assert nv["config"]["quant_algo"] == "MIXED_PRECISION" and nv["config"]["quantized_layers"] == {"config.json": 3, "hf_quant_config.json": 3}
+    assert nv["config"]["quant_algo"] == "MIXED_PRECISION" and nv["config"]["quantized_layers"] == {
+        "config.json": 3,
+        "hf_quant_config.json": 3,
+    }
     assert ca["config"]["quant_algo"] is None and ca["config"]["expert_format"]["scale_dtype"] == "fp8_e4m3"
 
 
