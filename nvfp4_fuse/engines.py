@@ -241,7 +241,7 @@ RULES: tuple[Rule, ...] = (
          "vllm/model_executor/layers/fused_moe/oracle/nvfp4.py:571", "0.34.0"),
     Rule(VLLM, GLOBAL_MAX_VLLM, "an input_scale is NaN or Inf (propagates through the max to every expert)",
          lambda f: f["nvfp4"] and f["s"]["input_any_nonfinite"] > 0, "fails",
-         lambda f: f"{f['s']['input_any_nonfinite']} input_scale NaN, Inf or negative: the max over all experts "
+         lambda f: f"{f['s']['input_any_nonfinite']} input_scale NaN or Inf: the max over all experts "
                    "carries it into every expert's activation scale",
          "vllm/model_executor/layers/quantization/utils/quant_utils.py:87", "0.34.0", inferred=True),
     Rule(VLLM, ("cutlass",), "an expert's input scales are unusable (per-expert max of w1/w3, then 1/x)",
@@ -293,7 +293,7 @@ RULES: tuple[Rule, ...] = (
          "sglang/srt/layers/quantization/modelopt_quant.py:2851-2873", "0.5.23", inferred=True),
     Rule(SGL, ("flashinfer_cutlass", "flashinfer_trtllm", "flashinfer_cutedsl"), "an input_scale is NaN or Inf (max over experts)",
          lambda f: f["nvfp4"] and f["s"]["input_any_nonfinite"] > 0, "fails",
-         lambda f: f"{f['s']['input_any_nonfinite']} input_scale NaN, Inf or negative: the max over experts carries it",
+         lambda f: f"{f['s']['input_any_nonfinite']} input_scale NaN or Inf: the max over experts carries it",
          "sglang/srt/layers/quantization/modelopt_quant.py:2763-2766", "0.5.23", inferred=True),
     Rule(SGL, ("flashinfer_cutlass", "flashinfer_trtllm", "flashinfer_cutedsl"), "a layer's input scales all zero",
          lambda f: f["nvfp4"] and bool(f["s"]["input_w13_layers_all_unusable"] or f["s"]["input_w2_layers_all_unusable"]), "fails",
@@ -313,7 +313,7 @@ RULES: tuple[Rule, ...] = (
          lambda f: f"smaller half off by up to {_x(f['s']['scale_2_worst_ratio'])} in {f['s']['scale_2_pairs_differ']} experts (max() + warning)",
          "research notes engines-and-hub.md 3.2, 4.1 (TensorRT-LLM PR 18772)", "TensorRT-LLM after PR 18772", inferred=True),
     Rule(TRT, ANY, "an input_scale is zero, absent, NaN or Inf (TensorRT-LLM's handling of them was not read)",
-         lambda f: f["nvfp4"] and (f["s"]["input_any_missing"] + f["s"]["input_any_zero"] + f["s"]["input_any_nonfinite"]) > 0, "unknown",
+         lambda f: f["nvfp4"] and (f["s"]["input_any_missing"] + f["s"]["input_any_zero"] + f["s"]["input_any_nonfinite"] + f["s"]["input_any_negative"]) > 0, "unknown",
          lambda f: "some input scales are unusable; how TensorRT-LLM treats them was not read (not installable here)",
          "research notes engines-and-hub.md 3.2", "-", inferred=True),
 )
@@ -348,12 +348,3 @@ def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def rules_table() -> list[dict[str, Any]]:
-    """The rules as data (for the README and ``--json``)."""
-    return [
-        {"engines": list(r.engines), "backends": list(r.backends), "when": r.when, "verdict": r.verdict,
-         "source": r.source, "version": r.version, "inferred": r.inferred}
-        for r in RULES
-    ]  # fmt: skip

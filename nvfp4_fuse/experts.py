@@ -122,7 +122,6 @@ class ExpertScan:
 
     groups: dict[str, GroupScan]
     problems: list[InputError]
-    unparsed: list[str] = field(default_factory=list)  # expert-like names that are no NVFP4 part
 
     @property
     def layers(self) -> dict[str, ExpertLayer]:
@@ -139,7 +138,6 @@ def scan_experts(src: Source, *, tolerate_missing: tuple[str, ...] = (), skip: f
     further). ``tolerate_missing``: NVFP4 fields an expert may lack (recorded in ``missing``);
     ``skip``: tensor names to leave out (e.g. a block-scale encoding's streams)."""
     problems: list[InputError] = []
-    unparsed: list[str] = []
     raw: dict[str, Parts] = {}
     projs: dict[tuple[str, int, str], set[str]] = {}
     for name, fname in src.tensor_file.items():
@@ -149,7 +147,6 @@ def scan_experts(src: Source, *, tolerate_missing: tuple[str, ...] = (), skip: f
             p = parse_expert_name(name)
         except UnknownExpertPart as e:
             problems.append(InputError(str(e), file=fname, tensor=name))
-            unparsed.append(name)
             continue
         if p is None:
             continue
@@ -190,7 +187,7 @@ def scan_experts(src: Source, *, tolerate_missing: tuple[str, ...] = (), skip: f
                     InputError(f"{prefix} already has fused tensors; is this checkpoint already converted?", tensor=f"{prefix}.{part}")
                 )
                 break
-    return ExpertScan(groups, problems, unparsed)
+    return ExpertScan(groups, problems)
 
 
 def group_experts(src: Source) -> tuple[dict[str, ExpertLayer], dict[str, CopiedGroup]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -289,10 +289,9 @@ class InspectInput:
     src: Source
     label: str  # folder or repo id
     read_scalars: ReadScalars
-    remote: dict[str, Any] | None = None  # request counts, filled after the read
-    stats: Callable[[], dict[str, Any]] | None = None
+    stats: Callable[[], dict[str, Any]]  # what the reads cost, after them
+    remote: bool = False
     revision: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def inspect(inp: InspectInput) -> dict[str, Any]:
@@ -339,7 +338,7 @@ def inspect(inp: InspectInput) -> dict[str, Any]:
             "revision": inp.revision,
             "shards": len(src.headers),
             "tensors": len(src.tensor_file),
-            "bytes": sum(h.file_size for h in src.headers.values()) if inp.remote is None else None,
+            "bytes": None if inp.remote else sum(h.file_size for h in src.headers.values()),
         },
         "config": cfg,
         "groups": groups,
@@ -351,8 +350,7 @@ def inspect(inp: InspectInput) -> dict[str, Any]:
         "problems": global_problems,
         "scalars_read": len(wanted),
     }
-    if inp.stats is not None:
-        report["source"]["reads"] = inp.stats()
+    report["source"]["reads"] = inp.stats()
     report["summary"] = summarize(report)
     report["engines"] = evaluate(report)
     report["exit_code"] = exit_code(report)
@@ -394,7 +392,9 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         s[f"input_{name}_spread_max"] = max(spreads, default=None)
     s["input_any_missing"] = s["input_w13_missing"] + s["input_w2_missing"]
     s["input_any_zero"] = s["input_w13_zero"] + s["input_w2_zero"]
-    s["input_any_nonfinite"] = sum(s[f"input_{n}_{k}"] for n in ("w13", "w2") for k in ("nan", "inf", "negative"))
+    # NaN and Inf survive a max over experts; a zero or negative one does not (unless all are)
+    s["input_any_nonfinite"] = sum(s[f"input_{n}_{k}"] for n in ("w13", "w2") for k in ("nan", "inf"))
+    s["input_any_negative"] = s["input_w13_negative"] + s["input_w2_negative"]
     s["input_all_one"] = bool(nv) and all(g[f"input_scale_{n}"]["values_all_one"] for g in nv for n in ("w13", "w2"))
     s["weight_scale_2_bad"] = sum(len(v) for g in nv for r in ROLES for k, v in g["weight_scale_2_defects"][r].items())
     return s
@@ -439,7 +439,7 @@ def local_input(folder: Path, *, trust_root: Path | None = None, label: str | No
         calls["preads"] += len(refs)
         return out
 
-    return InspectInput(src, label or str(folder), read, stats=lambda: dict(calls))
+    return InspectInput(src, label or str(folder), read, lambda: dict(calls))
 
 
 def remote_input(repo_id: str, *, revision: str | None = None) -> InspectInput:
@@ -466,10 +466,10 @@ def remote_input(repo_id: str, *, revision: str | None = None) -> InspectInput:
 
     def stats() -> dict[str, Any]:
         return {
-            "header_requests": "get_safetensors_metadata (index + one per shard)",
+            "header_requests": len(remote.headers) + int(remote.sharded),  # get_safetensors_metadata
             "config_requests": reader.stats.file_requests,
             "range_requests": reader.stats.requests,
             "range_bytes": reader.stats.bytes,
         }
 
-    return InspectInput(src, repo_id, read, stats=stats, remote={}, revision=revision)
+    return InspectInput(src, repo_id, read, stats, remote=True, revision=revision)

@@ -134,13 +134,21 @@ def test_every_input_scale_defect_is_found_where_it_is(make_ckpt):
 
 def test_a_zero_input_scale_is_harmless_to_a_max_over_experts_but_not_per_expert(make_ckpt):
     src = make_ckpt(
-        scheme="hf", layers=2, experts=4, hidden=64, inter=32, input_scale_defects={(1, 2, "gate"): "zero", (1, 2, "up"): "zero"}
+        scheme="hf",
+        layers=2,
+        experts=4,
+        hidden=64,
+        inter=32,
+        input_scale_defects={(1, 2, "gate"): "zero", (1, 2, "up"): "zero", (1, 1, "down"): "negative"},
     )
     rep = report_of(src)
     assert groups(rep)["model.layers.1.mlp.experts"]["input_scale_w13"]["experts_unusable"] == [2]
+    assert groups(rep)["model.layers.1.mlp.experts"]["input_scale_w2"]["experts_unusable"] == [1]
+    # a zero or negative scale does not survive a max over all experts
     assert verdict(rep, "vllm-0.34:flashinfer_cutlass")["verdict"] == "loads"
+    assert verdict(rep, "sglang-0.5.23:flashinfer_trtllm")["verdict"] == "loads"
     row = verdict(rep, "vllm-0.34:cutlass")
-    assert row["verdict"] == "fails" and "1 experts' w13" in row["messages"][0]
+    assert row["verdict"] == "fails" and "1 experts' w13 and 1 experts' w2" in row["messages"][0]
     # all zero in a layer: the max is 0 too
     src = make_ckpt(scheme="hf", layers=2, experts=3, hidden=64, inter=32,
                     input_scale_defects={(1, x, r): "zero" for x in range(3) for r in ("gate", "up")})  # fmt: skip
