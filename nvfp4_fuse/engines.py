@@ -42,7 +42,7 @@ VLLM_BACKENDS = (
     ("cutlass", "vLLM CUTLASS"),
     ("marlin", ""),
 )
-SGLANG_BACKENDS = ("flashinfer_trtllm", "flashinfer_cutlass", "flashinfer_cutedsl", "deep_gemm_megamoe", "marlin")
+SGLANG_BACKENDS = ("flashinfer_trtllm", "flashinfer_cutlass", "flashinfer_cutedsl", "cutlass", "deep_gemm_megamoe", "marlin")
 TRTLLM_BACKENDS = ("trtllm", "cutlass")
 
 ENGINES: tuple[Engine, ...] = (
@@ -284,7 +284,7 @@ RULES: tuple[Rule, ...] = (
          lambda f: "not detected as NVFP4 (no " + ", ".join(f["sglang_missing"]) + "); expert .scale tensors are "
                    "renamed .weight_scale_inv and skipped where no parameter takes them",
          "sglang/srt/configs/model_config.py:774-794; models/deepseek_v4.py:5178-5179,5440-5470", "0.5.23", inferred=True),
-    Rule(SGL, ("flashinfer_cutlass", "flashinfer_cutedsl", "marlin"), "gate/up weight_scale_2 differ: one alpha (the gate's)",
+    Rule(SGL, ("flashinfer_cutlass", "flashinfer_cutedsl", "cutlass", "marlin"), "gate/up weight_scale_2 differ: one alpha (the gate's)",
          lambda f: f["nvfp4"] and f["s"]["scale_2_pairs_differ"] > 0, "lossy", _up_off,
          "sglang/srt/layers/quantization/modelopt_quant.py:2336-2359 (g1_alphas = gate), 2745-2760", "0.5.23"),
     Rule(SGL, ("flashinfer_trtllm",), "gate/up weight_scale_2 differ and the model has no swiglu clamp "
@@ -303,6 +303,14 @@ RULES: tuple[Rule, ...] = (
          lambda f: f["nvfp4"] and f["s"]["input_any_missing"] > 0, "lossy",
          lambda f: f"{f['s']['input_any_missing']} input_scale absent, taken as 1.0 (the parameter's fill)",
          "sglang/srt/layers/quantization/modelopt_quant.py:2633", "0.5.23"),
+    Rule(SGL, ("flashinfer_cutedsl", "cutlass"), "a down input_scale is unusable (w2 input scales are used per expert)",
+         lambda f: f["nvfp4"] and f["s"]["input_w2_experts_unusable"] > 0, "fails",
+         lambda f: f"{f['s']['input_w2_experts_unusable']} experts' down input_scale zero, absent, NaN or Inf: per-expert 1/x",
+         "sglang/srt/layers/quantization/modelopt_quant.py:2783-2810, 2839-2845", "0.5.23"),
+    Rule(SGL, ("cutlass",), "an expert's gate and up input scales are unusable (per-expert max of the two)",
+         lambda f: f["nvfp4"] and f["s"]["input_w13_experts_unusable"] > 0, "fails",
+         lambda f: f"{f['s']['input_w13_experts_unusable']} experts' w13 input scales zero, absent, NaN or Inf: per-expert 1/x",
+         "sglang/srt/layers/quantization/modelopt_quant.py:2808-2809, 2839-2845", "0.5.23"),
     Rule(SGL, ("deep_gemm_megamoe",), "a down input_scale is zero, NaN or Inf (per-expert L2 scale 1/x)",
          lambda f: f["nvfp4"] and f["s"]["input_w2_experts_unusable"] > 0, "fails",
          lambda f: f"{f['s']['input_w2_experts_unusable']} experts' down input_scale unusable: per-expert 1/x",

@@ -147,6 +147,8 @@ def test_a_zero_input_scale_is_harmless_to_a_max_over_experts_but_not_per_expert
     # a zero or negative scale does not survive a max over all experts
     assert verdict(rep, "vllm-0.34:flashinfer_cutlass")["verdict"] == "loads"
     assert verdict(rep, "sglang-0.5.23:flashinfer_trtllm")["verdict"] == "loads"
+    assert verdict(rep, "sglang-0.5.23:flashinfer_cutedsl")["verdict"] == "fails"  # its w2 scales are per expert
+    assert verdict(rep, "sglang-0.5.23:cutlass")["verdict"] == "fails"
     row = verdict(rep, "vllm-0.34:cutlass")
     assert row["verdict"] == "fails" and "1 experts' w13 and 1 experts' w2" in row["messages"][0]
     # all zero in a layer: the max is 0 too
