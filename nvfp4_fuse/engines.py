@@ -122,7 +122,7 @@ def _facts(report: dict[str, Any]) -> Facts:
         "dsv4_moe_nvfp4": moe == "NVFP4",
         "csf": cfg.get("weight_scale_encoding"),
         "csf_streams": report["csf"]["streams"] > 0,
-        "defects": s["defective_groups"] or report["problems"],
+        "defects": [g["problem"] for g in report["groups"] if g.get("problem")] + report["problems"],
     }
     f["sglang_missing"] = [
         k
@@ -137,8 +137,8 @@ def _facts(report: dict[str, Any]) -> Facts:
 
 
 def _first_defect(f: Facts) -> str:
-    d = f["defects"]
-    return d[0] if isinstance(d[0], str) else str(d[0])
+    more = len(f["defects"]) - 1
+    return f["defects"][0] + (f" (and {more} more)" if more else "")
 
 
 # fmt: off

@@ -368,3 +368,30 @@ def test_repo_id_matches_the_local_report_in_bounded_requests(make_ckpt, fake_hu
     assert reads["range_requests"] <= 2 * shards < n_scalars
     ranged = [x for x in fake_hub.log[before:] if x[1] == "resolve" and x[2].endswith(".safetensors") and x[3] == 206]
     assert len(ranged) == reads["range_requests"] + shards  # + get_safetensors_metadata's header reads
+
+
+def test_a_group_mixing_mxfp4_and_nvfp4_is_reported_unknown_and_the_rest_still_read(dsv4, tmp_path):
+    import shutil
+
+    src = tmp_path / "ca"
+    shutil.copytree(dsv4["canada"], src)
+    name = "layers.1.ffn.experts.3.w1.scale"
+
+    def mix(t):
+        if name in t:
+            rows, cols = t[name].shape
+            t[name] = torch.full((rows, cols // 2), 1.0).to(torch.float8_e8m0fnu)
+
+    rewrite_tensors(src, mix)
+    rep = report_of(src)
+    g = groups(rep)
+    assert g["layers.1.ffn.experts"]["format"] == "unknown"
+    assert "mixes MXFP4 and NVFP4 experts: expert 3 gate is MXFP4" in g["layers.1.ffn.experts"]["problem"]
+    assert [g[p]["format"] for p in ("layers.0.ffn.experts", "layers.2.ffn.experts", "mtp.0.ffn.experts")] == [
+        "NVFP4",
+        "NVFP4",
+        "MXFP4",
+    ]
+    assert rep["summary"]["defective_groups"] == ["layers.1.ffn.experts"]
+    row = verdict(rep, "vllm-0.34:marlin")
+    assert row["verdict"] == "fails" and "mixes MXFP4 and NVFP4" in row["messages"][0]
