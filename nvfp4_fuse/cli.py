@@ -1,7 +1,7 @@
-"""The command line: ``nvfp4-fuse convert | verify | push | sample``.
+"""The command line: ``nvfp4-fuse convert | verify | push | inspect | sample``.
 
 Exit codes: 0 success, 1 internal error, 2 bad input (one clear line naming file and tensor),
-3 a verification check failed.
+3 a verification check failed, 4 ``inspect``: some engine loses accuracy or fails on the checkpoint.
 """
 
 from __future__ import annotations
@@ -298,6 +298,22 @@ def _read_verify_summary(folder: Path) -> dict | None:
         return None
     d.pop("manifest_sha256", None)
     return d
+
+
+@app.command(name="inspect")
+def inspect_cmd(
+    source: str = typer.Argument(..., help="A checkpoint: a local folder or a Hub repo id (read by HTTP range requests)."),
+    revision: str | None = typer.Option(None, help="Hub revision, for a repo id."),
+    engine: str | None = typer.Option(None, help="Gate the exit code on one engine (vllm-0.34) or engine:backend (vllm-0.34:marlin)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON (schema nvfp4-fuse/inspect/1)."),
+) -> None:
+    """What an NVFP4 MoE checkpoint holds and what each engine does with it, from headers and scalars
+    alone (exit 0: every engine loads it as is; 4: one loses accuracy or fails; 2: bad input)."""
+    from .inspect_view import run_inspect
+
+    rc = run_inspect(source, revision=revision, as_json=json_out, engine=engine, out=out)
+    if rc:
+        raise typer.Exit(rc)
 
 
 @app.command()

@@ -16,6 +16,7 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_CHECK_FAILED = 3
+EXIT_ENGINE_ISSUES = 4  # inspect: some engine loses accuracy or fails on the checkpoint
 
 
 class Nvfp4FuseError(Exception):
