@@ -44,6 +44,7 @@ from . import __version__
 from .budget import ByteBudget
 from .errors import InputError
 from .experts import ExpertLayer
+from .folder_lock import folder_lock
 from .host_layout import check_block_scale_bytes, rescale_block_scales
 from .layout import W13Order
 from .manifest import MANIFEST_NAME, Manifest, fingerprint, load_manifest, save_manifest, sha256_file
@@ -59,6 +60,7 @@ from .safetensors_io import (
 from .source import INDEX_NAME, SourceRef, scan_source
 from .spec import COPY_CHUNK, INFLIGHT_BYTES, OutputOptions, OutputSpec, OutShard, OutTensor, build_spec, disk_free, human
 from .targets import DEFAULT_TARGET, LAYOUT_VERSION, Target
+from .writable import require_writable
 
 PROGRESS_NAME = ".nvfp4-fuse-progress.json"
 SPAN_MIN = 1 << 20  # row runs at least this long are copied file to file; shorter ones gathered into pwritev
@@ -308,10 +310,19 @@ def _prepare_output(
     record = man.to_json() if man else prog
     if record is None:
         raise InputError("the progress journal is unreadable; pass --overwrite to start over", file=str(out / PROGRESS_NAME))
-    if record.get("input_fingerprint") != fp["input"] or record.get("options_fingerprint") != fp["options"]:
-        what = "input" if record.get("input_fingerprint") != fp["input"] else "options"
+    if record.get("input_fingerprint") != fp["input"]:
+        was = (record.get("source") or {}).get("source") if isinstance(record.get("source"), dict) else None
+        was = f" (recorded source: {was})" if was else ""
         raise InputError(
-            f"output folder holds a conversion of other {what}; pass --overwrite to replace it", file=str(out)
+            f"output folder holds a conversion of other input{was}: the source's headers or configs differ; "
+            "pass --overwrite to replace it",
+            file=str(out),
+        )
+    if record.get("options_fingerprint") != fp["options"]:
+        raise InputError(
+            f"output folder holds a conversion of other options ({_options_diff(record.get('options'), spec.options.to_json())}); "
+            "pass --overwrite to replace it, or the same options to resume",
+            file=str(out),
         )
     if man is not None:
         if all((out / n).is_file() and (out / n).stat().st_size == r.get("size") for n, r in man.files.items()):
@@ -335,10 +346,25 @@ def _prepare_output(
     return keep, False
 
 
-def _write_progress(out: Path, fp: dict[str, str], files: dict[str, dict[str, Any]], reports: dict[str, LayerReport]) -> None:
+def _options_diff(recorded: Any, now: dict[str, Any]) -> str:
+    """'--target vllm-fused there, mega-moe here; ...' for the options that differ."""
+    if not isinstance(recorded, dict):
+        return "the journal does not record which"
+    out = []
+    for k in sorted(set(recorded) | set(now)):
+        a, b = recorded.get(k), now.get(k)
+        if a != b:
+            if k == "max_shard_size" and isinstance(a, int) and isinstance(b, int):
+                a, b = human(a), human(b)
+            out.append(f"--{k.replace('_', '-')} {a} there, {b} here")
+    return "; ".join(out) or "the recorded options fingerprint differs"
+
+
+def _write_progress(out: Path, fp: dict[str, str], files: dict[str, dict[str, Any]], reports: dict[str, LayerReport], spec: OutputSpec) -> None:
     body = {
         "input_fingerprint": fp["input"],
         "options_fingerprint": fp["options"],
+        "options": spec.options.to_json(),
         "files": files,
         "max_rescale_change": {p: r.max_rescale_change for p, r in reports.items()},
     }
@@ -414,6 +440,7 @@ def convert(
     source_label: str | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_shard: Callable[[str, int], None] | None = None,
+    on_resume: Callable[[list[str]], None] | None = None,
     spec: OutputSpec | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint in ``source_dir`` into ``out_dir`` (created, resumed, or left as is
@@ -424,7 +451,11 @@ def convert(
     (rich's ``Progress.advance`` is safe to call so). Raises :class:`InputError` for unusable input,
     options or output folder (nothing is written then, beyond what an earlier run of the same
     conversion left), and ``OSError`` for I/O failures while writing (what was written stays under
-    ``.partial`` names or in the progress journal, and a rerun resumes).
+    ``.partial`` names or in the progress journal, and a rerun resumes). ``on_resume(kept shards)`` is
+    called, before any writing, when an earlier run's complete shards are kept.
+
+    The output folder is locked (:mod:`folder_lock`) for the whole run: a second writer is refused at
+    once, and the lock goes with the process however it ends.
     """
     import time
 
@@ -433,6 +464,34 @@ def convert(
     spec = spec or make_plan(source_dir, opts, trust_root=trust_root)
     if out.resolve().is_relative_to(spec.source.root.resolve()) or spec.source.root.resolve().is_relative_to(out.resolve()):
         raise InputError("output folder must not be inside the source folder or contain it", file=str(out))
+    if out.exists() and not out.is_dir():
+        raise InputError("output path exists and is not a folder", file=str(out))
+    require_writable(out, "output folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with folder_lock(out, "convert"):
+            return _convert_locked(spec, out, opts, t0, source_dir, source_label, on_bytes, on_shard, on_resume)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # refused before writing anything: leave no empty folder behind
+        raise
+
+
+def _convert_locked(
+    spec: OutputSpec,
+    out: Path,
+    opts: ConvertOptions,
+    t0: float,
+    source_dir: Path,
+    source_label: str | None,
+    on_bytes: Callable[[int], None] | None,
+    on_shard: Callable[[str, int], None] | None,
+    on_resume: Callable[[list[str]], None] | None,
+) -> ConvertResult:
+    """The conversion proper, holding the output folder's lock (see :func:`convert`)."""
+    import time
+
     fp = plan_fingerprints(spec)
     reports = layer_reports(spec)
     keep, complete = _prepare_output(out, fp, opts, spec, reports)
@@ -445,12 +504,14 @@ def convert(
     if opts.overwrite and out.is_dir():
         _clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
+    if keep and on_resume:
+        on_resume(sorted(keep))
     for p in out.rglob("*" + PARTIAL_SUFFIX):  # sidecars in subfolders leave theirs there
         if p.is_file() and not p.is_symlink():
             p.unlink()
     files: dict[str, dict[str, Any]] = dict(keep)
     result.resumed_shards = sorted(keep)
-    _write_progress(out, fp, files, reports)
+    _write_progress(out, fp, files, reports, spec)
     for shard in spec.shards:
         if shard.name in keep and on_bytes:
             on_bytes(shard.data_bytes)
@@ -459,7 +520,7 @@ def convert(
 
     def shard_done(name: str, size: int, digest: str) -> None:  # called under the streams' lock
         files[name] = {"size": size, "sha256": digest}
-        _write_progress(out, fp, files, reports)
+        _write_progress(out, fp, files, reports, spec)
         if on_shard:
             on_shard(name, size)
 

@@ -34,16 +34,23 @@ def test_convert_verify_push_from_a_repo_id(make_ckpt, tmp_path, fake_hub, monke
     assert r.exit_code == 0, (r.output, r.exception)
     assert json.loads(r.output)["ok"]
 
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     r = runner.invoke(app, ["push", str(out), "me/fused", "--base-model", "org/src"])
     assert r.exit_code == 0, (r.output, r.exception)
     remote = fake_hub.files("me/fused")
     for p in out.iterdir():
-        assert remote[p.name] == p.read_bytes(), p.name
+        if p.name not in ("README.md", "nvfp4-fuse-manifest.json"):  # the card, and the manifest listing it
+            assert remote[p.name] == p.read_bytes(), p.name
     card = remote["README.md"].decode()
     assert "base_model: org/src" in card and "base_model_relation: quantized" in card
     assert "vllm-fused" in card and "Verification" in card
-    # the card replaced the source's README: the folder still matches its manifest and verifies
+    # the folder is as it was, and still verifies
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     r = runner.invoke(app, ["verify", "org/src", str(out), "--device", "cpu"])
     assert r.exit_code == 0, (r.output, r.exception)
-    r = runner.invoke(app, ["push", str(out), "me/fused"])
+    # a second push of the same folder is a no-op that says so
+    n = len(fake_hub.repos["me/fused"].commits)
+    r = runner.invoke(app, ["push", str(out), "me/fused", "--base-model", "org/src"])
     assert r.exit_code == 0, (r.output, r.exception)
+    assert "nothing pushed" in r.output and len(fake_hub.repos["me/fused"].commits) == n
+    assert "Verification" in fake_hub.files("me/fused")["README.md"].decode()

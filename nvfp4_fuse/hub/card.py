@@ -16,6 +16,9 @@ from ..manifest import MANIFEST_NAME
 # that understands it (see "How to serve").
 CARD_LIBRARY_NAME = "transformers"
 CARD_TAGS = ("nvfp4", "modelopt", "fused-moe")
+# What differs from one verify run to the next of the same files (or names a local path): left out, so
+# the card of the same conversion is the same bytes and a second push of it is a no-op.
+CARD_SKIPPED_VERIFY_KEYS = frozenset({"seconds", "peak_read_ahead", "converted", "workers"})
 
 def _cell(v: Any) -> str:
     if isinstance(v, float):
@@ -111,6 +114,8 @@ def render_model_card(
         body += ["", "## Verification", ""]
         layers = verify_summary.get("layers")
         for k, v in verify_summary.items():
+            if k in CARD_SKIPPED_VERIFY_KEYS:
+                continue
             if k != "layers" and not isinstance(v, (dict, list)):
                 body.append(f"- {k}: {_cell(v)}")
         if isinstance(layers, dict):
