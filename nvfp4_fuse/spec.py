@@ -263,8 +263,12 @@ MIN_SHARD_SIZE = 10**3  # below this a shard holds one small tensor: no one mean
 
 def parse_shard_size(s: str) -> int:
     """``--max-shard-size``: a size with a unit (5GB, 500MB, 2GiB), at least 1 KB."""
-    t = s.strip().upper().replace(" ", "")
-    if t and t.rstrip("KMGTIB") == t:
+    try:
+        float(s)
+        bare = True
+    except ValueError:
+        bare = False
+    if bare:
         raise InputError(f"--max-shard-size {s} needs a unit, e.g. {s}GB or {s}MB (units: KB, MB, GB, KiB, MiB, GiB)")
     n = parse_size(s)
     if n < MIN_SHARD_SIZE:
