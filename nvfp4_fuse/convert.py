@@ -409,6 +409,20 @@ def _copy_file(src: Path, dst: Path) -> tuple[int, str]:
 # entry points
 
 
+README_NAME = "README.md"
+
+
+def output_card(manifest: Manifest, source_label: str) -> bytes:
+    """The README.md of a converted folder: a model card describing it (``push`` uploads a fuller one,
+    with the repo id and the verification). It names no local path, so the bytes depend only on the
+    source and the options."""
+    from .hub.card import render_model_card
+    from .hub.download import REPO_ID_RE
+
+    base = source_label if REPO_ID_RE.match(source_label) and not Path(source_label).exists() else None
+    return render_model_card(base_model=base, repo_id=None, manifest=manifest.to_json(), verify_summary=None, serve_hint="").encode()
+
+
 def make_plan(source_dir: Path, opts: ConvertOptions, *, trust_root: Path | None = None) -> OutputSpec:
     """Scan ``source_dir`` and build the output spec (the plan a dry run prints); ``InputError``."""
     if opts.workers < 1:
@@ -528,7 +542,7 @@ def _convert_locked(
     # Sidecars, configs, index, then the manifest.
     configs = spec.configs()
     for rel in spec.source.sidecars:
-        if rel in configs:
+        if rel in configs or rel == README_NAME:  # the source's README describes the source, not this
             continue
         size, digest = _copy_file(spec.source.root / rel, out / rel)
         files[rel] = {"size": size, "sha256": digest}
@@ -550,6 +564,10 @@ def _convert_locked(
             **({"copied_expert_modules": spec.fused_block()["copied_expert_modules"]} if spec.copied_groups else {}),
         },
     )
+    card = output_card(manifest, source_label or str(source_dir))
+    size, digest = write_file_atomic(out / README_NAME, card)
+    manifest.files[README_NAME] = {"size": size, "sha256": digest}
+    manifest.model_card = digest
     save_manifest(out, manifest)
     (out / PROGRESS_NAME).unlink(missing_ok=True)
     fsync_dir(out)

@@ -168,7 +168,8 @@ TARGETS: dict[str, Target] = {
             input_scale=ExpertMax(),
             values=PackedValues.U8,
             serve_hint="# target vllm-fused: no released loader reads this layout yet; it needs one that takes\n"
-            "# the fused w13_*/w2_* expert tensors described in config.json (fused_experts) as they are\nvllm serve {repo_id}",
+            "# the fused w13_*/w2_* expert tensors described in config.json (fused_experts) as they are.\n"
+            "hf download {repo_id}   # then load it with such a loader",
             user_row_order=True,
         ),
         Target(
@@ -180,7 +181,8 @@ TARGETS: dict[str, Target] = {
             input_scale=ExpertMax(),
             values=PackedValues.U8,
             serve_hint="# target linear: no released loader reads this layout yet; it needs one that takes\n"
-            "# the fused w13_*/w2_* expert tensors described in config.json (fused_experts) as they are\nvllm serve {repo_id}",
+            "# the fused w13_*/w2_* expert tensors described in config.json (fused_experts) as they are.\n"
+            "hf download {repo_id}   # then load it with such a loader",
             user_row_order=True,
         ),
     )
