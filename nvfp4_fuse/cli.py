@@ -231,6 +231,8 @@ def convert(
         _warn(d["warnings"])
         out.print(f"({d['note']})")
         return
+    if not dry_run:
+        require_writable(output, "output folder")  # before minutes of planning, not after
     folder, trust = _resolve(source, revision)
     with err.status(f"planning: reading {folder}'s headers and scales", spinner="dots") if show else _null():
         plan = make_plan(folder, opts, trust_root=trust)

@@ -54,3 +54,40 @@ def test_convert_verify_push_from_a_repo_id(make_ckpt, tmp_path, fake_hub, monke
     assert r.exit_code == 0, (r.output, r.exception)
     assert "nothing pushed" in r.output and len(fake_hub.repos["me/fused"].commits) == n
     assert "Verification" in fake_hub.files("me/fused")["README.md"].decode()
+
+
+def _converted(make_ckpt, tmp_path):
+    src = make_ckpt(layers=2, experts=2, hidden=64, inter=32)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["convert", str(src), str(out), "--target", "linear"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_push_token_option_is_used(make_ckpt, tmp_path, fake_hub, monkeypatch, capsys):  # noqa: F811
+    from helpers import run_inprocess
+
+    out = _converted(make_ckpt, tmp_path)
+    monkeypatch.delenv("HF_TOKEN")
+    code, _, stderr = run_inprocess(capsys, "push", str(out), "me/x", "--token", "wrong")
+    assert code == 2 and "credentials" in stderr and "me/x" not in fake_hub.repos
+    r = CliRunner().invoke(app, ["push", str(out), "me/x", "--token", fake_hub.token, "--private"])
+    assert r.exit_code == 0, r.output
+    assert fake_hub.repos["me/x"].private
+    card = fake_hub.files("me/x")["README.md"].decode()
+    assert "library_name" not in card and "vllm serve" not in card  # linear: no loader reads it
+
+
+def test_a_hub_that_keeps_failing_is_exit_4_with_a_json_error(make_ckpt, tmp_path, fake_hub, monkeypatch, capsys):  # noqa: F811
+    from helpers import run_inprocess
+
+    from nvfp4_fuse.hub import retry as hub_retry
+
+    out = _converted(make_ckpt, tmp_path)
+    slept: list[float] = []
+    monkeypatch.setattr(hub_retry, "_sleep", slept.append)
+    fake_hub.fail_next("commit", *([503] * 10))
+    code, stdout, _ = run_inprocess(capsys, "push", str(out), "me/x", "--json")
+    assert code == 4 and len(slept) == 5
+    body = json.loads(stdout)
+    assert body["ok"] is False and body["error"]["code"] == 4 and body["error"]["kind"] == "hub_unavailable"
