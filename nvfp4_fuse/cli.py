@@ -30,7 +30,7 @@ from .progress import byte_progress, progress_enabled
 from .targets import DEFAULT_TARGET, TARGET_NAMES, TargetName
 
 err = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)  # prose and paths are not broken; tables still fit the width
 
 
 def _no_bool_metavar(opt: Any) -> Any:
@@ -121,6 +121,9 @@ RESCALE_NOTE = (
 )
 
 
+SPREAD_NOTE = "input spread: max/min of the experts' input scales, w13 / w2"
+
+
 def _warnings(plan: Any) -> list[str]:
     w = []
     if "config.json" not in plan.source.configs:
@@ -151,7 +154,7 @@ def _print_plan(d: dict, out_dir: Path) -> None:
     from .spec import human
 
     t = Table(title=f"plan: target {d['target']}")
-    for c in ("expert module", "experts", "hidden", "inter", "s2 differ", "input spread w13/w2"):
+    for c in ("expert module", "experts", "hidden", "inter", "s2 differ", "input spread"):
         t.add_column(c, justify="right" if c != "expert module" else "left", no_wrap=c == "expert module")
     for m in d["modules"]:
         known = "input_scale_spread" in m
@@ -164,6 +167,7 @@ def _print_plan(d: dict, out_dir: Path) -> None:
             f"{m['input_scale_spread']:.3g} / {m['w2_input_scale_spread']:.3g}" if known else "n/a",
         )
     out.print(t)
+    out.print(SPREAD_NOTE + "; s2 differ: experts whose gate and up weight_scale_2 differ", highlight=False)
     for p, g in sorted(d["copied_expert_modules"].items(), key=lambda kv: _layer_key(kv[0])):
         out.print(f"{p}: {g['experts']} experts, {g['format']}, copied (left per expert, byte for byte)")
     s = Table(title="output shards")
@@ -295,7 +299,7 @@ def convert(
         out.print(f"{output} already holds this conversion (manifest matches); nothing to do.", highlight=False)
         return
     t = Table(title=f"converted to {plan.target.name} in {res.seconds:.1f} s")
-    cols = ["expert module", "experts", "rescaled", "rescale error", "input spread w13/w2"]
+    cols = ["expert module", "experts", "rescaled", "rescale error", "input spread"]
     for c in cols:
         t.add_column(c, justify="left" if c == "expert module" else "right", no_wrap=c == "expert module")
     for r in reports:
@@ -304,6 +308,7 @@ def convert(
             f"{r.input_scale_spread:.3g} / {r.w2_input_scale_spread:.3g}",
         )  # fmt: skip
     out.print(t)
+    out.print(SPREAD_NOTE, highlight=False)
     if any(r.rescaled_experts for r in reports):
         out.print(RESCALE_NOTE, highlight=False)
     for g in sorted(plan.copied_groups.values(), key=lambda g: _layer_key(g.prefix)):
@@ -578,8 +583,9 @@ def main() -> None:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         fail(e.exit_code, str(e))
     except KeyboardInterrupt:
-        err.print("interrupted; rerun the same command to resume")
-        fail(EXIT_INTERRUPTED, "interrupted")
+        line = "interrupted; rerun the same command to resume" if sys.argv[1:2] == ["convert"] else "interrupted"
+        err.print(line)
+        fail(EXIT_INTERRUPTED, line)
     except SystemExit:
         raise
     except OSError as e:  # permissions, read-only file system, no space, quota: the path and what to fix

@@ -360,7 +360,8 @@ def test_model_card_without_base_model_or_summary(tmp_path):
     assert "base_model" not in fm and "base_model_relation" not in fm
     assert fm["tags"] == ["nvfp4", "modelopt", "fused-moe"]
     assert "## Verification" not in card
-    assert "deep_gemm_mega_moe" not in card and "vllm serve me/x" in card
+    # no loader reads vllm-fused: the card claims no library and does not suggest `vllm serve`
+    assert "library_name" not in fm and "vllm serve" not in card and "hf download me/x" in card
 
 
 def test_model_card_quotes_odd_yaml_values(tmp_path):
