@@ -360,7 +360,10 @@ def verify(
         require_writable(report.parent if report.parent != Path("") else Path("."), "--report file")
     folder, trust = _resolve(source, revision)
     show = progress_enabled(err, quiet or json_out)
-    with byte_progress(err, show) as prog:
+    from .folder_lock import folder_lock
+
+    lock = folder_lock(converted, "verify", shared=True) if converted.is_dir() else _null()
+    with lock, byte_progress(err, show) as prog:
         task = prog.add_task("verify: reading headers", total=None, kept=0)
 
         def on_stage(what: str, total: int) -> None:
@@ -465,6 +468,10 @@ def push(
 
     if not converted.is_dir():
         raise InputError(f"{converted} is not a folder")
+    if json_out:  # one JSON object and nothing else: no upload bars either
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     with folder_lock(converted, "push"):
         man = load_manifest(converted)
         card_text = None

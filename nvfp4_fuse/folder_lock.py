@@ -1,4 +1,5 @@
-"""One writer per output folder: an exclusive ``flock`` on the folder itself.
+"""One writer per output folder: an exclusive ``flock`` on the folder itself (``verify`` takes a
+shared one: it may run beside another verify, not beside a writer).
 
 The lock is taken on an ``O_RDONLY`` descriptor of the folder, so it needs no write access and leaves
 no file behind, and the kernel drops it when the holder exits however it ends (SIGKILL, a crash, a
@@ -56,13 +57,14 @@ def _command_of(pid: int) -> str:
 
 
 @contextmanager
-def folder_lock(folder: Path, what: str) -> Iterator[None]:
-    """Hold the folder's lock for ``what`` (``convert``, ``push``); ``InputError`` at once if another
-    process holds it. ``folder`` must exist."""
+def folder_lock(folder: Path, what: str, *, shared: bool = False) -> Iterator[None]:
+    """Hold the folder's lock for ``what`` (``convert``, ``push``; ``shared`` for ``verify``, which only
+    reads: several may run at once, but not beside a writer); ``InputError`` at once if another process
+    holds it in a way that excludes this one. ``folder`` must exist."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise

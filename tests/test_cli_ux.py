@@ -172,7 +172,7 @@ def test_no_space_mid_run_is_one_line_naming_the_path(small_src, tmp_path):
 HOLDER = """
 import fcntl, os, sys, time
 fd = os.open(sys.argv[1], os.O_RDONLY)
-fcntl.flock(fd, fcntl.LOCK_EX)
+fcntl.flock(fd, fcntl.LOCK_SH if sys.argv[2:] == ["shared"] else fcntl.LOCK_EX)
 print("held", flush=True)
 time.sleep(120)
 """
@@ -184,7 +184,11 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_blocks_n
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        for args in (("convert", str(small_src), str(out), "--target", "vllm-fused"), ("push", str(out), "me/x")):
+        for args in (
+            ("convert", str(small_src), str(out), "--target", "vllm-fused"),
+            ("push", str(out), "me/x"),
+            ("verify", str(small_src), str(out)),  # a reader waits for no writer either: it says so
+        ):
             line = one_error_line(run(*args))
             assert f"process {holder.pid}" in line and "in use" in line, line
         assert list(out.iterdir()) == []
@@ -193,6 +197,16 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_blocks_n
         holder.wait()
     r = run("convert", str(small_src), str(out), "--target", "vllm-fused")
     assert r.returncode == 0, r.stderr
+    # a verify running (a shared hold): another verify runs beside it, a writer is refused
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), "shared"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run("verify", str(small_src), str(out)).returncode == 0
+        line = one_error_line(run("convert", str(small_src), str(out), "--target", "vllm-fused", "--overwrite"))
+        assert f"process {holder.pid}" in line
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
 
 
 def test_two_converts_at_once_one_finishes_the_other_is_refused(tmp_path):
