@@ -184,7 +184,7 @@ def _print_plan(d: dict, out_dir: Path) -> None:
     out.print(f"peak memory (estimate, {d['shard_streams']} shard(s) written at once): {human(d['peak_memory_estimate'])}")
 
 
-def _warn(lines: list[str], quiet: bool = False) -> None:
+def _warn(lines: list[str]) -> None:
     for w in lines:
         err.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False, soft_wrap=True)
 
@@ -372,7 +372,7 @@ def verify(
         def on_bytes(shard: str, n: int) -> None:
             prog.update(task, advance=n, description=f"verify: {shard}")
 
-        res = run_verify(
+        res = _naming(converted, run_verify)(
             folder,
             converted,
             sample=sample_n,
@@ -422,6 +422,20 @@ def verify(
         f"[green]OK[/green]: {res.files_hashed} files hashed, {res.copied_tensors} copied tensors byte-identical ({res.device}, {res.seconds:.1f} s)",
         highlight=False,
     )
+
+
+def _naming(path: Path, fn: Any) -> Any:
+    """``fn``, with an ``OSError`` that names no file (a read on a descriptor: EIO...) naming ``path``."""
+
+    def call(*a: Any, **k: Any) -> Any:
+        try:
+            return fn(*a, **k)
+        except OSError as e:
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
+
+    return call
 
 
 def _verify_json(body: dict) -> dict:

@@ -486,10 +486,13 @@ def convert(
     try:
         with folder_lock(out, "convert"):
             return _convert_locked(spec, out, opts, t0, source_dir, source_label, on_bytes, on_shard, on_resume)
-    except BaseException:
+    except OSError as e:
+        if e.filename is None:  # a write on a descriptor (no space, quota, I/O error): name the folder
+            raise OSError(e.errno, e.strerror, str(out)) from e
+        raise
+    finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # refused before writing anything: leave no empty folder behind
-        raise
 
 
 def _convert_locked(

@@ -478,3 +478,22 @@ def test_time_left_moves_while_no_byte_arrives():
     assert first == "0:00:10 left"
     now[0] = 20.0  # ten seconds with no progress
     assert TimeLeftColumn().render(task).plain == "0:00:20 left" != first
+
+
+def test_no_space_while_writing_names_the_folder(small_src, tmp_path, capsys, monkeypatch):
+    """ENOSPC from a write on a descriptor carries no file name: the line names the output folder.
+    (The byte writes are made to fail here; the test above meets a real ENOSPC at file creation.)"""
+    import errno
+
+    from helpers import run_inprocess
+
+    from nvfp4_fuse import safetensors_io
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors_io.os, "pwritev", full)
+    monkeypatch.setattr(safetensors_io.os, "copy_file_range", full)
+    out = tmp_path / "out"
+    code, _, stderr = run_inprocess(capsys, "convert", str(small_src), str(out), "--target", "vllm-fused")
+    assert code == 2 and stderr.strip() == f"error: no space left on the device: {out}"
