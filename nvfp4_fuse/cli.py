@@ -124,9 +124,11 @@ RESCALE_NOTE = (
 SPREAD_NOTE = "input spread: max/min of the experts' input scales, w13 / w2"
 
 
-def _warnings(plan: Any) -> list[str]:
+def _warnings(plan: Any, *, remote: bool = False) -> list[str]:
+    """What the user should know before serving the output (``remote``: a plan from the Hub's shard
+    headers alone, which reads no config)."""
     w = []
-    if "config.json" not in plan.source.configs:
+    if not remote and "config.json" not in plan.source.configs:
         w.append(
             f"{plan.source.root} has no config.json: the output has none either, so no loader knows its "
             "architecture or its fused layout (the manifest still records it); add the model's config.json to serve it"
@@ -139,14 +141,14 @@ def _warnings(plan: Any) -> list[str]:
     return w
 
 
-def _plan_body(plan: Any, out_dir: Path, workers: int, streams: int) -> dict:
+def _plan_body(plan: Any, out_dir: Path, workers: int, streams: int, *, remote: bool = False) -> dict:
     from .writable import writable_problem
 
     d = plan.summary(workers, out_dir, streams)
     d["modules"] = sorted(d["modules"], key=lambda m: _layer_key(m["prefix"]))
     d["output"] = str(out_dir)
     d["output_writable"] = writable_problem(out_dir) is None
-    d["warnings"] = _warnings(plan) if plan.layers else []
+    d["warnings"] = _warnings(plan, remote=remote)
     return d
 
 
@@ -225,7 +227,7 @@ def convert(
             remote = hub.remote_safetensors_headers(source, revision=revision)
             src = source_from_headers(source, remote.headers, sharded=remote.sharded)
             plan = build_spec(src, opts.output_options(), with_scalars=False)
-        d = _plan_body(plan, output, workers, streams)
+        d = _plan_body(plan, output, workers, streams, remote=True)
         d["note"] = "planned from the Hub's shard headers alone: scalar scales not read, sidecar sizes not counted"
         require_writable(output, "output folder")
         if json_out:
@@ -386,6 +388,7 @@ def verify(
             on_bytes=on_bytes,
             on_stage=on_stage,
         )
+        prog.update(task, description="verify")
     body = res.to_json()
     if report is not None:
         write_report(report, body)

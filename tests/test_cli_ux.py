@@ -325,6 +325,8 @@ def test_no_progress_when_not_a_terminal_or_with_json(tmp_path, small_src):
     r = run("verify", str(small_src), str(out), "--device", "cpu", "--json", env=e)
     assert r.returncode == 0 and r.stderr == ""
     json.loads(r.stdout)
+    r = run("verify", str(small_src), str(out), "--device", "cpu", env={"NVFP4_FUSE_PROGRESS": "1"})  # forced
+    assert r.returncode == 0 and "verify" in r.stderr and ("MB" in r.stderr or "KB" in r.stderr)
 
 
 def test_resume_is_said_when_it_happens(tmp_path, small_src):
@@ -403,11 +405,20 @@ def test_max_shard_size_needs_a_unit_and_a_sane_size(tmp_path, small_src, size, 
     assert not (tmp_path / "out").exists()
 
 
-def test_a_file_that_is_not_safetensors_is_named_so(tmp_path, small_src):
+@pytest.mark.parametrize(
+    "head, words",
+    [
+        (b"PK\x03\x04" + bytes(range(200)), "zip archive"),
+        (b"\x80\x02}q\x00(X\x05\x00\x00\x00" + bytes(200), "pickle"),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 123\n", "git lfs pull"),
+        (b"<!DOCTYPE html><html>" + b" " * 100, "it is text"),
+    ],
+)
+def test_a_file_that_is_not_safetensors_is_named_so(tmp_path, small_src, head, words):
     shard = sorted(small_src.glob("model-*.safetensors"))[0]
-    shard.write_bytes(b"PK\x03\x04" + os.urandom(200))
+    shard.write_bytes(head)
     line = one_error_line(run("convert", str(small_src), str(tmp_path / "out"), "--target", "linear"))
-    assert "not a safetensors file" in line and "zip" in line and shard.name in line
+    assert "not a safetensors file" in line and words in line and shard.name in line
 
 
 def test_missing_config_json_is_warned(tmp_path, small_src):
