@@ -121,6 +121,11 @@ RESCALE_NOTE = (
 )
 
 
+OUTPUT_STATE = {
+    "fresh": "output: {output} will be created",
+    "replace": "output: the earlier conversion in {output} will be replaced (--overwrite)",
+    "ours": "output: {output} holds this conversion, complete or part done: the run keeps what is complete",
+}
 SPREAD_NOTE = "input spread: max/min of the experts' input scales, w13 / w2"
 
 
@@ -243,12 +248,16 @@ def convert(
     with err.status(f"planning: reading {folder}'s headers and scales", spinner="dots") if show else _null():
         plan = make_plan(folder, opts, trust_root=trust)
     if dry_run:
+        from .convert import check_output
+
         d = _plan_body(plan, output, workers, streams)
-        require_writable(output, "output folder")  # what the real run would meet first
+        require_writable(output, "output folder")  # what the real run would meet first,
+        d["output_state"] = check_output(output, plan, opts)  # then what it finds there (refusals raise)
         if json_out:
             emit("convert", d)
             return
         _print_plan(d, output)
+        out.print(OUTPUT_STATE[d["output_state"]].format(output=output), highlight=False)
         _warn(d["warnings"])
         return
     if not json_out:

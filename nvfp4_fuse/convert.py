@@ -279,23 +279,21 @@ def _clear_output(out: Path) -> None:
             shutil.rmtree(p)
 
 
-def _prepare_output(
-    out: Path, fp: dict[str, str], opts: ConvertOptions, spec: OutputSpec, reports: dict[str, LayerReport]
-) -> tuple[dict[str, dict[str, Any]], bool]:
-    """Decide what can be kept. Returns (complete shards to keep, whether the output is already complete).
-
-    With --overwrite nothing is kept, but nothing is deleted here either: the caller clears the folder
-    only after the disk preflight passed. On resume, the rescale report of the kept shards is restored
-    from the journal into ``reports``, so the manifest matches an uninterrupted run's byte for byte.
-    """
+def _output_state(
+    out: Path, fp: dict[str, str], opts: ConvertOptions, spec: OutputSpec
+) -> tuple[str, Manifest | None, dict[str, Any] | None]:
+    """What the output folder holds, read only: ``fresh`` (absent or empty), ``replace`` (an earlier
+    conversion, with --overwrite) or ``ours`` (this conversion, complete or part done), with its
+    manifest and journal; refusals (a foreign folder, other input or options) raise ``InputError``.
+    The dry run asks the same, so it predicts what the run will meet."""
     if not out.exists():
-        return {}, False
+        return "fresh", None, None
     if not out.is_dir():
         raise InputError("output path exists and is not a folder", file=str(out))
     # A kill while the first journal is being written leaves only its temporary file: still ours.
     entries = [p for p in out.iterdir() if p.name != PROGRESS_NAME + PARTIAL_SUFFIX]
     if not entries:
-        return {}, False
+        return "fresh", None, None
     if not (out / MANIFEST_NAME).is_file() and not (out / PROGRESS_NAME).is_file():
         # --overwrite replaces an earlier conversion; it never empties a folder nvfp4-fuse did not write.
         raise InputError(
@@ -304,7 +302,7 @@ def _prepare_output(
             file=str(out),
         )
     if opts.overwrite:
-        return {}, False
+        return "replace", None, None
     man = load_manifest(out)
     prog = _load_progress(out)
     record = man.to_json() if man else prog
@@ -324,6 +322,27 @@ def _prepare_output(
             "pass --overwrite to replace it, or the same options to resume",
             file=str(out),
         )
+    return "ours", man, prog
+
+
+def check_output(out: Path, spec: OutputSpec, opts: ConvertOptions) -> str:
+    """For a dry run: ``fresh``, ``replace`` or ``ours`` (see :func:`_output_state`), or the
+    ``InputError`` the run would raise; reads only."""
+    return _output_state(Path(out), plan_fingerprints(spec), opts, spec)[0]
+
+
+def _prepare_output(
+    out: Path, fp: dict[str, str], opts: ConvertOptions, spec: OutputSpec, reports: dict[str, LayerReport]
+) -> tuple[dict[str, dict[str, Any]], bool]:
+    """Decide what can be kept. Returns (complete shards to keep, whether the output is already complete).
+
+    With --overwrite nothing is kept, but nothing is deleted here either: the caller clears the folder
+    only after the disk preflight passed. On resume, the rescale report of the kept shards is restored
+    from the journal into ``reports``, so the manifest matches an uninterrupted run's byte for byte.
+    """
+    state, man, prog = _output_state(out, fp, opts, spec)
+    if state in ("fresh", "replace"):
+        return {}, False
     if man is not None:
         if all((out / n).is_file() and (out / n).stat().st_size == r.get("size") for n, r in man.files.items()):
             return dict(man.files), True  # complete (verify re-hashes; a rerun only checks sizes)

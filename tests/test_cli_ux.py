@@ -508,3 +508,20 @@ def test_no_space_while_writing_names_the_folder(small_src, tmp_path, capsys, mo
     out = tmp_path / "out"
     code, _, stderr = run_inprocess(capsys, "convert", str(small_src), str(out), "--target", "vllm-fused")
     assert code == 2 and stderr.strip() == f"error: no space left on the device: {out}"
+
+
+def test_dry_run_predicts_what_the_run_meets_in_the_output_folder(tmp_path, small_src):
+    out = tmp_path / "out"
+    args = ("convert", str(small_src), str(out), "--target", "vllm-fused")
+    assert json.loads(run(*args, "--dry-run", "--json").stdout)["output_state"] == "fresh"
+    assert run(*args).returncode == 0
+    r = run(*args, "--dry-run")
+    assert r.returncode == 0 and "holds this conversion" in r.stdout
+    line = one_error_line(run("convert", str(small_src), str(out), "--target", "linear", "--dry-run"))
+    assert "--target vllm-fused there, linear here" in line
+    r = run("convert", str(small_src), str(out), "--target", "linear", "--dry-run", "--overwrite", "--json")
+    assert json.loads(r.stdout)["output_state"] == "replace"
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    line = one_error_line(run("convert", str(small_src), str(tmp_path / "theirs"), "--target", "linear", "--dry-run"))
+    assert "holds no nvfp4-fuse conversion" in line
