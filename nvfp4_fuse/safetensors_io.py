@@ -141,9 +141,9 @@ def _what_file(head: bytes) -> str:
         return "it is JSON"
     if head.startswith(b"version https://git-lfs"):
         return "it is a Git LFS pointer (run `git lfs pull`)"
-    if all(32 <= c < 127 or c in (9, 10, 13) for c in head):
-        return f"it is text ({head.decode()!r}...)"
-    return f"its first bytes are {head.hex(' ')}, not an 8-byte header length and a JSON header"
+    if all(32 <= c < 127 or c in (9, 10, 13) for c in head[:16]):
+        return f"it is text ({head[:16].decode()!r}...)"
+    return f"its first bytes are {head[:9].hex(' ')}, not an 8-byte header length and a JSON header"
 
 
 def read_header(path: Path) -> ShardHeader:
@@ -159,7 +159,8 @@ def read_header(path: Path) -> ShardHeader:
             (n,) = struct.unpack("<Q", head)
             first = fh.read(1)
             if first not in (b"{", b" ") and (n > MAX_HEADER_SIZE or 8 + n > size):
-                raise InputError(f"not a safetensors file: {_what_file(head + first)}", file=f)
+                fh.seek(0)
+                raise InputError(f"not a safetensors file: {_what_file(fh.read(64))}", file=f)
             if n > MAX_HEADER_SIZE:
                 raise InputError(f"header length {n} is over the {MAX_HEADER_SIZE}-byte limit", file=f)
             if 8 + n > size:

@@ -326,7 +326,7 @@ def test_no_progress_when_not_a_terminal_or_with_json(tmp_path, small_src):
     assert r.returncode == 0 and r.stderr == ""
     json.loads(r.stdout)
     r = run("verify", str(small_src), str(out), "--device", "cpu", env={"NVFP4_FUSE_PROGRESS": "1"})  # forced
-    assert r.returncode == 0 and "verify" in r.stderr and ("MB" in r.stderr or "KB" in r.stderr)
+    assert r.returncode == 0 and "verify" in r.stderr and ("MB" in r.stderr or "kB" in r.stderr)
 
 
 def test_resume_is_said_when_it_happens(tmp_path, small_src):
