@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, PushVerificationFailed
-from ..manifest import HASH_CHUNK, MANIFEST_NAME, Manifest, check_files, load_manifest, sha256_file
+from ..manifest import HASH_CHUNK, MANIFEST_NAME, Manifest, check_files, load_manifest, manifest_bytes, sha256_file
 from .download import REPO_ID_RE
 from .retry import with_retries
 
@@ -249,13 +249,12 @@ def push(
             # The card replaces the source's README on the Hub: the pushed manifest lists it, so the
             # Hub's copy matches its manifest (and verify knows this one file is ours, not a sidecar).
             import copy
-            import json
 
             pushed_manifest = copy.deepcopy(manifest)
             digest = hashlib.sha256(data).hexdigest()
             pushed_manifest.files[README_NAME] = {"size": len(data), "sha256": digest}
             pushed_manifest.model_card = digest
-            generated[MANIFEST_NAME] = (json.dumps(pushed_manifest.to_json(), indent=1) + "\n").encode()
+            generated[MANIFEST_NAME] = manifest_bytes(pushed_manifest)
     card_written = card is not None
 
     files = sorted(set(local_upload_files(folder)) | set(generated))
