@@ -82,8 +82,8 @@ def _hash_both(path: Path) -> tuple[str, str]:
 
 
 def _stage(folder: Path, files: list[str], generated: dict[str, bytes], staging: Path) -> None:
-    """Mirror ``folder``'s ``files`` into ``staging`` as symlinks (no data copied), with the
-    ``generated`` files (the model card, the manifest that lists it) as real files: the push uploads
+    """Mirror ``files`` into ``staging``: ``folder``'s as symlinks (no data copied), the ``generated``
+    ones (the model card, the manifest that lists it) as real files: the push uploads
     what it should without writing a byte into ``folder``."""
     for rel in files:
         dst = staging / rel
@@ -92,10 +92,6 @@ def _stage(folder: Path, files: list[str], generated: dict[str, bytes], staging:
             dst.write_bytes(generated[rel])
         else:
             dst.symlink_to((folder / rel).resolve())
-    for rel, data in generated.items():
-        if rel not in files:
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            (staging / rel).write_bytes(data)
 
 
 def verify_remote(
