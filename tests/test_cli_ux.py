@@ -360,11 +360,12 @@ def test_json_is_one_schema_for_every_command_and_error(tmp_path, small_src):
     ver = json.loads(run("verify", str(small_src), str(out), "--device", "cpu", "--json").stdout)
     for body, cmd in ((plan, "convert"), (conv, "convert"), (ver, "verify")):
         assert body["schema"] == "nvfp4-fuse/1" and body["command"] == cmd and body["ok"] is True
-        assert [m["prefix"] for m in body["modules"]] == ["model.layers.1.mlp.experts", "model.layers.2.mlp.experts"] or [
-            m["prefix"] for m in body["modules"]
-        ] == ["layers.1.ffn.experts", "layers.2.ffn.experts"]
+        assert [m["prefix"] for m in body["modules"]] == ["layers.1.ffn.experts", "layers.2.ffn.experts"]
     assert plan["modules"][0]["intermediate"] == conv["modules"][0]["intermediate"] == 32
-    assert conv["modules"][0]["max_rescale_error"] == pytest.approx(max(m["max_rescale_error"] for m in ver["modules"][:1]))
+    # one quantity, one key: convert computes it from the scales it writes, verify from what it reads
+    # (float32 against float64 arithmetic), so they agree to rounding
+    for c, v in zip(conv["modules"], ver["modules"]):
+        assert c["max_rescale_error"] > 0 and c["max_rescale_error"] == pytest.approx(v["max_rescale_error"], rel=1e-3)
     errors = [
         run("convert", str(tmp_path / "nope"), str(out), "--json"),
         run("verify", str(small_src), str(tmp_path / "nope"), "--json"),
