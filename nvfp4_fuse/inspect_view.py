@@ -74,8 +74,12 @@ def _fmt(x: float | None) -> str:
 
 
 def print_report(report: dict[str, Any], out: Console) -> None:
+    # the report's prose is wrapped at the terminal's width (the CLI's console keeps long lines whole)
+    def say(*objects: Any, **kw: Any) -> None:
+        out.print(*objects, soft_wrap=False, **kw)
+
     src, cfg = report["source"], report["config"]
-    out.print(f"[bold]{src['path']}[/bold]: {src['shards']} shards, {src['tensors']} tensors")
+    say(f"[bold]{src['path']}[/bold]: {src['shards']} shards, {src['tensors']} tensors")
     t = Table(title="routed-expert groups (layer order)", box=box.SIMPLE, pad_edge=False, title_justify="left")
     for c, j in (("layer", "left"), ("format", "left"), ("E", "right"), ("H x I", "right"), ("block scale", "left"),
                  ("s2 differ", "right"), ("input scales", "left"), ("spread", "right")):  # fmt: skip
@@ -92,30 +96,30 @@ def print_report(report: dict[str, Any], out: Console) -> None:
             f"{s2['pairs_differ']} ({_fmt(s2['worst_ratio'])}x)" if s2["pairs_differ"] else "0",
             _defects(g), f"{_fmt(g['input_scale_w13']['spread'])}/{_fmt(g['input_scale_w2']['spread'])}",
         )  # fmt: skip
-    out.print(t)
-    out.print("s2 differ: gate/up weight_scale_2 pairs that differ (worst max/min); spread: input-scale max/min, w13/w2")
+    say(t)
+    say("s2 differ: gate/up weight_scale_2 pairs that differ (worst max/min); spread: input-scale max/min, w13/w2")
     nv = [g for g in report["groups"] if "scale_2" in g]
     if nv:
         n0 = nv[0]["naming"]
-        out.print(f"naming: {nv[0]['prefix']} ({n0['projections']}), fields {n0['fields']}, scalars {n0['scalar_shape']}")
+        say(f"naming: {nv[0]['prefix']} ({n0['projections']}), fields {n0['fields']}, scalars {n0['scalar_shape']}")
     for g in report["groups"]:
         if g.get("scale_2", {}).get("pairs_differ"):
-            out.print(f"  {g['prefix']}: scale_2 differ in experts {expert_ranges(g['scale_2']['experts_differ'])}")
+            say(f"  {g['prefix']}: scale_2 differ in experts {expert_ranges(g['scale_2']['experts_differ'])}")
         for name in ("w13", "w2"):
             sc = g.get(f"input_scale_{name}")
             if sc:
                 for r in ("gate", "up", "down"):
                     for k in ("missing", "zero", "nan", "inf", "negative"):
                         if sc.get(r, {}).get(k):
-                            out.print(f"  {g['prefix']}: {r} input_scale {k} in experts {expert_ranges(sc[r][k])}")
+                            say(f"  {g['prefix']}: {r} input_scale {k} in experts {expert_ranges(sc[r][k])}")
         if g.get("problem"):
-            out.print(f"  [red]defect[/red] {g['prefix']}: {g['problem']}")
+            say(f"  [red]defect[/red] {g['prefix']}: {g['problem']}")
     if report["summary"].get("input_all_one"):
-        out.print("  every input_scale is 1.0 (a placeholder, not a calibration)")
+        say("  every input_scale is 1.0 (a placeholder, not a calibration)")
     for p in report["problems"]:
-        out.print(f"  [red]defect[/red] {p}")
+        say(f"  [red]defect[/red] {p}")
     if report["csf"]["streams"]:
-        out.print(f"CSF block scales: {report['csf']['encoded_scales']} scales in {report['csf']['streams']} stream tensors "
+        say(f"CSF block scales: {report['csf']['encoded_scales']} scales in {report['csf']['streams']} stream tensors "
                   f"({', '.join(report['csf']['encodings'])})")  # fmt: skip
     keys = ("model_type", "architectures", "quant_method", "quant_algo", "moe_quant_algo", "group_size", "weight_scale_encoding",
             "quantized_layers", "producer", "fused_experts")  # fmt: skip
@@ -129,13 +133,13 @@ def print_report(report: dict[str, Any], out: Console) -> None:
     for k in ("ignore", "exclude_modules"):
         if cfg.get(k):
             shown.append(f"{k}: " + ", ".join(f"{n} ({len(v)})" for n, v in cfg[k].items()))
-    out.print("config: " + ("; ".join(shown) if shown else "no config.json / hf_quant_config.json"), soft_wrap=False)
+    say("config: " + ("; ".join(shown) if shown else "no config.json / hf_quant_config.json"))
     reads = src.get("reads") or {}
     if "range_requests" in reads:
-        out.print(f"read {report['scalars_read']} scalars with {reads['range_requests']} HTTP range requests "
+        say(f"read {report['scalars_read']} scalars with {reads['range_requests']} HTTP range requests "
                   f"({reads['range_bytes']} bytes; {reads['config_requests']} config GETs)")  # fmt: skip
     else:
-        out.print(f"read {report['scalars_read']} scalars from the local shards")
+        say(f"read {report['scalars_read']} scalars from the local shards")
     # one row per engine and verdict, its backends together; each distinct finding once, below
     notes: list[str] = []
     rows: dict[tuple[str, str, tuple[int, ...]], list[str]] = {}
@@ -157,11 +161,11 @@ def print_report(report: dict[str, Any], out: Console) -> None:
     e.add_column("why", no_wrap=True)
     for (eng, verdict, refs), backends in rows.items():
         e.add_row(eng, ", ".join(backends), VERDICT_STYLE[verdict], " ".join(f"[{k}]" for k in refs))
-    out.print(e)
+    say(e)
     for k, text in enumerate(notes, 1):
-        out.print(f"[{k}] {text}", highlight=False)
+        say(f"[{k}] {text}", highlight=False)
     gate = f" (gated on {report['gated_on']})" if report.get("gated_on") else ""
-    out.print(
+    say(
         f"exit code {report['exit_code']}{gate}: "
         + ("every engine loads it as is" if report["exit_code"] == 0 else "some engine loses accuracy or fails")
     )

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from nvfp4_fuse import csf
 from nvfp4_fuse.cli import app
 from nvfp4_fuse.engines import ENGINES, RULES
-from nvfp4_fuse.errors import InputError
+from nvfp4_fuse.errors import EXIT_ENGINE_ISSUES, InputError
 from nvfp4_fuse.experts import group_experts, scan_experts
 from nvfp4_fuse.hub.ranges import coalesce
 from nvfp4_fuse.inspect import SCHEMA, inspect, local_input
@@ -78,7 +78,7 @@ def test_unequal_scale_2_counted_and_named_from_the_data(make_ckpt):
             row = verdict(rep, f"{eng}:{backend}")
             assert row["verdict"] == "lossy" and want in row["messages"][0], row
     assert verdict(rep, "sglang-0.5.23:flashinfer_cutlass")["verdict"] == "lossy"
-    assert rep["exit_code"] == 4
+    assert rep["exit_code"] == EXIT_ENGINE_ISSUES
 
 
 def test_equal_scales_and_clean_inputs_load_everywhere(make_ckpt):
@@ -316,14 +316,14 @@ def test_cli_json_schema_and_exit_codes(make_ckpt, tmp_path, monkeypatch, capsys
         assert set(row) >= {"id", "engine", "backend", "verdict", "messages", "rules"}
     unequal = make_ckpt(scheme="hf", layers=2, experts=4, hidden=64, inter=32, unequal_scale_2=True)
     r = runner.invoke(app, ["inspect", str(unequal)])
-    assert r.exit_code == 4 and "up half off by up to" in r.output
+    assert r.exit_code == EXIT_ENGINE_ISSUES and "up half off by up to" in r.output
     assert all(len(line) <= 80 for line in r.output.splitlines())
     # gate on one engine: TensorRT-LLM's trtllm-gen keeps both scales
     assert runner.invoke(app, ["inspect", str(unequal), "--engine", "trtllm:trtllm"]).exit_code == 0
-    assert runner.invoke(app, ["inspect", str(unequal), "--engine", "vllm-0.34"]).exit_code == 4
+    assert runner.invoke(app, ["inspect", str(unequal), "--engine", "vllm-0.34"]).exit_code == EXIT_ENGINE_ISSUES
     rc, _, err = run_inprocess(capsys, "inspect", str(unequal), "--engine", "nope")
     assert rc == 2 and "--engine 'nope' is none of" in err
-    assert run_inprocess(capsys, "inspect", str(unequal), "--engine", "sglang-0.5.23")[0] == 4
+    assert run_inprocess(capsys, "inspect", str(unequal), "--engine", "sglang-0.5.23")[0] == EXIT_ENGINE_ISSUES
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rc, _, err = run_inprocess(capsys, "inspect", str(tmp_path / "nothing-here"))
     assert rc == 2 and "HF_HUB_OFFLINE" in err
@@ -356,7 +356,7 @@ def test_repo_id_matches_the_local_report_in_bounded_requests(make_ckpt, fake_hu
     shards = len(set(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"].values()))
     before = len(fake_hub.log)
     r = CliRunner().invoke(app, ["inspect", "org/src", "--json"])
-    assert r.exit_code == 4, (r.output, r.exception)
+    assert r.exit_code == EXIT_ENGINE_ISSUES, (r.output, r.exception)
     remote = json.loads(r.output)
     local = report_of(src)
     for k in ("groups", "summary", "engines", "config", "csf", "problems"):
