@@ -15,10 +15,10 @@ Importing this package does not import vLLM, so the converter keeps working with
 from __future__ import annotations
 
 import logging
-import re
 from importlib import metadata
 
-SUPPORTED_VLLM = (0, 33)
+from .versions import release_for, supported_names
+
 ARCHITECTURE = "DeepseekV4ForCausalLM"
 MODEL_CLASS = "nvfp4_fuse.vllm.deepseek_v4:DeepseekV4ForCausalLM"
 
@@ -30,23 +30,24 @@ def vllm_version() -> str:
 
 
 def supported(version: str) -> bool:
-    """Whether ``version`` is a vLLM 0.33.x release (dev and local builds of it included)."""
-    m = re.match(r"(\d+)\.(\d+)", version)
-    return m is not None and (int(m[1]), int(m[2])) == SUPPORTED_VLLM
+    """Whether ``version`` is a vLLM release in :data:`versions.RELEASES` (0.33.x, 0.34.x; dev and
+    local builds of them included)."""
+    return release_for(version) is not None
 
 
 def register() -> bool:
     """The ``vllm.general_plugins`` entry point. Points vLLM's ``DeepseekV4ForCausalLM``
     architecture at :class:`nvfp4_fuse.vllm.deepseek_v4.DeepseekV4ForCausalLM` (lazily: nothing
-    is imported until that model is built). On any vLLM other than 0.33.x, or a platform whose
+    is imported until that model is built). On a vLLM not in :mod:`.versions`, or a platform whose
     DeepSeek-V4 is not vLLM's NVIDIA implementation, it logs one line and changes nothing.
     Returns whether it registered. Safe to call more than once."""
     version = vllm_version()
     if not supported(version):
         logger.warning(
-            "nvfp4-fuse: vLLM %s is not 0.33.x, which this plugin was written against; "
+            "nvfp4-fuse: vLLM %s is not one this plugin was written against (%s); "
             "it changes nothing (NVFP4 DeepSeek-V4 on deep_gemm_mega_moe stays as vLLM has it).",
             version,
+            supported_names(),
         )
         return False
 

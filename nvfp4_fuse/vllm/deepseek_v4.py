@@ -43,8 +43,10 @@ from vllm.config.kernel import NATIVE_MEGA_MOE_BACKENDS
 from vllm.model_executor.layers.fused_moe import deep_gemm_mega_moe as _mega
 from vllm.model_executor.models.utils import extract_layer_index, is_pp_missing_parameter
 
+from . import vllm_version
 from .checkpoint import ExpertCheckpoint, checkpoint_module
 from .fused import FUSED_NAME_RE, load_fused_tensor
+from .versions import mismatches, release_for
 
 logger = logging.getLogger("vllm.plugins.nvfp4_fuse")
 
@@ -56,6 +58,50 @@ _BUILDING: contextvars.ContextVar[tuple[ExpertCheckpoint, int] | None] = context
 _W13_INPUT_SCALE_RE = re.compile(r"\.experts\.\d+\.w[13]\.input_scale$")
 # The decoder layer a checkpoint tensor name (relative to DeepseekV4Model) belongs to.
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.")
+
+
+@functools.cache
+def check_release() -> None:
+    """Refuse, with one line, a vLLM whose code differs from what :mod:`.versions` records for its
+    minor release (what this module relies on)."""
+    version = vllm_version()
+    release = release_for(version)
+    if release is None:
+        raise RuntimeError(f"nvfp4-fuse: vLLM {version} is not a release this plugin serves")
+    diff = mismatches(release)
+    if diff:
+        raise RuntimeError(
+            f"nvfp4-fuse: vLLM {version}'s DeepSeek-V4 code is not what the plugin's table says for "
+            f"{release.name} (nvfp4_fuse/vllm/versions.py): {'; '.join(diff)}"
+        )
+
+
+@functools.cache
+def eager_load_reads_e8m0() -> bool:
+    """Whether safetensors' Python ``load()`` (what vLLM's ``--safetensors-load-strategy eager``
+    calls on each whole file) knows the ``F8_E8M0`` dtype of DeepSeek-V4's FP8 block scales
+    (safetensors 0.8 does not: ``KeyError: 'F8_E8M0'``)."""
+    from safetensors.torch import load, save
+
+    try:
+        load(save({"s": torch.ones(1, dtype=torch.float8_e8m0fnu)}))
+    except KeyError:
+        return False
+    return True
+
+
+def check_load_strategy(vllm_config: VllmConfig) -> None:
+    """Refuse, with one line, a load strategy that cannot read a DeepSeek-V4 checkpoint."""
+    if vllm_config.load_config.safetensors_load_strategy == "eager" and not eager_load_reads_e8m0():
+        import safetensors
+
+        raise ValueError(
+            "nvfp4-fuse: --safetensors-load-strategy eager cannot read DeepSeek-V4 checkpoints: "
+            f"safetensors {safetensors.__version__}'s load() has no F8_E8M0 type (their FP8 block "
+            "scales; vLLM would fail with KeyError: 'F8_E8M0'). Use the default or lazy (memory-"
+            "mapped: each EP rank reads only its experts' rows of a fused checkpoint) or prefetch "
+            "(reads the files ahead into the page cache, for network filesystems)."
+        )
 
 
 def routed_experts_format(prefix: str) -> _mega.MegaMoEWeightFormat | None:
@@ -142,6 +188,8 @@ class DeepseekV4ForCausalLM(_dsv4.DeepseekV4ForCausalLM):
     model_cls = DeepseekV4Model
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        check_release()
+        check_load_strategy(vllm_config)
         hf_config = vllm_config.model_config.hf_config
         info = ExpertCheckpoint.from_hf_config(hf_config)
         info.check_layout()

@@ -225,7 +225,7 @@ def make_fused_checkpoint(src_dir: Path, out_dir: Path) -> Path:
 
 
 def fused_by_vllm_loader(src_dir: Path, rescale: bool = False) -> dict[str, torch.Tensor]:
-    """The fused expert tensors of per-expert checkpoint ``src_dir`` as vLLM 0.33 itself lays them
+    """The fused expert tensors of per-expert checkpoint ``src_dir`` as the installed vLLM itself lays them
     out: each layer's per-expert tensors go through ``DeepGemmMegaMoEExperts.weight_loader`` into an
     NVFP4 experts module holding all experts, whose parameters' storage is taken as it lies
     (``w13_weight_scale`` is the MN-major parameter's storage, ``[E, H/64, 2I]``). ``w13_input_scale``
@@ -238,6 +238,7 @@ def fused_by_vllm_loader(src_dir: Path, rescale: bool = False) -> dict[str, torc
     import re
     from unittest import mock
 
+    import harness
     import vllm.model_executor.layers.fused_moe.deep_gemm_mega_moe as dg
     from vllm.config import VllmConfig, set_current_vllm_config
 
@@ -257,7 +258,8 @@ def fused_by_vllm_loader(src_dir: Path, rescale: bool = False) -> dict[str, torc
     if rescale:
         per_layer = {prefix: _merge_scale_2(items) for prefix, items in per_layer.items()}
     for prefix, items in per_layer.items():
-        vcfg = VllmConfig()
+        with harness.config_stand_ins():
+            vcfg = VllmConfig()
         with set_current_vllm_config(vcfg), mock.patch.object(dg, "check_deep_gemm_mega_moe_supported", lambda *a, **k: None):
             experts = dg.DeepGemmMegaMoEExperts(
                 vcfg, num_experts=e, num_local_experts=e, experts_start_idx=0, top_k=cfg["num_experts_per_tok"],

@@ -1,4 +1,4 @@
-"""Build vLLM 0.33.0's real DeepSeek-V4 model on this CPU machine and load checkpoints into it the
+"""Build the installed vLLM's (0.33.0 or 0.34.0) real DeepSeek-V4 model on this CPU machine and load checkpoints into it the
 way ``vllm serve`` does (EngineArgs -> VllmConfig, the model registry, DefaultModelLoader).
 
 What has to be stubbed, because it is GPU-only, and nothing else:
@@ -13,12 +13,15 @@ What has to be stubbed, because it is GPU-only, and nothing else:
   so the shared expert is fused as on an SM100 host;
 - ``get_ep_group`` in the DeepSeek-V4 model module, to simulate one rank of an EP group: vLLM's
   ``DeepseekV4MoE._init_mega_moe_experts`` computes that rank's experts from its size and rank.
+
+What one release needs beyond that is in :data:`CONFIG_STAND_INS`, keyed by minor version.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+from importlib.metadata import version
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -31,6 +34,25 @@ from vllm.engine.arg_utils import EngineArgs
 
 _distributed = False
 
+VLLM_MINOR = ".".join(version("vllm").split(".")[:2])
+
+
+@contextlib.contextmanager
+def _has_triton():
+    # 0.34's CPU platform refuses x86 without triton-cpu while it checks the config
+    # (platforms/cpu.py check_and_update_config); no Triton kernel runs in these tests.
+    with mock.patch("vllm.triton_utils.HAS_TRITON", True):
+        yield
+
+
+# What each tested vLLM release needs around ``EngineArgs.create_engine_config`` on this CPU host.
+CONFIG_STAND_INS = {"0.33": contextlib.nullcontext, "0.34": _has_triton}
+
+
+def config_stand_ins():
+    """The stand-ins this release needs while vLLM builds or checks a ``VllmConfig``."""
+    return CONFIG_STAND_INS[VLLM_MINOR]()
+
 
 class PlaceholderAttention(torch.nn.Module):
     def __init__(self, vllm_config, prefix: str = "", **kwargs):
@@ -41,7 +63,7 @@ def engine_config(folder: Path, *, redundant: int = 0, mtp: bool = False) -> Vll
     kw = {}
     if mtp:
         kw["speculative_config"] = {"method": "mtp", "num_speculative_tokens": 1}
-    cfg = EngineArgs(
+    args = EngineArgs(
         model=str(folder),
         skip_tokenizer_init=True,
         moe_backend="deep_gemm_mega_moe",
@@ -49,7 +71,9 @@ def engine_config(folder: Path, *, redundant: int = 0, mtp: bool = False) -> Vll
         max_model_len=1024,
         enforce_eager=True,
         **kw,
-    ).create_engine_config()
+    )
+    with config_stand_ins():
+        cfg = args.create_engine_config()
     cfg.parallel_config.eplb_config.num_redundant_experts = redundant
     _init_distributed(cfg)
     return cfg

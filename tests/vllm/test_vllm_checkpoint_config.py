@@ -30,6 +30,11 @@ CANADA = {"quant_method": "fp8", "moe_quant_algo": "NVFP4", "expert_format": {"n
         ({**NVIDIA, "quantized_layers": {"layers.2.ffn.experts.7.w1": {"quant_algo": "FP8"}}}, "layers.2.ffn.experts", False),
         (CANADA, "layers.60.ffn.experts", True),
         (CANADA, "mtp.0.ffn.experts", False),  # no manifest: MTP stays MXFP4
+        # `ignore` alone (no manifest): a pattern naming a layer keeps that layer's experts as they are
+        ({**CANADA, "ignore": ["layers.1.*"]}, "layers.1.ffn.experts", False),
+        ({**CANADA, "ignore": ["layers.1.*"]}, "layers.11.ffn.experts", True),
+        ({**CANADA, "exclude_modules": ["layers.[3-5].ffn.experts"]}, "layers.4.ffn.experts", False),
+        ({**CANADA, "exclude_modules": ["layers.[3-5].ffn.experts"]}, "layers.6.ffn.experts", True),
         ({**CANADA, "fused_experts": {"layout": "nvfp4-fuse/v2", "target": "mega-moe"}}, "layers.0.ffn.experts", True),
         ({"quant_method": "fp8", "fmt": "e4m3"}, "layers.0.ffn.experts", False),  # MXFP4 release
         (None, "layers.0.ffn.experts", False),

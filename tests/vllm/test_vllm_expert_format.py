@@ -163,3 +163,22 @@ def test_nvfp4_mtp_experts_are_refused_clearly(plugin, sources, tmp_path):
     # Without speculative decoding the same checkpoint serves.
     model = harness.build(harness.engine_config(src))
     assert_nvfp4(model.model.layers[0].ffn.experts)
+
+
+def test_a_layer_in_ignore_alone_keeps_vllms_format(plugin, sources, tmp_path):
+    """A config with no ``quantized_layers`` (canada-style) whose ``ignore`` names layer 1's experts:
+    the pattern, matched against the module name, keeps that layer as vLLM builds it (MXFP4), and
+    the MTP draft's experts too; layer 0 is NVFP4."""
+    src = tmp_path / "ignore-alone"
+    src.mkdir()
+    for f in sources["canada"].iterdir():
+        if f.name != "config.json":
+            (src / f.name).symlink_to(f)
+    cfg = json.loads((sources["canada"] / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert "quantized_layers" not in qc
+    qc["ignore"] = ["layers.1.*", "mtp.*"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    model = harness.build(harness.engine_config(src))
+    assert_nvfp4(model.model.layers[0].ffn.experts)
+    assert_mxfp4(model.model.layers[1].ffn.experts)

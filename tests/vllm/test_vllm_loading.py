@@ -202,3 +202,39 @@ def test_a_fused_tensor_of_the_wrong_shape_is_named(plugin, sources, tmp_path):
     bad = torch.zeros(E - 1, 2 * 512, 256, dtype=torch.int8)
     with pytest.raises(FusedCheckpointError, match=r"layers\.1\.ffn\.experts\.w13_weight: torch\.int8 \[7, 1024, 256\]"):
         model.load_weights([("layers.1.ffn.experts.w13_weight", bad)])
+
+
+def _with_tensor_replaced(folder, out, name, tensor):
+    """A copy of checkpoint ``folder`` (files linked) with tensor ``name`` replaced by ``tensor``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out.mkdir()
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    for f in folder.iterdir():
+        if f.name != weight_map[name]:
+            (out / f.name).symlink_to(f)
+    tensors = checkpoints.read_all(folder)
+    save_file({n: tensors[n] for n, f in weight_map.items() if f == weight_map[name]} | {name: tensor},
+              out / weight_map[name], metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("field", ["w13_weight_scale", "w2_weight_scale", "w13_weight"])
+def test_a_fused_tensor_of_the_right_shape_and_wrong_dtype_is_refused(plugin, sources, tmp_path, field):
+    """A fused block scale stored F32 (each int32 word converted to a float) has the right shape;
+    ``copy_`` into the int32 parameter would turn it into garbage scales without a word. Refused
+    through vLLM's own loader, naming the tensor and both dtypes."""
+    from nvfp4_fuse.vllm.fused import FusedCheckpointError
+
+    src, _, _ = sources
+    name = f"layers.1.ffn.experts.{field}"
+    good = checkpoints.read_all(src["fused"])[name]
+    bad = good.to(torch.float32) if field != "w13_weight" else good.view(torch.int8).to(torch.int16)
+    assert bad.shape == good.shape and bad.dtype != good.dtype
+    ckpt = _with_tensor_replaced(src["fused"], tmp_path / "bad", name, bad)
+    cfg = harness.engine_config(ckpt)
+    model = harness.build(cfg)
+    with pytest.raises(FusedCheckpointError, match=rf"{name}: torch\.{str(bad.dtype)[6:]} \[.*\], but .* needs torch\.int"):
+        harness.load(model, cfg)
