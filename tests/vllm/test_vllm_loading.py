@@ -238,3 +238,41 @@ def test_a_fused_tensor_of_the_right_shape_and_wrong_dtype_is_refused(plugin, so
     model = harness.build(cfg)
     with pytest.raises(FusedCheckpointError, match=rf"{name}: torch\.{str(bad.dtype)[6:]} \[.*\], but .* needs torch\.int"):
         harness.load(model, cfg)
+
+
+@pytest.mark.parametrize("ckpt", ["nvidia", "fused"])
+def test_post_load_hooks_run_as_this_vllm_release_runs_them(plugin, sources, ckpt):
+    """The model-level post-load hook (``process_weights_after_loading`` ->
+    ``finalize_mhc_broadcast_weights``) runs in the plugin's class exactly as vLLM's own class runs
+    it in this release (``versions.py``): 0.33 inside ``load_weights`` and again from the loader's
+    ``process_weights_after_loading``; 0.34 once, from ``finalize_model_weights``, after the load.
+    Its result (layer 0's broadcast of ``hc_attn_fn``) is there and right."""
+    from unittest import mock
+
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+    from nvfp4_fuse.vllm import vllm_version
+    from nvfp4_fuse.vllm.versions import release_for
+
+    src, _, _ = sources
+    cfg = harness.engine_config(src[ckpt])
+    model = harness.build(cfg)
+    events: list[str] = []
+    hook = harness.dsv4.DeepseekV4ForCausalLM.process_weights_after_loading
+    mhc = harness.dsv4.DeepseekV4Model.finalize_mhc_broadcast_weights
+    with (
+        mock.patch.object(harness.dsv4.DeepseekV4ForCausalLM, "process_weights_after_loading",
+                          lambda self: events.append("model hook") or hook(self)),
+        mock.patch.object(harness.dsv4.DeepseekV4Model, "finalize_mhc_broadcast_weights",
+                          lambda self: events.append("mhc") or mhc(self)),
+    ):
+        harness.load(model, cfg)
+        events.append("loaded")
+        with set_current_vllm_config(cfg):
+            process_weights_after_loading(model, cfg.model_config, torch.device("cpu"))
+    once = ["model hook", "mhc"]
+    assert events == (once + ["loaded"] + once if release_for(vllm_version()).finalizes_during_load else ["loaded"] + once)
+    layer = model.model.layers[0]
+    want = layer.hc_attn_fn.detach().view(-1, layer.hc_mult, layer.hidden_size).sum(dim=1)
+    assert torch.equal(layer.hc_attn_fn_broadcast, want)

@@ -117,3 +117,39 @@ def test_the_package_imports_without_vllm():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr[-3000:]
+
+
+def test_the_installed_vllm_matches_its_entry_in_the_versions_table():
+    from nvfp4_fuse.vllm.versions import RELEASES, mismatches, release_for
+
+    release = release_for(plugin_pkg.vllm_version())
+    assert release is not None and mismatches(release) == []
+    # The other entries describe other code: each differs from the installed vLLM somewhere.
+    for other in RELEASES.values():
+        if other is not release:
+            assert mismatches(other), other.name
+
+
+def test_a_vllm_whose_code_differs_from_its_table_entry_is_refused_in_one_line(plugin, tmp_path, seed, monkeypatch):
+    """A point release that moved what the plugin relies on (here: whether DeepseekV4ForCausalLM
+    finalizes during load flips) fails when the model is built, naming the difference."""
+    import dataclasses
+
+    import checkpoints
+    import harness
+
+    from nvfp4_fuse.vllm import deepseek_v4, versions
+
+    minor = versions.minor_of(plugin_pkg.vllm_version())
+    flipped = dataclasses.replace(versions.RELEASES[minor], finalizes_during_load=not versions.RELEASES[minor].finalizes_during_load)
+    monkeypatch.setitem(versions.RELEASES, minor, flipped)
+    deepseek_v4.check_release.cache_clear()
+    try:
+        cfg = harness.engine_config(checkpoints.write_source(tmp_path / "src", "nvidia", seed=seed))
+        with pytest.raises(RuntimeError) as exc:
+            harness.build(cfg)
+        msg = str(exc.value)
+        assert msg.startswith("nvfp4-fuse: vLLM ") and "finalizes_weights_during_load" in msg and "\n" not in msg
+    finally:
+        monkeypatch.undo()
+        deepseek_v4.check_release.cache_clear()
