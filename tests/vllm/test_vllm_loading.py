@@ -258,6 +258,8 @@ def test_post_load_hooks_run_as_this_vllm_release_runs_them(plugin, sources, ckp
     src, _, _ = sources
     cfg = harness.engine_config(src[ckpt])
     model = harness.build(cfg)
+    layer = model.model.layers[0]
+    layer.hc_attn_fn.data.normal_()  # not in these checkpoints: fresh values for the hook to sum
     events: list[str] = []
     hook = harness.dsv4.DeepseekV4ForCausalLM.process_weights_after_loading
     mhc = harness.dsv4.DeepseekV4Model.finalize_mhc_broadcast_weights
@@ -273,6 +275,5 @@ def test_post_load_hooks_run_as_this_vllm_release_runs_them(plugin, sources, ckp
             process_weights_after_loading(model, cfg.model_config, torch.device("cpu"))
     once = ["model hook", "mhc"]
     assert events == (once + ["loaded"] + once if release_for(vllm_version()).finalizes_during_load else ["loaded"] + once)
-    layer = model.model.layers[0]
     want = layer.hc_attn_fn.detach().view(-1, layer.hc_mult, layer.hidden_size).sum(dim=1)
     assert torch.equal(layer.hc_attn_fn_broadcast, want)
