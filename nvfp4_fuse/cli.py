@@ -301,7 +301,7 @@ def _read_verify_summary(folder: Path) -> dict | None:
 @app.command()
 def sample(
     output: Path = typer.Argument(..., help="Folder to write the sample checkpoint into."),
-    arch: str = typer.Option("modelopt", help="modelopt (names from --scheme) or deepseek-v4 (a recipe's real format, --recipe)."),
+    arch: str = typer.Option("modelopt", help="modelopt (names from --scheme), deepseek-v4 (a recipe's real format, --recipe) or deepseek-v41 (NVIDIA's V4.1 format)."),
     recipe: str = typer.Option("nvidia", help="deepseek-v4: nvidia (ModelOpt's recipe) or canada (canada-quant's)."),
     scheme: str = typer.Option("deepseek", help="modelopt: tensor names: deepseek, hf, mixtral, compressed-tensors."),
     layers: int | None = typer.Option(None, help="Layers (modelopt: 3, layer 0 dense; deepseek-v4: 4, the first 3 hash-routed)."),
@@ -314,18 +314,21 @@ def sample(
     seed: int | None = typer.Option(None, help="Random seed (default: random)."),
 ) -> None:
     """Write a small real-format NVFP4 MoE checkpoint (random weights, real quantization)."""
-    if arch == "deepseek-v4":
+    if arch in ("deepseek-v4", "deepseek-v41"):
         from .sample_dsv4 import DSv4SampleSpec, make_dsv4_sample
 
-        spec4 = DSv4SampleSpec(recipe, layers or 4, min(3, layers or 4), experts, hidden or 512, intermediate or 512, shards, values, seed=seed)
+        v41 = arch == "deepseek-v41"
+        hash_layers = 0 if v41 else min(3, layers or 4)
+        spec4 = DSv4SampleSpec(recipe, layers or 4, hash_layers, experts, hidden or 512, intermediate or 512, shards, values, seed=seed, v41=v41)
         try:
             make_dsv4_sample(output, spec4)
         except ValueError as e:
             raise InputError(str(e)) from None
-        out.print(f"sample DeepSeek-V4 checkpoint ({recipe} recipe, {spec4.layers} layers + MTP, {experts} experts) written to {output}")
+        name = "DeepSeek-V4.1" if v41 else "DeepSeek-V4"
+        out.print(f"sample {name} checkpoint ({recipe} recipe, {spec4.layers} layers + MTP, {experts} experts) written to {output}")
         return
     if arch != "modelopt":
-        raise InputError(f"--arch must be modelopt or deepseek-v4, not {arch!r}")
+        raise InputError(f"--arch must be modelopt, deepseek-v4 or deepseek-v41, not {arch!r}")
     from .sample import SampleSpec, make_sample_checkpoint
 
     spec = SampleSpec(scheme, layers or 3, experts, hidden or 256, intermediate or 128, shards, unequal_scale_2, seed=seed)

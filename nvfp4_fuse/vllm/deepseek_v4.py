@@ -1,28 +1,31 @@
-"""DeepSeek-V4 on vLLM 0.33's ``deep_gemm_mega_moe`` backend with NVFP4 routed experts.
+"""DeepSeek-V4 on vLLM's (0.33, 0.34) ``deep_gemm_mega_moe`` backend with NVFP4 routed experts.
 
 Imported lazily by vLLM's model registry (``register()`` in ``__init__.py`` points the
 ``DeepseekV4ForCausalLM`` architecture here), so nothing below runs unless that model is built.
 What it changes, and why:
 
-1. ``DeepseekV4ForCausalLM`` (subclass of vLLM's NVIDIA one, same name). Its ``__init__`` checks the
-   checkpoint's ``quantization_config`` (refusing a fused layout it does not know, and a fused
-   checkpoint served without ``--moe-backend deep_gemm_mega_moe``) and builds vLLM's model inside a
-   scope that lets the experts format be chosen per layer. ``model_cls`` points at our
-   ``DeepseekV4Model``.
+1. ``DeepseekV4ForCausalLM`` (subclass of vLLM's NVIDIA one, same name). Its ``__init__``
+   (:func:`building`) checks the installed vLLM against :mod:`.versions`, the load strategy
+   (``eager`` cannot read DeepSeek-V4's F8_E8M0 tensors) and the checkpoint's
+   ``quantization_config`` (refusing a fused layout it does not know, and a fused checkpoint served
+   without ``--moe-backend deep_gemm_mega_moe``) and builds vLLM's model inside a scope that lets
+   the experts format be chosen per layer. ``model_cls`` points at our ``DeepseekV4Model``.
 2. ``DeepGemmMegaMoEExperts.__init__`` is wrapped, once: inside that scope only, a layer whose
    checkpoint experts are NVFP4 gets ``MEGA_MOE_NVFP4`` where vLLM's ``DeepseekV4MoE.
    _init_mega_moe_experts`` hard-codes ``MEGA_MOE_MXFP4``. Everything else that method does (EP
    placement, redundant experts, shared-expert fusion) is vLLM's. Outside the scope (another model,
    the MTP draft, a stock ``DeepseekV4ForCausalLM``) the wrapper passes straight through.
 3. ``DeepseekV4Model`` (subclass, same name) overrides ``load_weights`` only, and only filters the
-   stream of checkpoint tensors before handing the rest to vLLM's ``load_weights``:
+   stream of checkpoint tensors (:func:`nvfp4_weights`) before handing the rest to vLLM's
+   ``load_weights``:
    - per-expert ``experts.E.w1/w3.input_scale`` of an NVFP4 MegaMoE layer are dropped: vLLM's loader
      maps them to ``experts.w13_input_scale``, a parameter NVFP4 MegaMoE does not have (it quantizes
      activations per token), and raised ``KeyError: 'layers.0.ffn.experts.w13_input_scale'``;
    - fused tensors (``layers.N.ffn.experts.w13_weight`` ...) are copied by ``fused.load_fused_tensor``
      straight into the rank's parameters; vLLM's loader has no mapping for them.
 
-The MTP draft model (``DeepSeekV4MTPModel``) is left to vLLM: both published recipes keep its
+DeepSeek-V4.1 gets the same from :mod:`.deepseek_v41`, which shares :func:`building` and
+:func:`nvfp4_weights`. The MTP draft model (``DeepSeekV4MTPModel``) is left to vLLM: both published recipes keep its
 experts MXFP4, which vLLM builds and loads as they are. A config that says the MTP experts are NVFP4
 is refused with a clear error instead of failing later on a tensor name.
 """
@@ -150,35 +153,42 @@ def _nvfp4_mega_experts(model: torch.nn.Module, name: str) -> _mega.DeepGemmMega
     return None
 
 
+def nvfp4_weights(
+    backbone: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], fused_loaded: set[str]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint tensors ``weights`` (named as under ``backbone``: ``layers.N.ffn.experts...``)
+    that vLLM's own loader is to see: fused expert tensors are copied into ``backbone``'s NVFP4
+    MegaMoE experts here (their parameter names added to ``fused_loaded``) and the per-expert
+    w1/w3 input scales of those experts dropped; everything else passes through. Shared by the
+    DeepSeek-V4 and V4.1 classes."""
+    for name, tensor in weights:
+        m = FUSED_NAME_RE.match(name)
+        if m is not None:
+            if is_pp_missing_parameter(name, backbone):
+                continue
+            experts = _nvfp4_mega_experts(backbone, name)
+            if experts is None:
+                raise ValueError(
+                    f"nvfp4-fuse: {name} is a fused NVFP4 expert tensor, but that layer's "
+                    "experts are not vLLM NVFP4 MegaMoE experts (serve with --moe-backend "
+                    "deep_gemm_mega_moe --enable-expert-parallel)"
+                )
+            loaded = load_fused_tensor(experts, m["field"], tensor, name)
+            if loaded is not None:
+                fused_loaded.add(f"{m['module']}.{loaded}")
+            continue
+        if _W13_INPUT_SCALE_RE.search(name) and _nvfp4_mega_experts(backbone, name) is not None:
+            continue
+        yield name, tensor
+
+
 class DeepseekV4Model(_dsv4.DeepseekV4Model):
     """vLLM's DeepSeek-V4 backbone; ``load_weights`` also takes fused expert tensors and skips the
     per-expert w1/w3 input scales NVFP4 MegaMoE has no parameter for."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         fused_loaded: set[str] = set()
-
-        def rest() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, tensor in weights:
-                m = FUSED_NAME_RE.match(name)
-                if m is not None:
-                    if is_pp_missing_parameter(name, self):
-                        continue
-                    experts = _nvfp4_mega_experts(self, name)
-                    if experts is None:
-                        raise ValueError(
-                            f"nvfp4-fuse: {name} is a fused NVFP4 expert tensor, but that layer's "
-                            "experts are not vLLM NVFP4 MegaMoE experts (serve with --moe-backend "
-                            "deep_gemm_mega_moe --enable-expert-parallel)"
-                        )
-                    loaded = load_fused_tensor(experts, m["field"], tensor, name)
-                    if loaded is not None:
-                        fused_loaded.add(f"{m['module']}.{loaded}")
-                    continue
-                if _W13_INPUT_SCALE_RE.search(name) and _nvfp4_mega_experts(self, name) is not None:
-                    continue
-                yield name, tensor
-
-        return super().load_weights(rest()) | fused_loaded
+        return super().load_weights(nvfp4_weights(self, weights, fused_loaded)) | fused_loaded
 
 
 class DeepseekV4ForCausalLM(_dsv4.DeepseekV4ForCausalLM):
@@ -188,36 +198,43 @@ class DeepseekV4ForCausalLM(_dsv4.DeepseekV4ForCausalLM):
     model_cls = DeepseekV4Model
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        check_release()
-        check_load_strategy(vllm_config)
-        hf_config = vllm_config.model_config.hf_config
-        info = ExpertCheckpoint.from_hf_config(hf_config)
-        info.check_layout()
-        mega = vllm_config.kernel_config.moe_backend in NATIVE_MEGA_MOE_BACKENDS
-        if info.is_fused and not mega:
-            raise ValueError(
-                "nvfp4-fuse: this checkpoint's routed experts are fused for vLLM's DeepGEMM MegaMoE; "
-                "serve it with --moe-backend deep_gemm_mega_moe --enable-expert-parallel "
-                f"(got moe_backend={vllm_config.kernel_config.moe_backend!r})"
-            )
-        spec = vllm_config.speculative_config
-        if mega and spec is not None and spec.method == "mtp":
-            for k in range(getattr(hf_config, "num_nextn_predict_layers", 0) or 0):
-                if info.experts_are_nvfp4(f"mtp.{k}.ffn.experts"):
-                    raise NotImplementedError(
-                        f"nvfp4-fuse: the checkpoint config lists the MTP experts (mtp.{k}.ffn."
-                        "experts) as NVFP4; with deep_gemm_mega_moe the plugin serves NVFP4 trunk "
-                        "experts with MXFP4 MTP experts, as NVIDIA's (by default) and canada-quant's "
-                        "recipes publish them. Serve without --speculative-config, or with a "
-                        "checkpoint whose MTP experts are MXFP4."
-                    )
-        scope = contextlib.nullcontext()
-        if mega and info.has_nvfp4_experts:
-            logger.info("nvfp4-fuse: DeepSeek-V4 routed experts use MegaMoE NVFP4%s",
-                        " (fused checkpoint)" if info.is_fused else "")
-            scope = _building(info, hf_config.num_hidden_layers)
-        with scope:
+        with building(vllm_config, "DeepSeek-V4"):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+
+def building(vllm_config: VllmConfig, model_name: str) -> contextlib.AbstractContextManager:
+    """Check what is to be served (vLLM release, load strategy, the checkpoint's fused layout and
+    MTP experts against the MoE backend) and return the scope to build vLLM's model in: one in
+    which NVFP4 layers get ``MEGA_MOE_NVFP4``, or a no-op where the plugin has nothing to do. Each
+    refusal is one line. Shared by the DeepSeek-V4 and V4.1 classes."""
+    check_release()
+    check_load_strategy(vllm_config)
+    hf_config = vllm_config.model_config.hf_config
+    info = ExpertCheckpoint.from_hf_config(hf_config)
+    info.check_layout()
+    mega = vllm_config.kernel_config.moe_backend in NATIVE_MEGA_MOE_BACKENDS
+    if info.is_fused and not mega:
+        raise ValueError(
+            "nvfp4-fuse: this checkpoint's routed experts are fused for vLLM's DeepGEMM MegaMoE; "
+            "serve it with --moe-backend deep_gemm_mega_moe --enable-expert-parallel "
+            f"(got moe_backend={vllm_config.kernel_config.moe_backend!r})"
+        )
+    spec = vllm_config.speculative_config
+    if mega and spec is not None and spec.method == "mtp":
+        for k in range(getattr(hf_config, "num_nextn_predict_layers", 0) or 0):
+            if info.experts_are_nvfp4(f"mtp.{k}.ffn.experts"):
+                raise NotImplementedError(
+                    f"nvfp4-fuse: the checkpoint config lists the MTP experts (mtp.{k}.ffn."
+                    "experts) as NVFP4; with deep_gemm_mega_moe the plugin serves NVFP4 trunk "
+                    "experts with MXFP4 MTP experts, as NVIDIA's (by default) and canada-quant's "
+                    "recipes publish them. Serve without --speculative-config, or with a "
+                    "checkpoint whose MTP experts are MXFP4."
+                )
+    if not (mega and info.has_nvfp4_experts):
+        return contextlib.nullcontext()
+    logger.info("nvfp4-fuse: %s routed experts use MegaMoE NVFP4%s", model_name,
+                " (fused checkpoint)" if info.is_fused else "")
+    return _building(info, hf_config.num_hidden_layers)
 
 
 @contextlib.contextmanager

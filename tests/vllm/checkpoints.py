@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nvfp4_fuse.sample_dsv4 import CANADA_EXPERT_FORMAT, NATIVE_QUANT_CONFIG, NVIDIA_IGNORE, NVIDIA_PRODUCER
+from nvfp4_fuse.sample_dsv4 import CANADA_EXPERT_FORMAT, NATIVE_QUANT_CONFIG, NVIDIA_IGNORE, NVIDIA_PRODUCER, v41_config
 
 FUSED_LAYOUT = "nvfp4-fuse/v2"
 
@@ -170,11 +170,18 @@ def write_shards(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 2
     )
 
 
-def write_source(folder: Path, recipe: str, *, dims: Dims = Dims(), seed: int, unequal_scale_2: bool = False) -> Path:
-    """A per-expert NVFP4 DeepSeek-V4 checkpoint of ``recipe`` ("nvidia" or "canada")."""
+V41_DIMS = Dims(hash_layers=0)
+
+
+def write_source(
+    folder: Path, recipe: str, *, dims: Dims = Dims(), seed: int, unequal_scale_2: bool = False, v41: bool = False
+) -> Path:
+    """A per-expert NVFP4 DeepSeek-V4 checkpoint of ``recipe`` ("nvidia" or "canada"); with ``v41``
+    a DeepSeek-V4.1 one (``sample_dsv4.v41_config``'s config; ``dims`` should have no hash
+    layers, as ``V41_DIMS``)."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = _config(recipe, dims)
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    (folder / "config.json").write_text(json.dumps(v41_config(cfg) if v41 else cfg, indent=2))
     if recipe == "nvidia":
         qc = cfg["quantization_config"]
         hq = {

@@ -4,8 +4,8 @@ way ``vllm serve`` does (EngineArgs -> VllmConfig, the model registry, DefaultMo
 What has to be stubbed, because it is GPU-only, and nothing else:
 
 - ``check_deep_gemm_mega_moe_supported``: raises unless an SM100 GPU is present;
-- ``_select_dsv4_attn_cls``: the sparse-MLA attention kernels are CUDA-only (attention is not what
-  is tested; a placeholder module stands in);
+- ``_select_dsv4_attn_cls`` (V4's and V4.1's): the sparse-MLA attention kernels are CUDA-only
+  (attention is not what is tested; a placeholder module stands in);
 - ``torch.cuda.Stream``: the model makes three aux CUDA streams;
 - ``fp8.init_fp8_linear_kernel``: there is no CPU kernel for the FP8 block-scaled linears;
 - ``DeepGemmMegaMoEExperts._kernel_fuses_shared_experts``: asks DeepGEMM's Python API (not
@@ -20,6 +20,7 @@ What one release needs beyond that is in :data:`CONFIG_STAND_INS`, keyed by mino
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from importlib.metadata import version
 from pathlib import Path
@@ -29,6 +30,8 @@ from unittest import mock
 import torch
 import vllm.model_executor.layers.fused_moe.deep_gemm_mega_moe as dg
 import vllm.models.deepseek_v4.nvidia.model as dsv4
+import vllm.models.deepseek_v41.nvidia.model as dsv41
+import vllm.models.deepseek_v41.nvidia.vl_model as dsv41_vl
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.engine.arg_utils import EngineArgs
 
@@ -48,6 +51,11 @@ def _has_triton():
 # What each tested vLLM release needs around ``EngineArgs.create_engine_config`` on this CPU host.
 CONFIG_STAND_INS = {"0.33": contextlib.nullcontext, "0.34": _has_triton}
 
+# What stock vLLM's DeepSeek-V4.1 loader does with a fused expert tensor (a name it has no mapping
+# for): 0.33 fails on an unset local (``name_mapped``); 0.34 sets it first and skips the tensor
+# without a word, leaving the experts unloaded.
+STOCK_V41_FUSED_ERROR = {"0.33": UnboundLocalError, "0.34": None}
+
 
 def config_stand_ins():
     """The stand-ins this release needs while vLLM builds or checks a ``VllmConfig``."""
@@ -61,6 +69,10 @@ class PlaceholderAttention(torch.nn.Module):
 
 def engine_config(folder: Path, *, redundant: int = 0, mtp: bool = False) -> VllmConfig:
     kw = {}
+    if json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "deepseek_v41":
+        # V4.1 is a vision-language model; with no images its tower is not built (the tiny
+        # checkpoints have none), as `vllm serve --limit-mm-per-prompt '{"image": 0}'` does.
+        kw["limit_mm_per_prompt"] = {"image": 0}
     if mtp:
         kw["speculative_config"] = {"method": "mtp", "num_speculative_tokens": 1}
     args = EngineArgs(
@@ -103,6 +115,7 @@ def cpu_stand_ins(ep_size: int = 1, ep_rank: int = 0):
     with (
         mock.patch.object(dg, "check_deep_gemm_mega_moe_supported", lambda *a, **k: None),
         mock.patch.object(dsv4, "_select_dsv4_attn_cls", lambda cfg: PlaceholderAttention),
+        mock.patch.object(dsv41, "_select_dsv4_attn_cls", lambda cfg: PlaceholderAttention),
         mock.patch.object(torch.cuda, "Stream", lambda *a, **k: None),
         mock.patch("vllm.model_executor.layers.quantization.fp8.init_fp8_linear_kernel", lambda *a, **k: None),
         mock.patch.object(dg.DeepGemmMegaMoEExperts, "_kernel_fuses_shared_experts", lambda self, spec: True),
@@ -123,6 +136,12 @@ def model_class(cfg: VllmConfig) -> type:
 # What vLLM's registry gives for DeepseekV4ForCausalLM on a CUDA host (on this CPU host its
 # platform picker gives the CPU model, which has no MegaMoE).
 STOCK = dsv4.DeepseekV4ForCausalLM
+STOCK_V41 = dsv41_vl.DeepseekV41ForCausalLM
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (``.layers``) of a DeepSeek-V4 or V4.1 (vision-language wrapper) model."""
+    return model.language_model.model if hasattr(model, "language_model") else model.model
 
 
 def build(cfg: VllmConfig, cls: type | None = None, *, ep_size: int = 1, ep_rank: int = 0) -> torch.nn.Module:
@@ -149,7 +168,7 @@ def experts_state(model: torch.nn.Module) -> dict[str, torch.Tensor | float]:
     """Every routed/shared expert parameter of every layer as raw bytes (uint8, storage order), plus
     the L2 activation scale bookkeeping, keyed by name."""
     out: dict[str, torch.Tensor | float] = {}
-    for n, layer in enumerate(model.model.layers):
+    for n, layer in enumerate(backbone(model).layers):
         experts = layer.ffn.experts
         for name, p in experts.named_parameters(recurse=False):
             data = p.data.transpose(-1, -2) if p.dim() == 3 and not p.is_contiguous() else p.data

@@ -54,7 +54,7 @@ def assert_same_state(a: dict, b: dict, what: str):
 def assert_holds_logical_experts(model, expected, seed):
     """Every local slot of every layer holds exactly the contract's bytes of logical expert
     ``(start + slot) % E``; the L2 activation scale is the max of w2_input_scale over all experts."""
-    for n, layer in enumerate(model.model.layers):
+    for n, layer in enumerate(harness.backbone(model).layers):
         experts, want = layer.ffn.experts, expected[n]
         ids = [(experts.experts_start_idx + j) % E for j in range(experts.num_local_experts)]
         for name in ("w13_weight", "w2_weight", "w13_weight_scale_2", "w2_weight_scale_2", "w2_input_scale"):
