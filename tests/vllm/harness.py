@@ -57,9 +57,33 @@ CONFIG_STAND_INS = {"0.33": contextlib.nullcontext, "0.34": _has_triton}
 STOCK_V41_FUSED_ERROR = {"0.33": UnboundLocalError, "0.34": None}
 
 
+class _CudaQuantChoice:
+    """vLLM's platform object, except that it says CUDA to ``get_quantization_config``: on a CUDA
+    host ``deepseek_v4_fp8`` is V4.1's ``DeepseekV4FP8Config`` (the V4 one extended to claim
+    ``deepseek_v41``) for both models; on this CPU host it would be V4's, which V4.1 falls back
+    from to a plain ``Fp8Config``."""
+
+    def __init__(self, platform):
+        self._platform = platform
+
+    def is_cuda(self) -> bool:
+        return True
+
+    def __getattr__(self, name):
+        return getattr(self._platform, name)
+
+
+@contextlib.contextmanager
 def config_stand_ins():
-    """The stand-ins this release needs while vLLM builds or checks a ``VllmConfig``."""
-    return CONFIG_STAND_INS[VLLM_MINOR]()
+    """The stand-ins needed while vLLM builds or checks a ``VllmConfig``: the CUDA host's choice of
+    quantization config class, and what this release needs (``CONFIG_STAND_INS``)."""
+    import vllm.model_executor.layers.quantization as quantization
+
+    with (
+        mock.patch.object(quantization, "current_platform", _CudaQuantChoice(quantization.current_platform)),
+        CONFIG_STAND_INS[VLLM_MINOR](),
+    ):
+        yield
 
 
 class PlaceholderAttention(torch.nn.Module):
