@@ -96,7 +96,10 @@ def mismatches(release: Release) -> list[str]:
 
     out = []
     finalizes = getattr(dsv4.DeepseekV4ForCausalLM, "finalizes_weights_during_load", False)
-    calls_hook = "process_weights_after_loading()" in inspect.getsource(dsv4.DeepseekV4ForCausalLM.load_weights)
+    try:
+        calls_hook = "process_weights_after_loading()" in inspect.getsource(dsv4.DeepseekV4ForCausalLM.load_weights)
+    except OSError:  # installed without sources: the class attribute alone says it
+        calls_hook = finalizes
     if (finalizes, calls_hook) != (release.finalizes_during_load,) * 2:
         out.append(
             f"DeepseekV4ForCausalLM finalizes_weights_during_load={finalizes}, load_weights runs the "

@@ -80,3 +80,35 @@ def test_v41_fused_and_per_expert_load_the_same_bytes_on_every_rank(plugin, sour
             harness.experts_state(per_expert), harness.experts_state(fused), f"V4.1 EP {ep_size} rank {rank} +{redundant}"
         )
         assert_holds_logical_experts(fused, expected, seed_m)
+
+
+@pytest.mark.parametrize("ckpt", ["nvidia", "fused"])
+def test_v41_post_load_hooks_run_once_as_this_vllm_release_runs_them(plugin, sources, ckpt):
+    """V4.1's text model finalizes (``finalize_mhc_broadcast_weights``) once: on 0.33 inside its
+    ``load_weights`` (the wrapper's own hook then sees ``_weights_finalized`` and does nothing), on
+    0.34 from ``finalize_model_weights`` after the load; the plugin's wrapper changes neither."""
+    from unittest import mock
+
+    import torch
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+    from nvfp4_fuse.vllm import vllm_version
+    from nvfp4_fuse.vllm.versions import release_for
+
+    src, _ = sources
+    cfg = harness.engine_config(src[ckpt])
+    model = harness.build(cfg)
+    layer = harness.backbone(model).layers[0]
+    layer.hc_attn_fn.data.normal_()
+    events: list[str] = []
+    mhc = harness.dsv41.DeepseekV4Model.finalize_mhc_broadcast_weights
+    with mock.patch.object(harness.dsv41.DeepseekV4Model, "finalize_mhc_broadcast_weights",
+                           lambda self: events.append("mhc") or mhc(self)):
+        harness.load(model, cfg)
+        events.append("loaded")
+        with set_current_vllm_config(cfg):
+            process_weights_after_loading(model, cfg.model_config, torch.device("cpu"))
+    assert events == (["mhc", "loaded"] if release_for(vllm_version()).finalizes_during_load else ["loaded", "mhc"])
+    want = layer.hc_attn_fn.detach().view(-1, layer.hc_mult, layer.hidden_size).sum(dim=1)
+    assert torch.equal(layer.hc_attn_fn_broadcast, want)
