@@ -11,9 +11,10 @@ What the entries record (read from each wheel's ``vllm/models/deepseek_v4``, ``d
 ``fused_moe/deep_gemm_mega_moe.py`` and ``model_loader``):
 
 - ``finalizes_during_load``: ``DeepseekV4ForCausalLM.finalizes_weights_during_load`` and whether
-  its ``load_weights`` calls ``process_weights_after_loading()`` itself (0.33: yes, and the
-  loader's ``process_weights_after_loading`` calls the model hook once more; 0.34: no, the loader's
-  ``finalize_model_weights`` runs every module's hook once, children first). The plugin's classes
+  its ``load_weights`` (and V4.1's text model's) calls ``process_weights_after_loading()`` itself
+  (0.33: yes, and for V4 the loader's ``process_weights_after_loading`` calls the model hook once
+  more, V4.1's wrapper skips it; 0.34: no, the loader's ``finalize_model_weights`` runs every
+  module's hook once, children first). The plugin's classes
   subclass vLLM's and override neither, so they run each release's own sequence.
 - ``post_load_hooks``: where the model-level post-load hook is run from, after ``load_weights``.
 - ``mega_moe_init_args``: the keyword arguments ``DeepseekV4MoE._init_mega_moe_experts`` may pass to
@@ -92,18 +93,28 @@ def mismatches(release: Release) -> list[str]:
     import inspect
 
     import vllm.models.deepseek_v4.nvidia.model as dsv4
+    import vllm.models.deepseek_v41.nvidia.model as dsv41
     from vllm.model_executor.layers.fused_moe import deep_gemm_mega_moe as mega
+
+    def runs_hook(load_weights, default: bool) -> bool:
+        try:
+            return "process_weights_after_loading()" in inspect.getsource(load_weights)
+        except OSError:  # installed without sources
+            return default
 
     out = []
     finalizes = getattr(dsv4.DeepseekV4ForCausalLM, "finalizes_weights_during_load", False)
-    try:
-        calls_hook = "process_weights_after_loading()" in inspect.getsource(dsv4.DeepseekV4ForCausalLM.load_weights)
-    except OSError:  # installed without sources: the class attribute alone says it
-        calls_hook = finalizes
+    calls_hook = runs_hook(dsv4.DeepseekV4ForCausalLM.load_weights, finalizes)
     if (finalizes, calls_hook) != (release.finalizes_during_load,) * 2:
         out.append(
             f"DeepseekV4ForCausalLM finalizes_weights_during_load={finalizes}, load_weights runs the "
             f"post-load hook: {calls_hook} (vLLM {release.name} has {release.finalizes_during_load})"
+        )
+    v41_calls_hook = runs_hook(dsv41.DeepseekV41LLMForCausalLM.load_weights, release.finalizes_during_load)
+    if v41_calls_hook != release.finalizes_during_load:
+        out.append(
+            f"DeepseekV41LLMForCausalLM.load_weights runs the post-load hook: {v41_calls_hook} "
+            f"(vLLM {release.name}: {release.finalizes_during_load})"
         )
     module, _, func = release.post_load_hooks.rpartition(".")
     if not callable(getattr(importlib.import_module(module), func, None)):
