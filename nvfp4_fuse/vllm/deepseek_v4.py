@@ -43,8 +43,9 @@ from vllm.config.kernel import NATIVE_MEGA_MOE_BACKENDS
 from vllm.model_executor.layers.fused_moe import deep_gemm_mega_moe as _mega
 from vllm.model_executor.models.utils import extract_layer_index, is_pp_missing_parameter
 
-from .checkpoint import ExpertCheckpoint, checkpoint_module
+from .checkpoint import FUSED_TARGET, ExpertCheckpoint, checkpoint_module
 from .fused import FUSED_NAME_RE, load_fused_tensor
+from .fused_per_expert import FusedPerExpertReader
 
 logger = logging.getLogger("vllm.plugins.nvfp4_fuse")
 
@@ -110,24 +111,28 @@ class DeepseekV4Model(_dsv4.DeepseekV4Model):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         fused_loaded: set[str] = set()
+        target = ExpertCheckpoint.from_hf_config(self.config).fused_target()
+        reader = FusedPerExpertReader(self, target)
 
-        def rest() -> Iterator[tuple[str, torch.Tensor]]:
+        def unfused() -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor in weights:
                 m = FUSED_NAME_RE.match(name)
-                if m is not None:
-                    if is_pp_missing_parameter(name, self):
-                        continue
-                    experts = _nvfp4_mega_experts(self, name)
-                    if experts is None:
-                        raise ValueError(
-                            f"nvfp4-fuse: {name} is a fused NVFP4 expert tensor, but that layer's "
-                            "experts are not vLLM NVFP4 MegaMoE experts (serve with --moe-backend "
-                            "deep_gemm_mega_moe --enable-expert-parallel)"
-                        )
+                if m is None:
+                    yield name, tensor
+                    continue
+                if is_pp_missing_parameter(name, self):
+                    continue
+                experts = _nvfp4_mega_experts(self, name)
+                if experts is not None and (target is None or target.name == FUSED_TARGET):
                     loaded = load_fused_tensor(experts, m["field"], tensor, name)
                     if loaded is not None:
                         fused_loaded.add(f"{m['module']}.{loaded}")
                     continue
+                # Another backend, or another target: each expert's tensors, to vLLM's loader.
+                yield from reader.per_expert(m["module"], m["field"], tensor, name)
+
+        def rest() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in unfused():
                 if _W13_INPUT_SCALE_RE.search(name) and _nvfp4_mega_experts(self, name) is not None:
                     continue
                 yield name, tensor
@@ -144,14 +149,12 @@ class DeepseekV4ForCausalLM(_dsv4.DeepseekV4ForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         hf_config = vllm_config.model_config.hf_config
         info = ExpertCheckpoint.from_hf_config(hf_config)
-        info.check_layout()
         mega = vllm_config.kernel_config.moe_backend in NATIVE_MEGA_MOE_BACKENDS
-        if info.is_fused and not mega:
-            raise ValueError(
-                "nvfp4-fuse: this checkpoint's routed experts are fused for vLLM's DeepGEMM MegaMoE; "
-                "serve it with --moe-backend deep_gemm_mega_moe --enable-expert-parallel "
-                f"(got moe_backend={vllm_config.kernel_config.moe_backend!r})"
-            )
+        target = info.fused_target()
+        if target is not None and not (mega and target.name == FUSED_TARGET):
+            logger.info("nvfp4-fuse: fused checkpoint (target %s) on moe_backend %s: each expert's tensors "
+                        "are recovered and loaded by vLLM's per-expert loader", target.name,
+                        vllm_config.kernel_config.moe_backend)
         spec = vllm_config.speculative_config
         if mega and spec is not None and spec.method == "mtp":
             for k in range(getattr(hf_config, "num_nextn_predict_layers", 0) or 0):
