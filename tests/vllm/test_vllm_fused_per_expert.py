@@ -178,3 +178,11 @@ def test_a_fused_tensor_of_the_wrong_dtype_is_named(plugin, ckpts):
     with pytest.raises(FusedCheckpointError, match=r"layers\.1\.ffn\.experts\.w13_weight_scale: F32 \[8, 1024, 32\], but "
                        r"target linear .* has F8_E4M3 \[8, 1024, 32\]"):
         model.model.load_weights([("layers.1.ffn.experts.w13_weight_scale", bad)])
+
+
+@pytest.mark.parametrize("backend", ["flashinfer_cutlass", "flashinfer_trtllm", "cutlass", "marlin"])
+def test_the_other_per_expert_nvfp4_backends(plugin, ckpts, backend):
+    """FlashInfer CUTLASS and TRTLLM (global input scales), vLLM CUTLASS and Marlin (per expert) build
+    the same ModelOptNvFp4FusedMoE parameters; a fused checkpoint loads their per-expert bytes."""
+    src, fused = ckpts
+    assert_loads_alike(src["nvidia"], fused[("nvidia", "mega-moe", "gate-up")], backend, 2, 2, "mega-moe")
