@@ -186,3 +186,34 @@ def test_the_other_per_expert_nvfp4_backends(plugin, ckpts, backend):
     the same ModelOptNvFp4FusedMoE parameters; a fused checkpoint loads their per-expert bytes."""
     src, fused = ckpts
     assert_loads_alike(src["nvidia"], fused[("nvidia", "mega-moe", "gate-up")], backend, 2, 2, "mega-moe")
+
+
+def test_unequal_gate_up_input_scales_give_the_kernels_the_same_activation_scale(plugin, ckpts, tmp_path):
+    """A fused checkpoint keeps one w13 input scale per expert (the max of w1's and w3's), given to
+    both halves; the loaded [E, 2] parameter then differs from the source's, but not the activation
+    scale vLLM derives from it: the max over all experts (FlashInfer backends) or over w1 and w3 of
+    each expert (vLLM CUTLASS), computed here with vLLM's own reductions."""
+    import shutil
+
+    from vllm.model_executor.layers.quantization.utils.quant_utils import amax_for_moe_activation_quant
+
+    src, _ = ckpts
+    odd = tmp_path / "odd-input-scales"
+    odd.mkdir()
+    for f in src["nvidia"].iterdir():
+        if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, odd / f.name)
+    tensors = checkpoints.read_all(src["nvidia"])
+    for name in [n for n in tensors if n.endswith(".w3.input_scale")]:
+        tensors[name] = tensors[name] * (1.5 if int(name.split(".")[4]) % 2 else 0.5)
+    checkpoints.write_shards(odd, tensors)
+    fused = checkpoints.make_fused_checkpoint(odd, tmp_path / "fused")
+    for backend in harness.PER_EXPERT_BACKENDS:
+        a, b = loaded(odd, backend), loaded(fused, backend)
+        for n in range(LAYERS):
+            sa, sb = harness.routed_experts(a, n).w13_input_scale.data, harness.routed_experts(b, n).w13_input_scale.data
+            assert not torch.equal(sa, sb)
+            assert torch.equal(sb[:, 0], sb[:, 1]) and torch.equal(sb[:, 0], sa.max(dim=1).values)
+            assert torch.equal(amax_for_moe_activation_quant(sa, False), amax_for_moe_activation_quant(sb, False))
+        sa, sb = harness.routed_state(a), harness.routed_state(b)
+        assert {k for k in sa if not torch.equal(sa[k], sb[k])} == {f"{n}.w13_input_scale" for n in range(LAYERS)}
