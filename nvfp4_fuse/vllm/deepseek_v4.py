@@ -5,8 +5,8 @@ Imported lazily by vLLM's model registry (``register()`` in ``__init__.py`` poin
 What it changes, and why:
 
 1. ``DeepseekV4ForCausalLM`` (subclass of vLLM's NVIDIA one, same name). Its ``__init__`` checks the
-   checkpoint's ``quantization_config`` (refusing a fused layout it does not know, and a fused
-   checkpoint served without ``--moe-backend deep_gemm_mega_moe``) and builds vLLM's model inside a
+   checkpoint's ``quantization_config`` (refusing a fused layout or target it does not know) and
+   builds vLLM's model inside a
    scope that lets the experts format be chosen per layer. ``model_cls`` points at our
    ``DeepseekV4Model``.
 2. ``DeepGemmMegaMoEExperts.__init__`` is wrapped, once: inside that scope only, a layer whose
@@ -19,8 +19,11 @@ What it changes, and why:
    - per-expert ``experts.E.w1/w3.input_scale`` of an NVFP4 MegaMoE layer are dropped: vLLM's loader
      maps them to ``experts.w13_input_scale``, a parameter NVFP4 MegaMoE does not have (it quantizes
      activations per token), and raised ``KeyError: 'layers.0.ffn.experts.w13_input_scale'``;
-   - fused tensors (``layers.N.ffn.experts.w13_weight`` ...) are copied by ``fused.load_fused_tensor``
-     straight into the rank's parameters; vLLM's loader has no mapping for them.
+   - fused tensors (``layers.N.ffn.experts.w13_weight`` ...), for which vLLM's loader has no
+     mapping: of target ``mega-moe`` on NVFP4 MegaMoE, copied by ``fused.load_fused_tensor``
+     straight into the rank's parameters; otherwise (the per-expert NVFP4 backends, or another
+     target) turned back into each expert's tensors by ``fused_per_expert`` and handed on, under
+     their per-expert names, to vLLM's loader.
 
 The MTP draft model (``DeepSeekV4MTPModel``) is left to vLLM: both published recipes keep its
 experts MXFP4, which vLLM builds and loads as they are. A config that says the MTP experts are NVFP4
