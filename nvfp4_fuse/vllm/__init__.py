@@ -5,10 +5,11 @@ entry point ``nvfp4_fuse`` and calls :func:`register` in every process before a 
 (``VLLM_PLUGINS`` filters plugins by that name).
 
 It serves both per-expert NVFP4 checkpoints (NVIDIA's and canada-quant's DeepSeek-V4 recipes) and
-the fused ones ``nvfp4-fuse convert`` writes (layout ``nvfp4-fuse/v2``, target ``mega-moe``). What it
-changes in vLLM, and why, is in :mod:`nvfp4_fuse.vllm.deepseek_v4` (V4.1:
-:mod:`nvfp4_fuse.vllm.deepseek_v41`); those modules are imported only when vLLM builds such a model.
-The vLLM releases it serves, and what differs between them, are in :mod:`nvfp4_fuse.vllm.versions`.
+the fused ones ``nvfp4-fuse convert`` writes (layout ``nvfp4-fuse/v2``: target ``mega-moe`` as it is
+on MegaMoE; any target on any NVFP4 MoE backend through vLLM's per-expert loader). What it changes
+in vLLM, and why, is in :mod:`nvfp4_fuse.vllm.deepseek_v4` (V4.1: :mod:`nvfp4_fuse.vllm.deepseek_v41`);
+those modules are imported only when vLLM builds such a model. The vLLM releases it serves, and what
+differs between them, are in :mod:`nvfp4_fuse.vllm.versions`.
 
 Importing this package does not import vLLM, so the converter keeps working without it.
 """

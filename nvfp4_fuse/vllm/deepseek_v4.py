@@ -7,9 +7,9 @@ What it changes, and why:
 1. ``DeepseekV4ForCausalLM`` (subclass of vLLM's NVIDIA one, same name). Its ``__init__``
    (:func:`building`) checks the installed vLLM against :mod:`.versions`, the load strategy
    (``eager`` cannot read DeepSeek-V4's F8_E8M0 tensors) and the checkpoint's
-   ``quantization_config`` (refusing a fused layout it does not know, and a fused checkpoint served
-   without ``--moe-backend deep_gemm_mega_moe``) and builds vLLM's model inside a scope that lets
-   the experts format be chosen per layer. ``model_cls`` points at our ``DeepseekV4Model``.
+   ``quantization_config`` (refusing a fused layout or target it does not know) and builds vLLM's
+   model inside a scope that lets the experts format be chosen per layer. ``model_cls`` points at
+   our ``DeepseekV4Model``.
 2. ``DeepGemmMegaMoEExperts.__init__`` is wrapped, once: inside that scope only, a layer whose
    checkpoint experts are NVFP4 gets ``MEGA_MOE_NVFP4`` where vLLM's ``DeepseekV4MoE.
    _init_mega_moe_experts`` hard-codes ``MEGA_MOE_MXFP4``. Everything else that method does (EP
@@ -21,8 +21,11 @@ What it changes, and why:
    - per-expert ``experts.E.w1/w3.input_scale`` of an NVFP4 MegaMoE layer are dropped: vLLM's loader
      maps them to ``experts.w13_input_scale``, a parameter NVFP4 MegaMoE does not have (it quantizes
      activations per token), and raised ``KeyError: 'layers.0.ffn.experts.w13_input_scale'``;
-   - fused tensors (``layers.N.ffn.experts.w13_weight`` ...) are copied by ``fused.load_fused_tensor``
-     straight into the rank's parameters; vLLM's loader has no mapping for them.
+   - fused tensors (``layers.N.ffn.experts.w13_weight`` ...), for which vLLM's loader has no
+     mapping: of target ``mega-moe`` on NVFP4 MegaMoE, copied by ``fused.load_fused_tensor``
+     straight into the rank's parameters; otherwise (the per-expert NVFP4 backends, or another
+     target) turned back into each expert's tensors by ``fused_per_expert`` and handed on, under
+     their per-expert names, to vLLM's loader.
 
 DeepSeek-V4.1 gets the same from :mod:`.deepseek_v41`, which shares :func:`building` and
 :func:`nvfp4_weights`. The MTP draft model (``DeepSeekV4MTPModel``) is left to vLLM: both published recipes keep its
@@ -47,8 +50,9 @@ from vllm.model_executor.layers.fused_moe import deep_gemm_mega_moe as _mega
 from vllm.model_executor.models.utils import extract_layer_index, is_pp_missing_parameter
 
 from . import vllm_version
-from .checkpoint import ExpertCheckpoint, checkpoint_module
+from .checkpoint import FUSED_TARGET, ExpertCheckpoint, checkpoint_module
 from .fused import FUSED_NAME_RE, load_fused_tensor
+from .fused_per_expert import FusedPerExpertReader
 from .versions import mismatches, release_for
 
 logger = logging.getLogger("vllm.plugins.nvfp4_fuse")
@@ -157,25 +161,28 @@ def nvfp4_weights(
     backbone: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], fused_loaded: set[str]
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint tensors ``weights`` (named as under ``backbone``: ``layers.N.ffn.experts...``)
-    that vLLM's own loader is to see: fused expert tensors are copied into ``backbone``'s NVFP4
-    MegaMoE experts here (their parameter names added to ``fused_loaded``) and the per-expert
-    w1/w3 input scales of those experts dropped; everything else passes through. Shared by the
-    DeepSeek-V4 and V4.1 classes."""
+    that vLLM's own loader is to see: fused ``mega-moe`` tensors are copied into ``backbone``'s
+    NVFP4 MegaMoE experts here (their parameter names added to ``fused_loaded``); fused tensors of
+    any other target, or on any other MoE backend, become each expert's tensors
+    (:mod:`.fused_per_expert`) for vLLM's per-expert loader; the per-expert w1/w3 input scales of
+    NVFP4 MegaMoE experts are dropped; everything else passes through. Shared by the DeepSeek-V4
+    and V4.1 classes."""
+    target = ExpertCheckpoint.from_hf_config(backbone.config).fused_target()
+    reader = FusedPerExpertReader(backbone, target)
     for name, tensor in weights:
         m = FUSED_NAME_RE.match(name)
         if m is not None:
             if is_pp_missing_parameter(name, backbone):
                 continue
             experts = _nvfp4_mega_experts(backbone, name)
-            if experts is None:
-                raise ValueError(
-                    f"nvfp4-fuse: {name} is a fused NVFP4 expert tensor, but that layer's "
-                    "experts are not vLLM NVFP4 MegaMoE experts (serve with --moe-backend "
-                    "deep_gemm_mega_moe --enable-expert-parallel)"
-                )
-            loaded = load_fused_tensor(experts, m["field"], tensor, name)
-            if loaded is not None:
-                fused_loaded.add(f"{m['module']}.{loaded}")
+            if experts is not None and (target is None or target.name == FUSED_TARGET):
+                loaded = load_fused_tensor(experts, m["field"], tensor, name)
+                if loaded is not None:
+                    fused_loaded.add(f"{m['module']}.{loaded}")
+                continue
+            # Another backend, or another target: each expert's tensors, under their per-expert
+            # names, to vLLM's loader (a MegaMoE layer's w1/w3 input scales are never produced).
+            yield from reader.per_expert(m["module"], m["field"], tensor, name)
             continue
         if _W13_INPUT_SCALE_RE.search(name) and _nvfp4_mega_experts(backbone, name) is not None:
             continue
@@ -213,12 +220,11 @@ def building(vllm_config: VllmConfig, model_name: str) -> contextlib.AbstractCon
     info = ExpertCheckpoint.from_hf_config(hf_config)
     info.check_layout()
     mega = vllm_config.kernel_config.moe_backend in NATIVE_MEGA_MOE_BACKENDS
-    if info.is_fused and not mega:
-        raise ValueError(
-            "nvfp4-fuse: this checkpoint's routed experts are fused for vLLM's DeepGEMM MegaMoE; "
-            "serve it with --moe-backend deep_gemm_mega_moe --enable-expert-parallel "
-            f"(got moe_backend={vllm_config.kernel_config.moe_backend!r})"
-        )
+    target = info.fused_target()
+    if target is not None and not (mega and target.name == FUSED_TARGET):
+        logger.info("nvfp4-fuse: fused checkpoint (target %s) on moe_backend %s: each expert's tensors "
+                    "are recovered and loaded by vLLM's per-expert loader", target.name,
+                    vllm_config.kernel_config.moe_backend)
     spec = vllm_config.speculative_config
     if mega and spec is not None and spec.method == "mtp":
         for k in range(getattr(hf_config, "num_nextn_predict_layers", 0) or 0):

@@ -222,12 +222,41 @@ def read_all(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def make_fused_checkpoint(src_dir: Path, out_dir: Path) -> Path:
-    """The fused (layout ``nvfp4-fuse/v2``, target ``mega-moe``) form of per-expert checkpoint
-    ``src_dir``, written to ``out_dir`` by ``nvfp4-fuse convert`` (its default target)."""
+def make_fused_checkpoint(src_dir: Path, out_dir: Path, target: str = "mega-moe", w13_order: str = "gate-up") -> Path:
+    """The fused (layout ``nvfp4-fuse/v2``) form of per-expert checkpoint ``src_dir`` in ``target``
+    (default: ``mega-moe``, the converter's own default), written to ``out_dir`` by
+    ``nvfp4-fuse convert``."""
     from nvfp4_fuse.convert import ConvertOptions, convert
 
-    convert(src_dir, out_dir, ConvertOptions())
+    convert(src_dir, out_dir, ConvertOptions(target=target, w13_order=w13_order))
+    return out_dir
+
+
+def write_merged_source(src_dir: Path, out_dir: Path) -> Path:
+    """``src_dir`` with each expert's w1/w3 ``weight_scale_2`` merged as the converter merges them
+    (both get the max; the smaller half's block scales rescaled, the torch reference) and nothing
+    else changed: the per-expert checkpoint a fused one stands for."""
+    import re
+    import shutil
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in src_dir.iterdir():
+        if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, out_dir / f.name)
+    src = read_all(src_dir)
+    expert_re = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.(\w+)$")
+    per_layer: dict[str, list[tuple[int, str, str, torch.Tensor]]] = {}
+    out = {}
+    for name, t in src.items():
+        m = expert_re.match(name)
+        if m is None:
+            out[name] = t
+        else:
+            per_layer.setdefault(m[1], []).append((int(m[2]), m[3], m[4], t))
+    for prefix, items in per_layer.items():
+        for x, w, field, t in _merge_scale_2(items):
+            out[f"{prefix}.{x}.{w}.{field}"] = t
+    write_shards(out_dir, out)
     return out_dir
 
 

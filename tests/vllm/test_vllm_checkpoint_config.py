@@ -51,8 +51,19 @@ def test_a_fused_block_alone_means_nvfp4_and_is_checked():
     for bad in ("nvfp4-fuse/v1", "nvfp4-fuse/v3", None):
         with pytest.raises(FusedLayoutError, match="does not read"):
             ExpertCheckpoint.from_quant_config({"fused_experts": {"layout": bad, "target": "mega-moe"}}).check_layout()
-    with pytest.raises(FusedLayoutError, match="target 'linear'"):
-        ExpertCheckpoint.from_quant_config({"fused_experts": {"layout": "nvfp4-fuse/v2", "target": "linear"}}).check_layout()
+    with pytest.raises(FusedLayoutError, match="target 'tensorrt'"):
+        ExpertCheckpoint.from_quant_config({"fused_experts": {"layout": "nvfp4-fuse/v2", "target": "tensorrt"}}).check_layout()
+
+
+@pytest.mark.parametrize(("target", "rows"), [("mega-moe", None), ("vllm-fused", "gate-up"), ("vllm-fused", "up-gate"),
+                                              ("linear", "gate-up"), ("linear", "up-gate")])
+def test_every_target_the_converter_writes_is_read(target, rows):
+    """The fused_experts block convert writes names the target whose inverses the plugin runs."""
+    from nvfp4_fuse.targets import get_target
+
+    block = get_target(target, rows or "gate-up").describe()
+    got = ExpertCheckpoint.from_quant_config({"fused_experts": block}).fused_target()
+    assert got.describe() == block and got.rows.name == block["w13_rows"]
 
 
 def test_checkpoint_module():
