@@ -171,14 +171,10 @@ RULES: tuple[Rule, ...] = (
          "experts are stored fused (stacked <prefix>.w13_weight ...), served by stock vLLM",
          lambda f: f["fused"], "fails",
          lambda f: "stacked expert tensors have no per-expert mapping in stock vLLM's loader (it expects "
-                   "experts.<e>.w1/w3/w2); only nvfp4-fuse's plugin reads them",
+                   "experts.<e>.w1/w3/w2); nvfp4-fuse's plugin reads them for DeepSeek-V4 and V4.1, on "
+                   "deep_gemm_mega_moe and, each expert recovered, on every per-expert NVFP4 backend",
          "vllm/models/deepseek_v4/nvidia/model.py:1130-1160 (expert_mapping)", "0.34.0", inferred=True),
-    Rule(V33, ("deep_gemm_mega_moe+plugin",), "fused by nvfp4-fuse for another target than mega-moe",
-         lambda f: f["fused"] and f["fused_by_us"] and f["fused_target"] != "mega-moe", "fails",
-         lambda f: f"FusedLayoutError: \"nvfp4-fuse: this checkpoint's experts are fused for target "
-                   f"{f['fused_target']!r}; vLLM's deep_gemm_mega_moe backend loads only target 'mega-moe'\"",
-         "nvfp4_fuse/vllm/checkpoint.py:92", "this package"),
-    Rule(V33, ("deep_gemm_mega_moe+plugin",), "fused without an nvfp4-fuse fused_experts block",
+    Rule(VLLM, ("deep_gemm_mega_moe+plugin",), "fused without an nvfp4-fuse fused_experts block",
          lambda f: f["fused"] and not f["fused_by_us"], "fails",
          lambda f: "stacked expert tensors without a fused_experts block: not an nvfp4-fuse layout",
          "nvfp4_fuse/vllm/checkpoint.py:75", "this package", inferred=True),
@@ -191,22 +187,17 @@ RULES: tuple[Rule, ...] = (
          lambda f: f["nvfp4"], "fails",
          lambda f: "KeyError: 'layers.0.ffn.experts.w13_input_scale' (experts built MEGA_MOE_MXFP4)",
          "vllm/models/deepseek_v4/nvidia/model.py:391,1140 (0.33.0: 389,1130)", "0.34.0, 0.33.0"),
-    Rule(V34, ("deep_gemm_mega_moe+plugin",), "nvfp4-fuse's plugin on vLLM 0.34 (it supports 0.33.x only)",
-         lambda f: f["nvfp4"] or f["fused"], "fails",
-         lambda f: "the plugin logs 'vLLM 0.34.0 is not 0.33.x' and changes nothing: stock behaviour "
-                   "(KeyError: 'layers.0.ffn.experts.w13_input_scale')",
-         "nvfp4_fuse/vllm/__init__.py:32-49", "this package"),
-    Rule(V33, ("deep_gemm_mega_moe+plugin",), "per-expert gate/up weight_scale_2 differ",
+    Rule(VLLM, ("deep_gemm_mega_moe+plugin",), "per-expert gate/up weight_scale_2 differ",
          lambda f: f["nvfp4"] and f["s"]["scale_2_pairs_differ"] > 0, "fails",
          lambda f: f"ValueError: \"MegaMoE NVFP4 expert {f['s']['scale_2_worst_at']['expert']}: w1 weight_scale_2 ... != "
                    f"w3 weight_scale_2 ...; the kernel takes one L1 scale per expert.\" "
                    f"({f['s']['scale_2_pairs_differ']} experts; `nvfp4-fuse convert` reconciles them)",
          "vllm/model_executor/layers/fused_moe/deep_gemm_mega_moe.py:499-521 (_record_global_scale)", "0.33.0"),
-    Rule(V33, ("deep_gemm_mega_moe+plugin",), "a down input_scale is NaN (the L2 activation scale is max over all experts)",
+    Rule(VLLM, ("deep_gemm_mega_moe+plugin",), "a down input_scale is NaN (the L2 activation scale is max over all experts)",
          lambda f: f["nvfp4"] and f["s"]["input_w2_nan"] > 0, "fails",
          lambda f: f"{f['s']['input_w2_nan']} down input_scale NaN: max over experts is NaN, the L2 activation scale NaN",
          "vllm/model_executor/layers/fused_moe/deep_gemm_mega_moe.py:508-509", "0.33.0", inferred=True),
-    Rule(V33, ("deep_gemm_mega_moe+plugin",), "a down input_scale is +Inf",
+    Rule(VLLM, ("deep_gemm_mega_moe+plugin",), "a down input_scale is +Inf",
          lambda f: f["nvfp4"] and f["s"]["input_w2_inf"] > 0, "fails",
          lambda f: f"{f['s']['input_w2_inf']} down input_scale Inf: the L2 activation scale (max over experts) is Inf",
          "vllm/model_executor/layers/fused_moe/deep_gemm_mega_moe.py:508-509", "0.33.0", inferred=True),

@@ -25,11 +25,10 @@ import numpy as np
 
 from .errors import EXIT_ENGINE_ISSUES, EXIT_OK, InputError
 from .experts import ExpertLayer, ExpertScan, GroupScan, _ranges, scalar_value, scan_experts
+from .json_out import SCHEMA  # noqa: F401  (the --json schema inspect's report is printed in)
 from .naming import FUSED_PARTS, ROLES
 from .quant_config import FUSED_BLOCK_KEY
 from .source import Source, SourceRef
-
-SCHEMA = "nvfp4-fuse/inspect/1"
 
 # weight_scale_encoding -> the stream suffixes of one encoded block scale (vLLM 0.34.0,
 # model_executor/layers/quantization/utils/nvfp4_utils.py, CSF_SCALE_ENCODINGS, ~257)
@@ -111,7 +110,11 @@ def config_facts(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def is_deepseek_v4(cfg: dict[str, Any]) -> bool:
-    return cfg.get("model_type") == "deepseek_v4" or "DeepseekV4ForCausalLM" in (cfg.get("architectures") or [])
+    """DeepSeek-V4 or V4.1 (whose vLLM model subclasses V4's MoE and has its MegaMoE branch)."""
+    archs = cfg.get("architectures") or []
+    return cfg.get("model_type") in ("deepseek_v4", "deepseek_v41") or any(
+        a in archs for a in ("DeepseekV4ForCausalLM", "DeepseekV41ForCausalLM")
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,7 +340,6 @@ def inspect(inp: InspectInput) -> dict[str, Any]:
     # the "already has fused tensors" finding is what a fused group is, not a defect of it
     global_problems = [p for p in global_problems if "already has fused tensors" not in p]
     report: dict[str, Any] = {
-        "schema": SCHEMA,
         "nvfp4_fuse_version": __version__,
         "source": {
             "path": inp.label,

@@ -51,7 +51,9 @@ def run_inspect(source: str, *, revision: str | None, as_json: bool, engine: str
     rc = exit_code(report)
     report["exit_code"] = rc
     if as_json:
-        out.print_json(json.dumps(report))
+        from .json_out import emit
+
+        emit("inspect", report)
     else:
         print_report(report, out)
     return rc

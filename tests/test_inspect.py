@@ -228,13 +228,12 @@ def test_fused_output_stock_fails_plugin_loads(dsv4, tmp_path, target):
     rep = report_of(out)
     assert [g["format"] for g in rep["groups"]] == ["fused", "fused", "fused", "MXFP4"]
     assert rep["config"]["fused_experts"]["target"] == target
-    for b in ("deep_gemm_mega_moe", "flashinfer_cutlass", "marlin"):
-        assert verdict(rep, f"vllm-0.33:{b}")["verdict"] == "fails"
-    plugin = verdict(rep, "vllm-0.33:deep_gemm_mega_moe+plugin")
-    if target == "mega-moe":
-        assert plugin["verdict"] == "loads"
-    else:
-        assert plugin["verdict"] == "fails" and "loads only target 'mega-moe'" in plugin["messages"][0]
+    for v in ("0.33", "0.34"):
+        for b in ("deep_gemm_mega_moe", "flashinfer_cutlass", "marlin"):
+            stock = verdict(rep, f"vllm-{v}:{b}")
+            assert stock["verdict"] == "fails" and "on every per-expert NVFP4 backend" in stock["messages"][0]
+        # the plugin reads every target: mega-moe as it is, the others through MegaMoE's per-expert loader
+        assert verdict(rep, f"vllm-{v}:deep_gemm_mega_moe+plugin")["verdict"] == "loads"
     assert not rep["problems"] and not rep["summary"]["defective_groups"]
 
 
@@ -310,7 +309,7 @@ def test_cli_json_schema_and_exit_codes(make_ckpt, tmp_path, monkeypatch, capsys
     r = runner.invoke(app, ["inspect", str(clean), "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
-    assert d["schema"] == SCHEMA and d["exit_code"] == 0
+    assert d["schema"] == SCHEMA and d["command"] == "inspect" and d["ok"] is True and d["exit_code"] == 0
     assert set(d) >= {"source", "config", "groups", "summary", "engines", "csf", "problems"}
     for row in d["engines"]:
         assert set(row) >= {"id", "engine", "backend", "verdict", "messages", "rules"}
