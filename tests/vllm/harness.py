@@ -249,7 +249,7 @@ def routed_experts(model: torch.nn.Module, n: int) -> torch.nn.Module:
     """Layer ``n``'s per-expert NVFP4 experts (``RoutedExperts`` inside vLLM's MoE runner)."""
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
-    found = [m for m in model.model.layers[n].ffn.experts.modules() if isinstance(m, RoutedExperts)]
+    found = [m for m in backbone(model).layers[n].ffn.experts.modules() if isinstance(m, RoutedExperts)]
     assert len(found) == 1, found
     return found[0]
 
@@ -258,7 +258,7 @@ def poison_routed_experts(model: torch.nn.Module, byte: int = 0xA5) -> None:
     """Fill every routed-expert parameter with ``byte``: rows no loader writes (vLLM leaves the
     redundant physical experts' global input scales unwritten) then hold the same bytes in every
     load instead of whatever ``torch.empty`` gave."""
-    for n in range(len(model.model.layers)):
+    for n in range(len(backbone(model).layers)):
         for p in routed_experts(model, n).parameters(recurse=False):
             p.data.view(torch.uint8).fill_(byte)
 
@@ -267,6 +267,6 @@ def routed_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every routed-expert parameter of every layer as raw bytes, keyed by name."""
     return {
         f"{n}.{name}": p.data.contiguous().view(torch.uint8).clone()
-        for n in range(len(model.model.layers))
+        for n in range(len(backbone(model).layers))
         for name, p in routed_experts(model, n).named_parameters(recurse=False)
     }

@@ -112,3 +112,27 @@ def test_v41_post_load_hooks_run_once_as_this_vllm_release_runs_them(plugin, sou
     assert events == (["mhc", "loaded"] if release_for(vllm_version()).finalizes_during_load else ["loaded", "mhc"])
     want = layer.hc_attn_fn.detach().view(-1, layer.hc_mult, layer.hidden_size).sum(dim=1)
     assert torch.equal(layer.hc_attn_fn_broadcast, want)
+
+
+@pytest.mark.parametrize("backend", harness.PER_EXPERT_BACKENDS)
+@pytest.mark.parametrize("target", ["mega-moe", "linear"])
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_a_fused_v41_checkpoint_loads_its_sources_bytes_on_the_per_expert_backends(
+    plugin, sources, tmp_path_factory, backend, target, ep_size
+):
+    """As for V4 (test_vllm_fused_per_expert.py): each expert recovered from the fused layout and
+    handed to vLLM's per-expert loader gives the per-expert source's parameter bytes."""
+    from test_vllm_fused_per_expert import loaded as loaded_on
+    from test_vllm_fused_per_expert import state
+
+    src, _ = sources
+    fused = src["fused"] if target == "mega-moe" else checkpoints.make_fused_checkpoint(
+        src["nvidia"], tmp_path_factory.mktemp("v41-linear") / "fused", target, "gate-up"
+    )
+    for rank in range(ep_size):
+        a = loaded_on(src["nvidia"], backend, ep_size=ep_size, ep_rank=rank)
+        b = loaded_on(fused, backend, ep_size=ep_size, ep_rank=rank)
+        sa, sb = state(a, backend), state(b, backend)
+        assert_same_state(sa, sb, f"V4.1 {target} on {backend}, EP {ep_size} rank {rank}")
+        loaded_values = [t for k, t in sb.items() if k.endswith(".w13_weight")]
+        assert len(loaded_values) == LAYERS and all(not bool((t == 0xA5).all()) for t in loaded_values)  # not the poison
