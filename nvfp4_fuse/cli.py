@@ -95,16 +95,29 @@ def _print_plan(plan: Any, out_dir: Path, workers: int, streams: int, as_json: b
                 f"[yellow]warning:[/yellow] {m['prefix']}: input scales span {m['input_scale_spread']:.0f}x; "
                 "merging them by max costs precision above ~256x"
             )
+    _print_repairs({m["prefix"]: m.get("repaired_input_scales") or {} for m in d["modules"]})
     out.print(f"target: {d['target']}: {d['description']}")
     out.print(f"disk needed: {human(d['disk_needed'])}; free at {out_dir}: {human(d['disk_free'])}")
     out.print(f"peak memory (estimate, {streams} shard(s) written at once): {human(d['peak_memory_estimate'])}")
+
+
+def _print_repairs(repaired: dict[str, dict[str, int]]) -> None:
+    """One line per layer whose missing or zero input scales were repaired, then the rule."""
+    from .experts import INPUT_SCALE_RULE
+
+    if not any(repaired.values()):
+        return
+    for prefix, by_role in repaired.items():
+        if by_role:
+            out.print(f"{prefix}: input scales repaired: " + ", ".join(f"{role} {n}" for role, n in by_role.items()))
+    out.print(f"  ({INPUT_SCALE_RULE})")
 
 
 @app.command()
 def convert(
     source: str = typer.Argument(..., help="Source checkpoint: a local folder or a Hub repo id (org/name)."),
     output: Path = typer.Argument(..., help="Output folder (created)."),
-    target: TargetName = typer.Option(DEFAULT_TARGET, help="Output layout: mega-moe (DeepGEMM MegaMoE), vllm-fused (128x4 swizzle), linear."),
+    target: TargetName = typer.Option(DEFAULT_TARGET, help="Output layout: mega-moe (DeepGEMM MegaMoE), vllm-fused (128x4 swizzle), linear, per-expert (one Linear per expert, repaired for stock engines)."),
     w13_order: W13Order = typer.Option(W13Order.GATE_UP, help="Row order of w13 for vllm-fused/linear."),
     max_shard_size: str = typer.Option("5GB", help="Largest output shard (a tensor is never split)."),
     workers: int = typer.Option(4, help="Reader threads (they mostly wait on the disk, so more than the cores is fine)."),
@@ -172,6 +185,7 @@ def convert(
     out.print(t)
     for g in plan.copied_groups.values():
         out.print(f"{g.prefix}: {g.experts} experts, {g.format}, copied")
+    _print_repairs({r.prefix: r.repaired_input_scales for r in res.layers})
     if res.resumed_shards:
         out.print(f"resumed: kept {len(res.resumed_shards)} complete shard(s) from an earlier run")
     out.print(f"wrote {len(plan.shards)} shard(s), {human(plan.total_size)} of tensors, to {output}")
