@@ -587,6 +587,14 @@ class _Verifier:
             if role == "down":
                 res.checked += 1
 
+    def _part_name(self, prefix: str, part: str, e: int) -> str:
+        """The output tensor a decoded part is read from: ``<prefix>.<part>`` stacked, or a per-expert
+        target's own tensor."""
+        if "." not in part:
+            return f"{prefix}.{part}"
+        role, fld = part.split(".")
+        return self._out_name(self.spec.layers[prefix], e, role, fld)
+
     @staticmethod
     def _out_name(layer: ExpertLayer, e: int, role: str, fld: str) -> str:
         from .per_expert import out_name
@@ -834,9 +842,9 @@ class _Verifier:
         p, part, e, copied = key
         n_diff, nonfinite, mabs, mrel = int(stats[0]), bool(stats[1]), float(stats[2]), float(stats[3])
         if nonfinite:
-            raise _fail(f"{p}.{part}: expert {e} decodes to NaN or Inf")
+            raise _fail(f"{self._part_name(p, part, e)}: expert {e} decodes to NaN or Inf")
         if copied and n_diff:
-            raise _fail(f"{p}.{part}: expert {e} should decode bit-identically but {n_diff} values differ")
+            raise _fail(f"{self._part_name(p, part, e)}: expert {e} should decode bit-identically but {n_diff} values differ")
         with self._lock:
             if not copied:
                 self.decoded_rel[(p, part, e)] = mrel
@@ -857,7 +865,7 @@ class _Verifier:
             bound = self.block_rel[(p, f"{part}_scale", e)]
             if mrel > bound * (1 + 2**-20) + 2**-22:
                 raise _fail(
-                    f"{p}.{part}: expert {e} decodes {100 * mrel:.4g}% off the source, more than its block scales "
+                    f"{self._part_name(p, part, e)}: expert {e} decodes {100 * mrel:.4g}% off the source, more than its block scales "
                     f"allow ({100 * bound:.4g}%)"
                 )
 

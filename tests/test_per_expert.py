@@ -327,6 +327,9 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
         kept = journaled(out)
         r = cli("convert", str(src), str(out), *args)
         assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout)["resumed_shards"] == kept
+        res = json.loads(r.stdout)
+        assert res["resumed_shards"] == kept
+        layer = next(x for x in res["layers"] if x["prefix"] == "layers.1.ffn.experts")
+        assert layer["repaired_input_scales"] == {"up": 1, "down": 1}  # --json reports the repair
         assert snapshot(out) == snapshot(ref), kill_at
     verify(src, ref, device="cpu")
