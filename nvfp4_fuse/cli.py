@@ -1,12 +1,17 @@
-"""The command line: ``nvfp4-fuse convert | verify | push | sample``.
+"""The command line: ``nvfp4-fuse convert | verify | push | inspect | sample``.
 
-Exit codes: 0 success, 1 internal error, 2 bad input (one clear line naming file and tensor),
-3 a verification check failed.
+Exit codes (README, "Exit codes"): 0 success, 1 internal error (a bug: the traceback is printed),
+2 bad input, a bad option or an OS error (one line naming the file or path), 3 a check failed,
+4 the Hub kept failing with transient errors, 5 ``inspect``: some engine loses accuracy or fails on
+the checkpoint, 130 interrupted.
+
+``--json`` prints one object on stdout, success or failure, in the schema ``nvfp4-fuse/1``
+(:mod:`nvfp4_fuse.json_out`).
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import sys
 from pathlib import Path
@@ -14,17 +19,79 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, InputError, Nvfp4FuseError
+from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, InputError, Nvfp4FuseError
+from .json_out import emit, error_body
 from .layout import W13Order
-from .targets import DEFAULT_TARGET, TargetName
+from .progress import byte_progress, progress_enabled
+from .targets import DEFAULT_TARGET, TARGET_NAMES, TargetName
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="ModelOpt NVFP4 per-expert MoE checkpoints -> fused-expert layouts.")
 err = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)  # prose and paths are not broken; tables still fit the width
+
+
+def _no_bool_metavar(opt: Any) -> Any:
+    if opt is not None:
+        opt.metavar = ""
+    return opt
+
+
+class _Command(TyperCommand):
+    """Usage as ``SOURCE OUTPUT`` (git's and pip's style), and ``-h`` without a type."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        rv = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if p.param_type_name == "argument":
+                name = p.metavar or p.name.upper()
+                rv.append(name if p.required else f"[{name}]")
+            else:
+                rv.extend(p.get_usage_pieces(ctx))
+        return rv
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _no_bool_metavar(super().get_help_option(ctx))
+
+
+class _Group(TyperGroup):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _no_bool_metavar(super().get_help_option(ctx))
+
+
+app = typer.Typer(
+    cls=_Group,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="ModelOpt NVFP4 per-expert MoE checkpoints -> fused-expert layouts.",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"nvfp4-fuse {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True, metavar="", help="Show the version and exit."),
+) -> None:
+    """ModelOpt NVFP4 per-expert MoE checkpoints -> fused-expert layouts."""
+
+
+def flag(default: bool, decls: str, help: str) -> Any:  # noqa: A002
+    """A boolean flag (``--x/--no-x``), shown without a type."""
+    return typer.Option(default, decls, help=help, metavar="", show_default=False)
+
+
+JSON_HELP = "Print one JSON object on stdout (schema nvfp4-fuse/1, see README), errors included; no progress."
+QUIET_HELP = "No progress display."
 
 
 def _resolve(source: str, revision: str | None) -> tuple[Path, Path | None]:
@@ -42,28 +109,60 @@ def _resolve(source: str, revision: str | None) -> tuple[Path, Path | None]:
     return folder, trust
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-        disable=not err.is_terminal and os.environ.get("NVFP4_FUSE_PROGRESS") != "1",
-    )
+def _layer_key(prefix: str) -> tuple:
+    """Sort key: layer order (layers.2 before layers.10), the MTP layer after the numbered ones."""
+    import re
+
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", prefix) if t)
 
 
-def _print_plan(plan: Any, out_dir: Path, workers: int, streams: int, as_json: bool) -> None:
-    from .spec import human
+RESCALE_NOTE = (
+    "rescale error: largest relative change of a dequantized value from merging gate/up weight_scale_2; "
+    "each block scale is held within half an E4M3 step of exact (at most 6.25% for normal scales)"
+)
+
+
+OUTPUT_STATE = {
+    "fresh": "output: {output} will be created",
+    "replace": "output: the earlier conversion in {output} will be replaced (--overwrite)",
+    "ours": "output: {output} holds this conversion, complete or part done: the run keeps what is complete",
+}
+SPREAD_NOTE = "input spread: max/min of the experts' input scales, w13 / w2"
+
+
+def _warnings(plan: Any, *, remote: bool = False) -> list[str]:
+    """What the user should know before serving the output (``remote``: a plan from the Hub's shard
+    headers alone, which reads no config)."""
+    w = []
+    if not remote and "config.json" not in plan.source.configs:
+        w.append(
+            f"{plan.source.root} has no config.json: the output has none either, so no loader knows its "
+            "architecture or its fused layout (the manifest still records it); add the model's config.json to serve it"
+        )
+    for layer in plan.layers.values():
+        if layer.scalars and layer.input_scale_spread > 256:
+            w.append(
+                f"{layer.prefix}: input scales span {layer.input_scale_spread:.0f}x; merging them by max costs precision above ~256x"
+            )
+    return w
+
+
+def _plan_body(plan: Any, out_dir: Path, workers: int, streams: int, *, remote: bool = False) -> dict:
+    from .writable import writable_problem
 
     d = plan.summary(workers, out_dir, streams)
-    if as_json:
-        out.print_json(json.dumps(d))
-        return
-    t = Table(title=f"nvfp4-fuse plan: target {d['target']}", show_lines=False)
-    for c in ("expert module", "experts", "hidden", "intermediate", "gate/up scale_2 differ", "input-scale max/min (w13 / w2)"):
+    d["modules"] = sorted(d["modules"], key=lambda m: _layer_key(m["prefix"]))
+    d["output"] = str(out_dir)
+    d["output_writable"] = writable_problem(out_dir) is None
+    d["warnings"] = _warnings(plan, remote=remote)
+    return d
+
+
+def _print_plan(d: dict, out_dir: Path) -> None:
+    from .spec import human
+
+    t = Table(title=f"plan: target {d['target']}")
+    for c in ("expert module", "experts", "hidden", "inter", "s2 differ", "input spread"):
         t.add_column(c, justify="right" if c != "expert module" else "left", no_wrap=c == "expert module")
     for m in d["modules"]:
         known = "input_scale_spread" in m
@@ -76,7 +175,8 @@ def _print_plan(plan: Any, out_dir: Path, workers: int, streams: int, as_json: b
             f"{m['input_scale_spread']:.3g} / {m['w2_input_scale_spread']:.3g}" if known else "n/a",
         )
     out.print(t)
-    for p, g in d["copied_expert_modules"].items():
+    out.print(SPREAD_NOTE + "; s2 differ: experts whose gate and up weight_scale_2 differ", highlight=False)
+    for p, g in sorted(d["copied_expert_modules"].items(), key=lambda kv: _layer_key(kv[0])):
         out.print(f"{p}: {g['experts']} experts, {g['format']}, copied (left per expert, byte for byte)")
     for enc, n in d["decoded_block_scales"].items():
         out.print(f"block scales: {n} stored compressed ({enc}), decoded exactly and written as plain E4M3")
@@ -89,16 +189,10 @@ def _print_plan(plan: Any, out_dir: Path, workers: int, streams: int, as_json: b
     out.print(s)
     src = d["source"]
     out.print(f"source: {src['path']} ({src['shards']} shards, {src['tensors']} tensors, {src['other_files']} other files)")
-    for m in d["modules"]:
-        if m.get("input_scale_spread", 1) > 256:
-            out.print(
-                f"[yellow]warning:[/yellow] {m['prefix']}: input scales span {m['input_scale_spread']:.0f}x; "
-                "merging them by max costs precision above ~256x"
-            )
     _print_repairs({m["prefix"]: m.get("repaired_input_scales") or {} for m in d["modules"]})
     out.print(f"target: {d['target']}: {d['description']}")
     out.print(f"disk needed: {human(d['disk_needed'])}; free at {out_dir}: {human(d['disk_free'])}")
-    out.print(f"peak memory (estimate, {streams} shard(s) written at once): {human(d['peak_memory_estimate'])}")
+    out.print(f"peak memory (estimate, {d['shard_streams']} shard(s) written at once): {human(d['peak_memory_estimate'])}")
 
 
 def _print_repairs(repaired: dict[str, dict[str, int]]) -> None:
@@ -113,110 +207,201 @@ def _print_repairs(repaired: dict[str, dict[str, int]]) -> None:
     out.print(f"  ({INPUT_SCALE_RULE})")
 
 
-@app.command()
+def _warn(lines: list[str]) -> None:
+    for w in lines:
+        err.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False, soft_wrap=True)
+
+
+@app.command(cls=_Command)
 def convert(
-    source: str = typer.Argument(..., help="Source checkpoint: a local folder or a Hub repo id (org/name)."),
-    output: Path = typer.Argument(..., help="Output folder (created)."),
-    target: TargetName = typer.Option(DEFAULT_TARGET, help="Output layout: mega-moe (DeepGEMM MegaMoE), vllm-fused (128x4 swizzle), linear, per-expert (one Linear per expert, repaired for stock engines)."),
-    w13_order: W13Order = typer.Option(W13Order.GATE_UP, help="Row order of w13 for vllm-fused/linear."),
-    max_shard_size: str = typer.Option("5GB", help="Largest output shard (a tensor is never split)."),
-    workers: int = typer.Option(4, help="Reader threads (they mostly wait on the disk, so more than the cores is fine)."),
-    shard_streams: int = typer.Option(
-        0, help="Output shards written (and hashed) at once, each by its own threads; 0 picks by the CPU count (1 per 2 cores, 2 to 8)."
+    source: str = typer.Argument(..., metavar="SOURCE", help="Source checkpoint: a local folder or a Hub repo id (org/name).", show_default=False),
+    output: Path = typer.Argument(..., metavar="OUTPUT", help="Output folder (created).", show_default=False),
+    target: TargetName = typer.Option(
+        DEFAULT_TARGET, metavar="TARGET", help=f"Output layout: {', '.join(TARGET_NAMES)} (see README, Targets)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier conversion held in the output folder (never a folder nvfp4-fuse did not write)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (from headers only) and exit."),
-    revision: str | None = typer.Option(None, help="Hub revision, for a repo id."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    w13_order: W13Order = typer.Option(W13Order.GATE_UP, metavar="ORDER", help="Row order of w13 for vllm-fused/linear: gate-up or up-gate."),
+    max_shard_size: str = typer.Option("5GB", metavar="SIZE", help="Largest output shard, with a unit: 5GB, 500MB, 2GiB (a tensor is never split)."),
+    workers: int = typer.Option(4, metavar="N", help="Reader threads (they mostly wait on the disk, so more than the cores is fine)."),
+    shard_streams: int = typer.Option(
+        0, metavar="N", help="Output shards written (and hashed) at once; 0 picks by the CPU count (1 per 2 cores, 2 to 8)."
+    ),
+    overwrite: bool = flag(False, "--overwrite/--no-overwrite", "Replace an earlier conversion of other input or options held in OUTPUT (never a folder nvfp4-fuse did not write)."),
+    dry_run: bool = flag(False, "--dry-run", "Print the plan (from headers only) and exit; writes nothing."),
+    revision: str | None = typer.Option(None, metavar="REV", help="Hub revision (branch, tag or commit), for a repo id."),
+    json_out: bool = flag(False, "--json", JSON_HELP),
+    quiet: bool = flag(False, "--quiet", QUIET_HELP),
 ) -> None:
     """Convert a per-expert ModelOpt NVFP4 MoE checkpoint into a fused-expert layout."""
     from .convert import ConvertOptions, make_plan
     from .convert import convert as run_convert
-    from .spec import build_spec, human, parse_size
+    from .spec import build_spec, human, parse_shard_size
+    from .writable import require_writable
 
-    opts = ConvertOptions(target, w13_order, parse_size(max_shard_size), workers, overwrite, shard_streams)
+    opts = ConvertOptions(target, w13_order, parse_shard_size(max_shard_size), workers, overwrite, shard_streams)
     streams = opts.streams()
+    show = progress_enabled(err, quiet or json_out)
     if dry_run and not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
         from . import hub
         from .source import source_from_headers
 
-        remote = hub.remote_safetensors_headers(source, revision=revision)
-        src = source_from_headers(source, remote.headers, sharded=remote.sharded)
-        plan = build_spec(src, opts.output_options(), with_scalars=False)
-        _print_plan(plan, output, workers, streams, json_out)
-        if not json_out:
-            out.print("(planned from the Hub's shard headers alone: scalar scales not read, sidecar sizes not counted)")
+        with err.status(f"reading {source}'s shard headers from the Hub", spinner="dots") if show else _null():
+            remote = hub.remote_safetensors_headers(source, revision=revision)
+            src = source_from_headers(source, remote.headers, sharded=remote.sharded)
+            plan = build_spec(src, opts.output_options(), with_scalars=False)
+        d = _plan_body(plan, output, workers, streams, remote=True)
+        d["note"] = "planned from the Hub's shard headers alone: scalar scales not read, sidecar sizes not counted"
+        require_writable(output, "output folder")
+        if json_out:
+            emit("convert", d)
+            return
+        _print_plan(d, output)
+        _warn(d["warnings"])
+        out.print(f"({d['note']})")
         return
+    if not dry_run:
+        require_writable(output, "output folder")  # before minutes of planning, not after
     folder, trust = _resolve(source, revision)
-    plan = make_plan(folder, opts, trust_root=trust)
+    with err.status(f"planning: reading {folder}'s headers and scales", spinner="dots") if show else _null():
+        plan = make_plan(folder, opts, trust_root=trust)
     if dry_run:
-        _print_plan(plan, output, workers, streams, json_out)
+        from .convert import check_output
+
+        d = _plan_body(plan, output, workers, streams)
+        require_writable(output, "output folder")  # what the real run would meet first,
+        d["output_state"] = check_output(output, plan, opts)  # then what it finds there (refusals raise)
+        if json_out:
+            emit("convert", d)
+            return
+        _print_plan(d, output)
+        out.print(OUTPUT_STATE[d["output_state"]].format(output=output), highlight=False)
+        _warn(d["warnings"])
         return
-    with _progress() as prog:
-        task = prog.add_task("convert", total=plan.total_size)
-        res = run_convert(folder, output, opts, spec=plan, source_label=source, on_bytes=lambda n: prog.advance(task, n))
+    if not json_out:
+        _warn(_warnings(plan))
+
+    def resumed(kept: list[str]) -> None:
+        if not quiet:
+            err.print(f"resumed: kept {len(kept)} complete shard(s) from an earlier run; writing the other {len(plan.shards) - len(kept)}", highlight=False)
+
+    with byte_progress(err, show) as prog:
+        task = prog.add_task("convert", total=plan.total_size, kept=0)
+
+        def on_resume(kept: list[str]) -> None:
+            resumed(kept)
+            prog.update(task, kept=sum(s.data_bytes for s in plan.shards if s.name in kept))
+
+        res = run_convert(
+            folder, output, opts, spec=plan, source_label=source, on_bytes=lambda n: prog.advance(task, n), on_resume=on_resume
+        )
+    reports = sorted(res.layers, key=lambda r: _layer_key(r.prefix))
     if json_out:
-        out.print_json(
-            json.dumps(
-                {
-                    "output": str(res.out_dir),
-                    "target": plan.target.name,
-                    "already_complete": res.already_complete,
-                    "resumed_shards": res.resumed_shards,
-                    "seconds": res.seconds,
-                    "layers": [r.to_json() for r in res.layers],
-                    "copied_expert_modules": {p: {"format": g.format, "experts": g.experts} for p, g in plan.copied_groups.items()},
-                    "files": res.files,
-                }
-            )
+        emit(
+            "convert",
+            {
+                "output": str(res.out_dir),
+                "target": plan.target.name,
+                "already_complete": res.already_complete,
+                "resumed_shards": res.resumed_shards,
+                "seconds": res.seconds,
+                "modules": [
+                    {
+                        "prefix": r.prefix,
+                        "experts": r.experts,
+                        "hidden": r.hidden,
+                        "intermediate": r.inter,
+                        "rescaled_experts": r.rescaled_experts,
+                        "max_rescale_error": r.max_rescale_change,
+                        "input_scale_spread": r.input_scale_spread,
+                        "w2_input_scale_spread": r.w2_input_scale_spread,
+                        "repaired_input_scales": r.repaired_input_scales,
+                    }
+                    for r in reports
+                ],
+                "copied_expert_modules": {p: {"format": g.format, "experts": g.experts} for p, g in plan.copied_groups.items()},
+                "files": res.files,
+                "warnings": _warnings(plan),
+            },
         )
         return
     if res.already_complete:
-        out.print(f"[green]{output} already holds this conversion (manifest matches); nothing to do.")
+        out.print(f"{output} already holds this conversion (manifest matches); nothing to do.", highlight=False)
         return
     t = Table(title=f"converted to {plan.target.name} in {res.seconds:.1f} s")
-    for c in ("expert module", "experts", "rescaled", "max rescale change", "input-scale max/min (w13 / w2)"):
+    cols = ["expert module", "experts", "rescaled", "rescale error", "input spread"]
+    for c in cols:
         t.add_column(c, justify="left" if c == "expert module" else "right", no_wrap=c == "expert module")
-    for r in res.layers:
+    for r in reports:
         t.add_row(
             r.prefix, str(r.experts), str(r.rescaled_experts), f"{100 * r.max_rescale_change:.2f}%",
             f"{r.input_scale_spread:.3g} / {r.w2_input_scale_spread:.3g}",
         )  # fmt: skip
     out.print(t)
-    for g in plan.copied_groups.values():
+    out.print(SPREAD_NOTE, highlight=False)
+    if any(r.rescaled_experts for r in reports):
+        out.print(RESCALE_NOTE, highlight=False)
+    for g in sorted(plan.copied_groups.values(), key=lambda g: _layer_key(g.prefix)):
         out.print(f"{g.prefix}: {g.experts} experts, {g.format}, copied")
-    _print_repairs({r.prefix: r.repaired_input_scales for r in res.layers})
+    _print_repairs({r.prefix: r.repaired_input_scales for r in reports})
     if res.resumed_shards:
         out.print(f"resumed: kept {len(res.resumed_shards)} complete shard(s) from an earlier run")
-    out.print(f"wrote {len(plan.shards)} shard(s), {human(plan.total_size)} of tensors, to {output}")
+    out.print(f"wrote {len(plan.shards)} shard(s), {human(plan.total_size)} of tensors, to {output}", highlight=False)
 
 
-@app.command()
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+@app.command(cls=_Command)
 def verify(
-    source: str = typer.Argument(..., help="The source checkpoint: a local folder or a Hub repo id."),
-    converted: Path = typer.Argument(..., help="The converted folder."),
-    sample_n: int | None = typer.Option(None, "--sample", help="Check N random experts a layer (default: all)."),
-    device: str = typer.Option("auto", help="auto, cuda or cpu."),
+    source: str = typer.Argument(..., metavar="SOURCE", help="The source checkpoint: a local folder or a Hub repo id.", show_default=False),
+    converted: Path = typer.Argument(..., metavar="CONVERTED", help="The converted folder (only read).", show_default=False),
+    sample_n: int | None = typer.Option(None, "--sample", metavar="N", help="Check N random experts a layer (default: all)."),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cuda or cpu."),
     decode: bool | None = typer.Option(
-        None, "--decode/--no-decode", help="Dequantize and compare every checked expert end to end (default: on a GPU only)."
+        None, "--decode/--no-decode", metavar="", show_default=False, help="Dequantize and compare every checked expert end to end (default: on a GPU only)."
     ),
-    skip_hashes: bool = typer.Option(False, "--skip-hashes", help="Compare file sizes with the manifest but do not hash."),
-    revision: str | None = typer.Option(None, help="Hub revision, for a repo id."),
-    seed: int | None = typer.Option(None, help="Seed for --sample."),
+    skip_hashes: bool = flag(False, "--skip-hashes", "Compare file sizes with the manifest but do not hash."),
+    revision: str | None = typer.Option(None, metavar="REV", help="Hub revision, for a repo id."),
+    seed: int | None = typer.Option(None, metavar="N", help="Seed for --sample."),
     workers: int = typer.Option(
-        0, help="Worker threads; 0: up to 8 on the CPU, 6 with the GPU decode (its per-expert host work holds the GIL)."
+        0, metavar="N", help="Worker threads; 0: up to 8 on the CPU, 6 with the GPU decode."
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    report: Path | None = typer.Option(None, metavar="PATH", help="Also write the result as JSON to PATH (never into CONVERTED unless asked)."),
+    json_out: bool = flag(False, "--json", JSON_HELP),
+    quiet: bool = flag(False, "--quiet", QUIET_HELP),
 ) -> None:
-    """Prove the converted checkpoint decodes to what the source did (exit 3 when a check fails)."""
-    from .errors import CheckFailed
+    """Prove the converted checkpoint decodes to what the source did (exit 3 when a check fails).
+
+    Reads both folders and writes nothing into them: the result goes to stdout, to --report PATH
+    if given, and to the user's cache (so that `push` can quote it in the model card)."""
     from .verify import verify as run_verify
+    from .verify_record import record_verified, write_report
 
     if sample_n is not None and sample_n < 1:
         raise InputError("--sample must be at least 1")
+    if report is not None:
+        from .writable import require_writable
+
+        require_writable(report.parent if report.parent != Path("") else Path("."), "--report file")
     folder, trust = _resolve(source, revision)
-    try:
-        res = run_verify(
+    show = progress_enabled(err, quiet or json_out)
+    from .folder_lock import folder_lock
+
+    lock = folder_lock(converted, "verify", shared=True) if converted.is_dir() else _null()
+    with lock, byte_progress(err, show) as prog:
+        task = prog.add_task("verify: reading headers", total=None, kept=0)
+
+        def on_stage(what: str, total: int) -> None:
+            prog.update(task, description=f"verify: {what}", total=total or None)
+
+        def on_bytes(shard: str, n: int) -> None:
+            prog.update(task, advance=n, description=f"verify: {shard}")
+
+        res = _naming(converted, run_verify)(
             folder,
             converted,
             sample=sample_n,
@@ -227,158 +412,267 @@ def verify(
             trust_root=trust,
             source_label=source,
             seed=seed,
+            on_bytes=on_bytes,
+            on_stage=on_stage,
         )
-    except CheckFailed as e:
-        if json_out:
-            out.print_json(json.dumps({"ok": False, "error": str(e)}))
-        raise
-    _write_verify_summary(converted, res.to_json())
+        prog.update(task, description="verify")
+    body = res.to_json()
+    if report is not None:
+        write_report(report, body)
+    cached = record_verified(converted, body)
     if json_out:
-        out.print_json(json.dumps(res.to_json()))
+        emit("verify", _verify_json(body))
         return
-    t = Table(title=f"verify: {converted} ({res.target}) against {source}")
-    for c in ("expert module", "experts checked", "rescaled", "max rel error", "decoded", "max abs error"):
+    t = Table(title=f"verify: {converted} ({res.target})")
+    layers = sorted(res.layers, key=lambda r: _layer_key(r.prefix))
+    decoded = any(r.decoded for r in layers)
+    cols = ["expert module", "checked", "rescaled", "rescale error"] + (["decoded", "max abs diff"] if decoded else [])
+    for c in cols:
         t.add_column(c, justify="left" if c == "expert module" else "right", no_wrap=c == "expert module")
-    for r in res.layers:
-        t.add_row(
-            r.prefix, f"{r.checked}/{r.experts}", str(r.rescaled), f"{100 * r.max_rel:.3f}%",
-            str(r.decoded), f"{r.max_abs:.3g}" if r.max_abs is not None else "-",
-        )  # fmt: skip
+    for r in layers:
+        row = [r.prefix, f"{r.checked}/{r.experts}", str(r.rescaled), f"{100 * r.max_rel:.3f}%"]
+        if decoded:
+            row += [str(r.decoded), f"{r.max_abs:.3g}" if r.max_abs is not None else "-"]
+        t.add_row(*row)
     out.print(t)
+    if any(r.rescaled for r in layers):
+        out.print(RESCALE_NOTE, highlight=False)
     for g in res.copied_groups:
         out.print(f"{g['prefix']}: {g['experts']} experts, {g['format']}, copied: every byte identical to the source")
     out.print("checks that ran:")
     for c in res.checks:
-        out.print(f"  - {c}")
+        out.print(f"  - {c}", highlight=False)
     if res.note:
-        out.print(f"note: {res.note}")
-    out.print(f"[green]OK[/green]: {res.files_hashed} files hashed, {res.copied_tensors} copied tensors byte-identical ({res.device}, {res.seconds:.1f} s)")
+        out.print(f"note: {res.note}", highlight=False)
+    if report is not None:
+        out.print(f"report written to {report}", highlight=False)
+    if cached is None and not quiet:
+        err.print("[yellow]warning:[/yellow] could not record the result in the cache; push's model card will not quote it", highlight=False)
+    out.print(
+        f"[green]OK[/green]: {res.files_hashed} files hashed, {res.copied_tensors} copied tensors byte-identical ({res.device}, {res.seconds:.1f} s)",
+        highlight=False,
+    )
 
 
-@app.command()
-def push(
-    converted: Path = typer.Argument(..., help="A complete converted folder."),
-    repo_id: str = typer.Argument(..., help="Hub repo id to create or update (org/name)."),
-    private: bool = typer.Option(False, "--private", help="Create the repo private."),
-    revision: str | None = typer.Option(None, help="Branch to push to (created if missing)."),
-    commit_message: str | None = typer.Option(None, help="Commit message."),
-    base_model: str | None = typer.Option(None, help="base_model for the model card (default: the source recorded by convert, if a repo id)."),
-    no_card: bool = typer.Option(False, "--no-card", help="Do not write a model card (README.md)."),
-    force: bool = typer.Option(False, "--force", help="Push even if the folder is not a complete, matching conversion."),
-) -> None:
-    """Upload a converted folder to the Hugging Face Hub, with a model card, then check the Hub's hashes."""
-    from . import hub
-    from .manifest import load_manifest
+def _naming(path: Path, fn: Any) -> Any:
+    """``fn``, with an ``OSError`` that names no file (a read on a descriptor: EIO...) naming ``path``."""
 
-    man = load_manifest(converted)
-    card = None
-    if not no_card and man is not None:
-        src = man.source.get("source") if isinstance(man.source, dict) else None
-        base = base_model or (src if isinstance(src, str) and not Path(src).exists() and src.count("/") == 1 else None)
-        verify_summary = _read_verify_summary(converted)
-        card = hub.render_model_card(base_model=base, repo_id=repo_id, manifest=man.to_json(), verify_summary=verify_summary, serve_hint="")
-    res = hub.push(converted, repo_id, private=private, revision=revision, commit_message=commit_message, force=force, card=card)
-    out.print(f"[green]pushed[/green] {len(res.checked)} files to {res.repo_url} (commit {res.commit_oid}); Hub hashes match the local files")
+    def call(*a: Any, **k: Any) -> Any:
+        try:
+            return fn(*a, **k)
+        except OSError as e:
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
+
+    return call
 
 
-VERIFY_SUMMARY_NAME = "nvfp4-fuse-verify.json"
-
-
-def _manifest_digest(folder: Path) -> str | None:
-    from .manifest import MANIFEST_NAME, sha256_file
-
-    p = Path(folder) / MANIFEST_NAME
-    return sha256_file(p) if p.is_file() else None
-
-
-def _write_verify_summary(folder: Path, summary: dict) -> None:
-    """Record a passed verify next to the manifest it checked (the model card quotes it)."""
-    from .safetensors_io import write_file_atomic
-
-    body = dict(summary, manifest_sha256=_manifest_digest(folder))
-    write_file_atomic(Path(folder) / VERIFY_SUMMARY_NAME, (json.dumps(body, indent=1) + "\n").encode())
-
-
-def _read_verify_summary(folder: Path) -> dict | None:
-    """The last passed verify's summary, if it was of this very manifest."""
-    p = Path(folder) / VERIFY_SUMMARY_NAME
-    if not p.is_file():
-        return None
-    try:
-        d = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if not isinstance(d, dict) or d.get("manifest_sha256") != _manifest_digest(folder):
-        return None
-    d.pop("manifest_sha256", None)
+def _verify_json(body: dict) -> dict:
+    d = dict(body)
+    d.pop("ok", None)
+    d["modules"] = [
+        {
+            "prefix": l["prefix"],
+            "experts": l["experts"],
+            "checked": l["checked"],
+            "rescaled_experts": l["rescaled"],
+            "max_rescale_error": l["max_rel"],
+            "decoded": l["decoded"],
+            "max_abs_error": l["max_abs"],
+            "sampled": l["sampled"],
+        }
+        for l in sorted(d.pop("layers"), key=lambda l: _layer_key(l["prefix"]))
+    ]
     return d
 
 
-@app.command()
-def sample(
-    output: Path = typer.Argument(..., help="Folder to write the sample checkpoint into."),
-    arch: str = typer.Option("modelopt", help="modelopt (names from --scheme) or deepseek-v4 (a recipe's real format, --recipe)."),
-    recipe: str = typer.Option("nvidia", help="deepseek-v4: nvidia (ModelOpt's recipe) or canada (canada-quant's)."),
-    scheme: str = typer.Option("deepseek", help="modelopt: tensor names: deepseek, hf, mixtral, compressed-tensors."),
-    layers: int | None = typer.Option(None, help="Layers (modelopt: 3, layer 0 dense; deepseek-v4: 4, the first 3 hash-routed)."),
-    experts: int = typer.Option(8, help="Routed experts per MoE layer."),
-    hidden: int | None = typer.Option(None, help="Hidden size H (modelopt: 256, deepseek-v4: 512)."),
-    intermediate: int | None = typer.Option(None, help="Expert intermediate size I (modelopt: 128, deepseek-v4: 512)."),
-    shards: int = typer.Option(3, help="Number of shards."),
-    values: str = typer.Option("U8", help="deepseek-v4: dtype of the NVFP4 experts' packed values, U8 or I8."),
-    unequal_scale_2: bool = typer.Option(False, "--unequal-scale-2", help="modelopt: give gate and up different weight_scale_2."),
-    scale_encoding: str | None = typer.Option(
-        None, help="modelopt: store every block scale compressed, csf or csf_32x2_v1 (weight_scale_encoding, as vLLM 0.34 reads it)."
-    ),
-    seed: int | None = typer.Option(None, help="Random seed (default: random)."),
+@app.command(name="inspect", cls=_Command)
+def inspect_cmd(
+    source: str = typer.Argument(..., metavar="SOURCE", help="A checkpoint: a local folder or a Hub repo id (read by HTTP range requests).", show_default=False),
+    revision: str | None = typer.Option(None, metavar="REV", help="Hub revision, for a repo id."),
+    engine: str | None = typer.Option(None, metavar="ENGINE", help="Gate the exit code on one engine (vllm-0.34) or engine:backend (vllm-0.34:marlin)."),
+    json_out: bool = flag(False, "--json", JSON_HELP),
 ) -> None:
-    """Write a small real-format NVFP4 MoE checkpoint (random weights, real quantization)."""
-    if arch == "deepseek-v4" and scale_encoding is not None:
-        raise InputError("--scale-encoding is for --arch modelopt")
-    if arch == "deepseek-v4":
-        from .sample_dsv4 import DSv4SampleSpec, make_dsv4_sample
+    """What an NVFP4 MoE checkpoint holds and what each engine does with it, from headers and scalars
+    alone (exit 0: every engine loads it as is; 5: one loses accuracy or fails; 2: bad input)."""
+    from .inspect_view import run_inspect
 
-        spec4 = DSv4SampleSpec(recipe, layers or 4, min(3, layers or 4), experts, hidden or 512, intermediate or 512, shards, values, seed=seed)
-        try:
-            make_dsv4_sample(output, spec4)
-        except ValueError as e:
-            raise InputError(str(e)) from None
-        out.print(f"sample DeepSeek-V4 checkpoint ({recipe} recipe, {spec4.layers} layers + MTP, {experts} experts) written to {output}")
+    rc = run_inspect(source, revision=revision, as_json=json_out, engine=engine, out=out)
+    if rc:
+        raise typer.Exit(rc)
+
+
+@app.command(cls=_Command)
+def push(
+    converted: Path = typer.Argument(..., metavar="FOLDER", help="A complete converted folder (never changed by push).", show_default=False),
+    repo_id: str = typer.Argument(..., metavar="REPO_ID", help="Hub repo id to create or update (org/name).", show_default=False),
+    token: str | None = typer.Option(None, metavar="TOKEN", help="Hub token (default: HF_TOKEN or the one `hf auth login` saved)."),
+    private: bool = flag(False, "--private/--public", "Create the repo private (an existing repo keeps its visibility)."),
+    revision: str | None = typer.Option(None, metavar="BRANCH", help="Branch to push to (created if missing)."),
+    commit_message: str | None = typer.Option(None, metavar="TEXT", help="Commit message."),
+    base_model: str | None = typer.Option(None, metavar="REPO_ID", help="base_model for the model card (default: the source recorded by convert, if a repo id)."),
+    card: bool = flag(True, "--card/--no-card", "Upload a model card as README.md (the folder's own README.md is left as is)."),
+    force: bool = flag(False, "--force", "Push even if the folder is not a complete, matching conversion."),
+    dry_run: bool = flag(False, "--dry-run", "Check the folder and print what would be uploaded; no network."),
+    json_out: bool = flag(False, "--json", JSON_HELP),
+) -> None:
+    """Upload a converted folder to the Hugging Face Hub with a model card, then check the Hub's hashes.
+
+    Nothing in FOLDER changes; a push of what the Hub already has is a no-op that says so."""
+    from . import hub
+    from .folder_lock import folder_lock
+    from .manifest import load_manifest
+    from .spec import human
+    from .verify_record import read_verified
+
+    if not converted.is_dir():
+        raise InputError(f"{converted} is not a folder")
+    if json_out:  # one JSON object and nothing else: no upload bars either
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    with folder_lock(converted, "push"):
+        man = load_manifest(converted)
+        card_text = None
+        if card and man is not None:
+            src = man.source.get("source") if isinstance(man.source, dict) else None
+            base = base_model or (src if isinstance(src, str) and not Path(src).exists() and src.count("/") == 1 else None)
+            card_text = hub.render_model_card(
+                base_model=base, repo_id=repo_id, manifest=man.to_json(), verify_summary=read_verified(converted), serve_hint=""
+            )
+        res = hub.push(
+            converted, repo_id, private=private, revision=revision, commit_message=commit_message, force=force,
+            card=card_text, token=token, dry_run=dry_run,
+        )  # fmt: skip
+    body = {
+        "repo_id": res.repo_id,
+        "revision": res.revision,
+        "dry_run": dry_run,
+        "up_to_date": res.up_to_date,
+        "repo_url": res.repo_url,
+        "commit": res.commit_oid,
+        "files": res.uploaded,
+        "bytes": res.bytes,
+        "checked": res.checked,
+        "attempts": res.attempts,
+        "card": res.card_written,
+        "notes": res.notes,
+    }
+    if json_out:
+        emit("push", body)
         return
-    if arch != "modelopt":
-        raise InputError(f"--arch must be modelopt or deepseek-v4, not {arch!r}")
-    from .sample import SampleSpec, make_sample_checkpoint
-
-    spec = SampleSpec(
-        scheme, layers or 3, experts, hidden or 256, intermediate or 128, shards, unequal_scale_2, seed=seed, scale_encoding=scale_encoding
+    for n in res.notes:
+        err.print(f"[yellow]note:[/yellow] {n}", highlight=False)
+    if dry_run:
+        out.print(f"would push {len(res.uploaded)} files ({human(res.bytes)}) to {repo_id}@{res.revision}:", highlight=False)
+        for f in res.uploaded:
+            out.print(f"  {f}", highlight=False)
+        out.print("(dry run: nothing uploaded, nothing changed)")
+        return
+    if res.up_to_date:
+        out.print(
+            f"{repo_id}@{res.revision} already holds these {len(res.checked)} files (Hub hashes match); nothing pushed",
+            highlight=False,
+        )
+        return
+    out.print(
+        f"[green]pushed[/green] {len(res.checked)} files to {res.repo_url} (commit {res.commit_oid}); Hub hashes match the local files",
+        highlight=False,
     )
-    try:
-        make_sample_checkpoint(output, spec)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    out.print(f"sample checkpoint ({scheme} names, {spec.layers} layers, {experts} experts) written to {output}")
+
+
+@app.command(cls=_Command)
+def sample(
+    output: Path = typer.Argument(..., metavar="OUTPUT", help="Folder to write the sample checkpoint into (created; must be empty).", show_default=False),
+    arch: str = typer.Option("modelopt", metavar="ARCH", help="modelopt (names from --scheme) or deepseek-v4 (a recipe's real format, --recipe)."),
+    recipe: str | None = typer.Option(None, metavar="RECIPE", help="deepseek-v4 only: nvidia (ModelOpt's recipe, the default) or canada (canada-quant's)."),
+    scheme: str | None = typer.Option(None, metavar="SCHEME", help="modelopt only: tensor names: deepseek (the default), hf, mixtral, compressed-tensors."),
+    layers: int | None = typer.Option(None, metavar="N", help="Layers (modelopt: 3, layer 0 dense; deepseek-v4: 4, the first 3 hash-routed)."),
+    experts: int = typer.Option(8, metavar="N", help="Routed experts per MoE layer."),
+    hidden: int | None = typer.Option(None, metavar="H", help="Hidden size (default 512: the mega-moe target needs multiples of 512)."),
+    intermediate: int | None = typer.Option(None, metavar="I", help="Expert intermediate size (default 512)."),
+    shards: int = typer.Option(3, metavar="N", help="Number of shards."),
+    values: str | None = typer.Option(None, metavar="DTYPE", help="deepseek-v4 only: dtype of the NVFP4 experts' packed values, U8 (default) or I8."),
+    unequal_scale_2: bool = flag(False, "--unequal-scale-2", "modelopt only: give gate and up different weight_scale_2."),
+    scale_encoding: str | None = typer.Option(
+        None, metavar="ENCODING", help="modelopt only: store every block scale compressed, csf or csf_32x2_v1 (weight_scale_encoding, as vLLM 0.34 reads it)."
+    ),
+    seed: int | None = typer.Option(None, metavar="N", help="Random seed (default: random)."),
+    json_out: bool = flag(False, "--json", JSON_HELP),
+) -> None:
+    """Write a small real-format NVFP4 MoE checkpoint (random weights, real quantization).
+
+    Its default sizes convert with every target."""
+    from .sample_cli import check_sample_options, write_sample
+
+    check_sample_options(arch, recipe, scheme, values, unequal_scale_2, layers, experts, hidden, intermediate, shards, output, scale_encoding)
+    what = write_sample(
+        output, arch, recipe, scheme, layers, experts, hidden, intermediate, shards, values, unequal_scale_2, seed, scale_encoding
+    )
+    if json_out:
+        emit("sample", {"output": str(output), "description": what})
+        return
+    out.print(f"{what} written to {output}", highlight=False)
+
+
+def _json_requested(argv: list[str]) -> str | None:
+    """The command, when ``--json`` is among ``argv`` (then errors are JSON on stdout too)."""
+    if "--json" not in argv:
+        return None
+    cmds = [a for a in argv if a in ("convert", "verify", "push", "inspect", "sample")]
+    return cmds[0] if cmds else "nvfp4-fuse"
+
+
+def _os_error_line(e: OSError) -> str:
+    what = e.strerror or str(e)
+    path = e.filename
+    if e.errno == errno.ENOSPC:
+        what = "no space left on the device"
+    elif e.errno == errno.EDQUOT:
+        what = "disk quota exceeded"
+    elif e.errno == errno.EROFS:
+        what = "read-only file system"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        what = "permission denied"
+    if path is not None:
+        extra = f" -> {e.filename2}" if e.filename2 else ""
+        return f"{what}: {path}{extra}"
+    return what
 
 
 def main() -> None:
+    json_cmd = _json_requested(sys.argv[1:])
+
+    def fail(code: int, message: str) -> None:
+        if json_cmd:
+            emit(json_cmd, error_body(code, message), ok=False)
+        sys.exit(code)
+
     try:
         rc = app(standalone_mode=False)
     except Nvfp4FuseError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        fail(e.exit_code, str(e))
     except KeyboardInterrupt:
-        err.print("interrupted; rerun the same command to resume")
-        sys.exit(130)
+        line = "interrupted; rerun the same command to resume" if sys.argv[1:2] == ["convert"] else "interrupted"
+        err.print(line)
+        fail(EXIT_INTERRUPTED, line)
     except SystemExit:
         raise
+    except OSError as e:  # permissions, read-only file system, no space, quota: the path and what to fix
+        line = _os_error_line(e)
+        err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
+        fail(EXIT_BAD_INPUT, line)
     except Exception as e:  # usage errors come through here too (typer's own click, in standalone_mode=False)
         if isinstance(e, typer.Abort):
-            sys.exit(130)
+            fail(EXIT_INTERRUPTED, "interrupted")
         if isinstance(e, typer.TyperException) and hasattr(e, "show"):  # a usage error: bad option, missing argument
             e.show()
-            sys.exit(EXIT_BAD_INPUT)
+            fail(EXIT_BAD_INPUT, e.format_message() if hasattr(e, "format_message") else str(e))
         err.print_exception()
         err.print(f"[red]internal error:[/red] {type(e).__name__}: {e}")
-        sys.exit(EXIT_INTERNAL)
+        fail(EXIT_INTERNAL, f"internal error: {type(e).__name__}: {e}")
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -46,6 +46,7 @@ from .budget import ByteBudget
 from .encoded_scales import EncodedScale
 from .errors import InputError
 from .experts import ExpertLayer
+from .folder_lock import folder_lock
 from .host_layout import check_block_scale_bytes, rescale_block_scales
 from .layout import W13Order
 from .manifest import MANIFEST_NAME, Manifest, fingerprint, load_manifest, save_manifest, sha256_file
@@ -61,6 +62,7 @@ from .safetensors_io import (
 from .source import INDEX_NAME, SourceRef, scan_source
 from .spec import COPY_CHUNK, INFLIGHT_BYTES, OutputOptions, OutputSpec, OutShard, OutTensor, build_spec, disk_free, human
 from .targets import DEFAULT_TARGET, LAYOUT_VERSION, Target
+from .writable import require_writable
 
 PROGRESS_NAME = ".nvfp4-fuse-progress.json"
 SPAN_MIN = 1 << 20  # row runs at least this long are copied file to file; shorter ones gathered into pwritev
@@ -346,6 +348,58 @@ def _clear_output(out: Path) -> None:
             shutil.rmtree(p)
 
 
+def _output_state(
+    out: Path, fp: dict[str, str], opts: ConvertOptions, spec: OutputSpec
+) -> tuple[str, Manifest | None, dict[str, Any] | None]:
+    """What the output folder holds, read only: ``fresh`` (absent or empty), ``replace`` (an earlier
+    conversion, with --overwrite) or ``ours`` (this conversion, complete or part done), with its
+    manifest and journal; refusals (a foreign folder, other input or options) raise ``InputError``.
+    The dry run asks the same, so it predicts what the run will meet."""
+    if not out.exists():
+        return "fresh", None, None
+    if not out.is_dir():
+        raise InputError("output path exists and is not a folder", file=str(out))
+    # A kill while the first journal is being written leaves only its temporary file: still ours.
+    entries = [p for p in out.iterdir() if p.name != PROGRESS_NAME + PARTIAL_SUFFIX]
+    if not entries:
+        return "fresh", None, None
+    if not (out / MANIFEST_NAME).is_file() and not (out / PROGRESS_NAME).is_file():
+        # --overwrite replaces an earlier conversion; it never empties a folder nvfp4-fuse did not write.
+        raise InputError(
+            "output folder is not empty and holds no nvfp4-fuse conversion (no manifest, no progress journal); "
+            "empty it or choose another folder",
+            file=str(out),
+        )
+    if opts.overwrite:
+        return "replace", None, None
+    man = load_manifest(out)
+    prog = _load_progress(out)
+    record = man.to_json() if man else prog
+    if record is None:
+        raise InputError("the progress journal is unreadable; pass --overwrite to start over", file=str(out / PROGRESS_NAME))
+    if record.get("input_fingerprint") != fp["input"]:
+        was = (record.get("source") or {}).get("source") if isinstance(record.get("source"), dict) else None
+        was = f" (recorded source: {was})" if was else ""
+        raise InputError(
+            f"output folder holds a conversion of other input{was}: the source's headers or configs differ; "
+            "pass --overwrite to replace it",
+            file=str(out),
+        )
+    if record.get("options_fingerprint") != fp["options"]:
+        raise InputError(
+            f"output folder holds a conversion of other options ({_options_diff(record.get('options'), spec.options.to_json())}); "
+            "pass --overwrite to replace it, or the same options to resume",
+            file=str(out),
+        )
+    return "ours", man, prog
+
+
+def check_output(out: Path, spec: OutputSpec, opts: ConvertOptions) -> str:
+    """For a dry run: ``fresh``, ``replace`` or ``ours`` (see :func:`_output_state`), or the
+    ``InputError`` the run would raise; reads only."""
+    return _output_state(Path(out), plan_fingerprints(spec), opts, spec)[0]
+
+
 def _prepare_output(
     out: Path, fp: dict[str, str], opts: ConvertOptions, spec: OutputSpec, reports: dict[str, LayerReport]
 ) -> tuple[dict[str, dict[str, Any]], bool]:
@@ -355,33 +409,9 @@ def _prepare_output(
     only after the disk preflight passed. On resume, the rescale report of the kept shards is restored
     from the journal into ``reports``, so the manifest matches an uninterrupted run's byte for byte.
     """
-    if not out.exists():
+    state, man, prog = _output_state(out, fp, opts, spec)
+    if state in ("fresh", "replace"):
         return {}, False
-    if not out.is_dir():
-        raise InputError("output path exists and is not a folder", file=str(out))
-    # A kill while the first journal is being written leaves only its temporary file: still ours.
-    entries = [p for p in out.iterdir() if p.name != PROGRESS_NAME + PARTIAL_SUFFIX]
-    if not entries:
-        return {}, False
-    if not (out / MANIFEST_NAME).is_file() and not (out / PROGRESS_NAME).is_file():
-        # --overwrite replaces an earlier conversion; it never empties a folder nvfp4-fuse did not write.
-        raise InputError(
-            "output folder is not empty and holds no nvfp4-fuse conversion (no manifest, no progress journal); "
-            "empty it or choose another folder",
-            file=str(out),
-        )
-    if opts.overwrite:
-        return {}, False
-    man = load_manifest(out)
-    prog = _load_progress(out)
-    record = man.to_json() if man else prog
-    if record is None:
-        raise InputError("the progress journal is unreadable; pass --overwrite to start over", file=str(out / PROGRESS_NAME))
-    if record.get("input_fingerprint") != fp["input"] or record.get("options_fingerprint") != fp["options"]:
-        what = "input" if record.get("input_fingerprint") != fp["input"] else "options"
-        raise InputError(
-            f"output folder holds a conversion of other {what}; pass --overwrite to replace it", file=str(out)
-        )
     if man is not None:
         if all((out / n).is_file() and (out / n).stat().st_size == r.get("size") for n, r in man.files.items()):
             return dict(man.files), True  # complete (verify re-hashes; a rerun only checks sizes)
@@ -404,10 +434,25 @@ def _prepare_output(
     return keep, False
 
 
-def _write_progress(out: Path, fp: dict[str, str], files: dict[str, dict[str, Any]], reports: dict[str, LayerReport]) -> None:
+def _options_diff(recorded: Any, now: dict[str, Any]) -> str:
+    """'--target vllm-fused there, mega-moe here; ...' for the options that differ."""
+    if not isinstance(recorded, dict):
+        return "the journal does not record which"
+    out = []
+    for k in sorted(set(recorded) | set(now)):
+        a, b = recorded.get(k), now.get(k)
+        if a != b:
+            if k == "max_shard_size" and isinstance(a, int) and isinstance(b, int):
+                a, b = human(a), human(b)
+            out.append(f"--{k.replace('_', '-')} {a} there, {b} here")
+    return "; ".join(out) or "the recorded options fingerprint differs"
+
+
+def _write_progress(out: Path, fp: dict[str, str], files: dict[str, dict[str, Any]], reports: dict[str, LayerReport], spec: OutputSpec) -> None:
     body = {
         "input_fingerprint": fp["input"],
         "options_fingerprint": fp["options"],
+        "options": spec.options.to_json(),
         "files": files,
         "max_rescale_change": {p: r.max_rescale_change for p, r in reports.items()},
     }
@@ -452,6 +497,20 @@ def _copy_file(src: Path, dst: Path) -> tuple[int, str]:
 # entry points
 
 
+README_NAME = "README.md"
+
+
+def output_card(manifest: Manifest, source_label: str) -> bytes:
+    """The README.md of a converted folder: a model card describing it (``push`` uploads a fuller one,
+    with the repo id and the verification). It names no local path, so the bytes depend only on the
+    source and the options."""
+    from .hub.card import render_model_card
+    from .hub.download import REPO_ID_RE
+
+    base = source_label if REPO_ID_RE.match(source_label) and not Path(source_label).exists() else None
+    return render_model_card(base_model=base, repo_id=None, manifest=manifest.to_json(), verify_summary=None, serve_hint="").encode()
+
+
 def make_plan(source_dir: Path, opts: ConvertOptions, *, trust_root: Path | None = None) -> OutputSpec:
     """Scan ``source_dir`` and build the output spec (the plan a dry run prints); ``InputError``."""
     if opts.workers < 1:
@@ -491,6 +550,7 @@ def convert(
     source_label: str | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_shard: Callable[[str, int], None] | None = None,
+    on_resume: Callable[[list[str]], None] | None = None,
     spec: OutputSpec | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint in ``source_dir`` into ``out_dir`` (created, resumed, or left as is
@@ -501,7 +561,11 @@ def convert(
     (rich's ``Progress.advance`` is safe to call so). Raises :class:`InputError` for unusable input,
     options or output folder (nothing is written then, beyond what an earlier run of the same
     conversion left), and ``OSError`` for I/O failures while writing (what was written stays under
-    ``.partial`` names or in the progress journal, and a rerun resumes).
+    ``.partial`` names or in the progress journal, and a rerun resumes). ``on_resume(kept shards)`` is
+    called, before any writing, when an earlier run's complete shards are kept.
+
+    The output folder is locked (:mod:`folder_lock`) for the whole run: a second writer is refused at
+    once, and the lock goes with the process however it ends.
     """
     import time
 
@@ -510,6 +574,37 @@ def convert(
     spec = spec or make_plan(source_dir, opts, trust_root=trust_root)
     if out.resolve().is_relative_to(spec.source.root.resolve()) or spec.source.root.resolve().is_relative_to(out.resolve()):
         raise InputError("output folder must not be inside the source folder or contain it", file=str(out))
+    if out.exists() and not out.is_dir():
+        raise InputError("output path exists and is not a folder", file=str(out))
+    require_writable(out, "output folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with folder_lock(out, "convert"):
+            return _convert_locked(spec, out, opts, t0, source_dir, source_label, on_bytes, on_shard, on_resume)
+    except OSError as e:
+        if e.filename is None:  # a write on a descriptor (no space, quota, I/O error): name the folder
+            raise OSError(e.errno, e.strerror, str(out)) from e
+        raise
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # refused before writing anything: leave no empty folder behind
+
+
+def _convert_locked(
+    spec: OutputSpec,
+    out: Path,
+    opts: ConvertOptions,
+    t0: float,
+    source_dir: Path,
+    source_label: str | None,
+    on_bytes: Callable[[int], None] | None,
+    on_shard: Callable[[str, int], None] | None,
+    on_resume: Callable[[list[str]], None] | None,
+) -> ConvertResult:
+    """The conversion proper, holding the output folder's lock (see :func:`convert`)."""
+    import time
+
     fp = plan_fingerprints(spec)
     reports = layer_reports(spec)
     keep, complete = _prepare_output(out, fp, opts, spec, reports)
@@ -522,12 +617,14 @@ def convert(
     if opts.overwrite and out.is_dir():
         _clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
+    if keep and on_resume:
+        on_resume(sorted(keep))
     for p in out.rglob("*" + PARTIAL_SUFFIX):  # sidecars in subfolders leave theirs there
         if p.is_file() and not p.is_symlink():
             p.unlink()
     files: dict[str, dict[str, Any]] = dict(keep)
     result.resumed_shards = sorted(keep)
-    _write_progress(out, fp, files, reports)
+    _write_progress(out, fp, files, reports, spec)
     for shard in spec.shards:
         if shard.name in keep and on_bytes:
             on_bytes(shard.data_bytes)
@@ -536,7 +633,7 @@ def convert(
 
     def shard_done(name: str, size: int, digest: str) -> None:  # called under the streams' lock
         files[name] = {"size": size, "sha256": digest}
-        _write_progress(out, fp, files, reports)
+        _write_progress(out, fp, files, reports, spec)
         if on_shard:
             on_shard(name, size)
 
@@ -544,7 +641,7 @@ def convert(
     # Sidecars, configs, index, then the manifest.
     configs = spec.configs()
     for rel in spec.source.sidecars:
-        if rel in configs:
+        if rel in configs or rel == README_NAME:  # the source's README describes the source, not this
             continue
         size, digest = _copy_file(spec.source.root / rel, out / rel)
         files[rel] = {"size": size, "sha256": digest}
@@ -567,6 +664,10 @@ def convert(
             **({"decoded_block_scales": spec.decoded_block_scales()} if spec.source.encoded else {}),
         },
     )
+    card = output_card(manifest, source_label or str(source_dir))
+    size, digest = write_file_atomic(out / README_NAME, card)
+    manifest.files[README_NAME] = {"size": size, "sha256": digest}
+    manifest.model_card = digest
     save_manifest(out, manifest)
     (out / PROGRESS_NAME).unlink(missing_ok=True)
     fsync_dir(out)

@@ -13,9 +13,12 @@ Who raises what:
 from __future__ import annotations
 
 EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_BAD_INPUT = 2
-EXIT_CHECK_FAILED = 3
+EXIT_INTERNAL = 1  # a bug: the traceback is printed
+EXIT_BAD_INPUT = 2  # bad input, a bad option, an OS error (permissions, read-only, no space), a busy folder
+EXIT_CHECK_FAILED = 3  # verify found a difference, or the Hub's copy differs after a push
+EXIT_HUB_UNAVAILABLE = 4  # the Hub kept failing with transient errors (5xx, 429, resets, timeouts)
+EXIT_ENGINE_ISSUES = 5  # inspect: some engine loses accuracy or fails on the checkpoint
+EXIT_INTERRUPTED = 130  # Ctrl-C; rerun the same command to resume
 
 
 class Nvfp4FuseError(Exception):
@@ -46,7 +49,7 @@ class CheckFailed(Nvfp4FuseError):
 class PushFailed(Nvfp4FuseError, ConnectionError):
     """The Hub kept failing with transient errors after every retry."""
 
-    exit_code = EXIT_INTERNAL
+    exit_code = EXIT_HUB_UNAVAILABLE
 
 
 class PushVerificationFailed(CheckFailed):

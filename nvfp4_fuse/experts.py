@@ -117,45 +117,115 @@ def _ranges(nums: list[int]) -> str:
     return ", ".join(out)
 
 
-def group_experts(src: Source) -> tuple[dict[str, ExpertLayer], dict[str, CopiedGroup]]:
-    """Group routed-expert tensors per prefix and recognise each group's format.
+@dataclass
+class GroupScan:
+    """One ``<prefix>.experts`` group as the scan found it: its format and, unless ``problem``, its
+    checked layer (NVFP4) or copied group (MXFP4)."""
 
-    Returns (NVFP4 layers to convert, groups left as they are), each in source order.
-    """
+    prefix: str
+    format: str  # "NVFP4", "MXFP4" or "unknown" (neither, or a mix)
+    raw: Parts  # (expert, role, source field) -> tensor, as named in the source
+    layer: ExpertLayer | None = None
+    copied: CopiedGroup | None = None
+    problem: InputError | None = None  # the first defect found in this group
+    missing: list[tuple[int, str, str]] = field(default_factory=list)  # tolerated absent fields
+
+
+@dataclass
+class ExpertScan:
+    """Every routed-expert group of a source and every defect found, in the order the strict path
+    meets them (its first one is the error ``group_experts`` raises)."""
+
+    groups: dict[str, GroupScan]
+    problems: list[InputError]
+
+    @property
+    def layers(self) -> dict[str, ExpertLayer]:
+        return {p: g.layer for p, g in self.groups.items() if g.layer is not None}
+
+    @property
+    def copied(self) -> dict[str, CopiedGroup]:
+        return {p: g.copied for p, g in self.groups.items() if g.copied is not None}
+
+
+def scan_experts(src: Source, *, tolerate_missing: tuple[str, ...] = (), skip: frozenset[str] = frozenset()) -> ExpertScan:
+    """Group routed-expert tensors per prefix, recognise each group's format and check it, recording
+    every defect instead of stopping at the first (one per group: a defective group is not checked
+    further). ``tolerate_missing``: NVFP4 fields an expert may lack (recorded in ``missing``);
+    ``skip``: tensor names to leave out (e.g. a block-scale encoding's streams)."""
+    problems: list[InputError] = []
     raw: dict[str, Parts] = {}
     projs: dict[tuple[str, int, str], set[str]] = {}
     for name, ref in src.refs():
         fname = ref.file
+        if name in skip:
+            continue
         try:
             p = parse_expert_name(name)
         except UnknownExpertPart as e:
-            raise InputError(str(e), file=fname, tensor=name) from None
+            problems.append(InputError(str(e), file=fname, tensor=name))
+            continue
         if p is None:
             continue
         key = (p.expert, p.role, p.field)
         grp = raw.setdefault(p.prefix, {})
         if key in grp:
-            raise InputError(
-                f"expert {p.expert} {p.role} {p.field} is given twice (also as {grp[key].info.name})", file=fname, tensor=name
+            problems.append(
+                InputError(f"expert {p.expert} {p.role} {p.field} is given twice (also as {grp[key].info.name})", file=fname, tensor=name)
             )
+            continue
         grp[key] = SourceRef(fname, ref.info, p.reciprocal, ref.encoded)
         projs.setdefault((p.prefix, p.expert, p.role), set()).add(p.proj)
     for (prefix, e, role), names in projs.items():
         if len(names) > 1:
-            raise InputError(f"{prefix}.{e}: {role} is named both {' and '.join(sorted(names))}")
-    layers: dict[str, ExpertLayer] = {}
-    copied: dict[str, CopiedGroup] = {}
+            problems.append(InputError(f"{prefix}.{e}: {role} is named both {' and '.join(sorted(names))}"))
+    groups: dict[str, GroupScan] = {}
     for prefix, parts in raw.items():
-        if _group_format(prefix, parts) == "MXFP4":
-            copied[prefix] = _check_mxfp4_group(prefix, parts)
-        else:
-            layers[prefix] = _check_layer(prefix, _nvfp4_fields(parts))
+        g = groups[prefix] = GroupScan(prefix, "unknown", parts)
+        try:
+            g.format = _group_format(prefix, parts)
+            if g.format == "MXFP4":
+                g.copied = _check_mxfp4_group(prefix, parts)
+            else:
+                fields = _nvfp4_fields(parts)
+                g.missing = _missing(fields, tolerate_missing)
+                g.layer = _check_layer(prefix, fields, optional=tolerate_missing)
+        except InputError as e:
+            g.problem = e
+            problems.append(e)
     existing = set(src.tensor_file)
-    for prefix in layers:
+    for prefix, g in groups.items():
+        if g.layer is None:
+            continue
         for part in ("w13_weight", "w2_weight", "w13_input_scale"):
             if f"{prefix}.{part}" in existing:
-                raise InputError(f"{prefix} already has fused tensors; is this checkpoint already converted?", tensor=f"{prefix}.{part}")
-    return layers, copied
+                problems.append(
+                    InputError(f"{prefix} already has fused tensors; is this checkpoint already converted?", tensor=f"{prefix}.{part}")
+                )
+                break
+    return ExpertScan(groups, problems)
+
+
+def group_experts(src: Source) -> tuple[dict[str, ExpertLayer], dict[str, CopiedGroup]]:
+    """Group routed-expert tensors per prefix and recognise each group's format.
+
+    Returns (NVFP4 layers to convert, groups left as they are), each in source order; raises the
+    first defect :func:`scan_experts` finds.
+    """
+    # An expert calibration never routed to may have no input_scale: read_scalars repairs it.
+    scan = scan_experts(src, tolerate_missing=("input_scale",))
+    if scan.problems:
+        raise scan.problems[0]
+    return scan.layers, scan.copied
+
+
+def _missing(parts: Parts, fields: tuple[str, ...]) -> list[tuple[int, str, str]]:
+    """(expert, role, field) of ``fields`` that experts 0..max lack."""
+    if not fields or not parts:
+        return []
+    n = max(k[0] for k in parts) + 1
+    present = {k[0] for k in parts}
+    return [(e, r, f) for e in range(n) if e in present for r in ROLES for f in fields if (e, r, f) not in parts]
 
 
 def _part_format(fields: dict[str, SourceRef]) -> str | None:
@@ -216,7 +286,7 @@ def _nvfp4_fields(parts: Parts) -> Parts:
     return out
 
 
-def _check_complete(prefix: str, parts: Parts, fields: tuple[str, ...]) -> int:
+def _check_complete(prefix: str, parts: Parts, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> int:
     """Experts 0..E-1, each with gate, up and down and every field; returns E."""
     experts = sorted({k[0] for k in parts})
     n = experts[-1] + 1
@@ -226,7 +296,7 @@ def _check_complete(prefix: str, parts: Parts, fields: tuple[str, ...]) -> int:
     for e in range(n):
         for role in ROLES:
             for fld in fields:
-                if (e, role, fld) not in parts:
+                if (e, role, fld) not in parts and fld not in optional:
                     have = [f for (ee, r, f) in parts if ee == e and r == role]
                     what = f"{prefix}.{e} {role}"
                     raise InputError(
@@ -258,9 +328,8 @@ def _check_mxfp4_group(prefix: str, parts: Parts) -> CopiedGroup:
     return CopiedGroup(prefix, "MXFP4", n, len(parts), frozenset(r.info.name for r in parts.values()))
 
 
-def _check_layer(prefix: str, parts: Parts) -> ExpertLayer:
-    # An expert calibration never routed to may have no input_scale: read_scalars repairs it.
-    n = _check_complete(prefix, parts, tuple(f for f in CANON_FIELDS if f != "input_scale"))
+def _check_layer(prefix: str, parts: Parts, optional: tuple[str, ...] = ()) -> ExpertLayer:
+    n = _check_complete(prefix, parts, CANON_FIELDS, optional)
     # dtypes and scalar shapes
     for (_, _, fld), ref in parts.items():
         want = _WANT_DTYPE[fld]
@@ -292,7 +361,9 @@ def _check_layer(prefix: str, parts: Parts) -> ExpertLayer:
     for e in range(n):
         for role in ROLES:
             for fld, shape in want[role].items():
-                ref = parts[(e, role, fld)]
+                ref = parts.get((e, role, fld))
+                if ref is None:  # an absent field the caller tolerates (``optional``)
+                    continue
                 if ref.info.shape != shape:
                     other = parts[(e, "gate", fld)] if role == "up" else g0
                     raise InputError(
@@ -310,6 +381,22 @@ INPUT_SCALE_RULE = (
 )
 
 
+def scalar_value(raw: bytes, fld: str, reciprocal: bool) -> tuple[float, str | None]:
+    """A stored scalar scale's canonical value (``1/x`` for a compressed-tensors global scale) and
+    why it is unusable (None when it is finite and > 0): the one check the strict path and
+    ``inspect`` share."""
+    v = np.frombuffer(raw[:4], dtype="<f4")[0]
+    x = float(v)
+    if not math.isfinite(x) or x <= 0:
+        return x, f"{fld} is {x}; it must be finite and > 0"
+    if reciprocal:
+        with np.errstate(over="ignore", divide="ignore"):
+            v = np.float32(1) / v
+        if not math.isfinite(float(v)) or float(v) <= 0:
+            return float(v), f"1/{fld} is not a usable scale"
+    return float(v), None
+
+
 def read_scalars(layer: ExpertLayer, readers: dict[str, ShardReader]) -> None:
     """Read and check every scalar scale of a layer; fills layer.scalars (fp32 [E]).
 
@@ -323,21 +410,15 @@ def read_scalars(layer: ExpertLayer, readers: dict[str, ShardReader]) -> None:
             missing: list[int] = []
             for e in range(n):
                 ref = layer.parts.get((e, role, fld))
-                if ref is None:
+                if ref is None:  # tolerated by group_experts: repaired below
                     missing.append(e)
                     continue
-                v = np.frombuffer(readers[ref.file].read_small(ref.info.name), dtype="<f4")[0]
-                x = float(v)
-                if fld == "input_scale" and x == 0:
+                v, problem = scalar_value(readers[ref.file].read_small(ref.info.name), fld, ref.reciprocal)
+                if problem is not None and fld == "input_scale" and v == 0:
                     missing.append(e)
                     continue
-                if not math.isfinite(x) or x <= 0:
-                    raise InputError(f"{fld} is {x}; it must be finite and > 0", file=ref.file, tensor=ref.info.name)
-                if ref.reciprocal:
-                    with np.errstate(over="ignore", divide="ignore"):
-                        v = np.float32(1) / v
-                    if not math.isfinite(float(v)) or float(v) <= 0:
-                        raise InputError(f"1/{fld} is not a usable scale", file=ref.file, tensor=ref.info.name)
+                if problem is not None:
+                    raise InputError(problem, file=ref.file, tensor=ref.info.name)
                 vals[e] = v
             if missing:
                 present = [e for e in range(n) if e not in set(missing)]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from . import host_layout
-from .constants import GATE_UP_GROUP, K_PER_WORD, NVFP4_BLOCK
+from .constants import GATE_UP_GROUP, K_PER_WORD, KERNEL_DIM_MULTIPLE, NVFP4_BLOCK
 
 if TYPE_CHECKING:
     import torch
@@ -196,6 +196,7 @@ class ScaleLayout(ABC):
     name: ClassVar[str]
     dtype: ClassVar[str]  # safetensors dtype of the stored tensor
     kernel_reads_in_place: ClassVar[bool] = False  # the Triton compare kernel reads this layout as stored
+    kernel_dim_multiple: ClassVar[int] = 0  # a serving kernel's rule on hidden and intermediate sizes (0: none)
 
     def problems(self, rows: int, cols: int) -> list[str]:
         """Why an operand [rows, cols] does not fit this layout (empty: it fits)."""
@@ -331,6 +332,8 @@ class MegaMoEScales(ScaleLayout):
 
     name = "mega-moe"
     dtype = "I32"
+
+    kernel_dim_multiple = KERNEL_DIM_MULTIPLE
 
     def problems(self, rows: int, cols: int) -> list[str]:
         return host_layout.mega_moe_shape_problems(rows, cols)

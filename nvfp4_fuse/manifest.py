@@ -93,10 +93,15 @@ def load_manifest(folder: Path) -> Manifest | None:
         raise InputError(f"manifest is not valid JSON: {e}", file=str(p)) from None
 
 
+def manifest_bytes(manifest: Manifest) -> bytes:
+    """The manifest file's bytes (what :func:`save_manifest` writes and ``push`` uploads)."""
+    return (json.dumps(manifest.to_json(), indent=1) + "\n").encode()
+
+
 def save_manifest(folder: Path, manifest: Manifest) -> None:
     from .safetensors_io import write_file_atomic
 
-    write_file_atomic(Path(folder) / MANIFEST_NAME, (json.dumps(manifest.to_json(), indent=1) + "\n").encode())
+    write_file_atomic(Path(folder) / MANIFEST_NAME, manifest_bytes(manifest))
 
 
 def check_files(folder: Path, manifest: Manifest, *, hash_files: bool = True) -> list[str]:

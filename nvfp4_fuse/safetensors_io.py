@@ -131,6 +131,21 @@ def loads_strict_json(text: str | bytes, *, what: str, file: str) -> Any:
         raise InputError(f"{what} is not valid JSON ({e.msg} at char {e.pos})", file=file) from None
 
 
+def _what_file(head: bytes) -> str:
+    """What a file that is not safetensors looks like, from its first bytes."""
+    if head.startswith(b"PK\x03\x04"):
+        return "it is a zip archive (a PyTorch .bin/.pt checkpoint?)"
+    if head[:1] == b"\x80":
+        return "it is a Python pickle (a PyTorch .bin checkpoint?)"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "it is JSON"
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer (run `git lfs pull`)"
+    if all(32 <= c < 127 or c in (9, 10, 13) for c in head[:16]):
+        return f"it is text ({head[:16].decode()!r}...)"
+    return f"its first bytes are {head[:9].hex(' ')}, not an 8-byte header length and a JSON header"
+
+
 def read_header(path: Path) -> ShardHeader:
     """Parse and validate one safetensors file's header; raise InputError naming file and tensor."""
     path = Path(path)
@@ -142,11 +157,15 @@ def read_header(path: Path) -> ShardHeader:
             if len(head) < 8:
                 raise InputError(f"file is {size} bytes, too short for a safetensors header", file=f)
             (n,) = struct.unpack("<Q", head)
+            first = fh.read(1)
+            if first not in (b"{", b" ") and (n > MAX_HEADER_SIZE or 8 + n > size):
+                fh.seek(0)
+                raise InputError(f"not a safetensors file: {_what_file(fh.read(64))}", file=f)
             if n > MAX_HEADER_SIZE:
                 raise InputError(f"header length {n} is over the {MAX_HEADER_SIZE}-byte limit", file=f)
             if 8 + n > size:
                 raise InputError(f"header length {n} runs past the end of the {size}-byte file (truncated?)", file=f)
-            raw = fh.read(n)
+            raw = first + fh.read(n - 1) if n else b""
     except OSError as e:
         raise InputError(f"cannot read: {e.strerror}", file=f) from None
     if not raw.lstrip(b" ").startswith(b"{"):

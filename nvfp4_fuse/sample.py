@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,12 @@ class SampleSpec:
     seed: int | None = None
     fast: bool = False  # random codes and scales instead of quantizing random weights (for big benchmarks)
     scale_encoding: str | None = None  # "csf" / "csf_32x2_v1": every block scale stored compressed (csf.py)
+    # (layer, expert, role) -> "missing" | "zero" | "nan" | "inf" | "negative": a defective input scale,
+    # as exports leave them for experts calibration never routed to
+    input_scale_defects: dict[tuple[int, int, str], str] = field(default_factory=dict)
+
+
+INPUT_SCALE_DEFECTS = {"zero": 0.0, "nan": float("nan"), "inf": float("inf"), "negative": -0.02}
 
 
 def _names(scheme: str, layer: int) -> tuple[str, str, dict[str, str]]:
@@ -74,11 +80,12 @@ def _nvfp4_linear(
     gen: torch.Generator,
     *,
     scale_2: float | None,
-    input_scale: float,
+    input_scale: float | None,
     ct: bool,
     fast: bool,
     encoding: str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """One NVFP4 Linear's tensors; ``input_scale`` None leaves its input scale out."""
     if fast:
         packed = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=gen)
         # positive normal E4M3 bytes (exponent 1..14): never NaN, never negative
@@ -90,17 +97,19 @@ def _nvfp4_linear(
         w[:: max(1, rows // 7)] *= 4
         packed, scale, s2 = quantize(w, scale_2)
     s2t = torch.tensor(s2, dtype=torch.float32)
-    ist = torch.tensor(input_scale, dtype=torch.float32)
+    ist = torch.tensor(input_scale if input_scale is not None else 1.0, dtype=torch.float32)
     if ct:
         yield f"{name}.weight_packed", packed
         yield f"{name}.weight_scale", scale
         yield f"{name}.weight_global_scale", torch.reciprocal(s2t).reshape(1)
-        yield f"{name}.input_global_scale", torch.reciprocal(ist).reshape(1)
+        if input_scale is not None:
+            yield f"{name}.input_global_scale", torch.reciprocal(ist).reshape(1)
     else:
         yield f"{name}.weight", packed
         yield from _block_scale(f"{name}.weight_scale", scale, encoding)
         yield f"{name}.weight_scale_2", s2t
-        yield f"{name}.input_scale", ist
+        if input_scale is not None:
+            yield f"{name}.input_scale", ist
 
 
 def _layer_tensors(spec: SampleSpec, layer: int, gen: torch.Generator) -> Iterator[tuple[str, torch.Tensor]]:
@@ -136,9 +145,13 @@ def _layer_tensors(spec: SampleSpec, layer: int, gen: torch.Generator) -> Iterat
         else:
             in_gu = in_down = 0.02
         in_up = in_gu * (1.25 if e % 2 else 0.8) if spec.gate_up_input_scales_differ else in_gu
-        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['gate']}", i, h, gen, scale_2=s2_gate, input_scale=in_gu, **kw)
-        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['up']}", i, h, gen, scale_2=s2_up, input_scale=in_up, **kw)
-        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['down']}", h, i, gen, scale_2=None, input_scale=in_down, **kw)
+        ins = {"gate": in_gu, "up": in_up, "down": in_down}
+        for role, kind in ((r, spec.input_scale_defects.get((layer, e, r))) for r in ins):
+            if kind is not None:
+                ins[role] = None if kind == "missing" else INPUT_SCALE_DEFECTS[kind]
+        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['gate']}", i, h, gen, scale_2=s2_gate, input_scale=ins["gate"], **kw)
+        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['up']}", i, h, gen, scale_2=s2_up, input_scale=ins["up"], **kw)
+        yield from _nvfp4_linear(f"{prefix}.{e}.{proj['down']}", h, i, gen, scale_2=None, input_scale=ins["down"], **kw)
 
 
 _DTYPE_NAME = {

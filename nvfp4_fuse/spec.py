@@ -221,7 +221,11 @@ def build_spec(src: Source, options: OutputOptions, *, with_scalars: bool = True
     for layer in layers.values():
         problems = target.problems(layer.dims)
         if problems:
-            raise InputError(problems[0], tensor=layer.prefix)
+            from .targets import TARGETS
+
+            fits = [n for n, t in TARGETS.items() if n != target.name and not t.problems(layer.dims)]
+            hint = f"; --target {' or '.join(fits)} takes these sizes" if fits else ""
+            raise InputError(problems[0] + hint, tensor=layer.prefix)
     if with_scalars:
         readers = {f: ShardReader(h) for f, h in src.headers.items()}
         try:
@@ -299,6 +303,24 @@ def parse_size(s: str) -> int:
     return int(v * SIZE_UNITS[unit])
 
 
+MIN_SHARD_SIZE = 10**3  # below this a shard holds one small tensor: no one means it
+
+
+def parse_shard_size(s: str) -> int:
+    """``--max-shard-size``: a size with a unit (5GB, 500MB, 2GiB), at least 1 KB."""
+    try:
+        float(s)
+        bare = True
+    except ValueError:
+        bare = False
+    if bare:
+        raise InputError(f"--max-shard-size {s} needs a unit, e.g. {s}GB or {s}MB (units: KB, MB, GB, KiB, MiB, GiB)")
+    n = parse_size(s)
+    if n < MIN_SHARD_SIZE:
+        raise InputError(f"--max-shard-size {s} is {n} bytes, below 1KB: every tensor would be a shard of its own")
+    return n
+
+
 def shard_file_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
@@ -318,4 +340,4 @@ def human(n: float) -> str:
     return f"{n} B"
 
 
-__all__ = ["INDEX_NAME", "OutputOptions", "OutputSpec", "OutShard", "OutTensor", "build_spec", "parse_size", "human", "disk_free"]
+__all__ = ["INDEX_NAME", "OutputOptions", "OutputSpec", "OutShard", "OutTensor", "build_spec", "parse_size", "parse_shard_size", "human", "disk_free"]

@@ -92,6 +92,13 @@ class Target:
     # -- shapes -----------------------------------------------------------------------------------
     def problems(self, d: LayerDims) -> list[str]:
         """Why a layer of these dims cannot be written in this layout (empty: it can)."""
+        kernel = self.scales.kernel_dim_multiple
+        if kernel and (d.hidden % kernel or d.inter % kernel):
+            # Say it in the sizes a person knows (hidden, intermediate), once, not per GEMM operand.
+            return [
+                f"target {self.name} needs hidden and intermediate sizes that are multiples of {kernel} "
+                f"(DeepGEMM's fp4_fp4_mega_moe); this layer has hidden {d.hidden}, intermediate {d.inter}"
+            ]
         out = [f"w13 (gate+up): {p}" for p in self.rows.problems(d.inter)]
         for what, rows, cols in (("w13 (gate+up)", 2 * d.inter, d.hidden), ("w2 (down)", d.hidden, d.inter)):
             if self.scales.problems(rows, cols):
@@ -165,7 +172,8 @@ TARGETS: dict[str, Target] = {
             input_scale=ExpertMax(),
             values=PackedValues.U8,
             serve_hint="# target vllm-fused: no released loader reads this layout yet; it needs one that takes\n"
-            "# the fused w13_*/w2_* expert tensors described in config.json (fused_experts) as they are\nvllm serve {repo_id}",
+            "# the fused w13_*/w2_* expert tensors described in config.json (fused_experts) as they are.\n"
+            "hf download {repo_id}   # then load it with such a loader",
             user_row_order=True,
         ),
         Target(
@@ -177,7 +185,8 @@ TARGETS: dict[str, Target] = {
             input_scale=ExpertMax(),
             values=PackedValues.U8,
             serve_hint="# target linear: no released loader reads this layout yet; it needs one that takes\n"
-            "# the fused w13_*/w2_* expert tensors described in config.json (fused_experts) as they are\nvllm serve {repo_id}",
+            "# the fused w13_*/w2_* expert tensors described in config.json (fused_experts) as they are.\n"
+            "hf download {repo_id}   # then load it with such a loader",
             user_row_order=True,
         ),
         Target(

@@ -442,6 +442,7 @@ class _Verifier:
         self._deferred_bytes = 0
         self._lock = threading.Lock()
         self._globals = {p: self.tgt.global_tensors(p, l.scalars) for p, l in spec.layers.items()}
+        self.on_bytes: Callable[[str, int], None] | None = None  # progress: (shard, bytes done), from the streams
 
     def close(self) -> None:
         for m in (*self.src_m.values(), *self.conv_m.values()):
@@ -888,12 +889,16 @@ class _Verifier:
                 m.release_tensor(pc.tensor.entry.name, pc.start, pc.nbytes)
             finally:
                 budget.release(pc.nbytes)
+            if self.on_bytes is not None:
+                self.on_bytes(shard.name, pc.nbytes)
 
         try:
             for pc in self.pieces(shard):
                 if self.stop.is_set():
                     break
                 if pc.check is None and h is None:
+                    if self.on_bytes is not None:
+                        self.on_bytes(shard.name, pc.nbytes)
                     continue
                 while inflight and (inflight[0][1] is None or inflight[0][1].done()):
                     finish_one()
@@ -1016,6 +1021,8 @@ def verify(
     trust_root: Path | None = None,
     source_label: str | None = None,
     seed: int | None = None,
+    on_bytes: Callable[[str, int], None] | None = None,
+    on_stage: Callable[[str, int], None] | None = None,
 ) -> VerifyResult:
     """Check the converted folder ``conv_dir`` against the source ``source_dir`` (see the module notes).
 
@@ -1026,6 +1033,10 @@ def verify(
     runs the torch reference there, which is slow). Raises :class:`CheckFailed` naming file, tensor,
     expert and first bad index when a check fails, and :class:`InputError` when the source or the
     options are unusable (missing folder, no GPU for ``device="cuda"``).
+
+    Progress: ``on_stage(what, total_bytes)`` when a stage begins (reading headers, hashing the small
+    files, the pass over the shards), ``on_bytes(shard, n)`` as the pass checks bytes, from several
+    threads at once.
     """
     import time
 
@@ -1038,6 +1049,8 @@ def verify(
         threading.Thread(target=_warm_kernels, args=(plan, kernels_ready), daemon=True).start()
     conv_dir = Path(conv_dir)
     spec = None
+    if on_stage:
+        on_stage("reading headers", 0)
     try:
         manifest, options, spec = _checked_plan(source_dir, conv_dir, trust_root)
     finally:
@@ -1047,6 +1060,8 @@ def verify(
     except InputError as e:  # the output's index and shard headers disagree, a shard is unreadable...
         raise _fail(f"the converted folder is not a consistent checkpoint: {e}") from None
     shard_names = {s.name for s in spec.shards}
+    if hash_files and on_stage:
+        on_stage("hashing the small files", 0)
     if hash_files:  # the small files first; the shards are hashed by the pass below
         for name, rec in manifest.files.items():
             if name not in shard_names and sha256_file(conv_dir / name) != rec["sha256"]:
@@ -1071,6 +1086,9 @@ def verify(
     else:
         result.note = "end-to-end dequant-and-compare not run (no GPU; --decode runs its CPU reference, slowly)"
     budget = ByteBudget(budget_bytes)
+    v.on_bytes = on_bytes
+    if on_stage:
+        on_stage("checking", sum(s.data_bytes for s in spec.shards))
     _run_pass(v, spec, manifest.files, budget, workers, hash_files)
     v.finish_decode()
     v.check_decoded()

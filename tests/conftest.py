@@ -11,6 +11,12 @@ import pytest
 from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch) -> None:
+    """Each test has its own nvfp4-fuse cache (verify records passed checks there for push)."""
+    monkeypatch.setenv("NVFP4_FUSE_CACHE", str(tmp_path / "nvfp4-fuse-cache"))
+
+
 @pytest.fixture
 def make_ckpt(tmp_path: Path) -> Callable[..., Path]:
     """make_ckpt(**SampleSpec fields) -> folder with a fresh random sample checkpoint."""

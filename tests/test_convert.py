@@ -107,8 +107,14 @@ def test_output_files_configs_index_and_manifest(make_ckpt, tmp_path):
     src = make_ckpt(layers=2, experts=4, hidden=64, inter=32)
     out = tmp_path / "out"
     convert(src, out, ConvertOptions(target="vllm-fused"))
-    for side in ("generation_config.json", "tokenizer_config.json", "README.md"):
+    for side in ("generation_config.json", "tokenizer_config.json"):
         assert (out / side).read_bytes() == (src / side).read_bytes()
+    # README.md describes the output, not the source: a model card of the conversion, in the manifest
+    card = (out / "README.md").read_text()
+    assert card != (src / "README.md").read_text() and "vllm-fused" in card and "library_name" not in card
+    assert "vllm serve" not in card and str(out) not in card
+    man = json.loads((out / "nvfp4-fuse-manifest.json").read_text())
+    assert man["model_card"] == man["files"]["README.md"]["sha256"]
     cfg = json.loads((out / "config.json").read_text())
     hq = json.loads((out / "hf_quant_config.json").read_text())
     assert cfg["quantization_config"]["quant_algo"] == "NVFP4"
@@ -170,7 +176,7 @@ def test_mega_moe_refuses_shapes_the_kernel_cannot_take(make_ckpt, tmp_path):
     from nvfp4_fuse.errors import InputError
 
     src = make_ckpt(layers=2, experts=2, hidden=256, inter=128)
-    with pytest.raises(InputError, match="multiple of 512"):
+    with pytest.raises(InputError, match="multiples of 512.*hidden 256, intermediate 128.*--target vllm-fused"):
         convert(src, tmp_path / "out", ConvertOptions(target="mega-moe"))
     with pytest.raises(InputError, match="--w13-order"):
         convert(src, tmp_path / "out", ConvertOptions(target="mega-moe", w13_order="up-gate"))

@@ -142,7 +142,8 @@ def test_clean_push_calls_and_result(tmp_path):
     assert not r.forced and r.attempts == 1 and not r.card_written
     create = api.calls[0][1]
     assert create == {"repo_id": "me/x", "private": True, "exist_ok": True, "repo_type": "model"}
-    up = api.calls[1][1]
+    assert api.calls[1][0] == "get_paths_info"  # does the Hub hold these files already?
+    up = api.calls[2][1]
     assert up["repo_id"] == "me/x" and up["repo_type"] == "model" and up["revision"] is None
     assert "mega-moe" in up["commit_message"] and "*.partial" in up["ignore_patterns"]
     assert set(r.uploaded) == set(m.files) | {MANIFEST_NAME}
@@ -207,7 +208,7 @@ def test_gives_up_after_retries(tmp_path, sleeps):
         push(folder, "me/x", api=api, retries=2, backoff=1.0)
     assert api.names().count("upload_folder") == 3
     assert sleeps == [1.0, 2.0]
-    assert "get_paths_info" not in api.names()
+    assert api.names().count("get_paths_info") == 1  # only the check before uploading
     assert "\n" not in str(ei.value)
 
 
@@ -273,16 +274,21 @@ def test_lfs_files_are_checked_against_the_manifest_without_rereading(tmp_path, 
     assert read == []  # check_files hashes via manifest.sha256_file, not hub's; hub re-reads no shard
 
 
-def test_card_is_written_only_when_given(tmp_path):
+def test_card_goes_to_the_hub_and_the_folder_is_left_as_it_was(tmp_path):
     folder, m = make_folder(tmp_path / "out")
     (folder / "README.md").write_text("user's own readme\n")
-    push(folder, "me/x", api=RecordingApi())
-    assert (folder / "README.md").read_text() == "user's own readme\n"
+    api = RecordingApi()
+    push(folder, "me/x", api=api)
+    assert api.remote["README.md"] == b"user's own readme\n"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
     card = simple_card(m)
     api = RecordingApi()
     r = push(folder, "me/x", api=api, card=card)
-    assert r.card_written and (folder / "README.md").read_text() == card
-    assert api.remote["README.md"] == card.encode()
+    assert r.card_written and api.remote["README.md"] == card.encode()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing local changed
+    pushed = json.loads(api.remote[MANIFEST_NAME])  # the Hub's manifest lists the card it got
+    assert pushed["files"]["README.md"]["sha256"] == hashlib.sha256(card.encode()).hexdigest()
+    assert pushed["model_card"] == pushed["files"]["README.md"]["sha256"]
 
 
 def test_bad_arguments(tmp_path):
@@ -354,7 +360,8 @@ def test_model_card_without_base_model_or_summary(tmp_path):
     assert "base_model" not in fm and "base_model_relation" not in fm
     assert fm["tags"] == ["nvfp4", "modelopt", "fused-moe"]
     assert "## Verification" not in card
-    assert "deep_gemm_mega_moe" not in card and "vllm serve me/x" in card
+    # no loader reads vllm-fused: the card claims no library and does not suggest `vllm serve`
+    assert "library_name" not in fm and "vllm serve" not in card and "hf download me/x" in card
 
 
 def test_model_card_quotes_odd_yaml_values(tmp_path):
@@ -411,13 +418,15 @@ def test_e2e_push_survives_a_503_on_commit(tmp_path, fake_hub):
     assert r.commit_oid == fake_hub.repos["me/x"].branches["main"]
     remote = fake_hub.files("me/x")
     for rel in r.uploaded:
-        assert remote[rel] == (folder / rel).read_bytes(), rel
+        if rel not in ("README.md", MANIFEST_NAME):  # the card, and the manifest that lists it
+            assert remote[rel] == (folder / rel).read_bytes(), rel
+    assert not (folder / "README.md").exists()
     # shards went through LFS (checked by sha256), small files inline (checked by git blob sha1)
     assert fake_hub.calls("lfs-upload") == [200, 200]
     assert r.checked[SHARD1] == r.checked[SHARD2] == "sha256"
     assert r.checked["config.json"] == r.checked["README.md"] == r.checked[MANIFEST_NAME] == "git-sha1"
     assert remote["README.md"].decode() == card
-    assert fake_hub.calls("paths-info") == [200]
+    assert fake_hub.calls("paths-info") == [200, 200]  # before (nothing there yet) and after
 
 
 @pytest.mark.parametrize("path", [SHARD1, "config.json"])
@@ -438,7 +447,7 @@ def test_e2e_second_push_is_a_no_op_and_to_a_branch(tmp_path, fake_hub):
     again = push(folder, "me/x", api=api, backoff=0.0)  # create_repo -> 409 (exists), nothing changed
     assert fake_hub.calls("create") == [200, 409]
     assert len(fake_hub.repos["me/x"].commits) == n_commits
-    assert again.commit_oid == first.commit_oid
+    assert again.up_to_date and not first.up_to_date and again.uploaded == []
     r = push(folder, "me/x", api=api, revision="v2", backoff=0.0)
     assert set(fake_hub.files("me/x", "v2")) >= set(r.uploaded)
 

@@ -203,9 +203,12 @@ def test_per_expert_output_is_the_rules_applied_byte_for_byte(tmp_path, scheme):
         hq = json.loads((out / "hf_quant_config.json").read_text())
         assert hq.pop("repaired_experts") == block
         assert hq == json.loads((src / "hf_quant_config.json").read_text())
-    for side in ("README.md", "tokenizer_config.json", "generation_config.json"):
-        if (src / side).exists():
-            assert (out / side).read_bytes() == (src / side).read_bytes()
+    # sidecars (README.md becomes the conversion's model card)
+    sidecars = [p.name for p in src.iterdir() if not p.name.endswith(".safetensors") and p.name not in (
+        "model.safetensors.index.json", "config.json", "hf_quant_config.json", "README.md")]  # fmt: skip
+    assert "tokenizer_config.json" in sidecars
+    for side in sidecars:
+        assert (out / side).read_bytes() == (src / side).read_bytes(), side
     # and verify agrees, end to end included (the kernel's CPU reference)
     r = verify(src, out, device="cpu", decode=True)
     lr = next(x for x in r.layers if x.prefix == prefix)
@@ -329,7 +332,38 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
         assert r.returncode == 0, r.stderr
         res = json.loads(r.stdout)
         assert res["resumed_shards"] == kept
-        layer = next(x for x in res["layers"] if x["prefix"] == "layers.1.ffn.experts")
+        layer = next(x for x in res["modules"] if x["prefix"] == "layers.1.ffn.experts")
         assert layer["repaired_input_scales"] == {"up": 1, "down": 1}  # --json reports the repair
         assert snapshot(out) == snapshot(ref), kill_at
     verify(src, ref, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# what inspect's per-engine rules (engines.py, read from the engines' code) say before and after
+
+
+def test_inspect_finds_the_source_lossy_and_the_output_loading_everywhere(tmp_path):
+    from nvfp4_fuse.inspect import inspect, local_input
+
+    src = _make_source(tmp_path, "hf")
+    out = tmp_path / "out"
+    convert(src, out, ConvertOptions(target=TARGET))
+    before, after = inspect(local_input(src)), inspect(local_input(out))
+    assert {r["verdict"] for r in before["engines"]} & {"lossy", "fails"}  # unequal scale_2, missing/zero input scales
+    assert {r["verdict"] for r in after["engines"]} <= {"loads", "n/a"}, [r for r in after["engines"] if r["verdict"] not in ("loads", "n/a")]
+    assert after["exit_code"] == 0
+    g = {x["prefix"]: x for x in after["groups"]}[PROJ["hf"][0]]
+    assert g["naming"]["fields"] == "modelopt" and g["naming"]["scalar_shape"] == "0-d" and g["scale_2"]["pairs_differ"] == 0
+
+
+def test_inspect_takes_the_repaired_canada_checkpoint_as_nvfp4_in_sglang(tmp_path):
+    from nvfp4_fuse.inspect import inspect, local_input
+
+    src = make_dsv4_sample(tmp_path / "src", DSv4SampleSpec(recipe="canada", layers=2, hash_layers=1, experts=4, hidden=256, inter=256, seed=random.randrange(2**31)))
+    out = tmp_path / "out"
+    convert(src, out, ConvertOptions(target=TARGET))
+    row = lambda rep: next(r for r in rep["engines"] if r["id"] == "sglang-0.5.23:flashinfer_trtllm")  # noqa: E731
+    assert row(inspect(local_input(src)))["verdict"] == "fails"
+    assert row(inspect(local_input(out)))["verdict"] == "loads"
+    g = {x["prefix"]: x for x in inspect(local_input(out))["groups"]}["layers.0.ffn.experts"]
+    assert g["naming"]["block_scale"] == "weight_scale" and g["naming"]["scalar_shape"] == "0-d"

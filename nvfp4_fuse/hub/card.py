@@ -16,6 +16,9 @@ from ..manifest import MANIFEST_NAME
 # that understands it (see "How to serve").
 CARD_LIBRARY_NAME = "transformers"
 CARD_TAGS = ("nvfp4", "modelopt", "fused-moe")
+# What differs from one verify run to the next of the same files (or names a local path): left out, so
+# the card of the same conversion is the same bytes and a second push of it is a no-op.
+CARD_SKIPPED_VERIFY_KEYS = frozenset({"seconds", "peak_read_ahead", "converted", "workers"})
 
 def _cell(v: Any) -> str:
     if isinstance(v, float):
@@ -44,7 +47,16 @@ def default_serve_hint(target: str, repo_id: str) -> str:
     from ..targets import TARGETS
 
     t = TARGETS.get(target)
-    return t.serve_hint.format(repo_id=repo_id) if t else f"# target {target}: no known loader\nvllm serve {repo_id}"
+    return t.serve_hint.format(repo_id=repo_id) if t else f"# target {target}: no known loader reads this layout"
+
+
+def card_library_name(target: str) -> str | None:
+    """``library_name`` for a checkpoint of ``target``: ``transformers`` (see above) where a released
+    loader serves it through vLLM, none where no loader reads the layout: the card claims no library."""
+    from ..targets import TARGETS
+
+    t = TARGETS.get(target)
+    return CARD_LIBRARY_NAME if t is not None and t.loader else None
 
 
 def _source_text(source: dict[str, Any]) -> str | None:
@@ -58,7 +70,7 @@ def _source_text(source: dict[str, Any]) -> str | None:
 def render_model_card(
     *,
     base_model: str | None,
-    repo_id: str,
+    repo_id: str | None,
     manifest: dict,
     verify_summary: dict | None,
     serve_hint: str,
@@ -68,7 +80,8 @@ def render_model_card(
     ``manifest`` is the manifest JSON (``Manifest.to_json()``). ``verify_summary`` (optional) is a dict;
     its ``layers`` entry (a list of per-layer dicts, or a dict layer -> dict) becomes a table and its
     other scalar entries a list. ``serve_hint`` is the shell snippet for serving ("" -> the default
-    for the manifest's target, see ``default_serve_hint``).
+    for the manifest's target, see ``default_serve_hint``). ``repo_id`` ``None``: the card ``convert``
+    writes into its output, before any push (it names no repo and no local path).
     """
     target = str(manifest.get("target", "?"))
     layout = str(manifest.get("layout", "?"))
@@ -76,12 +89,12 @@ def render_model_card(
     options = manifest.get("options") or {}
     source = manifest.get("source") or {}
     files = manifest.get("files") or {}
-    name = repo_id.split("/")[-1]
+    name = repo_id.split("/")[-1] if repo_id else (f"{base_model.split('/')[-1]} ({target})" if base_model else f"NVFP4 fused-expert checkpoint ({target})")
 
     from huggingface_hub import ModelCardData
 
     extra = {"base_model_relation": "quantized"} if base_model else {}
-    data = ModelCardData(base_model=base_model, library_name=CARD_LIBRARY_NAME, tags=list(CARD_TAGS), **extra)
+    data = ModelCardData(base_model=base_model, library_name=card_library_name(target), tags=list(CARD_TAGS), **extra)
     fm = ["---", data.to_yaml(), "---"]
 
     body: list[str] = ["", f"# {name}", "", "## What this is", ""]
@@ -124,6 +137,8 @@ def render_model_card(
         body += ["", "## Verification", ""]
         layers = verify_summary.get("layers")
         for k, v in verify_summary.items():
+            if k in CARD_SKIPPED_VERIFY_KEYS:
+                continue
             if k != "layers" and not isinstance(v, (dict, list)):
                 body.append(f"- {k}: {_cell(v)}")
         if isinstance(layers, dict):
@@ -132,7 +147,7 @@ def render_model_card(
             body.append("")
             body += _table([r if isinstance(r, dict) else {"result": r} for r in layers])
 
-    hint = serve_hint or default_serve_hint(target, repo_id)
+    hint = serve_hint or default_serve_hint(target, repo_id or "<this folder>")
     body += ["", "## How to serve", "", "```bash", hint.rstrip(), "```"]
 
     body += ["", "## How it was produced", ""]
@@ -140,7 +155,7 @@ def render_model_card(
     if not cmd:
         src = _source_text(source) if isinstance(source, dict) else None
         cmd = f"nvfp4-fuse convert {src.split(' ')[0] if src else '<source>'} <out> --target {target}"
-    body += ["```bash", str(cmd), f"nvfp4-fuse push <out> {repo_id}", "```", ""]
+    body += ["```bash", str(cmd)] + ([f"nvfp4-fuse push <out> {repo_id}"] if repo_id else []) + ["```", ""]
     src_txt = _source_text(source) if isinstance(source, dict) else None
     if src_txt:
         body.append(f"- source: `{src_txt}`")
@@ -148,8 +163,11 @@ def render_model_card(
     for k in ("input_fingerprint", "options_fingerprint"):
         if manifest.get(k):
             body.append(f"- {k.replace('_', ' ')}: `{manifest[k]}`")
-    body.append(
-        f"- `{MANIFEST_NAME}` lists every file with its size and sha256; `nvfp4-fuse push` checked the "
-        "Hub's copies against it after uploading."
-    )
+    if repo_id:
+        body.append(
+            f"- `{MANIFEST_NAME}` lists every file with its size and sha256; `nvfp4-fuse push` checked the "
+            "Hub's copies against it after uploading."
+        )
+    else:
+        body.append(f"- `{MANIFEST_NAME}` lists every file with its size and sha256; `nvfp4-fuse verify` checks them.")
     return "\n".join(fm + body) + "\n"

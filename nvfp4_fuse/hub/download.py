@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from ..errors import InputError
-from .errors import first_line, hub_error_line
+from .errors import first_line, hub_error_line, unreachable_reason
 
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -62,6 +62,12 @@ def resolve_source(
         if constants.HF_HUB_OFFLINE:
             raise InputError(
                 f"HF_HUB_OFFLINE is set and {source}@{rev} is not in the cache ({cache_dir or constants.HF_HUB_CACHE})"
+            ) from None
+        reason = unreachable_reason(e)
+        if reason is not None:
+            raise InputError(
+                f"cannot reach the Hub at {constants.ENDPOINT} ({reason}) and {source}@{rev} is not in the cache; "
+                "check the network connection, a proxy, or HF_ENDPOINT"
             ) from None
         raise InputError(
             f"could not reach the Hub for {source}@{rev} and it is not cached: {first_line(e.__cause__ or e)}"

@@ -28,11 +28,43 @@ def status_of(e: BaseException) -> int | None:
     return code if isinstance(code, int) else None
 
 
+# A name that does not resolve, or nothing listening: no retry brings the Hub back (a 5xx, a reset or
+# a timeout may pass; these mean no network, a wrong HF_ENDPOINT or a proxy in the way).
+UNREACHABLE_TEXT = (
+    "name or service not known",
+    "temporary failure in name resolution",
+    "nodename nor servname",
+    "no address associated",
+    "name resolution",
+    "connection refused",
+    "network is unreachable",
+)
+
+
+def unreachable_reason(exc: BaseException) -> str | None:
+    """'the name does not resolve' / 'connection refused' / ... when ``exc`` says the Hub's host cannot be
+    reached at all, else ``None``."""
+    import socket
+
+    for e in _chain(exc):
+        if isinstance(e, socket.gaierror):
+            return "its name does not resolve"
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        text = str(e).lower()
+        for t in UNREACHABLE_TEXT:
+            if t in text:
+                return "connection refused" if "refused" in t else ("network unreachable" if "unreachable" in t else "its name does not resolve")
+    return None
+
+
 def classify(exc: BaseException) -> tuple[str, BaseException]:
-    """-> (kind, the exception that decided it). kind: offline | transient | input | other."""
+    """-> (kind, the exception that decided it). kind: offline | unreachable | transient | input | other."""
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+    if unreachable_reason(exc) is not None:
+        return "unreachable", exc
     for e in _chain(exc):
         if isinstance(e, OfflineModeIsEnabled):
             return "offline", e
@@ -84,6 +116,14 @@ def hub_error_line(what: str, repo_id: str, e: BaseException, revision: str | No
     rev = revision or "main"
     if isinstance(e, OfflineModeIsEnabled):
         return f"{what}: HF_HUB_OFFLINE is set and this needs the network (unset it)"
+    reason = unreachable_reason(e)
+    if reason is not None:
+        from huggingface_hub import constants
+
+        return (
+            f"{what}: cannot reach the Hub at {constants.ENDPOINT} ({reason}); "
+            "check the network connection, a proxy, or HF_ENDPOINT"
+        )
     if isinstance(e, HFValidationError):
         return f"{repo_id!r} is not a valid Hub repo id: {first_line(e)}"
     if isinstance(e, GatedRepoError):

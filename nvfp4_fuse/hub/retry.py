@@ -1,5 +1,6 @@
-"""Calling the Hub with retries: transient failures (HTTP 408/429/5xx, connection errors, timeouts)
-are tried again with exponential backoff (``Retry-After`` honoured); the rest become one clear error."""
+"""Calling the Hub with retries: transient failures (HTTP 408/429/5xx, connection resets, timeouts)
+are tried again with exponential backoff (``Retry-After`` honoured); the rest (no network, a name that
+does not resolve, a refused connection, 401/403/404) become one clear error at once."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def with_retries(
             return fn(), attempt + 1
         except Exception as exc:  # noqa: BLE001 - classified below, unknown errors re-raised
             kind, e = classify(exc)
-            if kind in ("offline", "input"):
+            if kind in ("offline", "unreachable", "input"):
                 raise InputError(hub_error_line(what, repo_id, e, revision)) from exc
             if kind != "transient":
                 raise

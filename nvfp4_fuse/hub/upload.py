@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, PushVerificationFailed
-from ..manifest import HASH_CHUNK, MANIFEST_NAME, Manifest, check_files, load_manifest, save_manifest, sha256_file
+from ..manifest import HASH_CHUNK, MANIFEST_NAME, Manifest, check_files, load_manifest, manifest_bytes, sha256_file
 from .download import REPO_ID_RE
 from .retry import with_retries
 
@@ -43,6 +43,8 @@ class PushResult:
     forced: bool  # True when the manifest check was skipped or failed and force=True pushed anyway
     card_written: bool
     notes: list[str] = field(default_factory=list)
+    up_to_date: bool = False  # the Hub already held every file: nothing was uploaded
+    bytes: int = 0  # bytes of the files pushed (or that a dry run would push)
 
 
 def _ignored(rel: str) -> bool:
@@ -79,13 +81,17 @@ def _hash_both(path: Path) -> tuple[str, str]:
     return s256.hexdigest(), s1.hexdigest()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _stage(folder: Path, files: list[str], generated: dict[str, bytes], staging: Path) -> None:
+    """Mirror ``files`` into ``staging``: ``folder``'s as symlinks (no data copied), the ``generated``
+    ones (the model card, the manifest that lists it) as real files: the push uploads
+    what it should without writing a byte into ``folder``."""
+    for rel in files:
+        dst = staging / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if rel in generated:
+            dst.write_bytes(generated[rel])
+        else:
+            dst.symlink_to((folder / rel).resolve())
 
 
 def verify_remote(
@@ -168,12 +174,17 @@ def push(
     retries: int = 5,
     backoff: float = 2.0,
     card: str | None = None,
+    token: str | None = None,
+    dry_run: bool = False,
 ) -> PushResult:
     """Upload a finished conversion to the Hub and check the Hub's copy against the manifest.
 
     1. Refuses (``InputError``) a folder without ``nvfp4-fuse-manifest.json`` or whose files do not
        match it, unless ``force``.
-    2. Writes ``card`` to ``README.md`` in the folder if given (else leaves any README alone).
+    2. Never writes into the folder: when ``card`` is given, the Hub gets it as ``README.md`` and a
+       manifest that lists it, through a staging folder of symlinks; a failed push leaves the folder
+       as it was. If the Hub already holds exactly these files, nothing is uploaded (``up_to_date``).
+       ``dry_run`` stops after the local checks, with no network.
     3. ``create_repo(exist_ok=True)``; ``create_branch(exist_ok=True)`` when ``revision`` is a branch
        other than main.
     4. ``upload_folder`` (everything except ``*.partial``, ``.git``, ``.cache/huggingface``), retried
@@ -224,26 +235,60 @@ def push(
             notes.append(f"{len(problems)} file(s) differ from the manifest: pushed because of --force")
         else:
             trust_manifest = True
-    forced = not trust_manifest
 
-    card_written = False
+    generated: dict[str, bytes] = {}
+    pushed_manifest = manifest
     if card is not None:
-        _write_text_atomic(folder / README_NAME, card)
-        card_written = True
+        data = card.encode()
+        generated[README_NAME] = data
         if manifest is not None and trust_manifest:
-            # The card replaces the source's README: record it so the folder still matches its manifest
-            # (and verify knows this one file is ours, not a copied sidecar).
-            data = (folder / README_NAME).read_bytes()
-            digest = hashlib.sha256(data).hexdigest()
-            manifest.files[README_NAME] = {"size": len(data), "sha256": digest}
-            manifest.model_card = digest
-            save_manifest(folder, manifest)
+            # The card replaces the source's README on the Hub: the pushed manifest lists it, so the
+            # Hub's copy matches its manifest (and verify knows this one file is ours, not a sidecar).
+            import copy
 
-    files = local_upload_files(folder)
+            pushed_manifest = copy.deepcopy(manifest)
+            digest = hashlib.sha256(data).hexdigest()
+            pushed_manifest.files[README_NAME] = {"size": len(data), "sha256": digest}
+            pushed_manifest.model_card = digest
+            generated[MANIFEST_NAME] = manifest_bytes(pushed_manifest)
+    card_written = card is not None
+
+    files = sorted(set(local_upload_files(folder)) | set(generated))
     if not files:
         raise InputError(f"{folder} has no files to push")
+    total = sum(len(generated[f]) if f in generated else os.path.getsize(folder / f) for f in files)
+    if dry_run:
+        return PushResult(repo_id, revision or "main", None, None, None, files, {}, 0, not trust_manifest, card_written, notes, bytes=total)
 
-    api = api if api is not None else HfApi()
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="nvfp4-fuse-push-") as tmp:
+        staging = Path(tmp)
+        _stage(folder, files, generated, staging)
+        res = _push_staged(
+            staging, repo_id, files, api=api if api is not None else HfApi(token=token), private=private, revision=revision,
+            commit_message=commit_message, manifest=pushed_manifest, trust_manifest=trust_manifest, retries=retries, backoff=backoff,
+        )  # fmt: skip
+    res.forced, res.card_written, res.notes, res.bytes = not trust_manifest, card_written, notes, total
+    return res
+
+
+def _push_staged(
+    folder: Path,
+    repo_id: str,
+    files: list[str],
+    *,
+    api,
+    private: bool,
+    revision: str | None,
+    commit_message: str | None,
+    manifest: Manifest | None,
+    trust_manifest: bool,
+    retries: int,
+    backoff: float,
+) -> PushResult:
+    """Create the repo (and branch), skip the upload when the Hub already holds ``files`` as they are,
+    else upload ``folder`` and check the Hub's hashes."""
     branch = revision if revision and revision != "main" and not revision.startswith("refs/") else None
     if commit_message is None:
         if manifest is not None:
@@ -265,6 +310,19 @@ def push(
             lambda: api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model"),
             **kw,
         )
+    if trust_manifest:  # the shards' hashes are known: asking the Hub first costs one request per 100 files
+        try:
+            _, before = verify_remote(
+                folder, repo_id, files, api=api, revision=revision, manifest=manifest, trust_manifest=True,
+                retries=retries, backoff=backoff,
+            )  # fmt: skip
+        except InputError:  # an empty repo, a new branch: nothing to compare with
+            before = ["not there yet"]
+        if not before:
+            return PushResult(
+                repo_id, revision or "main", str(repo_url) if repo_url is not None else None, None, None, [],
+                {f: "unchanged" for f in files}, 0, False, False, up_to_date=True,
+            )  # fmt: skip
     commit, attempts = with_retries(
         "uploading",
         lambda: api.upload_folder(
@@ -303,7 +361,6 @@ def push(
         uploaded=files,
         checked=checked,
         attempts=attempts,
-        forced=forced,
-        card_written=card_written,
-        notes=notes,
+        forced=False,
+        card_written=False,
     )
