@@ -585,7 +585,7 @@ def push(
 @app.command(cls=_Command)
 def sample(
     output: Path = typer.Argument(..., metavar="OUTPUT", help="Folder to write the sample checkpoint into (created; must be empty).", show_default=False),
-    arch: str = typer.Option("modelopt", metavar="ARCH", help="modelopt (names from --scheme) or deepseek-v4 (a recipe's real format, --recipe)."),
+    arch: str = typer.Option("modelopt", metavar="ARCH", help="modelopt (names from --scheme), deepseek-v4 (a recipe's real format, --recipe) or deepseek-v41 (NVIDIA's V4.1 format)."),
     recipe: str | None = typer.Option(None, metavar="RECIPE", help="deepseek-v4 only: nvidia (ModelOpt's recipe, the default) or canada (canada-quant's)."),
     scheme: str | None = typer.Option(None, metavar="SCHEME", help="modelopt only: tensor names: deepseek (the default), hf, mixtral, compressed-tensors."),
     layers: int | None = typer.Option(None, metavar="N", help="Layers (modelopt: 3, layer 0 dense; deepseek-v4: 4, the first 3 hash-routed)."),

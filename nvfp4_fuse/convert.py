@@ -500,6 +500,12 @@ def _copy_file(src: Path, dst: Path) -> tuple[int, str]:
 README_NAME = "README.md"
 
 
+def _architectures(spec: OutputSpec) -> list[str]:
+    """The source's ``config.json`` architectures (what the model card's serving advice depends on)."""
+    archs = (spec.source.configs.get("config.json") or {}).get("architectures")
+    return [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+
+
 def output_card(manifest: Manifest, source_label: str) -> bytes:
     """The README.md of a converted folder: a model card describing it (``push`` uploads a fuller one,
     with the repo id and the verification). It names no local path, so the bytes depend only on the
@@ -659,6 +665,7 @@ def _convert_locked(
         files=files,
         source={
             "source": source_label or str(source_dir),
+            **({"architectures": archs} if (archs := _architectures(spec)) else {}),
             "layers": {p: r.to_json() for p, r in reports.items()},
             **({"copied_expert_modules": spec.fused_block()["copied_expert_modules"]} if spec.copied_groups else {}),
             **({"decoded_block_scales": spec.decoded_block_scales()} if spec.source.encoded else {}),

@@ -11,7 +11,7 @@ from .errors import InputError
 from .sample import SCHEMES
 from .sample_dsv4 import RECIPES
 
-ARCHS = ("modelopt", "deepseek-v4")
+ARCHS = ("modelopt", "deepseek-v4", "deepseek-v41")
 DEFAULT_SIZE = 512  # hidden and intermediate: what every target takes (mega-moe needs multiples of 512)
 
 
@@ -31,7 +31,7 @@ def check_sample_options(
 ) -> None:
     """``InputError`` for a bad or inapplicable option, naming it and what to do."""
     if arch not in ARCHS:
-        raise InputError(f"--arch must be modelopt or deepseek-v4, not {arch!r}")
+        raise InputError(f"--arch must be one of {', '.join(ARCHS)}, not {arch!r}")
     if arch == "modelopt":
         for name, given in (("--recipe", recipe), ("--values", values)):
             if given is not None:
@@ -49,6 +49,8 @@ def check_sample_options(
             raise InputError("--unequal-scale-2 applies to --arch modelopt only; drop it")
         if scale_encoding is not None:
             raise InputError("--scale-encoding applies to --arch modelopt only; drop it")
+        if arch == "deepseek-v41" and recipe not in (None, "nvidia"):
+            raise InputError("--recipe applies to --arch deepseek-v4 only (deepseek-v41 is written in NVIDIA's recipe); drop it")
         if recipe is not None and recipe not in RECIPES:
             raise InputError(f"--recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
         if values is not None and values not in ("U8", "I8"):
@@ -86,15 +88,18 @@ def write_sample(
     require_writable(output, "sample folder")
     existed = output.exists()
     try:
-        if arch == "deepseek-v4":
+        if arch in ("deepseek-v4", "deepseek-v41"):
             from .sample_dsv4 import DSv4SampleSpec, make_dsv4_sample
 
+            v41 = arch == "deepseek-v41"
             n = layers or 4
             spec4 = DSv4SampleSpec(
-                recipe or "nvidia", n, min(3, n), experts, hidden or DEFAULT_SIZE, intermediate or DEFAULT_SIZE, shards, values or "U8", seed=seed
-            )
+                recipe or "nvidia", n, 0 if v41 else min(3, n), experts, hidden or DEFAULT_SIZE, intermediate or DEFAULT_SIZE, shards,
+                values or "U8", seed=seed, v41=v41,
+            )  # fmt: skip
             make_dsv4_sample(output, spec4)
-            return f"sample DeepSeek-V4 checkpoint ({spec4.recipe} recipe, {n} layers + MTP, {experts} experts, H={spec4.hidden}, I={spec4.inter})"
+            what = "DeepSeek-V4.1 checkpoint (NVIDIA's format" if v41 else f"DeepSeek-V4 checkpoint ({spec4.recipe} recipe"
+            return f"sample {what}, {n} layers + MTP, {experts} experts, H={spec4.hidden}, I={spec4.inter})"
         from .sample import SampleSpec, make_sample_checkpoint
 
         spec = SampleSpec(

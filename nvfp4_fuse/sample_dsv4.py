@@ -20,6 +20,10 @@ What is written, per the recipes' own code (facts and sources in docs/dsv4-forma
 - the MTP layer ``mtp.0.*`` as the native release has it in both recipes: its routed experts MXFP4
   (``weight`` I8 ``[out, in/2]``, ``scale`` F8_E8M0 ``[out, in/32]``).
 
+With ``v41`` the checkpoint is DeepSeek-V4.1's (``nvidia/DeepSeek-V4.1-Flash-NVFP4``, NVIDIA's
+recipe): the same tensors with every layer score-routed (``gate.bias``, no ``tid2eid``) and
+:func:`v41_config`'s ``config.json``.
+
 H and I default to 512, so the mega-moe target (multiples of 512) accepts them.
 """
 
@@ -73,6 +77,7 @@ class DSv4SampleSpec:
     topk: int = 2
     vocab: int = 64
     seed: int | None = None
+    v41: bool = False  # DeepSeek-V4.1 (nvidia/DeepSeek-V4.1-Flash-NVFP4's format; no hash layers)
 
 
 Maker = Callable[[], torch.Tensor]
@@ -258,7 +263,50 @@ def _configs(spec: DSv4SampleSpec) -> dict[str, dict[str, Any]]:
             "exclude_modules": ignore,
         },
     }
-    return {"config.json": cfg, "hf_quant_config.json": hq}
+    return {"config.json": v41_config(cfg) if spec.v41 else cfg, "hf_quant_config.json": hq}
+
+
+# What a DeepSeek-V4.1 config has on top of V4's text fields (the V4 model code reads its defaults
+# from transformers' DeepseekV4Config, which V4.1's flattened config does not fall back to).
+V41_TEXT_DEFAULTS: dict[str, Any] = {
+    "hc_eps": 1e-06,
+    "hc_sinkhorn_iters": 20,
+    "rms_norm_eps": 1e-06,
+    "sliding_window": 128,
+    "index_n_heads": 64,
+    "index_head_dim": 128,
+    "rope_theta": 10000.0,
+    "compress_rope_theta": 160000.0,
+}
+
+
+def v41_config(v4: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSeek-V4.1 ``config.json`` (``nvidia/DeepSeek-V4.1-Flash-NVFP4``'s layout) of a flat
+    DeepSeek-V4 one: ``model_type: deepseek_v41``, ``architectures: [DeepseekV41ForCausalLM]``, the
+    text model's fields under ``text_config`` and the vision tower's under ``vision_config`` (here
+    none: no tower weights are written), ``quantization_config`` at the top, where vLLM reads it.
+    V4.1 routes every layer by score (no hash layers) and its attention topology is per layer:
+    ``compress_ratios`` (one per layer, MTP included; 0 = sliding window, as written here) and
+    the ``kv_source_layer_ids`` / ``index_source_layer_ids`` layers."""
+    text = {k: v for k, v in v4.items() if k not in ("architectures", "model_type", "quantization_config", "torch_dtype")}
+    text.pop("num_hash_layers", None)
+    n = text["num_hidden_layers"]
+    text = {**V41_TEXT_DEFAULTS, **text}
+    text |= {
+        "compress_ratios": [0] * (n + int(text.get("num_nextn_predict_layers") or 0)),
+        "kv_source_layer_ids": [n - 1],
+        "index_source_layer_ids": [n - 1],
+    }
+    out: dict[str, Any] = {
+        "architectures": ["DeepseekV41ForCausalLM"],
+        "model_type": "deepseek_v41",
+        "text_config": text,
+        "vision_config": {"num_hidden_layers": 0},
+        "torch_dtype": v4.get("torch_dtype", "bfloat16"),
+    }
+    if "quantization_config" in v4:
+        out["quantization_config"] = v4["quantization_config"]
+    return out
 
 
 def make_dsv4_sample(out: Path, spec: DSv4SampleSpec | None = None) -> Path:
@@ -270,12 +318,14 @@ def make_dsv4_sample(out: Path, spec: DSv4SampleSpec | None = None) -> Path:
         raise ValueError(f"recipe must be one of {RECIPES}")
     if spec.values not in ("U8", "I8"):
         raise ValueError("values must be U8 or I8")
+    if spec.v41 and (spec.recipe != "nvidia" or spec.hash_layers):
+        raise ValueError("DeepSeek-V4.1 samples are NVIDIA's recipe (nvidia/DeepSeek-V4.1-Flash-NVFP4), with no hash layers")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seed = spec.seed if spec.seed is not None else int(torch.randint(0, 2**31, ()).item())
     gen = torch.Generator().manual_seed(seed)
     tensors = ((name, make()) for name, make in _tensors(spec, gen))
-    readme = f"Sample DeepSeek-V4 NVFP4 checkpoint ({spec.recipe} recipe), made by nvfp4-fuse.\n"
+    readme = f"Sample DeepSeek-V4{'.1' if spec.v41 else ''} NVFP4 checkpoint ({spec.recipe} recipe), made by nvfp4-fuse.\n"
     return write_sharded(out, tensors, _estimate_bytes(spec), spec.shards, _configs(spec), readme)
 
 

@@ -160,7 +160,9 @@ TARGETS: dict[str, Target] = {
             input_scale=ExpertMax(),
             values=PackedValues.I8,
             serve_hint="pip install 'nvfp4-fuse[vllm]'   # the plugin that loads this layout into vLLM 0.33\n"
-            "vllm serve {repo_id} --moe-backend deep_gemm_mega_moe --enable-expert-parallel",
+            "vllm serve {repo_id} --moe-backend deep_gemm_mega_moe --enable-expert-parallel\n"
+            "# DeepSeek-V4 on another NVFP4 MoE backend (e.g. --moe-backend flashinfer_cutedsl): the plugin\n"
+            "# recovers each expert's tensors for vLLM's per-expert loader",
             loader=MEGA_MOE_LOADER,
         ),
         Target(
@@ -171,9 +173,9 @@ TARGETS: dict[str, Target] = {
             scale_2=MergeByMax(),
             input_scale=ExpertMax(),
             values=PackedValues.U8,
-            serve_hint="# target vllm-fused: no released loader reads this layout yet; it needs one that takes\n"
-            "# the fused w13_*/w2_* expert tensors described in config.json (fused_experts) as they are.\n"
-            "hf download {repo_id}   # then load it with such a loader",
+            serve_hint="# target vllm-fused: no kernel reads it as it is; for DeepSeek-V4 the nvfp4-fuse vLLM plugin\n"
+            "# recovers each expert's tensors for vLLM's per-expert loader, on any NVFP4 MoE backend\n"
+            "pip install 'nvfp4-fuse[vllm]'\nvllm serve {repo_id} --moe-backend flashinfer_cutedsl",
             user_row_order=True,
         ),
         Target(
@@ -184,9 +186,9 @@ TARGETS: dict[str, Target] = {
             scale_2=MergeByMax(),
             input_scale=ExpertMax(),
             values=PackedValues.U8,
-            serve_hint="# target linear: no released loader reads this layout yet; it needs one that takes\n"
-            "# the fused w13_*/w2_* expert tensors described in config.json (fused_experts) as they are.\n"
-            "hf download {repo_id}   # then load it with such a loader",
+            serve_hint="# target linear: no kernel reads it as it is; for DeepSeek-V4 the nvfp4-fuse vLLM plugin\n"
+            "# recovers each expert's tensors for vLLM's per-expert loader, on any NVFP4 MoE backend\n"
+            "pip install 'nvfp4-fuse[vllm]'\nvllm serve {repo_id} --moe-backend flashinfer_cutedsl",
             user_row_order=True,
         ),
         Target(

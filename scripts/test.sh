@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
 # Sets up .venv (scripts/setup_env.sh), lints with ruff and runs the whole test suite on the CPU.
 # Triton kernels run under TRITON_INTERPRET=1 in their tests. Extra arguments go to pytest.
-# Then the vLLM plugin's tests (tests/vllm, skipped by the run above) in .venv-vllm-0.33, against
-# vLLM 0.33.0's own code (scripts/setup_vllm_env.sh).
+# Then the vLLM plugin's tests (tests/vllm, skipped by the run above) once per vLLM release in
+# VLLM_RELEASES, each in its own .venv-vllm-<minor> against that release's own code
+# (scripts/setup_vllm_env.sh), with the time each run took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The vLLM releases the plugin is tested on (nvfp4_fuse/vllm/versions.py says what differs between them).
+VLLM_RELEASES=(0.33.0 0.34.0)
+
 bash scripts/setup_env.sh
 . .venv/bin/activate
 ruff check .
 python -m pytest -q -p no:cacheprovider "$@"
 deactivate
-bash scripts/setup_vllm_env.sh 0.33.0
-exec .venv-vllm-0.33/bin/python -m pytest -q -p no:cacheprovider tests/vllm
+for release in "${VLLM_RELEASES[@]}"; do
+  minor=$(echo "$release" | cut -d. -f1,2)
+  bash scripts/setup_vllm_env.sh "$release"
+  start=$SECONDS
+  ".venv-vllm-$minor/bin/python" -m pytest -q -p no:cacheprovider tests/vllm
+  echo "tests/vllm on vLLM $release: $((SECONDS - start)) s"
+done

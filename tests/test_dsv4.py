@@ -318,3 +318,32 @@ def test_v4_pro_plan_from_headers_alone_in_seconds(tmp_path, capsys):
     assert sum(s["bytes"] for s in plan["shards"]) == plan["total_bytes"] and len(plan["shards"]) >= 170  # 5 GB shards
     assert seconds < 60, f"the V4-Pro plan took {seconds:.1f} s"
     print(f"V4-Pro plan ({len(tensors)} tensors, {total / 1e9:.1f} GB) from headers in {seconds:.1f} s")
+
+
+def test_a_v41_sample_is_nvidias_v41_format_and_converts_and_verifies(tmp_path, capsys):
+    """`nvfp4-fuse sample --arch deepseek-v41` writes NVIDIA's DeepSeek-V4.1 layout (model_type
+    deepseek_v41, the text model under text_config, quantization_config at the top, every layer
+    score-routed); `convert` and `verify` take it as they take V4, and keep its config's keys."""
+    src, out = tmp_path / "v41", tmp_path / "out"
+    code, stdout, _ = run_inprocess(capsys, "sample", str(src), "--arch", "deepseek-v41", "--layers", "3", "--seed", str(random.randrange(2**31)))
+    assert code == 0 and "DeepSeek-V4.1" in stdout
+    cfg = json.loads((src / "config.json").read_text())
+    assert (cfg["model_type"], cfg["architectures"]) == ("deepseek_v41", ["DeepseekV41ForCausalLM"])
+    text, qc = cfg["text_config"], cfg["quantization_config"]
+    assert text["num_hidden_layers"] == 3 and "num_hash_layers" not in text and "quantization_config" not in text
+    assert len(text["compress_ratios"]) == 4 and text["kv_source_layer_ids"] and "vision_config" in cfg
+    assert qc["moe_quant_algo"] == "NVFP4" and set(qc["quantized_layers"]) == {f"layers.{n}.ffn.experts" for n in range(3)}
+    s = load_all(src)
+    assert not any(k.endswith("tid2eid") for k in s) and all(f"layers.{n}.ffn.gate.bias" in s for n in range(3))
+    code, _, err = run_inprocess(capsys, "convert", str(src), str(out))
+    assert code == 0, err
+    check_output_against_reference(src, out, layout="mega-moe")
+    o = json.loads((out / "config.json").read_text())
+    assert o["quantization_config"].pop("fused_experts")["target"] == "mega-moe" and o == cfg
+    code, _, err = run_inprocess(capsys, "verify", str(src), str(out), "--device", "cpu")
+    assert code == 0, err
+
+
+def test_a_v41_sample_of_canadas_recipe_is_refused(tmp_path, capsys):
+    code, _, err = run_inprocess(capsys, "sample", str(tmp_path / "x"), "--arch", "deepseek-v41", "--recipe", "canada")
+    assert code == 2 and "NVIDIA's recipe" in err

@@ -355,13 +355,19 @@ def test_model_card_without_base_model_or_summary(tmp_path):
     _, m = make_folder(tmp_path / "out")
     d = m.to_json()
     d["target"] = "vllm-fused"
+    d["source"]["architectures"] = ["Qwen3MoeForCausalLM"]
     card = render_model_card(base_model=None, repo_id="me/x", manifest=d, verify_summary=None, serve_hint="")
     fm = front_matter(card)
     assert "base_model" not in fm and "base_model_relation" not in fm
     assert fm["tags"] == ["nvfp4", "modelopt", "fused-moe"]
     assert "## Verification" not in card
-    # no loader reads vllm-fused: the card claims no library and does not suggest `vllm serve`
+    # no loader reads fused experts of this model: the card claims no library, suggests no `vllm serve`
     assert "library_name" not in fm and "vllm serve" not in card and "hf download me/x" in card
+    # DeepSeek-V4.1: the plugin serves any target, on any NVFP4 MoE backend
+    d["source"]["architectures"] = ["DeepseekV41ForCausalLM"]
+    card = render_model_card(base_model=None, repo_id="me/x", manifest=d, verify_summary=None, serve_hint="")
+    assert front_matter(card)["library_name"] == "transformers"
+    assert "pip install 'nvfp4-fuse[vllm]'" in card and "vllm serve me/x --moe-backend flashinfer_cutedsl" in card
 
 
 def test_model_card_quotes_odd_yaml_values(tmp_path):

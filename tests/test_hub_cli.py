@@ -76,7 +76,8 @@ def test_push_token_option_is_used(make_ckpt, tmp_path, fake_hub, monkeypatch, c
     assert r.exit_code == 0, r.output
     assert fake_hub.repos["me/x"].private
     card = fake_hub.files("me/x")["README.md"].decode()
-    assert "library_name" not in card and "vllm serve" not in card  # linear: no loader reads it
+    # linear, of a model the vLLM plugin does not serve (it serves DeepSeek-V4 and V4.1)
+    assert "library_name" not in card and "vllm serve" not in card
 
 
 def test_a_hub_that_keeps_failing_is_exit_4_with_a_json_error(make_ckpt, tmp_path, fake_hub, monkeypatch, capsys):  # noqa: F811

@@ -42,21 +42,41 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def default_serve_hint(target: str, repo_id: str) -> str:
-    """How to serve a pushed checkpoint of ``target`` (the target's own hint)."""
+def served_by_plugin(architectures: Any) -> bool:
+    """Whether this package's vLLM plugin serves a fused checkpoint of a model with these
+    ``config.json`` architectures (DeepSeek-V4 and V4.1, any target, any NVFP4 MoE backend). A
+    manifest that does not record them (older ones) is taken to be served."""
+    from ..vllm import MODEL_CLASSES
+
+    if not isinstance(architectures, list):
+        return True
+    return any(a in MODEL_CLASSES for a in architectures)
+
+
+def default_serve_hint(target: str, repo_id: str, architectures: Any = None) -> str:
+    """How to serve a pushed checkpoint of ``target`` (the target's own hint, where the plugin serves
+    the model; else where to find the layout's description)."""
     from ..targets import TARGETS
 
     t = TARGETS.get(target)
-    return t.serve_hint.format(repo_id=repo_id) if t else f"# target {target}: no known loader reads this layout"
+    if t is None:
+        return f"# target {target}: no known loader reads this layout"
+    if not served_by_plugin(architectures):
+        return (
+            f"# {', '.join(architectures) or 'this model'}: no released loader reads fused expert tensors for it yet\n"
+            "# (the nvfp4-fuse vLLM plugin serves DeepSeek-V4 and V4.1); the layout is described in\n"
+            "# config.json (quantization_config.fused_experts).\n"
+            f"hf download {repo_id}"
+        )
+    return t.serve_hint.format(repo_id=repo_id)
 
 
-def card_library_name(target: str) -> str | None:
-    """``library_name`` for a checkpoint of ``target``: ``transformers`` (see above) where a released
-    loader serves it through vLLM, none where no loader reads the layout: the card claims no library."""
+def card_library_name(target: str, architectures: Any = None) -> str | None:
+    """``library_name`` for a checkpoint of ``target``: ``transformers`` (see above) where vLLM serves
+    it (through this package's plugin), none where no loader reads it: the card claims no library."""
     from ..targets import TARGETS
 
-    t = TARGETS.get(target)
-    return CARD_LIBRARY_NAME if t is not None and t.loader else None
+    return CARD_LIBRARY_NAME if target in TARGETS and served_by_plugin(architectures) else None
 
 
 def _source_text(source: dict[str, Any]) -> str | None:
@@ -94,7 +114,8 @@ def render_model_card(
     from huggingface_hub import ModelCardData
 
     extra = {"base_model_relation": "quantized"} if base_model else {}
-    data = ModelCardData(base_model=base_model, library_name=card_library_name(target), tags=list(CARD_TAGS), **extra)
+    archs = source.get("architectures") if isinstance(source, dict) else None
+    data = ModelCardData(base_model=base_model, library_name=card_library_name(target, archs), tags=list(CARD_TAGS), **extra)
     fm = ["---", data.to_yaml(), "---"]
 
     body: list[str] = ["", f"# {name}", "", "## What this is", ""]
@@ -147,7 +168,7 @@ def render_model_card(
             body.append("")
             body += _table([r if isinstance(r, dict) else {"result": r} for r in layers])
 
-    hint = serve_hint or default_serve_hint(target, repo_id or "<this folder>")
+    hint = serve_hint or default_serve_hint(target, repo_id or "<this folder>", archs)
     body += ["", "## How to serve", "", "```bash", hint.rstrip(), "```"]
 
     body += ["", "## How it was produced", ""]

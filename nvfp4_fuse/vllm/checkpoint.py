@@ -1,8 +1,8 @@
 """What a DeepSeek-V4 checkpoint's ``quantization_config`` says about its routed experts.
 
-Pure Python (no vLLM, no torch), so it can be read and tested anywhere. The plugin asks two
-questions of it: are this checkpoint's routed experts NVFP4 (so vLLM's MegaMoE must be built with
-``MEGA_MOE_NVFP4``), and are they stored fused in a layout this plugin reads.
+No vLLM, no torch (the fused target comes from ``nvfp4_fuse.targets``, numpy), so it can be read
+and tested anywhere. The plugin asks it: are this checkpoint's routed experts NVFP4 (so vLLM's
+MegaMoE must be built with ``MEGA_MOE_NVFP4``), and are they stored fused, in which target.
 
 Recipes it has to tell apart:
 
@@ -24,11 +24,14 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..targets import Target
 
 FUSED_BLOCK_KEY = "fused_experts"
-FUSED_TARGET = "mega-moe"
-# Layout versions whose tensors this plugin copies as they are (see fused.py for the contract).
+FUSED_TARGET = "mega-moe"  # the target vLLM's NVFP4 MegaMoE parameters hold as they are
+# Layout versions this plugin reads (fused.py: the mega-moe contract; fused_per_expert.py: the rest).
 KNOWN_LAYOUTS = frozenset({"nvfp4-fuse/v2"})
 
 
@@ -77,10 +80,21 @@ class ExpertCheckpoint:
 
     def check_layout(self) -> None:
         """Refuse a fused checkpoint this plugin does not know how to read, with one clear error."""
+        if self.fused is not None:
+            self.fused_target()
+
+    def fused_target(self) -> Target | None:
+        """The ``nvfp4-fuse`` target (row order, scale layout, scalar policies) the experts are fused
+        in, from the ``fused_experts`` block; ``None`` for a per-expert checkpoint.
+        ``FusedLayoutError`` for a layout version or target this plugin does not read, or a block
+        whose choices disagree with its target's."""
         if self.fused is None:
-            return
+            return None
+        from ..errors import InputError
+        from ..targets import TARGETS, get_target
+
         layout = self.fused.get("layout")
-        target = self.fused.get("target")
+        name = self.fused.get("target")
         if layout not in KNOWN_LAYOUTS:
             raise FusedLayoutError(
                 f"nvfp4-fuse: this checkpoint's experts are fused in layout {layout!r} "
@@ -88,12 +102,31 @@ class ExpertCheckpoint:
                 f"it reads {', '.join(sorted(KNOWN_LAYOUTS))}. Convert the per-expert checkpoint "
                 "again with this nvfp4-fuse, or install the nvfp4-fuse version that wrote it."
             )
-        if target != FUSED_TARGET:
+        if name not in TARGETS:
             raise FusedLayoutError(
-                f"nvfp4-fuse: this checkpoint's experts are fused for target {target!r}; vLLM's "
-                f"deep_gemm_mega_moe backend loads only target {FUSED_TARGET!r}. Convert with "
-                f"`nvfp4-fuse convert --target {FUSED_TARGET}`."
+                f"nvfp4-fuse: this checkpoint's experts are fused for target {name!r} "
+                f"(quantization_config.{FUSED_BLOCK_KEY}.target); this plugin reads targets "
+                f"{', '.join(TARGETS)}."
             )
+        rows = self.fused.get("w13_rows")
+        if TARGETS[name].user_row_order and rows is None:
+            raise FusedLayoutError(
+                f"nvfp4-fuse: target {name!r} needs quantization_config.{FUSED_BLOCK_KEY}.w13_rows "
+                "(gate-up or up-gate), which this checkpoint's config does not have"
+            )
+        try:
+            target = get_target(name, rows if TARGETS[name].user_row_order else "gate-up")
+        except InputError as e:
+            raise FusedLayoutError(f"nvfp4-fuse: quantization_config.{FUSED_BLOCK_KEY}: {e}") from None
+        described = target.describe()
+        for key in ("w13_rows", "scale_layout", "w13_weight_scale_2", "w13_input_scale", "values"):
+            if key in self.fused and self.fused[key] != described[key]:
+                raise FusedLayoutError(
+                    f"nvfp4-fuse: quantization_config.{FUSED_BLOCK_KEY}.{key} is {self.fused[key]!r}, "
+                    f"but target {name!r} of layout {layout} writes {described[key]!r}; the config "
+                    "does not describe a layout this plugin reads"
+                )
+        return target
 
     def experts_are_nvfp4(self, module: str) -> bool:
         """Whether the routed experts at checkpoint prefix ``module`` (``layers.3.ffn.experts``,

@@ -2,8 +2,8 @@
 EP rank's ``DeepGemmMegaMoEExperts`` parameters, as they are.
 
 The contract, per expert module ``P`` with ``L`` logical (routed) experts, hidden ``H``,
-intermediate ``I``: each tensor is what vLLM 0.33's NVFP4 MegaMoE parameter holds for all ``L``
-experts, in the parameter's physical (storage) order:
+intermediate ``I``: each tensor is what vLLM's NVFP4 MegaMoE parameter (unchanged from 0.33 to 0.34)
+holds for all ``L`` experts, in the parameter's physical (storage) order:
 
 =========================  ====================  ==========================================
 ``P.w13_weight``           I8 (or U8) [L, 2I, H/2]  gate/up rows interleaved by 8

@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nvfp4_fuse.sample_dsv4 import CANADA_EXPERT_FORMAT, NATIVE_QUANT_CONFIG, NVIDIA_IGNORE, NVIDIA_PRODUCER
+from nvfp4_fuse.sample_dsv4 import CANADA_EXPERT_FORMAT, NATIVE_QUANT_CONFIG, NVIDIA_IGNORE, NVIDIA_PRODUCER, v41_config
 
 FUSED_LAYOUT = "nvfp4-fuse/v2"
 
@@ -170,11 +170,18 @@ def write_shards(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 2
     )
 
 
-def write_source(folder: Path, recipe: str, *, dims: Dims = Dims(), seed: int, unequal_scale_2: bool = False) -> Path:
-    """A per-expert NVFP4 DeepSeek-V4 checkpoint of ``recipe`` ("nvidia" or "canada")."""
+V41_DIMS = Dims(hash_layers=0)
+
+
+def write_source(
+    folder: Path, recipe: str, *, dims: Dims = Dims(), seed: int, unequal_scale_2: bool = False, v41: bool = False
+) -> Path:
+    """A per-expert NVFP4 DeepSeek-V4 checkpoint of ``recipe`` ("nvidia" or "canada"); with ``v41``
+    a DeepSeek-V4.1 one (``sample_dsv4.v41_config``'s config; ``dims`` should have no hash
+    layers, as ``V41_DIMS``)."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = _config(recipe, dims)
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    (folder / "config.json").write_text(json.dumps(v41_config(cfg) if v41 else cfg, indent=2))
     if recipe == "nvidia":
         qc = cfg["quantization_config"]
         hq = {
@@ -215,17 +222,46 @@ def read_all(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def make_fused_checkpoint(src_dir: Path, out_dir: Path) -> Path:
-    """The fused (layout ``nvfp4-fuse/v2``, target ``mega-moe``) form of per-expert checkpoint
-    ``src_dir``, written to ``out_dir`` by ``nvfp4-fuse convert`` (its default target)."""
+def make_fused_checkpoint(src_dir: Path, out_dir: Path, target: str = "mega-moe", w13_order: str = "gate-up") -> Path:
+    """The fused (layout ``nvfp4-fuse/v2``) form of per-expert checkpoint ``src_dir`` in ``target``
+    (default: ``mega-moe``, the converter's own default), written to ``out_dir`` by
+    ``nvfp4-fuse convert``."""
     from nvfp4_fuse.convert import ConvertOptions, convert
 
-    convert(src_dir, out_dir, ConvertOptions())
+    convert(src_dir, out_dir, ConvertOptions(target=target, w13_order=w13_order))
+    return out_dir
+
+
+def write_merged_source(src_dir: Path, out_dir: Path) -> Path:
+    """``src_dir`` with each expert's w1/w3 ``weight_scale_2`` merged as the converter merges them
+    (both get the max; the smaller half's block scales rescaled, the torch reference) and nothing
+    else changed: the per-expert checkpoint a fused one stands for."""
+    import re
+    import shutil
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in src_dir.iterdir():
+        if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, out_dir / f.name)
+    src = read_all(src_dir)
+    expert_re = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.(\w+)$")
+    per_layer: dict[str, list[tuple[int, str, str, torch.Tensor]]] = {}
+    out = {}
+    for name, t in src.items():
+        m = expert_re.match(name)
+        if m is None:
+            out[name] = t
+        else:
+            per_layer.setdefault(m[1], []).append((int(m[2]), m[3], m[4], t))
+    for prefix, items in per_layer.items():
+        for x, w, field, t in _merge_scale_2(items):
+            out[f"{prefix}.{x}.{w}.{field}"] = t
+    write_shards(out_dir, out)
     return out_dir
 
 
 def fused_by_vllm_loader(src_dir: Path, rescale: bool = False) -> dict[str, torch.Tensor]:
-    """The fused expert tensors of per-expert checkpoint ``src_dir`` as vLLM 0.33 itself lays them
+    """The fused expert tensors of per-expert checkpoint ``src_dir`` as the installed vLLM itself lays them
     out: each layer's per-expert tensors go through ``DeepGemmMegaMoEExperts.weight_loader`` into an
     NVFP4 experts module holding all experts, whose parameters' storage is taken as it lies
     (``w13_weight_scale`` is the MN-major parameter's storage, ``[E, H/64, 2I]``). ``w13_input_scale``
@@ -238,6 +274,7 @@ def fused_by_vllm_loader(src_dir: Path, rescale: bool = False) -> dict[str, torc
     import re
     from unittest import mock
 
+    import harness
     import vllm.model_executor.layers.fused_moe.deep_gemm_mega_moe as dg
     from vllm.config import VllmConfig, set_current_vllm_config
 
@@ -257,7 +294,8 @@ def fused_by_vllm_loader(src_dir: Path, rescale: bool = False) -> dict[str, torc
     if rescale:
         per_layer = {prefix: _merge_scale_2(items) for prefix, items in per_layer.items()}
     for prefix, items in per_layer.items():
-        vcfg = VllmConfig()
+        with harness.config_stand_ins():
+            vcfg = VllmConfig()
         with set_current_vllm_config(vcfg), mock.patch.object(dg, "check_deep_gemm_mega_moe_supported", lambda *a, **k: None):
             experts = dg.DeepGemmMegaMoEExperts(
                 vcfg, num_experts=e, num_local_experts=e, experts_start_idx=0, top_k=cfg["num_experts_per_tok"],

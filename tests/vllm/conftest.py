@@ -1,4 +1,4 @@
-"""Tests of the vLLM plugin against vLLM 0.33.0's own code, on the CPU.
+"""Tests of the vLLM plugin against the installed vLLM's own code (0.33.0 or 0.34.0), on the CPU.
 
 They run in ``.venv-vllm-<minor>`` (``scripts/setup_vllm_env.sh VERSION``); in an interpreter without vLLM (the
 main ``.venv``) this folder is not collected at all.

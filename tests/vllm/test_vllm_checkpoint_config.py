@@ -30,6 +30,11 @@ CANADA = {"quant_method": "fp8", "moe_quant_algo": "NVFP4", "expert_format": {"n
         ({**NVIDIA, "quantized_layers": {"layers.2.ffn.experts.7.w1": {"quant_algo": "FP8"}}}, "layers.2.ffn.experts", False),
         (CANADA, "layers.60.ffn.experts", True),
         (CANADA, "mtp.0.ffn.experts", False),  # no manifest: MTP stays MXFP4
+        # `ignore` alone (no manifest): a pattern naming a layer keeps that layer's experts as they are
+        ({**CANADA, "ignore": ["layers.1.*"]}, "layers.1.ffn.experts", False),
+        ({**CANADA, "ignore": ["layers.1.*"]}, "layers.11.ffn.experts", True),
+        ({**CANADA, "exclude_modules": ["layers.[3-5].ffn.experts"]}, "layers.4.ffn.experts", False),
+        ({**CANADA, "exclude_modules": ["layers.[3-5].ffn.experts"]}, "layers.6.ffn.experts", True),
         ({**CANADA, "fused_experts": {"layout": "nvfp4-fuse/v2", "target": "mega-moe"}}, "layers.0.ffn.experts", True),
         ({"quant_method": "fp8", "fmt": "e4m3"}, "layers.0.ffn.experts", False),  # MXFP4 release
         (None, "layers.0.ffn.experts", False),
@@ -46,8 +51,19 @@ def test_a_fused_block_alone_means_nvfp4_and_is_checked():
     for bad in ("nvfp4-fuse/v1", "nvfp4-fuse/v3", None):
         with pytest.raises(FusedLayoutError, match="does not read"):
             ExpertCheckpoint.from_quant_config({"fused_experts": {"layout": bad, "target": "mega-moe"}}).check_layout()
-    with pytest.raises(FusedLayoutError, match="target 'linear'"):
-        ExpertCheckpoint.from_quant_config({"fused_experts": {"layout": "nvfp4-fuse/v2", "target": "linear"}}).check_layout()
+    with pytest.raises(FusedLayoutError, match="target 'tensorrt'"):
+        ExpertCheckpoint.from_quant_config({"fused_experts": {"layout": "nvfp4-fuse/v2", "target": "tensorrt"}}).check_layout()
+
+
+@pytest.mark.parametrize(("target", "rows"), [("mega-moe", None), ("vllm-fused", "gate-up"), ("vllm-fused", "up-gate"),
+                                              ("linear", "gate-up"), ("linear", "up-gate")])
+def test_every_target_the_converter_writes_is_read(target, rows):
+    """The fused_experts block convert writes names the target whose inverses the plugin runs."""
+    from nvfp4_fuse.targets import get_target
+
+    block = get_target(target, rows or "gate-up").describe()
+    got = ExpertCheckpoint.from_quant_config({"fused_experts": block}).fused_target()
+    assert got.describe() == block and got.rows.name == block["w13_rows"]
 
 
 def test_checkpoint_module():

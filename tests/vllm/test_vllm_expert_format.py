@@ -125,7 +125,11 @@ def _with_fused_block(sources, tmp_path, block):
         ({"layout": "nvfp4-fuse/v9", "target": "mega-moe"}, "layout 'nvfp4-fuse/v9'"),
         ({"layout": "nvfp4-fuse/v1", "target": "mega-moe"}, "layout 'nvfp4-fuse/v1'"),
         ({"target": "mega-moe"}, "layout None"),
-        ({"layout": "nvfp4-fuse/v2", "target": "vllm-fused"}, "target 'vllm-fused'"),
+        ({"layout": "nvfp4-fuse/v2", "target": "tensorrt"}, "target 'tensorrt'"),
+        ({"layout": "nvfp4-fuse/v2", "target": "vllm-fused"}, "needs quantization_config.fused_experts.w13_rows"),
+        ({"layout": "nvfp4-fuse/v2", "target": "vllm-fused", "w13_rows": "gate-up", "scale_layout": "mega-moe"},
+         "scale_layout is 'mega-moe'"),
+        ({"layout": "nvfp4-fuse/v2", "target": "mega-moe", "w13_rows": "gate-up"}, "w13_rows is 'gate-up'"),
     ],
 )
 def test_unknown_fused_layout_is_refused(plugin, sources, tmp_path, block, says):
@@ -136,13 +140,6 @@ def test_unknown_fused_layout_is_refused(plugin, sources, tmp_path, block, says)
         harness.build(cfg)
     msg = str(exc.value)
     assert msg.startswith("nvfp4-fuse: ") and says in msg and "\n" not in msg
-
-
-def test_fused_checkpoint_needs_the_mega_moe_backend(plugin, sources):
-    cfg = harness.engine_config(sources["fused"])
-    cfg.kernel_config.moe_backend = "auto"
-    with pytest.raises(ValueError, match="--moe-backend deep_gemm_mega_moe"):
-        harness.build(cfg)
 
 
 def test_nvfp4_mtp_experts_are_refused_clearly(plugin, sources, tmp_path):
@@ -163,3 +160,22 @@ def test_nvfp4_mtp_experts_are_refused_clearly(plugin, sources, tmp_path):
     # Without speculative decoding the same checkpoint serves.
     model = harness.build(harness.engine_config(src))
     assert_nvfp4(model.model.layers[0].ffn.experts)
+
+
+def test_a_layer_in_ignore_alone_keeps_vllms_format(plugin, sources, tmp_path):
+    """A config with no ``quantized_layers`` (canada-style) whose ``ignore`` names layer 1's experts:
+    the pattern, matched against the module name, keeps that layer as vLLM builds it (MXFP4), and
+    the MTP draft's experts too; layer 0 is NVFP4."""
+    src = tmp_path / "ignore-alone"
+    src.mkdir()
+    for f in sources["canada"].iterdir():
+        if f.name != "config.json":
+            (src / f.name).symlink_to(f)
+    cfg = json.loads((sources["canada"] / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert "quantized_layers" not in qc
+    qc["ignore"] = ["layers.1.*", "mtp.*"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    model = harness.build(harness.engine_config(src))
+    assert_nvfp4(model.model.layers[0].ffn.experts)
+    assert_mxfp4(model.model.layers[1].ffn.experts)

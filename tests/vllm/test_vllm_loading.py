@@ -54,7 +54,7 @@ def assert_same_state(a: dict, b: dict, what: str):
 def assert_holds_logical_experts(model, expected, seed):
     """Every local slot of every layer holds exactly the contract's bytes of logical expert
     ``(start + slot) % E``; the L2 activation scale is the max of w2_input_scale over all experts."""
-    for n, layer in enumerate(model.model.layers):
+    for n, layer in enumerate(harness.backbone(model).layers):
         experts, want = layer.ffn.experts, expected[n]
         ids = [(experts.experts_start_idx + j) % E for j in range(experts.num_local_experts)]
         for name in ("w13_weight", "w2_weight", "w13_weight_scale_2", "w2_weight_scale_2", "w2_input_scale"):
@@ -202,3 +202,78 @@ def test_a_fused_tensor_of_the_wrong_shape_is_named(plugin, sources, tmp_path):
     bad = torch.zeros(E - 1, 2 * 512, 256, dtype=torch.int8)
     with pytest.raises(FusedCheckpointError, match=r"layers\.1\.ffn\.experts\.w13_weight: torch\.int8 \[7, 1024, 256\]"):
         model.load_weights([("layers.1.ffn.experts.w13_weight", bad)])
+
+
+def _with_tensor_replaced(folder, out, name, tensor):
+    """A copy of checkpoint ``folder`` (files linked) with tensor ``name`` replaced by ``tensor``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out.mkdir()
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    for f in folder.iterdir():
+        if f.name != weight_map[name]:
+            (out / f.name).symlink_to(f)
+    tensors = checkpoints.read_all(folder)
+    save_file({n: tensors[n] for n, f in weight_map.items() if f == weight_map[name]} | {name: tensor},
+              out / weight_map[name], metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("field", ["w13_weight_scale", "w2_weight_scale", "w13_weight"])
+def test_a_fused_tensor_of_the_right_shape_and_wrong_dtype_is_refused(plugin, sources, tmp_path, field):
+    """A fused block scale stored F32 (each int32 word converted to a float) has the right shape;
+    ``copy_`` into the int32 parameter would turn it into garbage scales without a word. Refused
+    through vLLM's own loader, naming the tensor and both dtypes."""
+    from nvfp4_fuse.vllm.fused import FusedCheckpointError
+
+    src, _, _ = sources
+    name = f"layers.1.ffn.experts.{field}"
+    good = checkpoints.read_all(src["fused"])[name]
+    bad = good.to(torch.float32) if field != "w13_weight" else good.view(torch.int8).to(torch.int16)
+    assert bad.shape == good.shape and bad.dtype != good.dtype
+    ckpt = _with_tensor_replaced(src["fused"], tmp_path / "bad", name, bad)
+    cfg = harness.engine_config(ckpt)
+    model = harness.build(cfg)
+    with pytest.raises(FusedCheckpointError, match=rf"{name}: torch\.{str(bad.dtype)[6:]} \[.*\], but .* needs torch\.int"):
+        harness.load(model, cfg)
+
+
+@pytest.mark.parametrize("ckpt", ["nvidia", "fused"])
+def test_post_load_hooks_run_as_this_vllm_release_runs_them(plugin, sources, ckpt):
+    """The model-level post-load hook (``process_weights_after_loading`` ->
+    ``finalize_mhc_broadcast_weights``) runs in the plugin's class exactly as vLLM's own class runs
+    it in this release (``versions.py``): 0.33 inside ``load_weights`` and again from the loader's
+    ``process_weights_after_loading``; 0.34 once, from ``finalize_model_weights``, after the load.
+    Its result (layer 0's broadcast of ``hc_attn_fn``) is there and right."""
+    from unittest import mock
+
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+    from nvfp4_fuse.vllm import vllm_version
+    from nvfp4_fuse.vllm.versions import release_for
+
+    src, _, _ = sources
+    cfg = harness.engine_config(src[ckpt])
+    model = harness.build(cfg)
+    layer = model.model.layers[0]
+    layer.hc_attn_fn.data.normal_()  # not in these checkpoints: fresh values for the hook to sum
+    events: list[str] = []
+    hook = harness.dsv4.DeepseekV4ForCausalLM.process_weights_after_loading
+    mhc = harness.dsv4.DeepseekV4Model.finalize_mhc_broadcast_weights
+    with (
+        mock.patch.object(harness.dsv4.DeepseekV4ForCausalLM, "process_weights_after_loading",
+                          lambda self: events.append("model hook") or hook(self)),
+        mock.patch.object(harness.dsv4.DeepseekV4Model, "finalize_mhc_broadcast_weights",
+                          lambda self: events.append("mhc") or mhc(self)),
+    ):
+        harness.load(model, cfg)
+        events.append("loaded")
+        with set_current_vllm_config(cfg):
+            process_weights_after_loading(model, cfg.model_config, torch.device("cpu"))
+    once = ["model hook", "mhc"]
+    assert events == (once + ["loaded"] + once if release_for(vllm_version()).finalizes_during_load else ["loaded"] + once)
+    want = layer.hc_attn_fn.detach().view(-1, layer.hc_mult, layer.hidden_size).sum(dim=1)
+    assert torch.equal(layer.hc_attn_fn_broadcast, want)

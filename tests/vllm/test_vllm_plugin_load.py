@@ -1,4 +1,5 @@
-"""The plugin is found and loaded by vLLM's own plugin loader, and only acts on vLLM 0.33.x."""
+"""The plugin is found and loaded by vLLM's own plugin loader, and only acts on the vLLM releases in
+``nvfp4_fuse.vllm.versions`` (0.33.x, 0.34.x)."""
 
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ def test_without_cuda_the_plugin_changes_nothing():
 
 @pytest.mark.parametrize(
     ("version", "ok"),
-    [("0.33.0", True), ("0.33.2", True), ("0.33.1.dev12+g1234abc", True), ("0.34.0", False),
-     ("0.32.9", False), ("1.33.0", False), ("0.3.3", False)],
+    [("0.33.0", True), ("0.33.2", True), ("0.33.1.dev12+g1234abc", True), ("0.34.0", True), ("0.34.3rc1", True),
+     ("0.35.0", False), ("0.32.9", False), ("1.33.0", False), ("0.3.3", False), ("0.34", True), ("dev", False)],
 )
 def test_supported_versions(version, ok):
     assert plugin_pkg.supported(version) is ok
@@ -63,7 +64,7 @@ def test_supported_versions(version, ok):
 
 def test_other_vllm_version_logs_once_and_changes_nothing():
     """In a fresh interpreter (nothing of the plugin imported yet), vLLM's plugin loader runs the
-    plugin as if vLLM were 0.34.0 and then 0.32.1, on a platform claiming CUDA: one warning line
+    plugin as if vLLM were 0.35.0 and then 0.32.1, on a platform claiming CUDA: one warning line
     each, the registry untouched, the DeepSeek-V4 module never imported, vLLM's MegaMoE experts
     class not wrapped."""
     code = textwrap.dedent(
@@ -81,7 +82,7 @@ def test_other_vllm_version_logs_once_and_changes_nothing():
             def emit(self, r): records.append(r)
         logging.getLogger("vllm.plugins.nvfp4_fuse").addHandler(Keep())
         before = dict(ModelRegistry.models)
-        for v in ("0.34.0", "0.32.1"):
+        for v in ("0.35.0", "0.32.1"):
             vllm.plugins.plugins_loaded = False
             with mock.patch.object(p, "vllm_version", lambda v=v: v), \\
                  mock.patch.object(type(current_platform), "is_cuda", lambda self: True):
@@ -91,7 +92,7 @@ def test_other_vllm_version_logs_once_and_changes_nothing():
         import vllm.model_executor.layers.fused_moe.deep_gemm_mega_moe as dg
         assert not getattr(dg.DeepGemmMegaMoEExperts.__init__, "__nvfp4_fuse__", False)
         msgs = [r.getMessage() for r in records]
-        assert len(msgs) == 2 and "vLLM 0.34.0 is not 0.33.x" in msgs[0] and "0.32.1" in msgs[1], msgs
+        assert len(msgs) == 2 and "vLLM 0.35.0 is not one this plugin was written against (0.33.x, 0.34.x)" in msgs[0] and "0.32.1" in msgs[1], msgs
         assert all(r.levelname == "WARNING" for r in records)
         print("ok")
         """
@@ -116,3 +117,39 @@ def test_the_package_imports_without_vllm():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr[-3000:]
+
+
+def test_the_installed_vllm_matches_its_entry_in_the_versions_table():
+    from nvfp4_fuse.vllm.versions import RELEASES, mismatches, release_for
+
+    release = release_for(plugin_pkg.vllm_version())
+    assert release is not None and mismatches(release) == []
+    # The other entries describe other code: each differs from the installed vLLM somewhere.
+    for other in RELEASES.values():
+        if other is not release:
+            assert mismatches(other), other.name
+
+
+def test_a_vllm_whose_code_differs_from_its_table_entry_is_refused_in_one_line(plugin, tmp_path, seed, monkeypatch):
+    """A point release that moved what the plugin relies on (here: whether DeepseekV4ForCausalLM
+    finalizes during load flips) fails when the model is built, naming the difference."""
+    import dataclasses
+
+    import checkpoints
+    import harness
+
+    from nvfp4_fuse.vllm import deepseek_v4, versions
+
+    minor = versions.minor_of(plugin_pkg.vllm_version())
+    flipped = dataclasses.replace(versions.RELEASES[minor], finalizes_during_load=not versions.RELEASES[minor].finalizes_during_load)
+    monkeypatch.setitem(versions.RELEASES, minor, flipped)
+    deepseek_v4.check_release.cache_clear()
+    try:
+        cfg = harness.engine_config(checkpoints.write_source(tmp_path / "src", "nvidia", seed=seed))
+        with pytest.raises(RuntimeError) as exc:
+            harness.build(cfg)
+        msg = str(exc.value)
+        assert msg.startswith("nvfp4-fuse: vLLM ") and "finalizes_weights_during_load" in msg and "\n" not in msg
+    finally:
+        monkeypatch.undo()
+        deepseek_v4.check_release.cache_clear()
