@@ -367,3 +367,11 @@ def test_inspect_takes_the_repaired_canada_checkpoint_as_nvfp4_in_sglang(tmp_pat
     assert row(inspect(local_input(out)))["verdict"] == "loads"
     g = {x["prefix"]: x for x in inspect(local_input(out))["groups"]}["layers.0.ffn.experts"]
     assert g["naming"]["block_scale"] == "weight_scale" and g["naming"]["scalar_shape"] == "0-d"
+
+
+def test_the_model_card_says_what_the_repair_did(tmp_path):
+    src = _make_source(tmp_path, "deepseek")
+    out = tmp_path / "out"
+    convert(src, out, ConvertOptions(target=TARGET))
+    card = (out / "README.md").read_text()
+    assert "repaired from" in card and "repaired_experts" in card and "fused-expert tensors" not in card
