@@ -189,9 +189,22 @@ def _print_plan(d: dict, out_dir: Path) -> None:
     out.print(s)
     src = d["source"]
     out.print(f"source: {src['path']} ({src['shards']} shards, {src['tensors']} tensors, {src['other_files']} other files)")
+    _print_repairs({m["prefix"]: m.get("repaired_input_scales") or {} for m in d["modules"]})
     out.print(f"target: {d['target']}: {d['description']}")
     out.print(f"disk needed: {human(d['disk_needed'])}; free at {out_dir}: {human(d['disk_free'])}")
     out.print(f"peak memory (estimate, {d['shard_streams']} shard(s) written at once): {human(d['peak_memory_estimate'])}")
+
+
+def _print_repairs(repaired: dict[str, dict[str, int]]) -> None:
+    """One line per layer whose missing or zero input scales were repaired, then the rule."""
+    from .experts import INPUT_SCALE_RULE
+
+    if not any(repaired.values()):
+        return
+    for prefix, by_role in repaired.items():
+        if by_role:
+            out.print(f"{prefix}: input scales repaired: " + ", ".join(f"{role} {n}" for role, n in by_role.items()))
+    out.print(f"  ({INPUT_SCALE_RULE})")
 
 
 def _warn(lines: list[str]) -> None:
@@ -300,6 +313,7 @@ def convert(
                         "max_rescale_error": r.max_rescale_change,
                         "input_scale_spread": r.input_scale_spread,
                         "w2_input_scale_spread": r.w2_input_scale_spread,
+                        "repaired_input_scales": r.repaired_input_scales,
                     }
                     for r in reports
                 ],
@@ -327,6 +341,7 @@ def convert(
         out.print(RESCALE_NOTE, highlight=False)
     for g in sorted(plan.copied_groups.values(), key=lambda g: _layer_key(g.prefix)):
         out.print(f"{g.prefix}: {g.experts} experts, {g.format}, copied")
+    _print_repairs({r.prefix: r.repaired_input_scales for r in reports})
     if res.resumed_shards:
         out.print(f"resumed: kept {len(res.resumed_shards)} complete shard(s) from an earlier run")
     out.print(f"wrote {len(plan.shards)} shard(s), {human(plan.total_size)} of tensors, to {output}", highlight=False)

@@ -112,6 +112,7 @@ class LayerReport:
     max_rescale_change: float = 0.0  # largest relative change of a dequantized value
     input_scale_spread: float = 1.0  # max/min of the gate/up input scales
     w2_input_scale_spread: float = 1.0  # max/min of the down input scales
+    repaired_input_scales: dict[str, int] = field(default_factory=dict)  # role -> experts repaired (INPUT_SCALE_RULE)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -232,6 +233,38 @@ def _fused_task(ctx: _Ctx, tgt: Target, layer: ExpertLayer, part: str, e: int) -
     return run
 
 
+def _expert_task(ctx: _Ctx, layer: ExpertLayer, part: str, e: int) -> Callable[[], _Chunk]:
+    """One expert's values (straight from the source) or block scales (rescaled where its gate/up
+    weight_scale_2 were made equal), for the per-expert target."""
+    role, fld = part.split(".")
+
+    def run() -> _Chunk:
+        chunk = _Chunk()
+        if fld == "weight":
+            reader, name = ctx.tensor(layer.ref(e, role, "weight"), chunk)
+            chunk.pieces.append(reader.span(name))
+        else:
+            assert layer.ratio_gate is not None and layer.ratio_up is not None
+            ratio = 1.0 if role == "down" else float((layer.ratio_gate if role == "gate" else layer.ratio_up)[e])
+            raw, chunk.change = rescale_block_scales(ctx.scales(layer, e, role, chunk), ratio)
+            chunk.pieces.append(tensor_bytes(np.ascontiguousarray(raw)))
+        return chunk
+
+    return run
+
+
+def _scalar_task(ctx: _Ctx, ref: SourceRef) -> Callable[[], _Chunk]:
+    """The 4 bytes of one source scalar (the per-expert target's weight_scale_2 and input_scale)."""
+
+    def run() -> _Chunk:
+        data = ctx.readers[ref.file].read_small(ref.info.name)
+        if len(data) != 4:
+            raise AssertionError(f"{ref.info.name} is not one float32")
+        return _Chunk([tensor_bytes(np.frombuffer(data, dtype=np.uint8).copy())])
+
+    return run
+
+
 def _decoded_task(ctx: _Ctx, ref: SourceRef) -> Callable[[], _Chunk]:
     def run() -> _Chunk:
         assert ref.encoded is not None
@@ -278,6 +311,12 @@ def _shard_tasks(ctx: _Ctx, shard: OutShard) -> Iterator[Task]:
                 globals_cache[t.layer] = spec.target.global_tensors(layer.prefix, layer.scalars)
             data = globals_cache[t.layer][t.entry.name]
             yield t, t.entry.nbytes, (lambda d=data: _Chunk([tensor_bytes(d)]))
+        elif t.kind == "scalar":
+            assert t.source is not None
+            yield t, t.entry.nbytes, _scalar_task(ctx, t.source)
+        elif t.kind == "expert":
+            assert t.layer is not None and t.part is not None and t.expert is not None
+            yield t, t.entry.nbytes, _expert_task(ctx, spec.layers[t.layer], t.part, t.expert)
         else:
             assert t.layer is not None and t.part is not None
             layer = spec.layers[t.layer]
@@ -494,7 +533,15 @@ def plan_fingerprints(spec: OutputSpec) -> dict[str, str]:
 def layer_reports(spec: OutputSpec) -> dict[str, LayerReport]:
     return {
         p: LayerReport(
-            p, l.dims.experts, l.dims.hidden, l.dims.inter, l.rescaled_experts, 0.0, l.input_scale_spread, l.w2_input_scale_spread
+            p,
+            l.dims.experts,
+            l.dims.hidden,
+            l.dims.inter,
+            l.rescaled_experts,
+            0.0,
+            l.input_scale_spread,
+            l.w2_input_scale_spread,
+            {r: len(v) for r, v in l.repaired_input_scales.items()},
         )
         for p, l in spec.layers.items()
     }

@@ -39,9 +39,24 @@ class ExpertLayer:
     scalars: dict[str, np.ndarray] = field(default_factory=dict)  # "gate.weight_scale_2" -> float32 [E]
     ratio_gate: np.ndarray | None = None
     ratio_up: np.ndarray | None = None
+    # input scales missing or zero in the source, replaced by INPUT_SCALE_RULE: role -> experts, and
+    # role -> the source tensor whose value they were given (the role's largest present input scale)
+    repaired_input_scales: dict[str, list[int]] = field(default_factory=dict)
+    repair_source: dict[str, SourceRef] = field(default_factory=dict)
 
     def ref(self, e: int, role: str, fld: str) -> SourceRef:
         return self.parts[(e, role, fld)]
+
+    def scalar_ref(self, e: int, role: str, fld: str) -> SourceRef:
+        """The source tensor that holds expert ``e``'s ``fld`` as the layer's scalars have it: its own,
+        or for a repaired input scale the one whose value it was given."""
+        if fld == "input_scale" and e in self.repaired_input_scales.get(role, ()):
+            return self.repair_source[role]
+        return self.parts[(e, role, fld)]
+
+    @property
+    def repaired_count(self) -> int:
+        return sum(len(v) for v in self.repaired_input_scales.values())
 
     @property
     def names(self) -> list[str]:
@@ -197,7 +212,8 @@ def group_experts(src: Source) -> tuple[dict[str, ExpertLayer], dict[str, Copied
     Returns (NVFP4 layers to convert, groups left as they are), each in source order; raises the
     first defect :func:`scan_experts` finds.
     """
-    scan = scan_experts(src)
+    # An expert calibration never routed to may have no input_scale: read_scalars repairs it.
+    scan = scan_experts(src, tolerate_missing=("input_scale",))
     if scan.problems:
         raise scan.problems[0]
     return scan.layers, scan.copied
@@ -359,6 +375,12 @@ def _check_layer(prefix: str, parts: Parts, optional: tuple[str, ...] = ()) -> E
     return ExpertLayer(prefix, LayerDims(n, h, i_rows), parts)
 
 
+INPUT_SCALE_RULE = (
+    "an input_scale missing or zero in the source is replaced by the largest input_scale present in "
+    "the same layer for the same projection (gate, up or down)"
+)
+
+
 def scalar_value(raw: bytes, fld: str, reciprocal: bool) -> tuple[float, str | None]:
     """A stored scalar scale's canonical value (``1/x`` for a compressed-tensors global scale) and
     why it is unusable (None when it is finite and > 0): the one check the strict path and
@@ -376,15 +398,37 @@ def scalar_value(raw: bytes, fld: str, reciprocal: bool) -> tuple[float, str | N
 
 
 def read_scalars(layer: ExpertLayer, readers: dict[str, ShardReader]) -> None:
-    """Read and check every scalar scale of a layer; fills layer.scalars (fp32 [E])."""
+    """Read and check every scalar scale of a layer; fills layer.scalars (fp32 [E]).
+
+    NaN, Inf and negative values are refused; an ``input_scale`` that is missing or zero (an expert
+    calibration never routed to) is repaired by :data:`INPUT_SCALE_RULE` and recorded in
+    ``layer.repaired_input_scales``; a projection with no input scale at all is refused."""
     n = layer.dims.experts
     for role in ROLES:
         for fld in ("weight_scale_2", "input_scale"):
             vals = np.empty(n, dtype=np.float32)
+            missing: list[int] = []
             for e in range(n):
-                ref = layer.ref(e, role, fld)
+                ref = layer.parts.get((e, role, fld))
+                if ref is None:  # tolerated by group_experts: repaired below
+                    missing.append(e)
+                    continue
                 v, problem = scalar_value(readers[ref.file].read_small(ref.info.name), fld, ref.reciprocal)
+                if problem is not None and fld == "input_scale" and v == 0:
+                    missing.append(e)
+                    continue
                 if problem is not None:
                     raise InputError(problem, file=ref.file, tensor=ref.info.name)
                 vals[e] = v
+            if missing:
+                present = [e for e in range(n) if e not in set(missing)]
+                if not present:
+                    raise InputError(
+                        f"{layer.prefix}: no expert's {role} has a nonzero input_scale, so none can be derived "
+                        "(weight-only NVFP4 experts are not supported)"
+                    )
+                best = max(present, key=lambda e: (float(vals[e]), -e))
+                vals[missing] = vals[best]
+                layer.repaired_input_scales[role] = missing
+                layer.repair_source[role] = layer.parts[(best, role, fld)]
             layer.scalars[f"{role}.{fld}"] = vals

@@ -117,9 +117,11 @@ def check_against_groups(configs: dict[str, dict[str, Any]], fused: list[str]) -
                     )
 
 
-def _quantized_layers(ql: dict[str, Any], fused: list[str], copied: list[str]) -> dict[str, Any]:
+def _quantized_layers(ql: dict[str, Any], fused: list[str], copied: list[str], *, fold: bool = True) -> dict[str, Any]:
     """One entry per fused module, where its first entry (module or per-expert) stood; NVFP4 claims
-    about groups that stayed MXFP4 dropped; every other entry kept as it is."""
+    about groups that stayed MXFP4 dropped; every other entry kept as it is. With ``fold=False`` (the
+    per-expert target) an expert group's own entries are kept as they are, and one is added for a
+    group that has none."""
     out: dict[str, Any] = {}
 
     def entry(p: str) -> dict[str, Any]:
@@ -134,6 +136,9 @@ def _quantized_layers(ql: dict[str, Any], fused: list[str], copied: list[str]) -
 
     for key, val in ql.items():
         p = _owner(key, fused)
+        if p is not None and not fold:
+            out[key] = val
+            continue
         if p is not None:
             if p not in out:
                 out[p] = entry(p)
@@ -143,7 +148,7 @@ def _quantized_layers(ql: dict[str, Any], fused: list[str], copied: list[str]) -
             continue  # that group is MXFP4 on disk
         out[key] = val
     for p in fused:
-        if p not in out:
+        if p not in out and not any(_owner(k, [p]) for k in out):
             out[p] = entry(p)
     return out
 
@@ -156,9 +161,9 @@ def _ignore_list(pats: list[Any], copied: list[str]) -> list[Any]:
     return out
 
 
-def _describe_disk(block: dict[str, Any], fused: list[str], copied: list[str]) -> None:
+def _describe_disk(block: dict[str, Any], fused: list[str], copied: list[str], *, fold: bool = True) -> None:
     if isinstance(block.get("quantized_layers"), dict):
-        block["quantized_layers"] = _quantized_layers(block["quantized_layers"], fused, copied)
+        block["quantized_layers"] = _quantized_layers(block["quantized_layers"], fused, copied, fold=fold)
     for key in ("ignore", "exclude_modules"):
         if isinstance(block.get(key), list):
             block[key] = _ignore_list(block[key], copied)
@@ -197,5 +202,71 @@ def output_configs(
         if isinstance(hq.get("quantization"), dict):
             _describe_disk(hq["quantization"], fused, copied)
         hq[FUSED_BLOCK_KEY] = block
+        out["hf_quant_config.json"] = _dump(hq)
+    return out
+
+
+# NVIDIA's DeepSeek-V4 NVFP4 recipe (docs/dsv4-formats.md): what it leaves out of NVFP4. SGLang 0.5.23
+# takes a DeepSeek-V4 checkpoint as NVFP4 only with quant_algo MIXED_PRECISION, moe_quant_algo NVFP4
+# and a top-level group_size (configs/model_config.py).
+DSV4_IGNORE = ["*.attn.*", "*.ffn.shared_experts.*", "head", "mtp.*"]
+
+
+def _is_deepseek_v4(configs: dict[str, dict[str, Any]]) -> bool:
+    cfg = configs.get("config.json") or {}
+    return cfg.get("model_type") == "deepseek_v4" or "DeepseekV4ForCausalLM" in (cfg.get("architectures") or [])
+
+
+def _dsv4_recipe_keys(block: dict[str, Any], fused: list[str], copied: list[str]) -> None:
+    """The keys NVIDIA's DeepSeek-V4 recipe writes, where the source (canada-quant's) lacks them."""
+    block["quant_algo"] = "MIXED_PRECISION"
+    block["moe_quant_algo"] = NVFP4_ALGO
+    block["group_size"] = NVFP4_BLOCK
+    ql = block.get("quantized_layers")
+    block["quantized_layers"] = _quantized_layers(ql if isinstance(ql, dict) else {}, fused, copied, fold=False)
+    if not isinstance(block.get("ignore"), list):
+        block["ignore"] = _ignore_list(DSV4_IGNORE, copied)
+
+
+def per_expert_output_configs(
+    configs: dict[str, dict[str, Any]], block: dict[str, Any], key: str, fused: list[str], copied: list[str], producer: dict[str, str]
+) -> dict[str, bytes]:
+    """config.json and hf_quant_config.json of a per-expert output: the source's, with ``block``
+    under ``key``, module lists describing the output (expert entries not folded), and for a
+    DeepSeek-V4 source NVIDIA's recipe keys in config.json and an hf_quant_config.json as ModelOpt
+    writes it (made from config.json's where the source has none)."""
+    out = {}
+    dsv4 = _is_deepseek_v4(configs)
+    cfg = configs.get("config.json")
+    qc: dict[str, Any] | None = None
+    if cfg is not None:
+        cfg = copy.deepcopy(cfg)
+        qc = cfg.setdefault("quantization_config", {})
+        if not isinstance(qc, dict):
+            raise InputError("config.json quantization_config is not an object", file="config.json")
+        _describe_disk(qc, fused, copied, fold=False)
+        if dsv4:
+            _dsv4_recipe_keys(qc, fused, copied)
+        qc[key] = block
+        out["config.json"] = _dump(cfg)
+    hq = configs.get("hf_quant_config.json")
+    if hq is not None:
+        hq = copy.deepcopy(hq)
+        _describe_disk(hq, fused, copied, fold=False)
+        if isinstance(hq.get("quantization"), dict):
+            _describe_disk(hq["quantization"], fused, copied, fold=False)
+    elif dsv4 and qc is not None:
+        hq = {
+            "producer": dict(qc.get("producer") or producer),
+            "quantization": {
+                "quant_algo": "MIXED_PRECISION",
+                "kv_cache_quant_algo": qc.get("kv_cache_quant_algo"),
+                "group_size": NVFP4_BLOCK,
+                "quantized_layers": copy.deepcopy(qc["quantized_layers"]),
+                "exclude_modules": list(qc["ignore"]),
+            },
+        }
+    if hq is not None:
+        hq[key] = block
         out["hf_quant_config.json"] = _dump(hq)
     return out

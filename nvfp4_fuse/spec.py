@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, per_expert
 from .errors import InputError
-from .experts import CopiedGroup, ExpertLayer, group_experts, read_scalars
+from .experts import INPUT_SCALE_RULE, CopiedGroup, ExpertLayer, group_experts, read_scalars
 from .layout import W13Order
-from .quant_config import check_against_groups, check_source_configs, output_configs
+from .quant_config import check_against_groups, check_source_configs, output_configs, per_expert_output_configs
 from .safetensors_io import OutEntry, ShardReader
 from .source import INDEX_NAME, Source, SourceRef
 from .targets import DEFAULT_TARGET, LAYOUT_VERSION, Target, get_target
@@ -64,10 +64,14 @@ class OutputOptions:
 @dataclass(frozen=True)
 class OutTensor:
     entry: OutEntry
-    kind: str  # "copy" | "decoded" (a compressed block scale, written plain) | "fused" (per-expert slices) | "global"
-    source: SourceRef | None = None  # for "copy" and "decoded"
-    layer: str | None = None  # prefix, for "fused"/"global"
-    part: str | None = None  # e.g. "w13_weight"
+    # "copy" | "decoded" (a compressed block scale, written plain) | "fused" (per-expert slices) | "global"
+    # | "expert" (one expert's values or block scales, per-expert target) | "scalar" (one expert's
+    # weight_scale_2 or input_scale, per-expert target: the bytes of ``source``)
+    kind: str
+    source: SourceRef | None = None  # for "copy", "decoded" and "scalar"
+    layer: str | None = None  # prefix, for "fused"/"global"/"expert"/"scalar"
+    part: str | None = None  # e.g. "w13_weight"; "<role>.<canonical field>" for "expert"/"scalar"
+    expert: int | None = None  # for "expert"/"scalar"
 
 
 @dataclass
@@ -124,10 +128,29 @@ class OutputSpec:
             block["copied_expert_modules"] = {
                 p: {"format": g.format, "num_experts": g.experts} for p, g in self.copied_groups.items()
             }
+        repaired = {p: {r: len(v) for r, v in l.repaired_input_scales.items()} for p, l in self.layers.items() if l.repaired_input_scales}
+        if repaired:
+            block["repaired_input_scales"] = {"rule": INPUT_SCALE_RULE, "modules": repaired}
+        return block
+
+    def repair_block(self) -> dict[str, Any]:
+        """The ``repaired_experts`` block of a per-expert output's configs."""
+        block = per_expert.repair_block(self.layers, f"nvfp4-fuse {__version__}")
+        if self.copied_groups:
+            block["copied_expert_modules"] = {p: {"format": g.format, "num_experts": g.experts} for p, g in self.copied_groups.items()}
         return block
 
     def configs(self) -> dict[str, bytes]:
         """config.json and hf_quant_config.json of the output (file name -> bytes)."""
+        if self.target.per_expert:
+            return per_expert_output_configs(
+                self.source.configs,
+                self.repair_block(),
+                per_expert.REPAIR_BLOCK_KEY,
+                list(self.layers),
+                list(self.copied_groups),
+                {"name": "nvfp4-fuse", "version": __version__},
+            )
         return output_configs(self.source.configs, self.fused_block(), list(self.layers), list(self.copied_groups))
 
     def shard_metadata(self) -> dict[str, str]:
@@ -148,6 +171,7 @@ class OutputSpec:
                     "rescaled_experts": l.rescaled_experts,
                     "input_scale_spread": l.input_scale_spread,
                     "w2_input_scale_spread": l.w2_input_scale_spread,
+                    "repaired_input_scales": {r: len(v) for r, v in l.repaired_input_scales.items()},
                 }
             mods.append(m)
         src = self.source
@@ -232,6 +256,15 @@ def build_spec(src: Source, options: OutputOptions, *, with_scalars: bool = True
             continue
         emitted.add(prefix)
         layer = layers[prefix]
+        if target.per_expert:
+            for entry, e, role, fld in per_expert.out_entries(layer):
+                if fld in per_expert.SCALAR_FIELDS:
+                    src_ref = per_expert.scalar_source(layer, e, role, fld) if layer.scalars else None
+                    out.append(OutTensor(entry, "scalar", source=src_ref, layer=prefix, part=f"{role}.{fld}", expert=e))
+                else:
+                    out.append(OutTensor(entry, "expert", layer=prefix, part=f"{role}.{fld}", expert=e))
+                    max_expert = max(max_expert, 2 * entry.nbytes)
+            continue
         for entry in target.out_entries(prefix, layer.dims):
             part = entry.name[len(prefix) + 1 :]
             kind = "fused" if part in PER_EXPERT_PARTS else "global"

@@ -76,6 +76,10 @@ class Target:
     serve_hint: str  # shell lines for serving a pushed checkpoint; {repo_id} is filled in
     user_row_order: bool = False  # whether --w13-order may replace ``rows``
     loader: dict[str, str] = field(default_factory=dict)  # recipe for the kernel's scalars, if any
+    # One Linear per expert, nothing stacked (per_expert.py names the tensors); ``rows`` and ``scales``
+    # then only describe each expert's own [rows, K/16] block scales, and the stacked scalars of
+    # :meth:`global_tensors` are what each expert's gate and up are written with.
+    per_expert: bool = False
 
     def with_order(self, order: W13Order) -> Target:
         """This target with the user's w13 row order; ``InputError`` where the target fixes it."""
@@ -186,6 +190,18 @@ TARGETS: dict[str, Target] = {
             "# recovers each expert's tensors for vLLM's per-expert loader, on any NVFP4 MoE backend\n"
             "pip install 'nvfp4-fuse[vllm]'\nvllm serve {repo_id} --moe-backend flashinfer_cutedsl",
             user_row_order=True,
+        ),
+        Target(
+            "per-expert",
+            "One Linear per expert in the source's naming scheme (ModelOpt spelling, nothing stacked) for stock "
+            "engines: gate/up weight_scale_2 and input_scale made equal, missing or zero input scales repaired",
+            rows=GateThenUp(),
+            scales=LinearScales(),
+            scale_2=MergeByMax(),
+            input_scale=ExpertMax(),
+            values=PackedValues.U8,
+            serve_hint="vllm serve {repo_id}",
+            per_expert=True,
         ),
     )
 }

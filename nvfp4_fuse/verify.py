@@ -76,6 +76,10 @@ CHECK_VALUES = "packed values: byte-identical to the source's after undoing the 
 CHECK_SCALES = "block scales: the source's after undoing the layout, or for rescaled halves their RNE rescale"
 CHECK_BOUND = "rescale bound: every block of every checked expert, from the scales, exactly"
 CHECK_GLOBALS = "per-layer scale_2 and input-scale tensors: as the source's scalars give them"
+CHECK_SCALARS = (
+    "per-expert weight_scale_2 and input_scale: the bytes of the source scalar the rules pick (gate/up the larger; "
+    "a missing or zero input scale the layer's largest of its projection)"
+)
 CHECK_DECODED = "compressed block scales: decoded from the source's streams (every check of vLLM's decoder), then held to the above as plain E4M3"
 
 
@@ -490,6 +494,12 @@ class _Verifier:
                 yield _Piece(t, 0, n, self._decoded_check(t))
             elif t.kind == "global":
                 yield _Piece(t, 0, n, self._global_check(t))
+            elif t.kind == "scalar":
+                yield _Piece(t, 0, n, self._scalar_check(t))
+            elif t.kind == "expert":
+                assert t.layer is not None and t.part is not None and t.expert is not None
+                check = self._one_expert_check(self.spec.layers[t.layer], t.part, t.expert) if t.expert in self.experts[t.layer] else None
+                yield _Piece(t, 0, n, check)
             else:
                 assert t.layer is not None and t.part is not None
                 layer = self.spec.layers[t.layer]
@@ -535,6 +545,62 @@ class _Verifier:
                 raise _fail(f"{t.entry.name} differs from the values derived from the source scales")
 
         return check
+
+    def _scalar_check(self, t: OutTensor) -> Callable[[np.ndarray], None]:
+        """A per-expert target's weight_scale_2 or input_scale: the bytes of the source scalar the
+        rules pick (the larger of gate and up; for a repaired input scale, the rule's)."""
+
+        def check(got: np.ndarray) -> None:
+            assert t.source is not None and t.layer is not None and t.part is not None and t.expert is not None
+            want = self.src_m[t.source.file].read_small(t.source.info.name)
+            if bytes(got) != want:
+                role, fld = t.part.split(".")
+                layer = self.spec.layers[t.layer]
+                how = " (repaired: missing or zero in the source)" if t.expert in layer.repaired_input_scales.get(role, ()) and fld == "input_scale" else ""
+                raise _fail(f"{t.entry.name} is not the {fld} the source's scales give{how} ({t.source.info.name})")
+
+        return check
+
+    def _one_expert_check(self, layer: ExpertLayer, part: str, e: int) -> Callable[[np.ndarray], None]:
+        """A per-expert target's values (``<role>.weight``) or block scales (``<role>.weight_scale``)."""
+        role, fld = part.split(".")
+        if fld == "weight":
+            return lambda got: self._one_values(layer, role, e, got)
+        return lambda got: self._one_scales(layer, role, e, got)
+
+    def _one_values(self, layer: ExpertLayer, role: str, e: int, got: np.ndarray) -> None:
+        src = self.src(layer, e, role, "weight").reshape(-1)
+        if not _same(got, src):
+            row = (layer.dims.inter if role == "down" else layer.dims.hidden) // 2
+            k = int(np.flatnonzero(got != src)[0])
+            raise _fail(f"{self._out_name(layer, e, role, 'weight')}: packed bytes differ from the source at [{k // row}, {k % row}]")
+        if self.decode:
+            self._decode(layer, f"{role}.weight", e, got)
+        self.release_src(layer, e, role, "weight")
+
+    def _one_scales(self, layer: ExpertLayer, role: str, e: int, got: np.ndarray) -> None:
+        rows, cols = (layer.dims.hidden, layer.dims.inter) if role == "down" else (layer.dims.inter, layer.dims.hidden)
+        worst = self._half_scales(layer, f"{role}.weight_scale", role, e, got.reshape(rows, cols // NVFP4_BLOCK), self._out_name(layer, e, role, "weight_scale"))
+        with self._lock:
+            self.block_rel[(layer.prefix, f"{role}.weight_scale", e)] = worst
+            res = self.results[layer.prefix]
+            res.max_rel = max(res.max_rel, worst)
+            if role == "down":
+                res.checked += 1
+
+    def _part_name(self, prefix: str, part: str, e: int) -> str:
+        """The output tensor a decoded part is read from: ``<prefix>.<part>`` stacked, or a per-expert
+        target's own tensor."""
+        if "." not in part:
+            return f"{prefix}.{part}"
+        role, fld = part.split(".")
+        return self._out_name(self.spec.layers[prefix], e, role, fld)
+
+    @staticmethod
+    def _out_name(layer: ExpertLayer, e: int, role: str, fld: str) -> str:
+        from .per_expert import out_name
+
+        return out_name(layer, e, role, fld)
 
     def _expert_check(self, layer: ExpertLayer, part: str, e: int) -> Callable[[np.ndarray], None]:
         if part in ("w13_weight", "w2_weight"):
@@ -608,30 +674,37 @@ class _Verifier:
         ratio = 1.0 if role == "down" else float((layer.ratio_gate if role == "gate" else layer.ratio_up)[e])
         return s2, c, ratio
 
-    def _scales(self, layer: ExpertLayer, part: str, e: int, got: np.ndarray) -> None:
+    def _half_scales(self, layer: ExpertLayer, part: str, role: str, e: int, nat: np.ndarray, where: str) -> float:
+        """One half's natural block scales against the source's: the same bytes where it was copied,
+        else the RNE rescale, every block within the bound. Returns its largest relative error."""
         import torch
 
         from .nvfp4 import rescale_block_scales
 
+        src = self.src(layer, e, role, "weight_scale")
+        s2, c, ratio = self._scale_2(layer, role, e)
+        worst = 0.0
+        if ratio == 1.0:  # a copied half: the same bytes and the same scale_2
+            if not _same(np.ascontiguousarray(nat).reshape(-1), src.reshape(-1)):
+                r, k = (int(i[0]) for i in np.nonzero(nat != src))
+                raise _fail(f"{where}: expert {e} {role} block scale at [{r}, {k}] differs from the source's")
+            if s2 != c:
+                raise _fail(f"{where}: expert {e} {role} is a copied half but its scale_2 changed ({s2} -> {c})")
+        else:
+            # The RNE rescale (the torch reference) is a function of the byte: applied to all 256.
+            table = rescale_block_scales(torch.arange(256, dtype=torch.uint8), ratio).view(torch.uint8).numpy()
+            rel, problem = rescaled_half_problem(src, nat, table, s2, c)
+            if problem is not None:
+                raise _fail(f"{where}: expert {e} {role} block scale {problem}")
+            worst = rel
+        self.release_src(layer, e, role, "weight_scale")
+        return worst
+
+    def _scales(self, layer: ExpertLayer, part: str, e: int, got: np.ndarray) -> None:
         p = layer.prefix
         worst = 0.0
         for role, nat in self._natural_scales(layer, part, got).items():
-            src = self.src(layer, e, role, "weight_scale")
-            s2, c, ratio = self._scale_2(layer, role, e)
-            if ratio == 1.0:  # a copied half: the same bytes and the same scale_2
-                if not _same(np.ascontiguousarray(nat).reshape(-1), src.reshape(-1)):
-                    r, k = (int(i[0]) for i in np.nonzero(nat != src))
-                    raise _fail(f"{p}.{part}: expert {e} {role} block scale at [{r}, {k}] differs from the source's")
-                if s2 != c:
-                    raise _fail(f"{p}.{part}: expert {e} {role} is a copied half but its scale_2 changed ({s2} -> {c})")
-            else:
-                # The RNE rescale (the torch reference) is a function of the byte: applied to all 256.
-                table = rescale_block_scales(torch.arange(256, dtype=torch.uint8), ratio).view(torch.uint8).numpy()
-                rel, problem = rescaled_half_problem(src, nat, table, s2, c)
-                if problem is not None:
-                    raise _fail(f"{p}.{part}: expert {e} {role} block scale {problem}")
-                worst = max(worst, rel)
-            self.release_src(layer, e, role, "weight_scale")
+            worst = max(worst, self._half_scales(layer, part, role, e, nat, f"{p}.{part}"))
         with self._lock:
             self.block_rel[(p, part, e)] = worst
             res = self.results[p]
@@ -709,9 +782,20 @@ class _Verifier:
         them once already, and nothing else would before the mappings close."""
         layer, part, e, values = item
         self._launch(layer, part, e, values)
-        name = f"{layer.prefix}.{part}"
-        m, start, n = self.conv_expert(layer, name, e)
+        name, m, start, n = self._operand(layer, part, e)
         m.release_tensor(name, start, n)
+
+    def _operand(self, layer: ExpertLayer, part: str, e: int) -> tuple[str, ShardReader, int, int]:
+        """Where expert ``e``'s ``part`` (values, or with ``_scale`` its block scales) sits in the
+        output: tensor name, its reader, start and count. A stacked part (``w13_weight``) is a slice
+        of ``<prefix>.<part>``; a per-expert one (``gate.weight``) a whole tensor."""
+        if "." not in part:
+            name = f"{layer.prefix}.{part}"
+            return (name, *self.conv_expert(layer, name, e))
+        role, fld = part.split(".")
+        name = self._out_name(layer, e, role, fld)
+        m = self.conv_m[self.conv_map[name]]
+        return name, m, 0, m.header.tensors[name].nbytes
 
     def _launch(self, layer: ExpertLayer, part: str, e: int, values: np.ndarray) -> None:
         """The decode of :meth:`_decode`: inputs prepared, then launched on this thread's lane or run by
@@ -719,9 +803,9 @@ class _Verifier:
         assert self.decode is not None
         d = layer.dims
         w13 = part == "w13_weight"
-        rows, cols = (2 * d.inter, d.hidden) if w13 else (d.hidden, d.inter)
-        sname = f"{layer.prefix}.{part}_scale"
-        roles = ("gate", "up") if w13 else ("down",)
+        roles: tuple[str, ...] = ("gate", "up") if w13 else (part.split(".")[0],) if "." in part else ("down",)
+        rows, cols = (2 * d.inter, d.hidden) if w13 else (d.hidden, d.inter) if roles == ("down",) else (d.inter, d.hidden)
+        sname, m, start, n = self._operand(layer, f"{part}_scale", e)
         s2 = {r: self._scale_2(layer, r, e) for r in roles}  # (source, output, ratio)
         if self.decode == "cuda":
             from .kernels.dequant import S2_LIMIT
@@ -731,17 +815,16 @@ class _Verifier:
         # Host inputs: source block scales in the output's row order, the stored scales as they are,
         # the per-row scale_2 of both sides, and the values.
         src_s = {r: self.src(layer, e, r, "weight_scale").reshape(rows // len(roles), -1) for r in roles}
-        a_scales = self.tgt.rows.join_np(src_s["gate"], src_s["up"]) if w13 else src_s["down"]
+        a_scales = self.tgt.rows.join_np(src_s["gate"], src_s["up"]) if w13 else src_s[roles[0]]
         if w13:
             gate_row = self.tgt.rows.permutation(d.inter) < d.inter
             a_s2 = np.where(gate_row, np.float32(s2["gate"][0]), np.float32(s2["up"][0])).astype(np.float32)
             b_s2 = np.where(gate_row, np.float32(s2["gate"][1]), np.float32(s2["up"][1])).astype(np.float32)
         else:
-            a_s2 = np.full(rows, s2["down"][0], dtype=np.float32)
-            b_s2 = np.full(rows, s2["down"][1], dtype=np.float32)
+            a_s2 = np.full(rows, s2[roles[0]][0], dtype=np.float32)
+            b_s2 = np.full(rows, s2[roles[0]][1], dtype=np.float32)
         # The output's scales as the kernel reads them: as stored where it reads the layout itself,
         # else with the layout undone by its numpy inverse (row order kept: both sides are in it).
-        m, start, n = self.conv_expert(layer, sname, e)
         stored = m.held_array(sname, start, n)  # small; hashed later, in order, by its own piece
         swz = self.tgt.scales.kernel_reads_in_place
         b_scales = stored if swz else self.tgt.scales.natural_np(stored, rows, cols)
@@ -760,15 +843,15 @@ class _Verifier:
         p, part, e, copied = key
         n_diff, nonfinite, mabs, mrel = int(stats[0]), bool(stats[1]), float(stats[2]), float(stats[3])
         if nonfinite:
-            raise _fail(f"{p}.{part}: expert {e} decodes to NaN or Inf")
+            raise _fail(f"{self._part_name(p, part, e)}: expert {e} decodes to NaN or Inf")
         if copied and n_diff:
-            raise _fail(f"{p}.{part}: expert {e} should decode bit-identically but {n_diff} values differ")
+            raise _fail(f"{self._part_name(p, part, e)}: expert {e} should decode bit-identically but {n_diff} values differ")
         with self._lock:
             if not copied:
                 self.decoded_rel[(p, part, e)] = mrel
             res = self.results[p]
             res.max_abs = max(res.max_abs or 0.0, mabs)
-            if part == "w2_weight":
+            if part in ("w2_weight", "down.weight"):
                 res.decoded += 1
 
     def finish_decode(self) -> None:
@@ -783,7 +866,7 @@ class _Verifier:
             bound = self.block_rel[(p, f"{part}_scale", e)]
             if mrel > bound * (1 + 2**-20) + 2**-22:
                 raise _fail(
-                    f"{p}.{part}: expert {e} decodes {100 * mrel:.4g}% off the source, more than its block scales "
+                    f"{self._part_name(p, part, e)}: expert {e} decodes {100 * mrel:.4g}% off the source, more than its block scales "
                     f"allow ({100 * bound:.4g}%)"
                 )
 
@@ -887,6 +970,8 @@ def _warm_kernels(plan: Future, ready: threading.Event) -> None:
             return
         tgt = spec.target
         shapes = {s for l in spec.layers.values() for s in ((2 * l.dims.inter, l.dims.hidden), (l.dims.hidden, l.dims.inter))}
+        if tgt.per_expert:
+            shapes |= {(l.dims.inter, l.dims.hidden) for l in spec.layers.values()}
         for rows, cols in sorted(shapes):
             swz = tgt.scales.kernel_reads_in_place
             vals = torch.zeros((rows, cols // 2), dtype=torch.uint8, device=dev)
@@ -991,6 +1076,8 @@ def verify(
     v = _Verifier(spec, conv, experts, dev if decode else None, kernels_ready)
     result = VerifyResult(source_label or str(source_dir), str(conv_dir), options.target.name, dev)
     result.checks = [CHECK_HASHES if hash_files else CHECK_SIZES, CHECK_STRUCTURE, CHECK_COPIED, CHECK_GLOBALS, CHECK_VALUES, CHECK_SCALES, CHECK_BOUND]
+    if options.target.per_expert:
+        result.checks[result.checks.index(CHECK_GLOBALS)] = CHECK_SCALARS
     if spec.source.encoded:
         result.checks.append(CHECK_DECODED)
     if decode:

@@ -22,6 +22,16 @@ def _drop(prefix: str) -> Callable[[dict], None]:
     return fn
 
 
+def _drop_all(suffix: str) -> Callable[[dict], None]:
+    """Drop every tensor of layer P whose name ends with ``suffix``."""
+
+    def fn(t: dict) -> None:
+        for n in [n for n in t if n.startswith(P) and n.endswith(suffix)]:
+            del t[n]
+
+    return fn
+
+
 def _set(name: str, value: torch.Tensor) -> Callable[[dict], None]:
     def fn(t: dict) -> None:
         if name in t:
@@ -47,7 +57,8 @@ def _scale_byte(name: str, byte: int) -> Callable[[dict], None]:
 CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     "expert-gap": (_drop(f"{P}.2."), "missing 2"),
     "missing-field": (_drop(f"{P}.3.w3.weight_scale"), "missing weight_scale"),
-    "missing-input-scale": (_drop(f"{P}.0.w2.input_scale"), "missing input_scale"),
+    # one missing input scale is repaired (test_per_expert.py); none at all for a projection cannot be
+    "no-down-input-scale": (_drop_all(".w2.input_scale"), "no expert's down has a nonzero input_scale"),
     "shape-differs": (_set(f"{P}.1.w1.weight", torch.zeros(32, 16, dtype=torch.uint8)), f"{P}.1.w1.weight"),
     "weight-dtype": (_set(f"{P}.0.w3.weight", torch.zeros(32, 32, dtype=torch.bfloat16)), "must be U8"),
     "scale-dtype": (_set(f"{P}.1.w2.weight_scale", torch.ones(64, 2, dtype=torch.uint8)), "must be F8_E4M3"),

@@ -157,7 +157,7 @@ def _outputs_equal(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-@pytest.mark.parametrize("target", ["mega-moe", "vllm-fused", "linear"])
+@pytest.mark.parametrize("target", ["mega-moe", "vllm-fused", "linear", "per-expert"])
 def test_compressed_checkpoint_converts_like_its_plain_twin(make_ckpt, tmp_path, encoding, target):
     kw = dict(layers=3, experts=4, hidden=512, inter=512, shards=3, unequal_scale_2=True)
     if target != "mega-moe":  # shapes whose scales fill neither 128x4 tiles nor 32-tile pages
@@ -175,7 +175,7 @@ def test_compressed_checkpoint_converts_like_its_plain_twin(make_ckpt, tmp_path,
     assert "weight_scale_encoding" not in cfg and "weight_scale_encoding" not in hq
     man = json.loads((outs[1] / MANIFEST_NAME).read_text())
     assert man["source"]["decoded_block_scales"] == {encoding: 3 + 2 * (3 + 4 * 3)}
-    res = verify(packed, outs[1], device="cpu", decode=(target == "linear"))
+    res = verify(packed, outs[1], device="cpu", decode=(target in ("linear", "per-expert")))
     assert res.decoded_block_scales == 9  # the dense layer's and the shared experts' scales
     assert any("compressed block scales" in c for c in res.checks)
 

@@ -32,7 +32,7 @@ def compiled_kernels():
         pytest.skip("Triton's interpreter is on in this process (test_kernels.py sets it): run this file on its own")
 
 
-@pytest.mark.parametrize("target", ["mega-moe", "vllm-fused"])
+@pytest.mark.parametrize("target", ["mega-moe", "vllm-fused", "per-expert"])
 @pytest.mark.parametrize("slow_kernel_load", [False, True])
 def test_gpu_decode_matches_the_cpu_reference(make_ckpt, tmp_path, target, monkeypatch, slow_kernel_load):
     # 40 experts on one worker: more launches than a lane holds before reading back
@@ -53,12 +53,13 @@ def test_gpu_decode_matches_the_cpu_reference(make_ckpt, tmp_path, target, monke
     assert any("Triton compare kernel on the GPU" in c for c in gpu.checks)
 
 
-def test_gpu_decode_failure_is_named(make_ckpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("target", ["vllm-fused", "per-expert"])
+def test_gpu_decode_failure_is_named(make_ckpt, tmp_path, monkeypatch, target):
     """A decoded difference found only at a read-back still names its expert: here the output's
     scale_2 the decode is given is off for one copied half, so it cannot decode bit-identically."""
     src = make_ckpt(layers=2, experts=12, hidden=512, inter=512)
     out = tmp_path / "out"
-    convert(src, out, ConvertOptions(target="vllm-fused"))
+    convert(src, out, ConvertOptions(target=target))
     victim = random.randrange(12)
     real = ver._Verifier._scale_2
 
@@ -67,7 +68,8 @@ def test_gpu_decode_failure_is_named(make_ckpt, tmp_path, monkeypatch):
         return (s2, c * 1.5, ratio) if role == "down" and e == victim else (s2, c, ratio)
 
     monkeypatch.setattr(ver._Verifier, "_scale_2", skewed)
-    monkeypatch.setattr(ver._Verifier, "_scales", lambda *a, **kw: None)  # the per-block check would see it first
+    monkeypatch.setattr(ver._Verifier, "_half_scales", lambda *a, **kw: 0.0)  # the per-block check would see it first
     monkeypatch.setattr(ver._Lane, "BATCH", random.choice([3, 8]))  # the expert is found by its row in a batch
-    with pytest.raises(CheckFailed, match=f"w2_weight: expert {victim} should decode bit-identically"):
+    part = "w2_weight" if target == "vllm-fused" else f"experts.{victim}.w2.weight"
+    with pytest.raises(CheckFailed, match=f"{part}: expert {victim} should decode bit-identically"):
         verify(src, out, device="cuda", workers=2)

@@ -120,14 +120,27 @@ def render_model_card(
 
     body: list[str] = ["", f"# {name}", "", "## What this is", ""]
     base_txt = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a ModelOpt NVFP4 checkpoint"
-    body.append(
-        f"An NVFP4 (ModelOpt) mixture-of-experts checkpoint converted from {base_txt} by "
-        f"nvfp4-fuse from one tensor set per expert into fused-expert tensors "
-        f"(`w13_*` = gate+up, `w2_*` = down, one tensor per layer stacked over experts), laid out for "
-        f"target `{target}`. Nothing is re-quantized from higher precision: the 4-bit codes are copied, the "
-        f"FP8 block scales are re-laid out for the target (targets that merge the gate/up global scales also "
-        f"rescale one half's block scales; the `fused_experts` block in config.json records which)."
-    )
+    from ..targets import TARGETS
+
+    t = TARGETS.get(target)
+    if t is not None and t.per_expert:
+        body.append(
+            f"An NVFP4 (ModelOpt) mixture-of-experts checkpoint repaired from {base_txt} by nvfp4-fuse "
+            f"(target `{target}`): one tensor set per expert as before, in ModelOpt's spelling, with each "
+            f"expert's gate and up `weight_scale_2` made equal (the smaller half's FP8 block scales rescaled), "
+            f"gate and up `input_scale` made equal, and missing or zero input scales replaced by the layer's "
+            f"largest of the same projection. Nothing is re-quantized from higher precision: the 4-bit codes are "
+            f"copied; the `repaired_experts` block in config.json records what changed."
+        )
+    else:
+        body.append(
+            f"An NVFP4 (ModelOpt) mixture-of-experts checkpoint converted from {base_txt} by "
+            f"nvfp4-fuse from one tensor set per expert into fused-expert tensors "
+            f"(`w13_*` = gate+up, `w2_*` = down, one tensor per layer stacked over experts), laid out for "
+            f"target `{target}`. Nothing is re-quantized from higher precision: the 4-bit codes are copied, the "
+            f"FP8 block scales are re-laid out for the target (targets that merge the gate/up global scales also "
+            f"rescale one half's block scales; the `fused_experts` block in config.json records which)."
+        )
     body += ["", "## Layout", "", "| | |", "|---|---|"]
     body.append(f"| target | `{target}` |")
     body.append(f"| layout version | `{layout}` |")
