@@ -368,6 +368,10 @@ def test_model_card_without_base_model_or_summary(tmp_path):
     card = render_model_card(base_model=None, repo_id="me/x", manifest=d, verify_summary=None, serve_hint="")
     assert front_matter(card)["library_name"] == "transformers"
     assert "pip install 'nvfp4-fuse[vllm]'" in card and "vllm serve me/x --moe-backend flashinfer_cutedsl" in card
+    # per-expert output: any engine serves it as it is, whatever the model
+    d["target"], d["source"]["architectures"] = "per-expert", ["Qwen3MoeForCausalLM"]
+    card = render_model_card(base_model=None, repo_id="me/x", manifest=d, verify_summary=None, serve_hint="")
+    assert front_matter(card)["library_name"] == "transformers" and "vllm serve me/x" in card and "nvfp4-fuse[vllm]" not in card
 
 
 def test_model_card_quotes_odd_yaml_values(tmp_path):

@@ -61,7 +61,7 @@ def default_serve_hint(target: str, repo_id: str, architectures: Any = None) -> 
     t = TARGETS.get(target)
     if t is None:
         return f"# target {target}: no known loader reads this layout"
-    if not served_by_plugin(architectures):
+    if not t.per_expert and not served_by_plugin(architectures):
         return (
             f"# {', '.join(architectures) or 'this model'}: no released loader reads fused expert tensors for it yet\n"
             "# (the nvfp4-fuse vLLM plugin serves DeepSeek-V4 and V4.1); the layout is described in\n"
@@ -73,10 +73,13 @@ def default_serve_hint(target: str, repo_id: str, architectures: Any = None) -> 
 
 def card_library_name(target: str, architectures: Any = None) -> str | None:
     """``library_name`` for a checkpoint of ``target``: ``transformers`` (see above) where vLLM serves
-    it (through this package's plugin), none where no loader reads it: the card claims no library."""
+    it (per-expert output: as it is, by any engine; fused: through this package's plugin), none where no
+    loader reads it: the card claims no library."""
     from ..targets import TARGETS
 
-    return CARD_LIBRARY_NAME if target in TARGETS and served_by_plugin(architectures) else None
+    t = TARGETS.get(target)
+    served = t is not None and (t.per_expert or served_by_plugin(architectures))
+    return CARD_LIBRARY_NAME if served else None
 
 
 def _source_text(source: dict[str, Any]) -> str | None:
