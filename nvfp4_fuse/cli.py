@@ -285,6 +285,7 @@ def convert(
 
     with byte_progress(err, show) as prog:
         task = prog.add_task("convert", total=plan.total_size, kept=0)
+        prog.refresh()  # drawn at once, however short the run
 
         def on_resume(kept: list[str]) -> None:
             resumed(kept)
@@ -395,11 +396,16 @@ def verify(
     with lock, byte_progress(err, show) as prog:
         task = prog.add_task("verify: reading headers", total=None, kept=0)
 
+        shown = [""]  # what the display last named: each stage and shard is drawn at least once
+
         def on_stage(what: str, total: int) -> None:
-            prog.update(task, description=f"verify: {what}", total=total or None)
+            shown[0] = what
+            prog.update(task, description=f"verify: {what}", total=total or None, refresh=True)
 
         def on_bytes(shard: str, n: int) -> None:
-            prog.update(task, advance=n, description=f"verify: {shard}")
+            changed = shard != shown[0]
+            shown[0] = shard
+            prog.update(task, advance=n, description=f"verify: {shard}", refresh=changed)
 
         res = _naming(converted, run_verify)(
             folder,
