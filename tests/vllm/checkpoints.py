@@ -232,27 +232,36 @@ def make_fused_checkpoint(src_dir: Path, out_dir: Path, target: str = "mega-moe"
     return out_dir
 
 
+def split_routed_experts(
+    tensors: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, list[tuple[int, str, str, torch.Tensor]]]]:
+    """A checkpoint's tensors split into the trunk's routed-expert ones, per layer as (expert, w1/w3/w2,
+    field, tensor), and all the others, by name."""
+    import re
+
+    expert_re = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.(\w+)$")
+    per_layer: dict[str, list[tuple[int, str, str, torch.Tensor]]] = {}
+    others: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        m = expert_re.match(name)
+        if m is None:
+            others[name] = t
+        else:
+            per_layer.setdefault(m[1], []).append((int(m[2]), m[3], m[4], t))
+    return others, per_layer
+
+
 def write_merged_source(src_dir: Path, out_dir: Path) -> Path:
     """``src_dir`` with each expert's w1/w3 ``weight_scale_2`` merged as the converter merges them
     (both get the max; the smaller half's block scales rescaled, the torch reference) and nothing
     else changed: the per-expert checkpoint a fused one stands for."""
-    import re
     import shutil
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in src_dir.iterdir():
         if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
             shutil.copy(f, out_dir / f.name)
-    src = read_all(src_dir)
-    expert_re = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.(\w+)$")
-    per_layer: dict[str, list[tuple[int, str, str, torch.Tensor]]] = {}
-    out = {}
-    for name, t in src.items():
-        m = expert_re.match(name)
-        if m is None:
-            out[name] = t
-        else:
-            per_layer.setdefault(m[1], []).append((int(m[2]), m[3], m[4], t))
+    out, per_layer = split_routed_experts(read_all(src_dir))
     for prefix, items in per_layer.items():
         for x, w, field, t in _merge_scale_2(items):
             out[f"{prefix}.{x}.{w}.{field}"] = t
@@ -271,7 +280,6 @@ def fused_by_vllm_loader(src_dir: Path, rescale: bool = False) -> dict[str, torc
     half's block scales are first multiplied by ``s2 / max`` and rounded to E4M3 (the torch
     reference, ``nvfp4.rescale_block_scales``) and both get the max, which is what the converter does.
     """
-    import re
     from unittest import mock
 
     import harness
@@ -280,16 +288,7 @@ def fused_by_vllm_loader(src_dir: Path, rescale: bool = False) -> dict[str, torc
 
     cfg = json.loads((src_dir / "config.json").read_text())
     h, i, e = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["n_routed_experts"]
-    src = read_all(src_dir)
-    expert_re = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.(\w+)$")
-    per_layer: dict[str, list[tuple[int, str, str, torch.Tensor]]] = {}
-    out: dict[str, torch.Tensor] = {}
-    for name, t in src.items():
-        m = expert_re.match(name)
-        if m is None:
-            out[name] = t
-        else:
-            per_layer.setdefault(m[1], []).append((int(m[2]), m[3], m[4], t))
+    out, per_layer = split_routed_experts(read_all(src_dir))
 
     if rescale:
         per_layer = {prefix: _merge_scale_2(items) for prefix, items in per_layer.items()}
