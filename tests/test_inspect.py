@@ -99,10 +99,9 @@ DEFECTS = ("missing", "zero", "nan", "inf", "negative")
 
 def test_every_input_scale_defect_is_found_where_it_is(make_ckpt):
     e, layers = 8, (1, 2)
-    planted: dict[tuple[int, int, str], str] = {}
-    for kind in DEFECTS:
-        for _ in range(2):
-            planted[(random.choice(layers), random.randrange(e), random.choice(("gate", "up", "down")))] = kind
+    # two places a kind, all distinct (a place drawn twice would keep only its last kind)
+    places = random.sample([(ly, x, r) for ly in layers for x in range(e) for r in ("gate", "up", "down")], 2 * len(DEFECTS))
+    planted = {place: kind for place, kind in zip(places, [k for k in DEFECTS for _ in range(2)])}
     src = make_ckpt(scheme="deepseek", layers=3, experts=e, hidden=64, inter=32, input_scale_defects=planted)
     rep = report_of(src)  # the converter stops at the first; inspect reports all
     with pytest.raises(InputError):
