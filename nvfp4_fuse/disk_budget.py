@@ -130,7 +130,8 @@ def plan_disk(spec: OutputSpec, todo: list[OutShard], sizes: dict[str, int], *, 
     """The steps and reservations of writing ``todo`` (in order) then copying the sidecars, from a
     source whose files have ``sizes``; files in ``local`` (the user's HF cache) cost nothing."""
     steps: list[tuple[str | None, list[str]]] = [(s.name, shard_source_files(spec, s)) for s in todo]
-    steps += [(None, [rel]) for rel in spec.source.sidecars if rel in sizes]
+    skipped = set(spec.configs()) | {"README.md"}  # written from the plan, or describing the source: not copied
+    steps += [(None, [rel]) for rel in spec.source.sidecars if rel in sizes and rel not in skipped]
     out_sizes = {s.name: shard_disk_bytes(spec, s) for s in todo}
     first: dict[str, int] = {}
     last: dict[str, int] = {}

@@ -136,7 +136,7 @@ class HubSourceFiles:
         from .hub.fetch import cached_blob
 
         sizes = {p: f.size for p, f in self.pinned.files.items()}
-        needed = {f for s in todo for f in _files(spec, s)} | set(spec.source.sidecars)
+        needed = {f for s in todo for f in _files(spec, s)} | set(spec.source.sidecars) - set(spec.configs())
         self.local = {}
         for f in sorted(needed):
             if f in sizes:
@@ -244,8 +244,8 @@ class HubSourceFiles:
         return self.staging / rel
 
     def done(self, rel: str) -> None:
-        if rel in self.local or self.plan is None or self.budget is None:
-            return
+        if rel in self.local or self.plan is None or self.budget is None or rel not in self._ready:
+            return  # read in place, or never fetched (a sidecar the output does not copy)
         (self.staging / rel).unlink(missing_ok=True)
         self.budget.release(self.plan.sizes[rel])
 
