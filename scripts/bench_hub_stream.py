@@ -11,8 +11,12 @@ a subprocess with a fresh HF_HOME:
 
 and prints the wall-time ratio hub-to-disk / download (goal <= 1.15), the peak working set sampled
 on disk every 20 ms (the run's downloads plus output shards being written) against --max-disk
-(never over), the peak disk, and convert's peak RSS (goal < 1 GB), measured in this run. Modes are
-a table (``MODES``): a mode is a function of the prepared :class:`Bench` that returns its figures.
+(never over), the peak disk, and convert's peak RSS (VmHWM, sampled; goal < 1 GB), measured in
+this run. Modes are a table (``MODES``): a mode is a function of the prepared :class:`Bench` that
+returns its figures. The shards are rewritten by safetensors' own ``save_file`` (as exports made
+with ``save_pretrained`` are: a shard's F32 scalars lie together, so planning reads them in one
+request a shard); ``--writer-order interleaved`` keeps the sample's expert-by-expert order, whose
+scalars take a request per expert projection.
 
     python scripts/bench_hub_stream.py --workdir /big/disk [--rate 60MB] [--max-disk auto]
         [--layers 6 --experts 32 --hidden 2048 --inter 1024 --shards 12 --max-shard-size 100MB]
@@ -89,18 +93,26 @@ def run_measured(cmd: list[str], env: dict[str, str], watch: Path | None) -> dic
     peak = {"total": 0, "working": 0}
     done = threading.Event()
 
+    peak["rss"] = 0
+
     def sample() -> None:
         while not done.is_set():
             if watch is not None and watch.exists():
                 t, w = folder_bytes(watch)
                 peak["total"], peak["working"] = max(peak["total"], t), max(peak["working"], w)
+            try:  # the process's own high-water mark (ru_maxrss would count this process's pages, forked)
+                for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak["rss"] = max(peak["rss"], int(line.split()[1]) * 1024)
+            except (OSError, ValueError):
+                pass
             time.sleep(0.02)
 
     th = threading.Thread(target=sample, daemon=True)
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=False)
     th.start()
-    _, status, ru = os.wait4(p.pid, 0)
+    _, status, _ = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     done.set()
     th.join()
@@ -108,7 +120,7 @@ def run_measured(cmd: list[str], env: dict[str, str], watch: Path | None) -> dic
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])}... failed ({p.returncode}): {err.decode()[-2000:]}")
-    return {"wall_s": wall, "rss_bytes": ru.ru_maxrss * 1024, "peak_disk": peak["total"], "peak_working": peak["working"], "stdout": out}
+    return {"wall_s": wall, "rss_bytes": peak["rss"], "peak_disk": peak["total"], "peak_working": peak["working"], "stdout": out}
 
 
 def mode_download(b: Bench) -> dict:
@@ -148,7 +160,10 @@ MODES = {"download": mode_download, "hub-to-disk": mode_hub_to_disk}
 def report(b: Bench) -> None:
     rate = b.args.rate_bytes
     d = b.results["download"]
-    print(f"source: {human(b.source_bytes)} in {b.args.shards} shards, served at {human(rate)}/s (loopback fake Hub, one token bucket)")
+    print(
+        f"source: {human(b.source_bytes)} in {b.args.shards} shards ({b.args.writer_order} order), served at {human(rate)}/s "
+        "(loopback fake Hub, one token bucket)"
+    )
     print(f"download alone (snapshot_download): {d['wall_s']:.2f} s for {human(d['bytes'])}")
     if "hub-to-disk" in b.results:
         h = b.results["hub-to-disk"]
@@ -243,6 +258,7 @@ def main() -> None:
     ap.add_argument("--inter", type=int, default=None)
     ap.add_argument("--shards", type=int, default=None)
     ap.add_argument("--target", default="mega-moe")
+    ap.add_argument("--writer-order", choices=["save-file", "interleaved"], default="save-file")
     ap.add_argument("--plan-dsv4-pro", action="store_true")
     ap.add_argument("--bandwidth", default="1GB", help="for --plan-dsv4-pro: the link's bytes/s")
     a = ap.parse_args()
@@ -266,6 +282,14 @@ def main() -> None:
     src = work / "src"
     shutil.rmtree(src, ignore_errors=True)
     make_sample_checkpoint(src, SampleSpec(layers=a.layers, experts=a.experts, hidden=a.hidden, inter=a.inter, shards=a.shards, fast=True, seed=7))
+    if a.writer_order == "save-file":
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        for p in sorted(src.glob("*.safetensors")):
+            with safe_open(str(p), "pt") as f:
+                meta = f.metadata()
+            save_file(load_file(str(p)), str(p), metadata=meta)
     files = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
     shutil.rmtree(src)  # served from memory from now on
     with FakeHub(download_rate=a.rate_bytes) as hub:

@@ -72,7 +72,7 @@ def hub_plan(
     max_disk: int | None = None,
     overwrite: bool = False,
     with_scalars: bool = True,
-    fetchers: int = 2,
+    fetchers: int = 1,
     cache_dir: str | None = None,
     **fetch_kw,
 ) -> HubPlan:
