@@ -431,7 +431,7 @@ def expert_ranges(experts: list[int]) -> str:
 
 
 def local_input(folder: Path, *, trust_root: Path | None = None, label: str | None = None) -> InspectInput:
-    from .safetensors_io import ShardReader
+    from .shard_reader import ShardReader
     from .source import scan_source
 
     src = scan_source(folder, trust_root=trust_root)
@@ -455,7 +455,7 @@ def remote_input(repo_id: str, *, revision: str | None = None) -> InspectInput:
     coalesced range requests."""
     from .hub import remote_safetensors_headers
     from .hub.ranges import RemoteRangeReader
-    from .safetensors_io import loads_strict_json
+    from .safetensors_header import loads_strict_json
     from .source import CONFIG_FILES, source_from_headers
 
     remote = remote_safetensors_headers(repo_id, revision=revision)

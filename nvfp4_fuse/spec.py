@@ -20,7 +20,8 @@ from .errors import InputError
 from .experts import INPUT_SCALE_RULE, CopiedGroup, ExpertLayer, group_experts, read_scalars
 from .layout import W13Order
 from .quant_config import check_against_groups, check_source_configs, output_configs, per_expert_output_configs
-from .safetensors_io import OutEntry, ShardReader
+from .safetensors_header import OutEntry
+from .shard_reader import ShardReader
 from .source import INDEX_NAME, Source, SourceRef
 from .targets import DEFAULT_TARGET, LAYOUT_VERSION, Target, get_target
 

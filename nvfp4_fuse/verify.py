@@ -56,7 +56,8 @@ from .errors import CheckFailed, InputError
 from .experts import ExpertLayer
 from .host_layout import E4M3_VALUES
 from .manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
-from .safetensors_io import ShardReader, tensor_bytes
+from .shard_reader import ShardReader
+from .shard_writer import tensor_bytes
 from .source import CONFIG_FILES, INDEX_NAME, Source, scan_source
 from .spec import COPY_CHUNK, OutputOptions, OutputSpec, OutShard, OutTensor, build_spec
 

@@ -34,8 +34,8 @@ use_source_tree()
 from nvfp4_fuse import verify as ver  # noqa: E402
 from nvfp4_fuse.convert import ConvertOptions, convert  # noqa: E402
 from nvfp4_fuse.manifest import MANIFEST_NAME  # noqa: E402
-from nvfp4_fuse.safetensors_io import ShardReader  # noqa: E402
 from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint  # noqa: E402
+from nvfp4_fuse.shard_reader import ShardReader  # noqa: E402
 from nvfp4_fuse.spec import parse_size  # noqa: E402
 
 

@@ -14,7 +14,7 @@ from nvfp4_fuse import verify as ver
 from nvfp4_fuse.convert import ConvertOptions, convert
 from nvfp4_fuse.errors import CheckFailed, InputError
 from nvfp4_fuse.manifest import MANIFEST_NAME
-from nvfp4_fuse.safetensors_io import read_header
+from nvfp4_fuse.safetensors_header import read_header
 from nvfp4_fuse.verify import verify
 
 P = "layers.1.ffn.experts"
