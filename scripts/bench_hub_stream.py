@@ -184,7 +184,7 @@ def plan_dsv4_pro(a: argparse.Namespace) -> None:
 
     from nvfp4_fuse.disk_budget import default_budget, plan_disk
     from nvfp4_fuse.hub.remote_source import scalar_spans
-    from nvfp4_fuse.safetensors_io import header_from_json
+    from nvfp4_fuse.safetensors_header import header_from_json
     from nvfp4_fuse.source import Source, tensor_files
     from nvfp4_fuse.spec import OutputOptions, build_spec
 
