@@ -162,7 +162,7 @@ def report(b: Bench) -> None:
     d = b.results["download"]
     print(
         f"source: {human(b.source_bytes)} in {b.args.shards} shards ({b.args.writer_order} order), served at {human(rate)}/s "
-        "(loopback fake Hub, one token bucket)"
+        f"(loopback fake Hub, one token bucket, burst {b.args.burst})"
     )
     print(f"download alone (snapshot_download): {d['wall_s']:.2f} s for {human(d['bytes'])}")
     if "hub-to-disk" in b.results:
@@ -250,6 +250,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--mode", choices=[m for m in MODES if m != "download"], default="hub-to-disk")
     ap.add_argument("--rate", default="60MB", help="download rate of the fake Hub, bytes/s with a unit")
+    ap.add_argument("--burst", default="1MiB", help="bytes the link may send at once after a pause (its buffering)")
     ap.add_argument("--max-disk", default="auto")
     ap.add_argument("--max-shard-size", default=None)
     ap.add_argument("--layers", type=int, default=None)
@@ -272,7 +273,7 @@ def main() -> None:
             setattr(a, k, v)
     if a.workdir is None:
         raise SystemExit("--workdir is required (needs about 3x the checkpoint in free disk)")
-    from fake_hub import FakeHub
+    from fake_hub import FakeHub, TokenBucket
 
     from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
 
@@ -293,6 +294,8 @@ def main() -> None:
     files = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
     shutil.rmtree(src)  # served from memory from now on
     with FakeHub(download_rate=a.rate_bytes) as hub:
+        # a link's buffers absorb a sender's hiccups: up to --burst bytes may catch up at once
+        hub.download_bucket = TokenBucket(a.rate_bytes, burst=parse_size(a.burst))
         hub.create(REPO, files)
         b = Bench(a, work, src, hub, sum(len(v) for v in files.values()))
         del files
