@@ -46,7 +46,7 @@ from . import __version__
 from .budget import ByteBudget
 from .disk_budget import shard_source_files
 from .encoded_scales import EncodedScale
-from .errors import InputError
+from .errors import InputError, Nvfp4FuseError
 from .experts import ExpertLayer
 from .folder_lock import folder_lock
 from .host_layout import check_block_scale_bytes, rescale_block_scales
@@ -635,6 +635,8 @@ def convert(
         with folder_lock(out, "convert"):
             return _convert_locked(spec, out, opts, t0, source_dir, source_label, on_bytes, on_shard, on_resume, files)
     except OSError as e:
+        if isinstance(e, Nvfp4FuseError):  # the Hub kept failing (PushFailed is a ConnectionError)
+            raise
         if e.filename is None:  # a write on a descriptor (no space, quota, I/O error): name the folder
             raise OSError(e.errno, e.strerror, str(out)) from e
         raise
