@@ -737,8 +737,8 @@ def _convert_locked(
     size, digest = write_file_atomic(out / README_NAME, card)
     manifest.files[README_NAME] = {"size": size, "sha256": digest}
     manifest.model_card = digest
+    source.finish()  # before the manifest: a complete folder never holds the run's downloads
     save_manifest(out, manifest)
-    source.finish()
     (out / PROGRESS_NAME).unlink(missing_ok=True)
     fsync_dir(out)
     result.files = files
