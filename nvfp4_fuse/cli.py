@@ -247,12 +247,12 @@ def convert(
     streams = opts.streams()
     show = progress_enabled(err, quiet or json_out)
     hub_files = None  # a repo id: fetched as the output needs it (hub/stream.py)
-    if _streams_from_hub(source):
-        hp = _plan_from_hub(source, output, opts, revision, max_disk, dry_run, json_out, show)
-        if hp is None:
-            return  # a dry run, printed
+    hp = _plan_from_hub(source, output, opts, revision, max_disk, dry_run, json_out, show) if _streams_from_hub(source) else _LOCAL
+    if hp is None:
+        return  # a dry run, printed
+    if hp is not _LOCAL:
         hub_files = hp.files
-    elif max_disk is not None:
+    elif max_disk is not None and not _streams_from_hub(source):
         raise InputError("--max-disk applies to a Hub repo id as source (a local source is read in place)")
     if dry_run and hub_files is None and not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
         from . import hub
@@ -376,9 +376,14 @@ def _streams_from_hub(source: str) -> bool:
     return not Path(source).exists() and not _looks_like_path(source) and bool(REPO_ID_RE.match(source)) and not constants.HF_HUB_OFFLINE
 
 
+_LOCAL = object()  # the source is read as a folder (a local one, or a cached snapshot)
+
+
 def _plan_from_hub(source: str, output: Path, opts: Any, revision: str | None, max_disk: str | None, dry_run: bool, json_out: bool, show: bool) -> Any:
     """The plan of converting a repo id as it streams (hub/stream.py); for a dry run, print it and
-    the disk and requests it takes, and return None."""
+    the disk and requests it takes, and return None. When the Hub cannot be reached at all, returns
+    ``_LOCAL``: the cached snapshot, if complete, is converted as a folder (as without this mode)."""
+    from .hub.fetch import HubUnreachable
     from .hub.stream import disk_summary, hub_plan, print_disk_summary
     from .spec import parse_size
     from .writable import require_writable
@@ -389,8 +394,11 @@ def _plan_from_hub(source: str, output: Path, opts: Any, revision: str | None, m
     if limit is not None and limit <= 0:
         raise InputError(f"--max-disk must be positive, not {max_disk!r}")
     require_writable(output, "output folder")  # before minutes of planning, not after
-    with err.status(f"planning: reading {source}'s headers and scales from the Hub", spinner="dots") if show else _null():
-        hp = hub_plan(source, output, opts.output_options(), revision=revision, max_disk=limit, overwrite=opts.overwrite, with_scalars=not dry_run)
+    try:
+        with err.status(f"planning: reading {source}'s headers and scales from the Hub", spinner="dots") if show else _null():
+            hp = hub_plan(source, output, opts.output_options(), revision=revision, max_disk=limit, overwrite=opts.overwrite, with_scalars=not dry_run)
+    except HubUnreachable:
+        return _LOCAL
     if not dry_run:
         return hp
     from .convert import check_output

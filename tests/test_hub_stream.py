@@ -368,3 +368,28 @@ def test_sigkill_while_downloading_or_writing_then_resume_is_byte_identical(hub_
         for name, size in resumed_at.items():
             if 0 < size < sizes[name]:
                 assert (name, f"bytes={size}-") in later, (name, size, later)
+
+
+def test_max_disk_is_refused_for_a_local_source(tmp_path, capsys):
+    rc, stdout, _ = run_inprocess(capsys, "convert", str(tmp_path), str(tmp_path / "o"), "--max-disk", "1GB", "--json")
+    assert rc == 2 and "--max-disk applies to a Hub repo id" in json.loads(stdout)["error"]["message"]
+
+
+def test_an_unreachable_hub_falls_back_to_a_cached_snapshot(hub_src, local_reference, tmp_path, capsys, monkeypatch):
+    """As snapshot_download does: no network, but the snapshot is in the cache (HF_HUB_OFFLINE unset)."""
+    import socket
+
+    import huggingface_hub.constants as C
+    from huggingface_hub import snapshot_download
+
+    snapshot_download("org/src")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(C, "ENDPOINT", closed)
+    monkeypatch.setattr(C, "HUGGINGFACE_CO_URL_TEMPLATE", closed + "/{repo_id}/resolve/{revision}/{filename}")
+    out = tmp_path / "out"
+    rc, _, err = run_inprocess(capsys, "convert", "org/src", str(out), *ARGS)
+    assert rc == 0, err
+    got = snapshot(out)
+    assert {k: v for k, v in got.items() if k != MANIFEST_NAME} == {k: v for k, v in local_reference.items() if k != MANIFEST_NAME}

@@ -57,11 +57,22 @@ class PinnedRepo:
     files: dict[str, RemoteFile]
 
 
+class HubUnreachable(InputError):
+    """The Hub cannot be reached at all (no network, a name that does not resolve): a cached snapshot
+    may still serve, as ``snapshot_download`` would use it."""
+
+
 def _call(what: str, repo_id: str, revision: str | None, fn: Callable, retries: int, backoff: float):
+    from .errors import unreachable_reason
+
     try:
         return _retry.with_retries(what, fn, repo_id=repo_id, retries=retries, backoff=backoff, revision=revision)[0]
     except PushFailed as e:
         raise PushFailed(str(e)) from None
+    except InputError as e:
+        if e.__cause__ is not None and unreachable_reason(e.__cause__) is not None:
+            raise HubUnreachable(str(e)) from e.__cause__
+        raise
 
 
 def pin_repo(repo_id: str, revision: str | None = None, *, api=None, retries: int = 3, backoff: float = 1.0) -> PinnedRepo:
