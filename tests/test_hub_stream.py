@@ -335,7 +335,7 @@ def _cli(env, out: Path, *extra: str, kill_at: str | None = None) -> subprocess.
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
 
 
-@pytest.mark.parametrize("point", ["fetch:50000", "fetch:150000", "shard:2", "bytes:60000"])
+@pytest.mark.parametrize("point", ["fetch:50000", "fetch:150000", "shard:2", "bytes:60000", "manifest"])
 def test_sigkill_while_downloading_or_writing_then_resume_is_byte_identical(hub_src, tmp_path, fake_hub, point):  # noqa: F811
     env = _env(fake_hub, tmp_path)
     fake_hub.set_rates(download_rate=4e6)  # file bodies arrive in pieces of 64 KiB, so a kill falls mid-file
