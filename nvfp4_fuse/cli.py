@@ -95,7 +95,8 @@ QUIET_HELP = "No progress display."
 MAX_DISK_HELP = (
     "For a Hub repo id: the most disk the run holds besides its finished output shards (source files "
     "downloaded and not yet done with, output shards being written), with a unit: 40GB. Default: twice "
-    "the minimum, which is the source files one output shard reads plus that shard; less is refused."
+    "the minimum (the source files one output shard reads plus that shard; less is refused), or the free "
+    "disk beside the output if less."
 )
 
 

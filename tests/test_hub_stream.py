@@ -393,3 +393,14 @@ def test_an_unreachable_hub_falls_back_to_a_cached_snapshot(hub_src, local_refer
     assert rc == 0, err
     got = snapshot(out)
     assert {k: v for k, v in got.items() if k != MANIFEST_NAME} == {k: v for k, v in local_reference.items() if k != MANIFEST_NAME}
+
+
+def test_the_default_budget_shrinks_to_the_free_disk_down_to_the_minimum(hub_src, tmp_path, capsys, monkeypatch):
+    from nvfp4_fuse.hub import stream
+
+    out = tmp_path / "out"
+    minimum = json.loads(run_inprocess(capsys, "convert", "org/src", str(out), *ARGS, "--dry-run")[1])["disk"]["min_max_disk"]
+    output = conv.make_plan(hub_src, conv.ConvertOptions(target="vllm-fused", max_shard_size=40_000)).output_bytes_estimate()
+    monkeypatch.setattr(stream, "disk_free", lambda p: output + minimum + 1000)
+    disk = json.loads(run_inprocess(capsys, "convert", "org/src", str(out), *ARGS, "--dry-run")[1])["disk"]
+    assert disk["max_disk"] == minimum + 1000 < 2 * minimum

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..spec import OutputSpec, build_spec, human
+from ..spec import OutputSpec, build_spec, disk_free, human
 from .fetch import PinnedRepo, pin_repo
 from .ranges import RemoteRangeReader
 from .remote_source import HEADER_PROBE, SCALAR_MAX_BYTES, RemoteScalars, hub_source, scalar_spans
@@ -90,7 +90,12 @@ def hub_plan(
         scalars.prefetch()
     spec = build_spec(src, options, with_scalars=with_scalars, scalar_readers=scalars)
     files = HubSourceFiles(pinned, out, max_disk=max_disk, fetchers=fetchers, cache_dir=cache_dir, **fetch_kw)
-    _, files.reserve_bytes = files.plan_for(spec, spec.shards)  # refuses a budget below the minimum
+    plan, limit = files.plan_for(spec, spec.shards)  # refuses a budget below the minimum
+    if max_disk is None:  # the default shrinks to what the disk has beside the output, down to the minimum
+        room = disk_free(Path(out)) - spec.output_bytes_estimate()
+        if plan.minimum <= room < limit:
+            files.max_disk = limit = room
+    files.reserve_bytes = limit
     return HubPlan(spec, pinned, reader, files)
 
 
