@@ -231,7 +231,7 @@ def test_a_permanent_fault_stops_at_once_with_one_line_and_resumes(hub_src, loca
     same_as_local(snapshot(out), local_reference, fake_hub.repos["org/src"].branches["main"])
 
 
-def test_a_download_failing_every_time_gives_up_after_six_tries_in_a_row(hub_src, tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
+def test_a_download_failing_every_time_gives_up_after_six_retries_in_a_row(hub_src, tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
     once_planned(monkeypatch, lambda: fake_hub.fail_next("download", *([503] * 7)))
     out = tmp_path / "out"
     rc, stdout, _ = run_inprocess(capsys, "convert", "org/src", str(out), *ARGS)
