@@ -21,7 +21,7 @@ from .safetensors_header import ShardHeader
 from .shard_reader import ShardReader
 from .shard_writer import tensor_bytes
 from .spec import COPY_CHUNK, OutputSpec, OutShard, OutTensor
-from .verify_checks import fail, rescaled_half_problem, same
+from .verify_checks import fail, rescale_table, rescaled_half_problem, same
 from .verify_result import LayerResult
 
 # GPU decodes put off while the kernel loads, at most this many bytes of packed values: the pass goes
@@ -334,10 +334,6 @@ class PieceChecker:
     def _half_scales(self, layer: ExpertLayer, part: str, role: str, e: int, nat: np.ndarray, where: str) -> float:
         """One half's natural block scales against the source's: the same bytes where it was copied,
         else the RNE rescale, every block within the bound. Returns its largest relative error."""
-        import torch
-
-        from .nvfp4 import rescale_block_scales
-
         src = self.src(layer, e, role, "weight_scale")
         s2, c, ratio = self._scale_2(layer, role, e)
         worst = 0.0
@@ -348,8 +344,9 @@ class PieceChecker:
             if s2 != c:
                 raise fail(f"{where}: expert {e} {role} is a copied half but its scale_2 changed ({s2} -> {c})")
         else:
-            # The RNE rescale (the torch reference) is a function of the byte: applied to all 256.
-            table = rescale_block_scales(torch.arange(256, dtype=torch.uint8), ratio).view(torch.uint8).numpy()
+            # The RNE rescale is a function of the byte: worked out for all 256 (no torch: the CPU path
+            # imports none; tests hold the table to the torch reference).
+            table = rescale_table(ratio)
             rel, problem = rescaled_half_problem(src, nat, table, s2, c)
             if problem is not None:
                 raise fail(f"{where}: expert {e} {role} block scale {problem}")

@@ -268,16 +268,34 @@ def default_workers(*, gpu_decode: bool, cpus: int | None = None) -> int:
 
 
 def pick_device(device: str) -> str:
-    """'cuda' or 'cpu' for --device auto|cuda|cpu."""
+    """'cuda' or 'cpu' for --device auto|cuda|cpu. torch is imported only where a GPU may be used:
+    never for ``cpu``, nor for ``auto`` where :func:`gpu_may_be_there` says there is none."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise InputError(f"--device must be auto, cuda or cpu, not {device!r}")
+    if device == "cpu" or (device == "auto" and not gpu_may_be_there()):
+        return "cpu"
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
         raise InputError("--device cuda but no CUDA device is visible")
-    if device not in ("cuda", "cpu"):
-        raise InputError(f"--device must be auto, cuda or cpu, not {device!r}")
-    return device
+    return "cpu"
+
+
+def gpu_may_be_there() -> bool:
+    """False where torch surely sees no GPU, found without importing it (1.3 s): torch is not
+    installed, or a Linux machine has no GPU device node (NVIDIA's /dev/nvidia0..., ROCm's /dev/kfd,
+    WSL's /dev/dxg). True otherwise: then torch is asked."""
+    import glob
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    if sys.platform.startswith("linux"):
+        return bool(glob.glob("/dev/nvidia[0-9]*")) or any(os.path.exists(p) for p in ("/dev/kfd", "/dev/dxg"))
+    return True
 
 
 def verify(

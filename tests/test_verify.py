@@ -456,3 +456,50 @@ def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypa
     for g, c in zip(got.layers, ref.layers):
         assert g.decoded == c.decoded == experts
         assert g.max_abs == c.max_abs and g.max_rel == c.max_rel
+
+
+_REPORT_IMPORTS = (
+    "import atexit, sys; atexit.register(lambda: print('imported:', "
+    "sorted(m for m in ('torch', 'triton') if m in sys.modules), file=sys.stderr)); "
+)
+
+
+@pytest.mark.parametrize("how", ["verify(device='cpu')", "verify(device='auto')", "cli --device cpu"])
+def test_a_cpu_verify_never_imports_torch(converted, how):
+    """The CPU path is numpy only, like convert's: torch (1.3 s to import) and Triton are imported only
+    when a GPU decode runs. Rescaled halves, so the block-scale check's RNE table is worked out too."""
+    import subprocess
+    import sys
+
+    if how.endswith("'auto')") and ver.gpu_may_be_there():
+        pytest.skip("auto picks the GPU where there may be one")
+    src, out = converted("vllm-fused", unequal_scale_2=True)
+    if how.startswith("cli"):
+        code = _REPORT_IMPORTS + (
+            f"sys.argv = ['nvfp4-fuse', 'verify', {str(src)!r}, {str(out)!r}, '--device', 'cpu']; "
+            "from nvfp4_fuse.cli import main; main()"
+        )
+    else:
+        code = _REPORT_IMPORTS + (
+            f"from nvfp4_fuse.verify import verify; r = {how[:-1]}, source_dir={str(src)!r}, conv_dir={str(out)!r}); "
+            "assert r.device == 'cpu' and r.layers[0].rescaled == 4 and r.layers[0].checked == 4, r"
+        )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "imported: []" in r.stderr, r.stderr
+
+
+def test_the_block_scale_check_rescales_as_the_torch_reference_does():
+    """verify's own RNE table (float32 bits, no torch) against the reference the converter is held to,
+    for every byte, at ratios over the whole range a rescale uses (subnormal results and clamps too)."""
+    import torch
+
+    from nvfp4_fuse.nvfp4 import rescale_block_scales
+    from nvfp4_fuse.verify_checks import rescale_table
+
+    ratios = [1.0, 0.5, 2.0**-12, float(np.nextafter(np.float32(1), np.float32(0)))]
+    ratios += [k / 64 for k in range(1, 64)]  # products halfway between two E4M3 values: ties to even
+    ratios += [float(2.0 ** random.uniform(-14, 0)) for _ in range(300)]
+    for ratio in ratios:
+        want = rescale_block_scales(torch.arange(256, dtype=torch.uint8), ratio).view(torch.uint8).numpy()
+        assert np.array_equal(rescale_table(ratio), want), ratio
