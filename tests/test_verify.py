@@ -276,18 +276,14 @@ def test_rescale_tolerance_is_exactly_half_an_e4m3_step(x, ok):
 def test_a_block_scale_beyond_the_bound_fails_verify(make_ckpt, tmp_path, monkeypatch):
     """End to end through verify: an output whose rescaled block scales are all one E4M3 step too
     big is refused by the bound, even if the exactness check is told to expect those very bytes."""
-    import torch
-
-    import nvfp4_fuse.nvfp4 as nv
-
     # enough rescaled blocks that a one-step error lands outside the bound in some (how far outside
     # depends on each scale's mantissa and on how the exact value rounded)
     src = make_ckpt(layers=2, experts=4, hidden=256, inter=128, unequal_scale_2=True)
-    real = nv.rescale_block_scales
+    real = piece_checks.rescale_table
 
-    def one_step_up(s, ratio):  # the exactness check now expects what the converter wrote
-        b = real(s, ratio).view(torch.uint8)
-        return torch.where((b > 0x08) & (b < 0x7E), b + 1, b).view(torch.float8_e4m3fn)
+    def one_step_up(ratio):  # the exactness check now expects what the converter wrote
+        b = real(ratio)
+        return np.where((b > 0x08) & (b < 0x7E), b + 1, b).astype(np.uint8)
 
     import nvfp4_fuse.host_layout as hl
 
@@ -302,7 +298,7 @@ def test_a_block_scale_beyond_the_bound_fails_verify(make_ckpt, tmp_path, monkey
     monkeypatch.setattr("nvfp4_fuse.convert.rescale_block_scales", one_step_up_np)
     out = tmp_path / "out"
     convert(src, out, ConvertOptions(target="linear"))
-    monkeypatch.setattr(nv, "rescale_block_scales", one_step_up)
+    monkeypatch.setattr(piece_checks, "rescale_table", one_step_up)
     _expect_fail(src, out, "more than half an E4M3 step")
 
 
