@@ -377,12 +377,13 @@ def test_the_rescaled_half_check_agrees_with_the_elementwise_one():
     assert problem is not None and problem.startswith(f"at [{r}, {k}]") and "off the source" in problem
 
 
-@pytest.mark.parametrize("when", ["a third", "all", "cap"])
-def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypatch, when):
-    """The GPU path's first decodes wait for the kernel in a queue while the pass goes on: every
-    expert part is still decoded exactly once, by a worker once the kernel is ready, during the pass
-    or after it, and the result is the CPU reference's. A stand-in lane runs the kernel's
-    torch reference; the warm-up sets the kernel ready only after some decodes were put off."""
+@pytest.mark.parametrize("when", ["during the pass", "after the pass", "cap"])
+def test_gpu_decodes_ride_along_the_pass_and_all_run_once(converted, monkeypatch, when):
+    """The GPU path queues each decode for threads of its own and goes on with the pass: every expert
+    part is decoded exactly once, its values' pages stay mapped until then and are dropped after (the
+    pass's release and the decode's), and the result is the CPU reference's. A stand-in lane runs the
+    kernel's torch reference. "after the pass" holds every decode until the pass is over (a pass that
+    waited for one would never end), "cap" leaves room for one part in the queue."""
     import threading
     from collections import Counter
 
@@ -394,41 +395,30 @@ def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypa
     src, out = converted(target, experts=experts, hidden=hidden, inter=inter)
     total = 2 * experts  # one MoE layer: w13 and w2 of each expert
     launched: Counter = Counter()
-    deferred = threading.Semaphore(0)
+    pass_over = threading.Event()
 
-    class CpuLane(decode_lanes.ReferenceLane):  # a GPU lane's life: made once the kernel is ready
+    class CpuLane(decode_lanes.ReferenceLane):  # in place of the GPU lane
         def __init__(self, on_stats, kernels_ready=None):
-            assert kernels_ready.wait(30)
             super().__init__(on_stats)
 
         def launch(self, key, *args):
+            if when == "after the pass":
+                assert pass_over.wait(30), "the pass waited for a decode"
             launched[key[:3]] += 1
             super().launch(key, *args)
 
-    real_defer = piece_checks.PieceChecker._defer
-
-    def counting_defer(self, *a):
-        put_off = real_defer(self, *a)
-        if put_off:
-            deferred.release()
-        return put_off
-
-    wanted = {"a third": max(1, total // 3), "all": total, "cap": 1}[when]
-    if when == "cap":  # room for one expert part's values: the next decode waits for the kernel
+    if when == "cap":  # room for one expert part's values: the next worker waits for a decode thread
         monkeypatch.setattr(piece_checks, "DEFERRED_BYTES", 2 * hidden * inter // 2)
+    real_drain = piece_checks.PieceChecker.drain_decodes
 
-    def warm(plan, ready):
-        try:
-            if plan.result() is not None:
-                for _ in range(wanted):
-                    assert deferred.acquire(timeout=30)
-        finally:
-            ready.set()
+    def drain(self, *a):
+        pass_over.set()
+        return real_drain(self, *a)
 
+    monkeypatch.setattr(piece_checks.PieceChecker, "drain_decodes", drain)
     monkeypatch.setattr(piece_checks, "GpuLane", CpuLane)
-    monkeypatch.setattr(ver, "warm_kernels", warm)
+    monkeypatch.setattr(ver, "warm_kernels", lambda plan, ready: ready.set())
     monkeypatch.setattr(ver, "pick_device", lambda device: "cuda")
-    monkeypatch.setattr(piece_checks.PieceChecker, "_defer", counting_defer)
     released: Counter = Counter()  # the output's expert parts whose pages were dropped, by tensor and offset
     real_release = shard_reader.ShardReader.release_tensor
 
@@ -437,17 +427,14 @@ def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypa
         return real_release(self, name, start, length)
 
     monkeypatch.setattr(shard_reader.ShardReader, "release_tensor", counting_release)
-    put_off: list = []
-    real_launch_deferred = piece_checks.PieceChecker._launch_deferred
-    monkeypatch.setattr(piece_checks.PieceChecker, "_launch_deferred", lambda self, item: (put_off.append((item[0].prefix, *item[1:3])), real_launch_deferred(self, item)))
     seen = verify_mapped_at_close(monkeypatch)
     got = verify(src, out, device="cuda", workers=random.choice([1, 2, 4]))
     assert seen == [0], f"{seen[0] >> 10} KiB still mapped after the pass"
     assert sorted(launched.values()) == [1] * total, launched
-    assert len(put_off) == len(set(put_off)) >= wanted
-    for prefix, part, e in put_off:  # dropped by the pass once, and again after the put-off decode read them
+    for part in ("w13_weight", "w2_weight"):  # dropped by the pass once, and once the decode had staged them
         per = 2 * inter * hidden // 2 if part == "w13_weight" else hidden * inter // 2
-        assert released[(f"{prefix}.{part}", e * per)] == 2, (part, e)
+        for e in range(experts):
+            assert released[(f"{P}.{part}", e * per)] == 2, (part, e)
     ref = verify(src, out, device="cpu", decode=True)
     for g, c in zip(got.layers, ref.layers):
         assert g.decoded == c.decoded == experts
