@@ -246,10 +246,11 @@ def experts_state(model: torch.nn.Module) -> dict[str, torch.Tensor | float]:
 
 
 def routed_experts(model: torch.nn.Module, n: int) -> torch.nn.Module:
-    """Layer ``n``'s per-expert NVFP4 experts (``RoutedExperts`` inside vLLM's MoE runner)."""
+    """Layer ``n``'s per-expert NVFP4 experts (``RoutedExperts`` inside vLLM's MoE runner), in any
+    model whose decoder layers hold one MoE block."""
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
-    found = [m for m in backbone(model).layers[n].ffn.experts.modules() if isinstance(m, RoutedExperts)]
+    found = [m for m in backbone(model).layers[n].modules() if isinstance(m, RoutedExperts)]
     assert len(found) == 1, found
     return found[0]
 
