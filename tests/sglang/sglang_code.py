@@ -1,0 +1,106 @@
+"""SGLang 0.5.23's own checkpoint detection and DeepSeek-V4 expert-name mapping, run on a folder.
+
+- ``detect``: ``ModelConfig(folder)`` (``configs/model_config.py``: NVFP4 DeepSeek-V4 is recognised,
+  ``nvfp4_moe_meta``, only when ``quantization_config`` has ``quant_algo: MIXED_PRECISION``,
+  ``moe_quant_algo: NVFP4`` and a top-level ``group_size``, lines 774-794), then the loader's
+  ``_get_quantization_config`` (``model_loader/loader.py`` 175-275: ``Fp8Config``, wrapped in
+  ``HybridFp8NvFp4Config`` when ``nvfp4_moe_meta`` is set), then that config's
+  ``get_quant_method`` for a routed-experts ``FusedMoE`` and the method's ``create_weights``: the
+  parameters SGLang gives the layer's experts (name, shape, dtype).
+- ``target``: where ``DeepseekV4ForCausalLM.load_weights`` sends one checkpoint tensor of a routed
+  expert: ``remap_weight_name_to_dpsk_hf_format`` (``models/deepseek_v4.py`` 5113-5182: ``.w1.`` to
+  ``.gate_proj.``, ``.ffn.`` to ``.mlp.``, an expert ``.scale`` to ``.weight_scale_inv``), then the
+  expert branch of its loop (5414-5470: ``FusedMoE.make_expert_params_mapping``; a name whose
+  resolved parameter does not exist is skipped without a word).
+
+The ``FusedMoE`` is a bare instance (``FusedMoE.__init__`` needs SGLang's distributed state and
+server args) given the few attributes ``create_weights`` reads: TP size 1, the expert count, and a
+gated runner config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import torch
+
+
+@contextlib.contextmanager
+def blackwell():
+    """``ModelOptNvFp4FusedMoEMethod`` checks for a Blackwell GPU when it is made (see conftest)."""
+    import sglang.srt.layers.quantization.modelopt_quant as mq
+
+    with mock.patch.object(mq, "get_platform", lambda: SimpleNamespace(is_blackwell=True)):
+        yield
+
+
+@dataclass
+class Detected:
+    nvfp4_moe_meta: dict | None
+    is_fp4_experts: bool | None
+    quant_config: str
+    moe_method: str
+    # per routed layer n: {full parameter name: parameter}
+    params: dict[str, torch.nn.Parameter]
+
+
+def _experts_params(quant_config, prefix: str, experts: int, hidden: int, inter: int) -> tuple[str, dict]:
+    from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
+
+    layer = FusedMoE.__new__(FusedMoE)
+    torch.nn.Module.__init__(layer)
+    layer.moe_tp_size = 1
+    layer.num_experts = layer.num_local_experts = experts
+    layer.moe_runner_config = SimpleNamespace(is_gated=True, intermediate_size_per_partition=inter)
+    with blackwell():
+        method = quant_config.get_quant_method(layer, prefix)
+    method.create_weights(
+        layer, num_experts=experts, hidden_size=hidden, intermediate_size_per_partition=inter,
+        params_dtype=torch.bfloat16, weight_loader=lambda *a, **k: None,
+    )
+    return type(method).__name__, {f"{prefix}.{n}": p for n, p in layer.named_parameters()}
+
+
+def detect(folder: Path) -> Detected:
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_loader.loader import _get_quantization_config
+
+    mc = ModelConfig(str(folder))
+    qc = _get_quantization_config(mc, LoadConfig())
+    cfg = mc.hf_config
+    params: dict[str, torch.nn.Parameter] = {}
+    methods = set()
+    for n in range(cfg.num_hidden_layers):
+        method, p = _experts_params(qc, f"model.layers.{n}.mlp.experts", cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        methods.add(method)
+        params |= p
+    assert len(methods) == 1, methods
+    return Detected(mc.nvfp4_moe_meta, mc.is_fp4_experts, type(qc).__name__, methods.pop(), params)
+
+
+def target(name: str, params: dict, experts: int) -> tuple[str, int, str] | None:
+    """(parameter, expert id, shard id) that SGLang's DeepSeek-V4 loader loads checkpoint tensor
+    ``name`` (a routed expert's) into, or None when it skips it."""
+    from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
+    from sglang.srt.models.deepseek_v4 import DEEPSEEK_V4_STACKED_PARAMS_MAPPING, DeepseekV4ForCausalLM
+
+    name = DeepseekV4ForCausalLM.remap_weight_name_to_dpsk_hf_format(name)
+    for _, weight_name, _ in DEEPSEEK_V4_STACKED_PARAMS_MAPPING:
+        # the stacked branch: an expert's name is never a parameter, so it moves on
+        assert not (weight_name in name and name in params), name
+    mapping = FusedMoE.make_expert_params_mapping(
+        ckpt_gate_proj_name="gate_proj", ckpt_down_proj_name="down_proj", ckpt_up_proj_name="up_proj", num_experts=experts
+    )
+    for param_name, weight_name, expert_id, shard_id in mapping:
+        if weight_name not in name:
+            continue
+        resolved = name.replace(weight_name, param_name)
+        if resolved not in params:
+            continue  # skip_unmaterialized_expert_param
+        return resolved, expert_id, shard_id
+    return None
