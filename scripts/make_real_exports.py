@@ -134,12 +134,11 @@ def word_tokenizer():
 
 
 def export_llmcompressor(out: Path, seed: int) -> None:
+    import tempfile
+
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
-
-    import tempfile
-
     from transformers import AutoModelForCausalLM
 
     # oneshot reads the model's config back from disk (model.config.name_or_path)
