@@ -42,7 +42,7 @@ def tiny_qwen3_moe(seed: int):
         vocab_size=TOKENS * 4, hidden_size=512, intermediate_size=1024, moe_intermediate_size=512,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
         num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
-        norm_topk_prob=True, max_position_embeddings=512, tie_word_embeddings=False,
+        norm_topk_prob=True, max_position_embeddings=4096, tie_word_embeddings=False,
         architectures=["Qwen3MoeForCausalLM"],
     )
     model = Qwen3MoeForCausalLM(cfg).to(torch.bfloat16).eval()
