@@ -48,21 +48,77 @@ class Detected:
     params: dict[str, torch.nn.Parameter]
 
 
-def _experts_params(quant_config, prefix: str, experts: int, hidden: int, inter: int) -> tuple[str, dict]:
+def _experts_layer(quant_config, prefix: str, experts: int, hidden: int, inter: int):
+    """A routed-experts ``FusedMoE`` of one rank of EP 1, TP 1, no fused shared expert, without
+    SGLang's FlashInfer TRT-LLM weight layout (its CUTLASS backend's); parameters made by the quant
+    method SGLang picks, each with the layer's own ``weight_loader``."""
     from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 
     layer = FusedMoE.__new__(FusedMoE)
     torch.nn.Module.__init__(layer)
-    layer.moe_tp_size = 1
-    layer.num_experts = layer.num_local_experts = experts
-    layer.moe_runner_config = SimpleNamespace(is_gated=True, intermediate_size_per_partition=inter)
+    for k, v in {
+        "moe_tp_size": 1, "moe_tp_rank": 0, "moe_ep_size": 1, "moe_ep_rank": 0, "layer_id": 0,
+        "num_experts": experts, "num_local_experts": experts, "uses_expert_location": False,
+        "_expert_storage_rank": 0, "_num_local_routed": experts, "_num_global_routed": experts,
+        "_has_fused_shared": False, "num_fused_shared_experts": 0, "scheme": None,
+        "use_flashinfer_trtllm_moe": False, "use_triton_kernels": False, "use_presharded_weights": False,
+        "quant_config": quant_config,
+        "moe_runner_config": SimpleNamespace(is_gated=True, intermediate_size_per_partition=inter),
+    }.items():
+        object.__setattr__(layer, k, v)
     with blackwell():
-        method = quant_config.get_quant_method(layer, prefix)
-    method.create_weights(
+        layer.quant_method = quant_config.get_quant_method(layer, prefix)
+    layer.quant_method.create_weights(
         layer, num_experts=experts, hidden_size=hidden, intermediate_size_per_partition=inter,
-        params_dtype=torch.bfloat16, weight_loader=lambda *a, **k: None,
+        params_dtype=torch.bfloat16, weight_loader=layer.weight_loader,
     )
-    return type(method).__name__, {f"{prefix}.{n}": p for n, p in layer.named_parameters()}
+    return layer
+
+
+def _experts_params(quant_config, prefix: str, experts: int, hidden: int, inter: int) -> tuple[str, dict]:
+    layer = _experts_layer(quant_config, prefix, experts, hidden, inter)
+    return type(layer.quant_method).__name__, {f"{prefix}.{n}": p for n, p in layer.named_parameters()}
+
+
+def load_experts(folder: Path, tensors: dict[str, torch.Tensor]) -> list[torch.nn.Module]:
+    """Each trunk layer's routed experts after SGLang's own loading of ``tensors`` (the checkpoint's,
+    by name): every name goes where ``target`` says, through the parameter's ``weight_loader``
+    (``FusedMoE.weight_loader``) with its shard and expert id, as ``load_weights`` calls it.
+    Parameters are poisoned first, so nothing left unwritten passes as loaded."""
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_loader.loader import _get_quantization_config
+
+    mc = ModelConfig(str(folder))
+    qc = _get_quantization_config(mc, LoadConfig())
+    cfg = mc.hf_config
+    out = []
+    for n in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{n}.mlp.experts"
+        layer = _experts_layer(qc, prefix, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        for p in layer.parameters():
+            p.data.view(torch.uint8).fill_(0xA5)
+        params = {f"{prefix}.{k}": p for k, p in layer.named_parameters()}
+        for name, t in tensors.items():
+            if not name.startswith(f"layers.{n}.ffn.experts."):
+                continue
+            got = target(name, params, cfg.n_routed_experts)
+            assert got is not None, name
+            pname, x, shard = got
+            params[pname].weight_loader(params[pname], t, pname, shard_id=shard, expert_id=x)
+        out.append(layer)
+    return out
+
+
+def gemm1_alpha(experts: torch.nn.Module, x: int) -> torch.Tensor:
+    """The weight part of expert ``x``'s GEMM1 alpha on SGLang's single-alpha backends:
+    ``modelopt_quant._compute_gemm1_alphas`` (2336-2359) gives ``g1_alphas = w13_input_scale x
+    w13_weight_scale_2[:, 0]``, run here with input scales of 1."""
+    from sglang.srt.layers.quantization.modelopt_quant import _compute_gemm1_alphas
+
+    s2 = experts.w13_weight_scale_2.data
+    g1, _ = _compute_gemm1_alphas(s2, torch.ones(s2.shape[0]), True)
+    return g1[x]
 
 
 def detect(folder: Path) -> Detected:
