@@ -4,7 +4,8 @@ Every rule is a record: the engines and backends it holds for, the condition (in
 of the inspect report's facts), the verdict it gives (``fails``, ``lossy``, or ``n/a`` when the
 backend does not serve this kind of model), the message, and the source file and line it was read
 from, in which release. A rule marked ``inferred`` was reasoned from the code (or, for TensorRT-LLM,
-from the project's research notes) but not run; ``unknown`` says what was not read and does not gate
+from the project's research notes) but not run; a source ending "run: tests/..." names the test that
+runs the engine's own code for it; ``unknown`` says what was not read and does not gate
 the exit code. For each engine and backend the verdict is the worst
 of the rules that hold (``n/a`` first); with none, it loads the checkpoint as is.
 
@@ -213,7 +214,8 @@ RULES: tuple[Rule, ...] = (
     Rule(VLLM, PER_EXPERT_VLLM, "gate/up weight_scale_2 differ: the gate's is kept for both halves",
          lambda f: f["nvfp4"] and f["s"]["scale_2_pairs_differ"] > 0, "lossy", _up_off,
          "vllm/model_executor/layers/quantization/modelopt.py:1091-1098 (0.33.0: 1056-1063); "
-         "compressed_tensors_moe_w4a4_nvfp4.py:234-240 for compressed-tensors", "0.34.0, 0.33.0"),
+         "compressed_tensors_moe_w4a4_nvfp4.py:234-240 for compressed-tensors; ModelOpt's loading run: tests/vllm "
+         "(test_vllm_repair_proof*.py, test_vllm_real_exports.py)", "0.34.0, 0.33.0"),
     Rule(VLLM, ("flashinfer_moe_ep_cutedsl",), "a weight_scale_2 is zero, negative, NaN or Inf",
          lambda f: f["nvfp4"] and f["s"]["weight_scale_2_bad"] > 0, "fails",
          lambda f: "ValueError: \"g1_alphas must contain finite positive scales\"",
@@ -283,7 +285,8 @@ RULES: tuple[Rule, ...] = (
          "models/deepseek_v4.py:5113-5182,5414-5470 (run: tests/sglang)", "0.5.23"),
     Rule(SGL, ("flashinfer_cutlass", "flashinfer_cutedsl", "cutlass", "marlin"), "gate/up weight_scale_2 differ: one alpha (the gate's)",
          lambda f: f["nvfp4"] and f["s"]["scale_2_pairs_differ"] > 0, "lossy", _up_off,
-         "sglang/srt/layers/quantization/modelopt_quant.py:2336-2359 (g1_alphas = gate), 2745-2760", "0.5.23"),
+         "sglang/srt/layers/quantization/modelopt_quant.py:2336-2359 (g1_alphas = gate), 2745-2760; the loading and "
+         "_compute_gemm1_alphas run: tests/sglang", "0.5.23"),
     Rule(SGL, ("flashinfer_trtllm",), "gate/up weight_scale_2 differ and the model has no swiglu clamp "
                                       "(only then is the smaller half rescaled)",
          lambda f: f["nvfp4"] and f["s"]["scale_2_pairs_differ"] > 0 and f["cfg"].get("swiglu_limit") is None, "lossy", _up_off,
