@@ -12,10 +12,14 @@
   ``.gate_proj.``, ``.ffn.`` to ``.mlp.``, an expert ``.scale`` to ``.weight_scale_inv``), then the
   expert branch of its loop (5414-5470: ``FusedMoE.make_expert_params_mapping``; a name whose
   resolved parameter does not exist is skipped without a word).
+- ``load_experts``: every routed expert tensor sent there through the parameter's own
+  ``weight_loader`` (``FusedMoE.weight_loader``), as ``load_weights`` calls it; ``gemm1_alpha``: the
+  one alpha SGLang's single-alpha NVFP4 backends take for w13 (``_compute_gemm1_alphas``).
 
 The ``FusedMoE`` is a bare instance (``FusedMoE.__init__`` needs SGLang's distributed state and
-server args) given the few attributes ``create_weights`` reads: TP size 1, the expert count, and a
-gated runner config.
+server args) given the attributes ``create_weights`` and ``weight_loader`` read: one rank of EP 1,
+TP 1, no fused shared expert, no expert-location metadata, a gated runner config, and the weight
+layout of the non-TRT-LLM backends.
 """
 
 from __future__ import annotations
