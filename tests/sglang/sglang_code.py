@@ -164,3 +164,17 @@ def target(name: str, params: dict, experts: int) -> tuple[str, int, str] | None
             continue  # skip_unmaterialized_expert_param
         return resolved, expert_id, shard_id
     return None
+
+
+def with_sglang_fields(folder: Path) -> None:
+    """The fields a real DeepSeek-V4 config.json has that SGLang's own ``DeepSeekV4Config`` reads
+    and the tiny sample leaves to transformers' defaults (SGLang's config class has none for them)."""
+    import json
+
+    from nvfp4_fuse.sample_dsv4 import V41_TEXT_DEFAULTS
+
+    p = folder / "config.json"
+    cfg = json.loads(p.read_text())
+    cfg = {**V41_TEXT_DEFAULTS, **cfg}
+    cfg["compress_ratios"] = [0] * (cfg["num_hidden_layers"] + cfg["num_nextn_predict_layers"])
+    p.write_text(json.dumps(cfg, indent=2))

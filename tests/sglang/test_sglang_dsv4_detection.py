@@ -24,20 +24,10 @@ import pytest
 import sglang_code
 from safetensors import safe_open
 
-from nvfp4_fuse.sample_dsv4 import NVIDIA_IGNORE, V41_TEXT_DEFAULTS, DSv4SampleSpec, make_dsv4_sample
+from nvfp4_fuse.sample_dsv4 import NVIDIA_IGNORE, DSv4SampleSpec, make_dsv4_sample
 
 EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(\w+)$")
 SPEC = dict(layers=2, hash_layers=1, experts=8, hidden=512, inter=512)
-
-
-def _with_sglang_fields(folder):
-    """The fields a real DeepSeek-V4 config.json has that SGLang's own ``DeepSeekV4Config`` reads
-    and the tiny sample leaves to transformers' defaults (SGLang's config class has none for them)."""
-    p = folder / "config.json"
-    cfg = json.loads(p.read_text())
-    cfg = {**V41_TEXT_DEFAULTS, **cfg}
-    cfg["compress_ratios"] = [0] * (cfg["num_hidden_layers"] + cfg["num_nextn_predict_layers"])
-    p.write_text(json.dumps(cfg, indent=2))
 
 
 @pytest.fixture(scope="module", params=["canada", "nvidia"])
@@ -47,7 +37,7 @@ def pair(request, tmp_path_factory):
     recipe = request.param
     root = tmp_path_factory.mktemp(f"sglang-{recipe}")
     src = make_dsv4_sample(root / "src", DSv4SampleSpec(recipe=recipe, seed=random.randrange(2**31), **SPEC))
-    _with_sglang_fields(src)
+    sglang_code.with_sglang_fields(src)
     out = root / "repaired"
     convert(src, out, ConvertOptions(target="per-expert"))
     return recipe, src, out

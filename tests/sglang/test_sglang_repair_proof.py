@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import repair_check
 import sglang_code
-from test_sglang_dsv4_detection import _with_sglang_fields
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vllm"))  # the tiny DeepSeek-V4 writer
 import checkpoints  # noqa: E402
@@ -43,7 +42,7 @@ def pair(request, tmp_path_factory):
     recipe = request.param
     root = tmp_path_factory.mktemp(f"sglang-proof-{recipe}")
     src = checkpoints.write_source(root / "src", recipe, dims=DIMS, seed=random.randrange(2**31), unequal_scale_2=True)
-    _with_sglang_fields(src)
+    sglang_code.with_sglang_fields(src)
     out = root / "repaired"
     convert(src, out, ConvertOptions(target="per-expert"))
     return recipe, src, out, checkpoints.read_all(src)
