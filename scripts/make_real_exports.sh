@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Usage: scripts/make_real_exports.sh OUT_DIR [--seed N] [--only KIND]
+#        scripts/make_real_exports.sh --setup   (only create .venv-exporters; scripts/test.sh does this)
 #
 # Real NVFP4 exports of a tiny Qwen3-MoE, made by NVIDIA ModelOpt and by llm-compressor
 # (compressed-tensors) on this CPU: see scripts/make_real_exports.py for what each is. The exporters
@@ -22,4 +23,5 @@ if ! "$VENV/bin/python" -c "import modelopt.torch.quantization, llmcompressor, t
     "nvidia-modelopt==$MODELOPT_VERSION" "llmcompressor==$LLMCOMPRESSOR_VERSION" 2>&1 | grep -v "^WARNING: Location" || true
   rm -f "$pin"
 fi
+[ "${1:-}" = "--setup" ] && exit 0
 exec "$VENV/bin/python" scripts/make_real_exports.py "$@"

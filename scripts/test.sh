@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 VLLM_RELEASES=(0.33.0 0.34.0)
 
 bash scripts/setup_env.sh
+# the real exporters (nvidia-modelopt, llm-compressor) tests/test_real_exports.py runs
+bash scripts/make_real_exports.sh --setup
 . .venv/bin/activate
 ruff check .
 python -m pytest -q -p no:cacheprovider "$@"
