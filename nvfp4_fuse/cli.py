@@ -440,7 +440,7 @@ def verify(
     revision: str | None = typer.Option(None, metavar="REV", help="Hub revision, for a repo id."),
     seed: int | None = typer.Option(None, metavar="N", help="Seed for --sample."),
     workers: int = typer.Option(
-        0, metavar="N", help="Worker threads; 0: up to 8 on the CPU, 6 with the GPU decode."
+        0, metavar="N", help="Worker threads; 0: up to 8 (the GPU decode runs on threads of its own)."
     ),
     report: Path | None = typer.Option(None, metavar="PATH", help="Also write the result as JSON to PATH (never into CONVERTED unless asked)."),
     json_out: bool = flag(False, "--json", JSON_HELP),
