@@ -542,11 +542,7 @@ def push(
         man = load_manifest(converted)
         card_text = None
         if card and man is not None:
-            src = man.source.get("source") if isinstance(man.source, dict) else None
-            base = base_model or (src if isinstance(src, str) and not Path(src).exists() and src.count("/") == 1 else None)
-            card_text = hub.render_model_card(
-                base_model=base, repo_id=repo_id, manifest=man.to_json(), verify_summary=read_verified(converted), serve_hint=""
-            )
+            card_text = hub.push_card(man.to_json(), repo_id, base_model=base_model, verify_summary=read_verified(converted))
         res = hub.push(
             converted, repo_id, private=private, revision=revision, commit_message=commit_message, force=force,
             card=card_text, token=token, dry_run=dry_run,
