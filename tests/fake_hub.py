@@ -30,7 +30,9 @@ Errors carry the Hub's ``X-Error-Code`` headers (RepoNotFound, RevisionNotFound,
 huggingface_hub raises its usual exception classes. Wrong bearer token -> 401; write without token
 -> 401. Fault injection: ``fail_next("commit", 503)`` answers the next commit with 503 (queue per
 endpoint name: create, branch, validate-yaml, preupload, lfs-batch, lfs-upload, lfs-verify, commit,
-paths-info, tree, info, resolve). ``corrupt_paths`` flips the first byte of those files when they
+paths-info, tree, info, resolve); ``"reset"`` in place of a status closes the connection with no
+answer, ``"stall"`` holds it ``stall_s`` seconds first (a client without a read timeout hangs there).
+Either is logged with that word as its status. ``corrupt_paths`` flips the first byte of those files when they
 are committed (to test the post-upload check). Everything received is recorded.
 """
 
@@ -106,9 +108,10 @@ class FakeHub:
         self.lfs_min_size = lfs_min_size
         self.repos: dict[str, Repo] = {}
         self.lfs_store: dict[str, bytes] = {}  # claimed oid -> bytes received
-        self.log: list[tuple[str, str, str, int]] = []  # (method, endpoint name, path, status)
+        self.log: list[tuple[str, str, str, int | str]] = []  # (method, endpoint name, path, status or fault)
         self.commit_payloads: list[list[dict]] = []
-        self.faults: dict[str, list[int]] = {}
+        self.faults: dict[str, list[int | str]] = {}
+        self.stall_s = 5.0
         self.corrupt_paths: set[str] = set()
         self.lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
@@ -145,7 +148,7 @@ class FakeHub:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     # -- test helpers -------------------------------------------------------------------------
-    def fail_next(self, name: str, *statuses: int) -> None:
+    def fail_next(self, name: str, *statuses: int | str) -> None:
         with self.lock:
             self.faults.setdefault(name, []).extend(statuses)
 
@@ -154,7 +157,7 @@ class FakeHub:
             c = self.repos[repo_id].resolve(rev)
             return {p: f.data for p, f in c.files.items()} if c else {}
 
-    def calls(self, name: str) -> list[int]:
+    def calls(self, name: str) -> list[int | str]:
         """Statuses answered for an endpoint name, in order."""
         return [status for _, n, _, status in self.log if n == name]
 
@@ -220,10 +223,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing -----------------------------------------------------------------------------
     def _body(self) -> bytes:
+        """The request body; ``self._complete`` says whether all of it arrived (a client killed
+        mid-upload sends less than it announced: S3 stores nothing then, and neither does the fake)."""
+        self._complete = True
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             out = bytearray()
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                line = self.rfile.readline()
+                if not line:
+                    self._complete = False
+                    return bytes(out)
+                size = int(line.split(b";")[0].strip(), 16)
                 if size == 0:
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
@@ -231,7 +241,9 @@ class _Handler(BaseHTTPRequestHandler):
                 out += self.rfile.read(size)
                 self.rfile.readline()
         n = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(n) if n else b""
+        data = self.rfile.read(n) if n else b""
+        self._complete = len(data) == n
+        return data
 
     def _send(self, status: int, body: bytes | dict | list = b"", headers: dict | None = None) -> None:
         if not isinstance(body, bytes):
@@ -276,12 +288,32 @@ class _Handler(BaseHTTPRequestHandler):
 
         with self.fake.lock:
             queue = self.fake.faults.get(self._name)
-            if queue:
-                status = queue.pop(0)
+            status = queue.pop(0) if queue else None
+            if isinstance(status, int):
                 return self._error(status, f"injected {status} on {self._name}")
+        if status is not None:
+            return self._drop(status)
+        with self.fake.lock:
             return getattr(self, "h_" + self._name.replace("-", "_"))(body=body, **g)
 
     do_GET = do_POST = do_PUT = do_HEAD = _dispatch
+
+    def _drop(self, how: str) -> None:
+        """A connection reset (``reset``) or one held silent first (``stall``), outside the lock."""
+        import time
+
+        if how == "stall":
+            time.sleep(self.fake.stall_s)
+        elif how != "reset":
+            raise AssertionError(f"unknown fault {how!r}")
+        self.fake.log.append((self.command, self._name, self.path, how))
+        self.close_connection = True
+        import socket
+
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _repo(self, repo_id: str) -> Repo | None:
         repo = self.fake.repos.get(repo_id)
@@ -367,6 +399,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"transfer": "basic", "objects": objs})
 
     def h_lfs_upload(self, body: bytes, oid: str) -> None:
+        if not self._complete:
+            return self._error(400, "incomplete body")
         self.fake.lfs_store[oid] = body
         self._send(200, b"")
 
