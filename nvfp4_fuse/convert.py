@@ -401,19 +401,23 @@ def check_output(out: Path, spec: OutputSpec, opts: ConvertOptions) -> str:
 
 
 def _prepare_output(
-    out: Path, fp: dict[str, str], opts: ConvertOptions, spec: OutputSpec, reports: dict[str, LayerReport]
+    out: Path, fp: dict[str, str], opts: ConvertOptions, spec: OutputSpec, reports: dict[str, LayerReport], sink: Any = None
 ) -> tuple[dict[str, dict[str, Any]], bool]:
     """Decide what can be kept. Returns (complete shards to keep, whether the output is already complete).
 
     With --overwrite nothing is kept, but nothing is deleted here either: the caller clears the folder
     only after the disk preflight passed. On resume, the rescale report of the kept shards is restored
     from the journal into ``reports``, so the manifest matches an uninterrupted run's byte for byte.
+    With a ``sink`` (``--push-to``, hub/stream_upload.py) the output is complete when the Hub holds
+    the manifest's files, and a shard the sink confirms uploaded is kept though its file is gone.
     """
     state, man, prog = _output_state(out, fp, opts, spec)
     if state in ("fresh", "replace"):
         return {}, False
     if man is not None:
-        if all((out / n).is_file() and (out / n).stat().st_size == r.get("size") for n, r in man.files.items()):
+        if sink is not None and sink.complete(man):
+            return dict(man.files), True
+        if sink is None and all((out / n).is_file() and (out / n).stat().st_size == r.get("size") for n, r in man.files.items()):
             return dict(man.files), True  # complete (verify re-hashes; a rerun only checks sizes)
         # A file of a finished conversion went missing or changed size: the manifest no longer holds.
         # Withdraw it first, then redo what does not match, keeping the shards that still hash right.
@@ -422,9 +426,11 @@ def _prepare_output(
         prog = {"files": man.files, "max_rescale_change": {p: l.get("max_rescale_change") for p, l in man.source.get("layers", {}).items()}}
     keep: dict[str, dict[str, Any]] = {}
     planned = {s.name for s in spec.shards}
-    for name, rec in (prog.get("files") or {}).items() if prog else []:
+    records = (prog.get("files") or {}) if prog else {}
+    uploaded = sink.confirm({n: r for n, r in records.items() if n in planned and not (out / n).is_file()}) if sink else set()
+    for name, rec in records.items():
         p = out / name
-        if name in planned and p.is_file() and p.stat().st_size == rec.get("size") and sha256_file(p) == rec.get("sha256"):
+        if name in uploaded or (name in planned and p.is_file() and p.stat().st_size == rec.get("size") and sha256_file(p) == rec.get("sha256")):
             keep[name] = rec
     # Same input and options: the journaled maxima are of the same deterministic computation, so
     # max(journaled, recomputed) is what one uninterrupted run reports.
@@ -558,6 +564,7 @@ def convert(
     on_shard: Callable[[str, int], None] | None = None,
     on_resume: Callable[[list[str]], None] | None = None,
     spec: OutputSpec | None = None,
+    sink: Any = None,
 ) -> ConvertResult:
     """Convert the checkpoint in ``source_dir`` into ``out_dir`` (created, resumed, or left as is
     when it already holds this conversion).
@@ -572,6 +579,10 @@ def convert(
 
     The output folder is locked (:mod:`folder_lock`) for the whole run: a second writer is refused at
     once, and the lock goes with the process however it ends.
+
+    ``sink`` (``--push-to``: :class:`nvfp4_fuse.hub.stream_upload.HubSink`) takes each shard once it
+    is written and the finished folder at the end; before each shard is written, ``sink.reserve``
+    may wait for disk.
     """
     import time
 
@@ -587,7 +598,7 @@ def convert(
     out.mkdir(parents=True, exist_ok=True)
     try:
         with folder_lock(out, "convert"):
-            return _convert_locked(spec, out, opts, t0, source_dir, source_label, on_bytes, on_shard, on_resume)
+            return _convert_locked(spec, out, opts, t0, source_dir, source_label, on_bytes, on_shard, on_resume, sink)
     except OSError as e:
         if e.filename is None:  # a write on a descriptor (no space, quota, I/O error): name the folder
             raise OSError(e.errno, e.strerror, str(out)) from e
@@ -607,19 +618,21 @@ def _convert_locked(
     on_bytes: Callable[[int], None] | None,
     on_shard: Callable[[str, int], None] | None,
     on_resume: Callable[[list[str]], None] | None,
+    sink: Any = None,
 ) -> ConvertResult:
     """The conversion proper, holding the output folder's lock (see :func:`convert`)."""
     import time
 
     fp = plan_fingerprints(spec)
     reports = layer_reports(spec)
-    keep, complete = _prepare_output(out, fp, opts, spec, reports)
+    keep, complete = _prepare_output(out, fp, opts, spec, reports, sink)
     result = ConvertResult(out, spec, list(reports.values()))
     if complete:
         result.already_complete = True
         result.files = keep
         return result
-    _check_disk(out, spec, keep, opts.overwrite)
+    if sink is None:  # the sink checks the disk for its budget
+        _check_disk(out, spec, keep, opts.overwrite)
     if opts.overwrite and out.is_dir():
         _clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -636,14 +649,19 @@ def _convert_locked(
             on_bytes(shard.data_bytes)
     todo = [s for s in spec.shards if s.name not in keep]
     streams = max(1, min(opts.streams(), len(todo) or 1))
+    if sink is not None:
+        sink.begin(spec, keep, streams)
 
     def shard_done(name: str, size: int, digest: str) -> None:  # called under the streams' lock
         files[name] = {"size": size, "sha256": digest}
         _write_progress(out, fp, files, reports, spec)
+        if sink is not None:
+            sink.written(name, size, digest)
         if on_shard:
             on_shard(name, size)
 
-    _write_shards(_Ctx(spec), todo, out, streams, opts.workers, reports, on_bytes, shard_done)
+    reserve = sink.reserve if sink is not None else None
+    _write_shards(_Ctx(spec), todo, out, streams, opts.workers, reports, on_bytes, shard_done, reserve)
     # Sidecars, configs, index, then the manifest.
     configs = spec.configs()
     for rel in spec.source.sidecars:
@@ -678,6 +696,8 @@ def _convert_locked(
     save_manifest(out, manifest)
     (out / PROGRESS_NAME).unlink(missing_ok=True)
     fsync_dir(out)
+    if sink is not None:
+        sink.finish(out, manifest)
     result.files = files
     result.layers = list(reports.values())
     result.seconds = time.perf_counter() - t0
@@ -712,6 +732,7 @@ def _write_shards(
     reports: dict[str, LayerReport],
     on_bytes: Callable[[int], None] | None,
     shard_done: Callable[[str, int, str], None],
+    reserve: Callable[[OutShard], None] | None = None,
 ) -> None:
     """Write the shards of ``todo``, ``streams`` of them at once (the largest first), each by its own
     thread with its own hashing thread, sharing the task pool and the read-ahead budget. Each shard is
@@ -726,6 +747,10 @@ def _write_shards(
     def one(shard: OutShard) -> None:
         if shared.stop.is_set():
             raise _Stopped
+        if reserve is not None:  # disk for the shard (--push-to: output shards not yet uploaded)
+            reserve(shard)
+            if shared.stop.is_set():
+                raise _Stopped
         size, digest = _write_shard(shared, out, shard, meta)
         with shared.lock:
             shard_done(shard.name, size, digest)
