@@ -193,6 +193,22 @@ def _print_plan(d: dict, out_dir: Path) -> None:
     out.print(f"target: {d['target']}: {d['description']}")
     out.print(f"disk needed: {human(d['disk_needed'])}; free at {out_dir}: {human(d['disk_free'])}")
     out.print(f"peak memory (estimate, {d['shard_streams']} shard(s) written at once): {human(d['peak_memory_estimate'])}")
+    if "push" in d:
+        pp = d["push"]
+        out.print(
+            f"push to {pp['repo_id']}@{pp['revision']}: {pp['uploads']} shard upload(s), {human(pp['upload_bytes'])}, each as soon as it is "
+            f"written and checked, then freed; {pp['commits']} commit of {pp['files_in_commit']} files at the end (nothing visible before it); "
+            f"output shards on disk at once: at most {human(pp['disk_budget'])}",
+            highlight=False,
+        )
+
+
+def _plan_push(d: dict, plan: Any, push_to: str | None, streams: int) -> None:
+    """Add what --push-to will do to a dry run's plan."""
+    if push_to:
+        from .hub.stream_upload import push_plan
+
+        d["push"] = push_plan(plan, push_to, streams=streams)
 
 
 def _print_repairs(repaired: dict[str, dict[str, int]]) -> None:
@@ -228,6 +244,11 @@ def convert(
     overwrite: bool = flag(False, "--overwrite/--no-overwrite", "Replace an earlier conversion of other input or options held in OUTPUT (never a folder nvfp4-fuse did not write)."),
     dry_run: bool = flag(False, "--dry-run", "Print the plan (from headers only) and exit; writes nothing."),
     revision: str | None = typer.Option(None, metavar="REV", help="Hub revision (branch, tag or commit), for a repo id."),
+    push_to: str | None = typer.Option(
+        None, metavar="REPO_ID", help="Upload each shard as it is written and checked, free it, and commit the model to this Hub repo at the end (OUTPUT is then a work folder)."
+    ),
+    private: bool = flag(False, "--private/--public", "With --push-to: create the repo private (an existing repo keeps its visibility)."),
+    token: str | None = typer.Option(None, metavar="TOKEN", help="With --push-to: Hub token (default: HF_TOKEN or the saved login)."),
     json_out: bool = flag(False, "--json", JSON_HELP),
     quiet: bool = flag(False, "--quiet", QUIET_HELP),
 ) -> None:
@@ -250,6 +271,7 @@ def convert(
             plan = build_spec(src, opts.output_options(), with_scalars=False)
         d = _plan_body(plan, output, workers, streams, remote=True)
         d["note"] = "planned from the Hub's shard headers alone: scalar scales not read, sidecar sizes not counted"
+        _plan_push(d, plan, push_to, streams)
         require_writable(output, "output folder")
         if json_out:
             emit("convert", d)
@@ -267,6 +289,7 @@ def convert(
         from .convert import check_output
 
         d = _plan_body(plan, output, workers, streams)
+        _plan_push(d, plan, push_to, streams)
         require_writable(output, "output folder")  # what the real run would meet first,
         d["output_state"] = check_output(output, plan, opts)  # then what it finds there (refusals raise)
         if json_out:
@@ -285,15 +308,18 @@ def convert(
 
     with byte_progress(err, show) as prog:
         task = prog.add_task("convert", total=plan.total_size, kept=0)
+        sink = _push_sink(output, push_to, token, private, prog, plan)
         prog.refresh()  # drawn at once, however short the run
 
         def on_resume(kept: list[str]) -> None:
             resumed(kept)
             prog.update(task, kept=sum(s.data_bytes for s in plan.shards if s.name in kept))
 
-        res = run_convert(
-            folder, output, opts, spec=plan, source_label=source, on_bytes=lambda n: prog.advance(task, n), on_resume=on_resume
-        )
+        with sink or _null():
+            res = run_convert(
+                folder, output, opts, spec=plan, source_label=source, on_bytes=lambda n: prog.advance(task, n), on_resume=on_resume,
+                sink=sink,
+            )  # fmt: skip
     reports = sorted(res.layers, key=lambda r: _layer_key(r.prefix))
     if json_out:
         emit(
@@ -321,8 +347,12 @@ def convert(
                 "copied_expert_modules": {p: {"format": g.format, "experts": g.experts} for p, g in plan.copied_groups.items()},
                 "files": res.files,
                 "warnings": _warnings(plan),
+                **({"push": dict(sink.outcome.__dict__)} if sink else {}),
             },
         )
+        return
+    if res.already_complete and sink:
+        out.print(f"{push_to}@{sink.outcome.revision} already holds this conversion (Hub hashes match the manifest); nothing to do.", highlight=False)
         return
     if res.already_complete:
         out.print(f"{output} already holds this conversion (manifest matches); nothing to do.", highlight=False)
@@ -345,7 +375,31 @@ def convert(
     _print_repairs({r.prefix: r.repaired_input_scales for r in reports})
     if res.resumed_shards:
         out.print(f"resumed: kept {len(res.resumed_shards)} complete shard(s) from an earlier run")
+    if sink:
+        o = sink.outcome
+        reused = f" ({len(o.reused)} uploaded by an earlier run)" if o.reused else ""
+        out.print(
+            f"[green]pushed[/green] {len(plan.shards)} shard(s), {human(plan.total_size)} of tensors{reused}, and {len(o.checked) - len(plan.shards)} "
+            f"small files to {push_to}@{o.revision} in one commit ({o.commit}); Hub hashes match the manifest; {output} keeps only the manifest "
+            f"and the push journal",
+            highlight=False,
+        )
+        return
     out.print(f"wrote {len(plan.shards)} shard(s), {human(plan.total_size)} of tensors, to {output}", highlight=False)
+
+
+def _push_sink(output: Path, push_to: str | None, token: str | None, private: bool, prog: Any, plan: Any) -> Any:
+    """The Hub side of --push-to (None without it), with its own line in the progress display."""
+    if not push_to:
+        return None
+    from huggingface_hub.utils import disable_progress_bars
+
+    from .hub.stream_upload import HubSink, set_stall_timeout
+
+    disable_progress_bars()  # the upload has its own line in ours (and --json prints one object alone)
+    set_stall_timeout()
+    up = prog.add_task("upload", total=plan.total_size, kept=0)
+    return HubSink(output, push_to, token=token, private=private, on_uploaded=lambda n: prog.advance(up, n))
 
 
 class _null:
