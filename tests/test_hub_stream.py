@@ -1,0 +1,149 @@
+"""convert --push-to against the loopback fake Hub (tests/fake_hub.py): each shard uploaded once
+written and freed, one final commit, the work folder left with the manifest and the push journal;
+real SIGKILLs in the upload and commit phases (tests/crash_runner.py), each followed by a rerun that
+ends byte-identical to an uninterrupted run and uploads nothing twice; transient faults retried,
+permanent ones stopping at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fake_hub import FakeHub
+from test_hub import fake_hub, loopback_only  # noqa: F401  (the loopback Hub fixtures)
+
+from nvfp4_fuse.convert import ConvertOptions, make_plan
+from nvfp4_fuse.hub import retry as hub_retry
+from nvfp4_fuse.hub.stream_upload import PUSH_JOURNAL
+from nvfp4_fuse.manifest import MANIFEST_NAME
+from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
+
+RUNNER = Path(__file__).with_name("crash_runner.py")
+REPO = "me/fused"
+# One shard at a time and one upload worker, so that the kill points fall in known shards.
+ARGS = ("--target", "vllm-fused", "--max-shard-size", "20KB", "--workers", "2", "--shard-streams", "1")
+INITIAL = {".gitattributes"}  # what a repo created by create_repo holds
+
+
+def hub_env(hub: FakeHub, home: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_TOKEN": hub.token,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(home),
+        "NVFP4_FUSE_HUB_STALL_S": "5",
+    }
+
+
+def push_cli(hub: FakeHub, src: Path, work: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    args = ["convert", str(src), str(work), *ARGS, "--push-to", REPO, "--json", *extra]
+    cmd = [sys.executable, str(RUNNER), kill_at, *args] if kill_at else [sys.executable, "-m", "nvfp4_fuse.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=hub_env(hub, work.parent / "hf-home"))
+
+
+def puts(hub: FakeHub) -> int:
+    """LFS objects the Hub stored (PUTs answered 200)."""
+    return hub.calls("lfs-upload").count(200)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("push") / "src"
+    make_sample_checkpoint(folder, SampleSpec(layers=3, experts=4, hidden=64, inter=32, shards=2, unequal_scale_2=True, seed=4321))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(src: Path) -> dict[str, bytes]:
+    """The repo an uninterrupted run leaves, file by file."""
+    with FakeHub() as hub:
+        r = push_cli(hub, src, src.parent / "ref-work")
+        assert r.returncode == 0, r.stderr
+        files = hub.files(REPO)
+        n = len(make_plan(src, ConvertOptions(target="vllm-fused", max_shard_size=20_000)).shards)
+        assert n >= 5 and puts(hub) == n  # several shards, each stored once
+        return files
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(hub_retry, "_sleep", slept.append)
+    return slept
+
+
+def shard_names(files: dict[str, bytes]) -> list[str]:
+    return sorted(n for n in files if n.endswith(".safetensors"))
+
+
+def test_push_to_commits_once_and_frees_the_work_folder(src, reference, tmp_path, capsys, sleeps):
+    with FakeHub() as hub:
+        work = tmp_path / "work"
+        r = push_cli(hub, src, work)
+        assert r.returncode == 0, r.stderr
+        body = json.loads(r.stdout)
+        assert hub.files(REPO) == reference  # the card names the repo, not a local path
+        shards = shard_names(reference)
+        assert puts(hub) == len(shards) and hub.calls("commit") == [200]
+        assert sorted(body["push"]["uploaded"]) == shards and body["push"]["reused"] == []
+        assert sorted(p.name for p in work.iterdir()) == sorted([MANIFEST_NAME, PUSH_JOURNAL])
+        manifest = json.loads((work / MANIFEST_NAME).read_text())
+        assert reference[MANIFEST_NAME] == (work / MANIFEST_NAME).read_bytes()
+        assert set(manifest["files"]) | {MANIFEST_NAME} | INITIAL == set(reference)
+        # the Hub's manifest lists the card it holds
+        card = reference["README.md"]
+        import hashlib
+
+        assert manifest["files"]["README.md"]["sha256"] == hashlib.sha256(card).hexdigest()
+        assert f"# {REPO.split('/')[1]}" in card.decode()
+
+        # a second run is a no-op that says so: no upload, no commit, nothing converted
+        n_log = len(hub.log)
+        r = push_cli(hub, src, work)
+        assert r.returncode == 0, r.stderr
+        again = json.loads(r.stdout)
+        assert again["already_complete"] and again["push"]["already_on_hub"] and again["push"]["commit"] is None
+        names = [n for _, n, _, _ in hub.log[n_log:] if n != "?"]  # "?": the library asks for its agent list
+        assert set(names) <= {"paths-info"}, names
+        assert sorted(p.name for p in work.iterdir()) == sorted([MANIFEST_NAME, PUSH_JOURNAL])
+
+
+KILLS = {
+    "after-first-shard-written": "shard:1",
+    "mid-second-upload": "upload:2",
+    "after-third-upload-unjournaled": "uploaded:3",
+    "after-second-upload-journaled": "journaled:2",
+    "before-commit": "commit",
+    "after-commit": "committed",
+}
+
+
+@pytest.mark.parametrize("point", list(KILLS))
+def test_sigkill_then_resume_is_byte_identical_and_uploads_nothing_twice(src, reference, tmp_path, point):
+    shards = shard_names(reference)
+    with FakeHub() as hub:
+        work = tmp_path / "work"
+        r = push_cli(hub, src, work, kill_at=KILLS[point])
+        assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+        if point != "after-commit":  # nothing of the model visible before the final commit
+            assert set(hub.files(REPO)) <= INITIAL, sorted(hub.files(REPO))
+        stored = puts(hub)
+
+        r = push_cli(hub, src, work)
+        assert r.returncode == 0, r.stderr
+        body = json.loads(r.stdout)
+        assert hub.files(REPO) == reference
+        assert puts(hub) == len(shards), (stored, hub.calls("lfs-upload"))  # each shard stored once over both runs
+        assert sorted(p.name for p in work.iterdir()) == sorted([MANIFEST_NAME, PUSH_JOURNAL])
+        if point in ("after-second-upload-journaled", "before-commit"):
+            assert body["push"]["reused"]  # freed shards confirmed on the Hub, not converted again
+        if point == "before-commit":
+            assert body["resumed_shards"] == shards and sorted(body["push"]["reused"]) == shards
+        if point == "after-commit":
+            assert body["already_complete"] and hub.calls("commit") == [200]
