@@ -44,7 +44,7 @@ import numpy as np
 from . import __version__
 from .budget import ByteBudget
 from .encoded_scales import EncodedScale
-from .errors import InputError
+from .errors import InputError, Nvfp4FuseError
 from .experts import ExpertLayer
 from .folder_lock import folder_lock
 from .host_layout import check_block_scale_bytes, rescale_block_scales
@@ -600,7 +600,7 @@ def convert(
         with folder_lock(out, "convert"):
             return _convert_locked(spec, out, opts, t0, source_dir, source_label, on_bytes, on_shard, on_resume, sink)
     except OSError as e:
-        if e.filename is None:  # a write on a descriptor (no space, quota, I/O error): name the folder
+        if e.filename is None and not isinstance(e, Nvfp4FuseError):  # a write on a descriptor (no space, quota, I/O error): name the folder
             raise OSError(e.errno, e.strerror, str(out)) from e
         raise
     finally:

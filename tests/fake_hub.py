@@ -302,11 +302,11 @@ class _Handler(BaseHTTPRequestHandler):
         """A connection reset (``reset``) or one held silent first (``stall``), outside the lock."""
         import time
 
-        if how == "stall":
-            time.sleep(self.fake.stall_s)
-        elif how != "reset":
+        if how not in ("reset", "stall"):
             raise AssertionError(f"unknown fault {how!r}")
         self.fake.log.append((self.command, self._name, self.path, how))
+        if how == "stall":
+            time.sleep(self.fake.stall_s)
         self.close_connection = True
         import socket
 

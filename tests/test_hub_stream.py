@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub
+from helpers import run_inprocess
 from test_hub import fake_hub, loopback_only  # noqa: F401  (the loopback Hub fixtures)
 
 from nvfp4_fuse.convert import ConvertOptions, make_plan
@@ -147,3 +148,102 @@ def test_sigkill_then_resume_is_byte_identical_and_uploads_nothing_twice(src, re
             assert body["resumed_shards"] == shards and sorted(body["push"]["reused"]) == shards
         if point == "after-commit":
             assert body["already_complete"] and hub.calls("commit") == [200]
+
+
+# ------------------------------------------------------------------------------------------------
+# faults, in process against the fixture's fake Hub
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lib_sleeps(monkeypatch):
+    """huggingface_hub's own backoff (http_backoff) sleeps recorded, not slept."""
+    import types
+
+    from huggingface_hub.utils import _http
+
+    slept: list[float] = []
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=slept.append))
+    return slept
+
+
+def convert_local(src: Path, out: Path) -> dict[str, bytes]:
+    from nvfp4_fuse.convert import convert
+
+    convert(src, out, ConvertOptions(target="vllm-fused", max_shard_size=20_000, workers=2, shard_streams=1))
+    return {p.name: p.read_bytes() for p in out.glob("model-*.safetensors")}
+
+
+def push_inprocess(capsys, src: Path, work: Path, *extra: str) -> tuple[int, str, str]:
+    return run_inprocess(capsys, "convert", str(src), str(work), *ARGS, "--push-to", REPO, *extra)
+
+
+def test_transient_faults_are_retried(src, tmp_path, fake_hub, capsys, sleeps, lib_sleeps, monkeypatch):  # noqa: F811
+    shards = convert_local(src, tmp_path / "local")
+    monkeypatch.setenv("NVFP4_FUSE_HUB_STALL_S", "1")
+    fake_hub.stall_s = 3.0
+    fake_hub.fail_next("create", 503)
+    fake_hub.fail_next("preupload", 429)
+    fake_hub.fail_next("lfs-batch", 500, "reset")
+    fake_hub.fail_next("lfs-upload", 503, "reset", "stall")
+    fake_hub.fail_next("commit", 502)
+    code, _, err = push_inprocess(capsys, src, tmp_path / "work")
+    assert code == 0, err
+    remote = fake_hub.files(REPO)
+    assert {n: remote[n] for n in shards} == shards
+    for name, queue in fake_hub.faults.items():
+        assert queue == [], name  # every fault was met
+    assert {503, "reset", "stall"} <= set(fake_hub.calls("lfs-upload"))
+    assert puts(fake_hub) == len(shards) and fake_hub.calls("commit") == [502, 200]
+
+
+@pytest.mark.parametrize(
+    "endpoint, status, words",
+    [("lfs-upload", 403, "403"), ("preupload", 401, "credentials"), ("lfs-batch", 404, "not found"), ("commit", 403, "no write access")],
+)
+def test_permanent_faults_stop_at_once_and_leave_a_resumable_state(src, tmp_path, fake_hub, capsys, sleeps, lib_sleeps, endpoint, status, words):  # noqa: F811
+    shards = convert_local(src, tmp_path / "local")
+    work = tmp_path / "work"
+    fake_hub.fail_next(endpoint, status)
+    code, _, err = push_inprocess(capsys, src, work)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], err
+    assert sleeps == [] and fake_hub.calls(endpoint).count(status) == 1  # not retried
+    assert set(fake_hub.files(REPO)) <= INITIAL  # nothing visible
+    stored = puts(fake_hub)
+    code, _, err = push_inprocess(capsys, src, work)
+    assert code == 0, err
+    remote = fake_hub.files(REPO)
+    assert {n: remote[n] for n in shards} == shards
+    assert puts(fake_hub) == len(shards), stored  # what the first run stored was not sent again
+    assert sorted(p.name for p in work.iterdir()) == sorted([MANIFEST_NAME, PUSH_JOURNAL])
+
+
+def test_a_hub_that_keeps_failing_is_exit_4(src, tmp_path, fake_hub, capsys, sleeps, lib_sleeps):  # noqa: F811
+    fake_hub.fail_next("lfs-batch", *([503] * 400))
+    code, _, err = push_inprocess(capsys, src, tmp_path / "work")
+    assert code == 4 and "failed after 6 attempts" in err, (err, fake_hub.calls("lfs-batch"), sleeps)
+    assert len(sleeps) >= 5 and set(fake_hub.files(REPO)) <= INITIAL  # each upload worker retried 5 times at most
+
+
+def test_hub_source_pushed_to_another_repo(src, tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
+    import huggingface_hub.constants as C
+
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    fake_hub.create("org/src", {p.name: p.read_bytes() for p in src.iterdir()})
+    shards = convert_local(src, tmp_path / "local")
+    code, _, err = run_inprocess(capsys, "convert", "org/src", str(tmp_path / "work"), *ARGS, "--push-to", REPO)
+    assert code == 0, err
+    remote = fake_hub.files(REPO)
+    assert {n: remote[n] for n in shards} == shards
+    assert "base_model: org/src" in remote["README.md"].decode()
+
+
+def test_dry_run_plans_the_uploads_and_the_commit(src, tmp_path, fake_hub, capsys):  # noqa: F811
+    code, stdout, err = push_inprocess(capsys, src, tmp_path / "work", "--dry-run", "--json")
+    assert code == 0, err
+    plan = json.loads(stdout)
+    n = len(plan["shards"])
+    assert plan["push"]["uploads"] == n and plan["push"]["commits"] == 1
+    assert plan["push"]["files_in_commit"] > n and plan["push"]["disk_budget"] > 0
+    assert not (tmp_path / "work").exists() and REPO not in fake_hub.repos

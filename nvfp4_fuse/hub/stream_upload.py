@@ -190,6 +190,7 @@ class HubSink:
         self._workers: list[threading.Thread] = []
         self._error: BaseException | None = None
         self._held: dict[str, int] = {}
+        self._closed = False
         self.journal = self._load_journal()
 
     # -- the journal ---------------------------------------------------------------------------
@@ -211,6 +212,8 @@ class HubSink:
         from ..safetensors_io import write_file_atomic
 
         with self._lock:  # one writer at a time: they share the temporary name
+            if self._closed:  # an upload that returned after the run stopped: the next run asks the Hub
+                return
             write_file_atomic(self.out / PUSH_JOURNAL, json.dumps(self.journal, indent=1, sort_keys=True).encode())
 
     # -- calls with retries --------------------------------------------------------------------
@@ -446,9 +449,9 @@ class HubSink:
             self.journal.setdefault("uploaded", {})[name] = {"size": size, "sha256": sha256}
             self.outcome.uploaded.append(name)
         _journal_uploaded(self)
-        if mode == "lfs":
-            path.unlink()
         with self._lock:
+            if mode == "lfs" and not self._closed:
+                path.unlink()
             held = self._held.pop(name, size)
         assert self.budget is not None
         self.budget.release(held)
@@ -476,6 +479,8 @@ class HubSink:
     def close(self) -> None:
         """Stop the workers: at once after a failure or an interrupt (an upload in flight is left to
         die with the process; the journal never names a shard whose upload did not return)."""
+        with self._lock:
+            self._closed = True
         if self._error is None and self.budget is not None:
             self._error = InputError("the run stopped")
             self.budget.abort(self._error)
