@@ -705,15 +705,20 @@ def main() -> None:
             emit(json_cmd, error_body(code, message), ok=False)
         sys.exit(code)
 
+    def interrupted() -> None:
+        line = "interrupted; rerun the same command to resume" if sys.argv[1:2] == ["convert"] else "interrupted"
+        err.print(line)
+        fail(EXIT_INTERRUPTED, line)
+
     try:
         rc = app(standalone_mode=False)
+        if rc == EXIT_INTERRUPTED:  # typer answers Ctrl-C by returning 130, saying nothing
+            interrupted()
     except Nvfp4FuseError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         fail(e.exit_code, str(e))
     except KeyboardInterrupt:
-        line = "interrupted; rerun the same command to resume" if sys.argv[1:2] == ["convert"] else "interrupted"
-        err.print(line)
-        fail(EXIT_INTERRUPTED, line)
+        interrupted()
     except SystemExit:
         raise
     except OSError as e:  # permissions, read-only file system, no space, quota: the path and what to fix
@@ -721,8 +726,8 @@ def main() -> None:
         err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
         fail(EXIT_BAD_INPUT, line)
     except Exception as e:  # usage errors come through here too (typer's own click, in standalone_mode=False)
-        if isinstance(e, typer.Abort):
-            fail(EXIT_INTERRUPTED, "interrupted")
+        if isinstance(e, typer.Abort):  # click turns Ctrl-C into Abort
+            interrupted()
         if isinstance(e, typer.TyperException) and hasattr(e, "show"):  # a usage error: bad option, missing argument
             e.show()
             fail(EXIT_BAD_INPUT, e.format_message() if hasattr(e, "format_message") else str(e))
