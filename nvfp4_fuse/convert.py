@@ -732,7 +732,7 @@ def _write_shards(
     reports: dict[str, LayerReport],
     on_bytes: Callable[[int], None] | None,
     shard_done: Callable[[str, int, str], None],
-    reserve: Callable[[OutShard], None] | None = None,
+    reserve: Callable[[OutShard, threading.Event], bool] | None = None,
 ) -> None:
     """Write the shards of ``todo``, ``streams`` of them at once (the largest first), each by its own
     thread with its own hashing thread, sharing the task pool and the read-ahead budget. Each shard is
@@ -747,10 +747,8 @@ def _write_shards(
     def one(shard: OutShard) -> None:
         if shared.stop.is_set():
             raise _Stopped
-        if reserve is not None:  # disk for the shard (--push-to: output shards not yet uploaded)
-            reserve(shard)
-            if shared.stop.is_set():
-                raise _Stopped
+        if reserve is not None and not reserve(shard, shared.stop):  # --push-to: disk for the shard
+            raise _Stopped  # (False: the run stopped while it waited)
         size, digest = _write_shard(shared, out, shard, meta)
         with shared.lock:
             shard_done(shard.name, size, digest)

@@ -251,3 +251,39 @@ def test_dry_run_plans_the_uploads_and_the_commit(src, tmp_path, fake_hub, capsy
     assert plan["push"]["uploads"] == n and plan["push"]["commits"] == 1
     assert plan["push"]["files_in_commit"] > n and plan["push"]["disk_budget"] > 0
     assert not (tmp_path / "work").exists() and REPO not in fake_hub.repos
+
+
+def test_ctrl_c_while_uploads_lag_stops_at_once_and_resumes(src, reference, tmp_path):
+    """SIGINT while conversion waits for disk (uploads throttled behind it): exit 130 with one line,
+    and the rerun ends with the uninterrupted run's repo, each shard stored once."""
+    import time
+
+    shards = shard_names(reference)
+    with FakeHub(upload_rate=20_000) as hub:
+        work = tmp_path / "work"
+        args = ["convert", str(src), str(work), *ARGS, "--push-to", REPO]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nvfp4_fuse.cli", *args], env=hub_env(hub, tmp_path / "hf-home"), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        journal = work / PUSH_JOURNAL
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if json.loads(journal.read_text())["uploaded"]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        else:
+            proc.kill()
+            pytest.fail("no upload was journaled")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert [ln for ln in err.splitlines() if ln.strip()] == ["interrupted; rerun the same command to resume"]
+        assert set(hub.files(REPO)) <= INITIAL
+        hub.upload_bucket.rate = None
+        r = push_cli(hub, src, work)
+        assert r.returncode == 0, r.stderr
+        assert hub.files(REPO) == reference and puts(hub) == len(shards)

@@ -87,13 +87,17 @@ class DiskBudget:
         self._cv = threading.Condition()
         self._error: BaseException | None = None
 
-    def acquire(self, n: int) -> None:
+    def acquire(self, n: int, stop: threading.Event | None = None) -> bool:
+        """Take ``n`` bytes once they fit; False (nothing taken) if ``stop`` is set meanwhile."""
         with self._cv:
             while self._error is None and self.held and self.held + n > self.limit:
-                self._cv.wait()
+                if stop is not None and stop.is_set():
+                    return False
+                self._cv.wait(0.1)
             if self._error is not None:
                 raise self._error
             self.take(n)
+            return True
 
     def take(self, n: int) -> None:
         """Count ``n`` bytes without waiting (shards an earlier run left on disk)."""
@@ -337,14 +341,17 @@ class HubSink:
             self._held[name] = rec["size"]
             self._queue.put((name, rec["size"], rec["sha256"]))
 
-    def reserve(self, shard: Any) -> None:
-        """Before writing ``shard``: wait until its bytes fit the disk budget (raises the uploads' error)."""
+    def reserve(self, shard: Any, stop: threading.Event | None = None) -> bool:
+        """Before writing ``shard``: wait until its bytes fit the disk budget. Raises the uploads'
+        error; False when ``stop`` (the converter's) is set while waiting."""
         assert self.budget is not None
         self._raise()
         n = shard.data_bytes
-        self.budget.acquire(n)
+        if not self.budget.acquire(n, stop):
+            return False
         with self._lock:
             self._held[shard.name] = n
+        return True
 
     def written(self, name: str, size: int, sha256: str) -> None:
         """``name`` is complete on disk: queue it for checking and upload."""
