@@ -92,6 +92,13 @@ def flag(default: bool, decls: str, help: str) -> Any:  # noqa: A002
 
 JSON_HELP = "Print one JSON object on stdout (schema nvfp4-fuse/1, see README), errors included; no progress."
 QUIET_HELP = "No progress display."
+MAX_DISK_HELP = (
+    "For a Hub repo id: the most disk the run holds besides its finished output shards (source files "
+    "downloaded and not yet done with, output shards being written), with a unit: 40GB. Default: twice "
+    "the minimum, which is the source files one output shard reads plus that shard; less is refused. "
+    "With --push-to an output shard counts until it is uploaded, and from a local folder the budget bounds "
+    "the output shards not yet uploaded (default: one per shard stream and per upload)."
+)
 
 
 def _resolve(source: str, revision: str | None) -> tuple[Path, Path | None]:
@@ -203,12 +210,12 @@ def _print_plan(d: dict, out_dir: Path) -> None:
         )
 
 
-def _plan_push(d: dict, plan: Any, push_to: str | None, streams: int) -> None:
+def _plan_push(d: dict, plan: Any, push_to: str | None, streams: int, max_disk: int | None = None) -> None:
     """Add what --push-to will do to a dry run's plan."""
     if push_to:
         from .hub.stream_upload import push_plan
 
-        d["push"] = push_plan(plan, push_to, streams=streams)
+        d["push"] = push_plan(plan, push_to, streams=streams, max_disk=max_disk)
 
 
 def _print_repairs(repaired: dict[str, dict[str, int]]) -> None:
@@ -249,6 +256,7 @@ def convert(
     ),
     private: bool = flag(False, "--private/--public", "With --push-to: create the repo private (an existing repo keeps its visibility)."),
     token: str | None = typer.Option(None, metavar="TOKEN", help="With --push-to: Hub token (default: HF_TOKEN or the saved login)."),
+    max_disk: str | None = typer.Option(None, "--max-disk", metavar="SIZE", help=MAX_DISK_HELP, show_default=False),
     json_out: bool = flag(False, "--json", JSON_HELP),
     quiet: bool = flag(False, "--quiet", QUIET_HELP),
 ) -> None:
@@ -261,7 +269,15 @@ def convert(
     opts = ConvertOptions(target, w13_order, parse_shard_size(max_shard_size), workers, overwrite, shard_streams)
     streams = opts.streams()
     show = progress_enabled(err, quiet or json_out)
-    if dry_run and not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+    hub_files = None  # a repo id: fetched as the output needs it (hub/stream.py)
+    if _streams_from_hub(source):
+        hp = _plan_from_hub(source, output, opts, revision, max_disk, dry_run, json_out, show, push_to)
+        if hp is None:
+            return  # a dry run, printed
+        hub_files = hp.files
+    elif max_disk is not None and not push_to:
+        raise InputError("--max-disk applies to a Hub repo id as source, or with --push-to (a local source is read in place)")
+    if dry_run and hub_files is None and not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
         from . import hub
         from .source import source_from_headers
 
@@ -282,9 +298,12 @@ def convert(
         return
     if not dry_run:
         require_writable(output, "output folder")  # before minutes of planning, not after
-    folder, trust = _resolve(source, revision)
-    with err.status(f"planning: reading {folder}'s headers and scales", spinner="dots") if show else _null():
-        plan = make_plan(folder, opts, trust_root=trust)
+    if hub_files is not None:
+        folder, plan = Path(source), hp.spec
+    else:
+        folder, trust = _resolve(source, revision)
+        with err.status(f"planning: reading {folder}'s headers and scales", spinner="dots") if show else _null():
+            plan = make_plan(folder, opts, trust_root=trust)
     if dry_run:
         from .convert import check_output
 
@@ -308,7 +327,7 @@ def convert(
 
     with byte_progress(err, show) as prog:
         task = prog.add_task("convert", total=plan.total_size, kept=0)
-        sink = _push_sink(output, push_to, token, private, prog, plan)
+        sink = _push_sink(output, push_to, token, private, prog, plan, max_disk if hub_files is None else None)
         prog.refresh()  # drawn at once, however short the run
 
         def on_resume(kept: list[str]) -> None:
@@ -318,7 +337,7 @@ def convert(
         with sink or _null():
             res = run_convert(
                 folder, output, opts, spec=plan, source_label=source, on_bytes=lambda n: prog.advance(task, n), on_resume=on_resume,
-                sink=sink,
+                files=hub_files, sink=sink,
             )  # fmt: skip
     reports = sorted(res.layers, key=lambda r: _layer_key(r.prefix))
     if json_out:
@@ -388,18 +407,67 @@ def convert(
     out.print(f"wrote {len(plan.shards)} shard(s), {human(plan.total_size)} of tensors, to {output}", highlight=False)
 
 
-def _push_sink(output: Path, push_to: str | None, token: str | None, private: bool, prog: Any, plan: Any) -> Any:
-    """The Hub side of --push-to (None without it), with its own line in the progress display."""
+def _push_sink(output: Path, push_to: str | None, token: str | None, private: bool, prog: Any, plan: Any, max_disk: str | None) -> Any:
+    """The Hub side of --push-to (None without it), with its own line in the progress display;
+    ``max_disk`` bounds the output shards not yet uploaded (a local source: a Hub source's budget
+    counts them already)."""
     if not push_to:
         return None
     from huggingface_hub.utils import disable_progress_bars
 
     from .hub.stream_upload import HubSink, set_stall_timeout
+    from .spec import parse_size
 
     disable_progress_bars()  # the upload has its own line in ours (and --json prints one object alone)
     set_stall_timeout()
     up = prog.add_task("upload", total=plan.total_size, kept=0)
-    return HubSink(output, push_to, token=token, private=private, on_uploaded=lambda n: prog.advance(up, n))
+    limit = parse_size(max_disk) if max_disk is not None else None
+    return HubSink(output, push_to, token=token, private=private, max_disk=limit, on_uploaded=lambda n: prog.advance(up, n))
+def _streams_from_hub(source: str) -> bool:
+    """A repo id (not an existing path) while the Hub may be used: fetched as needed, within --max-disk.
+    Offline (HF_HUB_OFFLINE), a repo id is read from the cached snapshot, as a folder."""
+    from huggingface_hub import constants
+
+    from .hub.download import REPO_ID_RE, _looks_like_path
+
+    return not Path(source).exists() and not _looks_like_path(source) and bool(REPO_ID_RE.match(source)) and not constants.HF_HUB_OFFLINE
+
+
+def _plan_from_hub(
+    source: str, output: Path, opts: Any, revision: str | None, max_disk: str | None, dry_run: bool, json_out: bool, show: bool, push_to: str | None = None
+) -> Any:
+    """The plan of converting a repo id as it streams (hub/stream.py); for a dry run, print it and
+    the disk and requests it takes, and return None."""
+    from .hub.stream import disk_summary, hub_plan, print_disk_summary
+    from .spec import parse_size
+    from .writable import require_writable
+
+    if opts.workers < 1:
+        raise InputError("--workers must be at least 1")
+    limit = parse_size(max_disk) if max_disk is not None else None
+    if limit is not None and limit <= 0:
+        raise InputError(f"--max-disk must be positive, not {max_disk!r}")
+    require_writable(output, "output folder")  # before minutes of planning, not after
+    with err.status(f"planning: reading {source}'s headers and scales from the Hub", spinner="dots") if show else _null():
+        hp = hub_plan(source, output, opts.output_options(), revision=revision, max_disk=limit, overwrite=opts.overwrite, with_scalars=not dry_run)
+    if not dry_run:
+        return hp
+    from .convert import check_output
+
+    d = _plan_body(hp.spec, output, opts.workers, opts.streams(), remote=True)
+    d["output_state"] = check_output(output, hp.spec, opts)
+    d["disk"] = disk_summary(hp)
+    _plan_push(d, hp.spec, push_to, opts.streams(), hp.files.reserve_bytes)
+    d["note"] = "planned from the Hub's shard headers and configs: scalar scales not read"
+    if json_out:
+        emit("convert", d)
+        return None
+    _print_plan(d, output)
+    print_disk_summary(d["disk"], lambda line: out.print(line, highlight=False))
+    out.print(OUTPUT_STATE[d["output_state"]].format(output=output), highlight=False)
+    _warn(d["warnings"])
+    out.print(f"({d['note']})")
+    return None
 
 
 class _null:

@@ -80,7 +80,7 @@ class TokenBucket:
     once after an idle spell. ``rate=None`` never waits.
     """
 
-    def __init__(self, rate: float | None, burst: int = 256 << 10):
+    def __init__(self, rate: float | None, burst: int = 64 << 10):
         self.rate = rate
         self.burst = burst
         self._t = 0.0  # the moment the bytes taken so far have all "passed"
@@ -384,6 +384,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.fake._stopping.wait(fault.stall_s)
                 self.connection.shutdown(socket.SHUT_RDWR)
             else:  # an abortive close: the client reads ECONNRESET, not a clean end of stream
+                time.sleep(0.2)  # once it had the time to read the N bytes (a reset drops unread ones)
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 self.connection.close()
         except OSError:  # the client went away (it timed out on a stall, or was killed)

@@ -311,13 +311,20 @@ class HubSink:
         largest = max((s.data_bytes for s in spec.shards), default=0)
         return (streams + self.uploaders) * largest
 
-    def begin(self, spec: Any, keep: dict[str, dict[str, Any]], streams: int) -> None:
+    def begin(self, spec: Any, keep: dict[str, dict[str, Any]], streams: int, source: Any = None) -> None:
         """Create the repo (and branch), start the upload workers, and queue the shards an earlier run
-        left on disk (``keep``: name -> size, sha256)."""
+        left on disk (``keep``: name -> size, sha256).
+
+        The disk budget: a Hub source (``source.remote``, source_files.py) already counts each output
+        shard in its ``--max-disk`` working set until the converter says the shard is safe, which
+        under ``--push-to`` is once it is uploaded (:meth:`written`'s ``after``), so the sink adds
+        no budget of its own; from a local folder the sink's :class:`DiskBudget` bounds the output
+        shards on disk (``--max-disk``, or :meth:`default_budget`)."""
         from ..spec import disk_free, human
 
-        limit = self.default_budget(spec, streams)
-        self.budget = DiskBudget(limit)
+        remote = bool(getattr(source, "remote", False))
+        limit = source.reserve_bytes if remote else self.default_budget(spec, streams)
+        self.budget = DiskBudget(1 << 62 if remote else limit)
         self.outcome.disk_budget = limit
         local = {n: r for n, r in keep.items() if (self.out / n).is_file()}
         need = min(limit, spec.output_bytes_estimate()) - sum(r["size"] for r in local.values())
@@ -339,7 +346,7 @@ class HubSink:
         for name, rec in sorted(local.items()):
             self.budget.take(rec["size"])
             self._held[name] = rec["size"]
-            self._queue.put((name, rec["size"], rec["sha256"]))
+            self._queue.put((name, rec["size"], rec["sha256"], None))
 
     def reserve(self, shard: Any, stop: threading.Event | None = None) -> bool:
         """Before writing ``shard``: wait until its bytes fit the disk budget. Raises the uploads'
@@ -353,10 +360,11 @@ class HubSink:
             self._held[shard.name] = n
         return True
 
-    def written(self, name: str, size: int, sha256: str) -> None:
-        """``name`` is complete on disk: queue it for checking and upload."""
+    def written(self, name: str, size: int, sha256: str, after: Callable[[], None] | None = None) -> None:
+        """``name`` is complete on disk: queue it for checking and upload; ``after()`` runs once it is
+        uploaded and freed (the converter then frees the source files only it read)."""
         self._raise()
-        self._queue.put((name, size, sha256))
+        self._queue.put((name, size, sha256, after))
 
     def finish(self, out: Path, manifest: Manifest) -> None:
         """Once every file is written: wait for the uploads, write push's card and the manifest that
@@ -444,7 +452,7 @@ class HubSink:
             finally:
                 self._queue.task_done()
 
-    def _upload(self, name: str, size: int, sha256: str) -> None:
+    def _upload(self, name: str, size: int, sha256: str, after: Callable[[], None] | None) -> None:
         path = self.out / name
         checked = self.journal.get("checked") or {}
         if self.check is not None and name not in checked:
@@ -462,6 +470,8 @@ class HubSink:
             held = self._held.pop(name, size)
         assert self.budget is not None
         self.budget.release(held)
+        if after is not None:
+            after()
         if self.on_uploaded:
             self.on_uploaded(size)
 
