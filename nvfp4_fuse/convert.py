@@ -52,15 +52,8 @@ from .folder_lock import folder_lock
 from .host_layout import check_block_scale_bytes, rescale_block_scales
 from .layout import W13Order
 from .manifest import MANIFEST_NAME, Manifest, fingerprint, load_manifest, save_manifest, sha256_file
-from .safetensors_io import (
-    PARTIAL_SUFFIX,
-    Piece,
-    ShardReader,
-    StreamingShardWriter,
-    fsync_dir,
-    tensor_bytes,
-    write_file_atomic,
-)
+from .shard_reader import ShardReader
+from .shard_writer import PARTIAL_SUFFIX, Piece, StreamingShardWriter, fsync_dir, tensor_bytes, write_file_atomic
 from .source import INDEX_NAME, SourceRef, scan_source
 from .source_files import LocalSourceFiles, SourceFiles
 from .spec import COPY_CHUNK, INFLIGHT_BYTES, OutputOptions, OutputSpec, OutShard, OutTensor, build_spec, disk_free, human

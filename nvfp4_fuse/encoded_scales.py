@@ -32,7 +32,7 @@ from . import csf
 from .errors import InputError
 from .naming import UnknownExpertPart, parse_expert_name
 from .quant_config import SCALE_ENCODING_KEY, declared_scale_encodings
-from .safetensors_io import ShardHeader, TensorInfo
+from .safetensors_header import ShardHeader, TensorInfo
 
 DECODED_DTYPE = "F8_E4M3"
 _STREAM_LIKE = re.compile(r"^(?P<base>.+\.(?:weight_scale|scale))\.(?P<stream>[A-Za-z0-9_]+)$")

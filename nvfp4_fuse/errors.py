@@ -4,7 +4,7 @@ Who raises what:
 
 - pure math (``nvfp4.py``, ``swizzle.py``, ``mega_moe.py``, ``host_layout.py``, ``layout.py``) raises
   the builtin ``ValueError`` / ``TypeError`` for a caller's mistake: it knows no files or tensors;
-- input and plan code (``safetensors_io``, ``source``, ``experts``, ``spec``, the CLI options, the Hub)
+- input and plan code (``safetensors_header``, ``shard_reader``, ``source``, ``experts``, ``spec``, the CLI options, the Hub)
   raises :class:`InputError`, naming the file and tensor; it also is a ``ValueError``;
 - ``verify`` raises :class:`CheckFailed`; ``push`` raises :class:`PushFailed` when the Hub keeps failing
   and :class:`PushVerificationFailed` when the Hub's copy differs from the local files.

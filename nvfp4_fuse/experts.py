@@ -26,7 +26,7 @@ import numpy as np
 from .constants import MXFP4_BLOCK
 from .errors import InputError
 from .naming import CANON_FIELDS, ROLES, UnknownExpertPart, parse_expert_name
-from .safetensors_io import ShardReader
+from .shard_reader import ShardReader
 from .source import Source, SourceRef
 from .targets import LayerDims
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .csf import STREAM_ENCODING
 from .errors import EXIT_ENGINE_ISSUES, EXIT_OK, InputError
 from .experts import ExpertLayer, ExpertScan, GroupScan, _ranges, scalar_value, scan_experts
 from .json_out import SCHEMA  # noqa: F401  (the --json schema inspect's report is printed in)
@@ -30,12 +31,6 @@ from .naming import FUSED_PARTS, ROLES
 from .quant_config import FUSED_BLOCK_KEY
 from .source import Source, SourceRef
 
-# weight_scale_encoding -> the stream suffixes of one encoded block scale (vLLM 0.34.0,
-# model_executor/layers/quantization/utils/nvfp4_utils.py, CSF_SCALE_ENCODINGS, ~257)
-CSF_STREAMS: dict[str, tuple[str, ...]] = {
-    "csf": ("nvfp4_csf_fixed", "nvfp4_csf_exceptions"),
-    "csf_32x2_v1": tuple(f"csf32_{n}" for n in ("bases", "codes", "page_bases", "offsets", "exceptions")),
-}
 SCALARS = ("weight_scale_2", "input_scale")
 DEFECTS = ("missing", "zero", "nan", "inf", "negative")
 
@@ -123,14 +118,13 @@ def is_deepseek_v4(cfg: dict[str, Any]) -> bool:
 
 def csf_streams(names: Iterable[str]) -> dict[str, dict[str, str]]:
     """Block scales held as CSF streams: ``<base>.<stream>`` -> {base: {encoding: ..., stream: name}}."""
-    suffixes = {f".{s}": (enc, s) for enc, ss in CSF_STREAMS.items() for s in ss}
     out: dict[str, dict[str, str]] = {}
     for n in names:
-        dot = n.rfind(".")
-        hit = suffixes.get(n[dot:]) if dot > 0 else None
-        if hit:
-            out.setdefault(n[:dot], {})[hit[1]] = n
-            out[n[:dot]].setdefault("__encoding__", hit[0])
+        base, dot, stream = n.rpartition(".")
+        enc = STREAM_ENCODING.get(stream) if dot else None
+        if enc is not None:
+            out.setdefault(base, {})[stream] = n
+            out[base].setdefault("__encoding__", enc)
     return out
 
 
@@ -431,7 +425,7 @@ def expert_ranges(experts: list[int]) -> str:
 
 
 def local_input(folder: Path, *, trust_root: Path | None = None, label: str | None = None) -> InspectInput:
-    from .safetensors_io import ShardReader
+    from .shard_reader import ShardReader
     from .source import scan_source
 
     src = scan_source(folder, trust_root=trust_root)
@@ -455,7 +449,7 @@ def remote_input(repo_id: str, *, revision: str | None = None) -> InspectInput:
     coalesced range requests."""
     from .hub import remote_safetensors_headers
     from .hub.ranges import RemoteRangeReader
-    from .safetensors_io import loads_strict_json
+    from .safetensors_header import loads_strict_json
     from .source import CONFIG_FILES, source_from_headers
 
     remote = remote_safetensors_headers(repo_id, revision=revision)

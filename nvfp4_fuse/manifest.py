@@ -99,7 +99,7 @@ def manifest_bytes(manifest: Manifest) -> bytes:
 
 
 def save_manifest(folder: Path, manifest: Manifest) -> None:
-    from .safetensors_io import write_file_atomic
+    from .shard_writer import write_file_atomic
 
     write_file_atomic(Path(folder) / MANIFEST_NAME, manifest_bytes(manifest))
 

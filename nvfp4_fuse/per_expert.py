@@ -24,7 +24,7 @@ from typing import Any
 
 from .experts import INPUT_SCALE_RULE, ExpertLayer
 from .naming import ROLES
-from .safetensors_io import OutEntry
+from .safetensors_header import OutEntry
 from .source import SourceRef
 
 EXPERT_FIELDS = ("weight", "weight_scale", "weight_scale_2", "input_scale")

@@ -179,33 +179,6 @@ def _dump(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
-def output_configs(
-    configs: dict[str, dict[str, Any]], block: dict[str, Any], fused: list[str], copied: list[str]
-) -> dict[str, bytes]:
-    """config.json and hf_quant_config.json (those the source has) with ``block`` added and their
-    module lists made to describe the output (``fused``: converted expert modules, ``copied``: expert
-    groups left as they were)."""
-    out = {}
-    cfg = configs.get("config.json")
-    if cfg is not None:
-        cfg = copy.deepcopy(cfg)
-        qc = cfg.setdefault("quantization_config", {})
-        if not isinstance(qc, dict):
-            raise InputError("config.json quantization_config is not an object", file="config.json")
-        _describe_disk(qc, fused, copied)
-        qc[FUSED_BLOCK_KEY] = block
-        out["config.json"] = _dump(cfg)
-    hq = configs.get("hf_quant_config.json")
-    if hq is not None:
-        hq = copy.deepcopy(hq)
-        _describe_disk(hq, fused, copied)
-        if isinstance(hq.get("quantization"), dict):
-            _describe_disk(hq["quantization"], fused, copied)
-        hq[FUSED_BLOCK_KEY] = block
-        out["hf_quant_config.json"] = _dump(hq)
-    return out
-
-
 # NVIDIA's DeepSeek-V4 NVFP4 recipe (docs/dsv4-formats.md): what it leaves out of NVFP4. SGLang 0.5.23
 # takes a DeepSeek-V4 checkpoint as NVFP4 only with quant_algo MIXED_PRECISION, moe_quant_algo NVFP4
 # and a top-level group_size (configs/model_config.py).
@@ -228,15 +201,28 @@ def _dsv4_recipe_keys(block: dict[str, Any], fused: list[str], copied: list[str]
         block["ignore"] = _ignore_list(DSV4_IGNORE, copied)
 
 
-def per_expert_output_configs(
-    configs: dict[str, dict[str, Any]], block: dict[str, Any], key: str, fused: list[str], copied: list[str], producer: dict[str, str]
+def output_configs(
+    configs: dict[str, dict[str, Any]],
+    block: dict[str, Any],
+    fused: list[str],
+    copied: list[str],
+    *,
+    key: str = FUSED_BLOCK_KEY,
+    per_expert: bool = False,
+    producer: dict[str, str] | None = None,
 ) -> dict[str, bytes]:
-    """config.json and hf_quant_config.json of a per-expert output: the source's, with ``block``
-    under ``key``, module lists describing the output (expert entries not folded), and for a
-    DeepSeek-V4 source NVIDIA's recipe keys in config.json and an hf_quant_config.json as ModelOpt
-    writes it (made from config.json's where the source has none)."""
+    """config.json and hf_quant_config.json of the output: the source's, with ``block`` under
+    ``key`` and their module lists made to describe the output (``fused``: converted expert modules,
+    ``copied``: expert groups left as they were).
+
+    A fused output folds per-expert entries of ``quantized_layers`` into one per module. A
+    ``per_expert`` output keeps them, and for a DeepSeek-V4 source gains NVIDIA's recipe keys in
+    config.json and an hf_quant_config.json as ModelOpt writes it (made from config.json's, with
+    ``producer``, where the source has none).
+    """
+    fold = not per_expert
+    recipe = per_expert and _is_deepseek_v4(configs)
     out = {}
-    dsv4 = _is_deepseek_v4(configs)
     cfg = configs.get("config.json")
     qc: dict[str, Any] | None = None
     if cfg is not None:
@@ -244,20 +230,20 @@ def per_expert_output_configs(
         qc = cfg.setdefault("quantization_config", {})
         if not isinstance(qc, dict):
             raise InputError("config.json quantization_config is not an object", file="config.json")
-        _describe_disk(qc, fused, copied, fold=False)
-        if dsv4:
+        _describe_disk(qc, fused, copied, fold=fold)
+        if recipe:
             _dsv4_recipe_keys(qc, fused, copied)
         qc[key] = block
         out["config.json"] = _dump(cfg)
     hq = configs.get("hf_quant_config.json")
     if hq is not None:
         hq = copy.deepcopy(hq)
-        _describe_disk(hq, fused, copied, fold=False)
+        _describe_disk(hq, fused, copied, fold=fold)
         if isinstance(hq.get("quantization"), dict):
-            _describe_disk(hq["quantization"], fused, copied, fold=False)
-    elif dsv4 and qc is not None:
+            _describe_disk(hq["quantization"], fused, copied, fold=fold)
+    elif recipe and qc is not None:
         hq = {
-            "producer": dict(qc.get("producer") or producer),
+            "producer": dict(qc.get("producer") or producer or {}),
             "quantization": {
                 "quant_algo": "MIXED_PRECISION",
                 "kv_cache_quant_algo": qc.get("kv_cache_quant_algo"),

@@ -22,7 +22,8 @@ import torch
 from .constants import E2M1_MAX, E4M3_MAX
 from .csf import ENCODINGS, encode
 from .nvfp4 import quantize
-from .safetensors_io import OutEntry, StreamingShardWriter, tensor_bytes
+from .safetensors_header import OutEntry
+from .shard_writer import StreamingShardWriter, tensor_bytes
 
 SCHEMES = ("hf", "mixtral", "deepseek", "compressed-tensors")
 

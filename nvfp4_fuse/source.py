@@ -18,7 +18,8 @@ from typing import Any
 from .encoded_scales import EncodedScale, find_encoded_scales
 from .errors import InputError
 from .manifest import MANIFEST_NAME, fingerprint
-from .safetensors_io import PARTIAL_SUFFIX, ShardHeader, TensorInfo, loads_strict_json, read_header
+from .safetensors_header import ShardHeader, TensorInfo, loads_strict_json, read_header
+from .shard_writer import PARTIAL_SUFFIX
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -19,8 +19,9 @@ from . import __version__, per_expert
 from .errors import InputError
 from .experts import INPUT_SCALE_RULE, CopiedGroup, ExpertLayer, group_experts, read_scalars
 from .layout import W13Order
-from .quant_config import check_against_groups, check_source_configs, output_configs, per_expert_output_configs
-from .safetensors_io import OutEntry, ShardReader
+from .quant_config import check_against_groups, check_source_configs, output_configs
+from .safetensors_header import OutEntry
+from .shard_reader import ShardReader
 from .source import INDEX_NAME, Source, SourceRef
 from .targets import DEFAULT_TARGET, LAYOUT_VERSION, Target, get_target
 
@@ -143,13 +144,14 @@ class OutputSpec:
     def configs(self) -> dict[str, bytes]:
         """config.json and hf_quant_config.json of the output (file name -> bytes)."""
         if self.target.per_expert:
-            return per_expert_output_configs(
+            return output_configs(
                 self.source.configs,
                 self.repair_block(),
-                per_expert.REPAIR_BLOCK_KEY,
                 list(self.layers),
                 list(self.copied_groups),
-                {"name": "nvfp4-fuse", "version": __version__},
+                key=per_expert.REPAIR_BLOCK_KEY,
+                per_expert=True,
+                producer={"name": "nvfp4-fuse", "version": __version__},
             )
         return output_configs(self.source.configs, self.fused_block(), list(self.layers), list(self.copied_groups))
 

@@ -31,7 +31,7 @@ from .layout import (
     as_f32,
 )
 from .naming import fused_name
-from .safetensors_io import OutEntry
+from .safetensors_header import OutEntry
 
 LAYOUT_VERSION = "nvfp4-fuse/v2"
 # What the last version bump changed, written into every fused_experts block.

@@ -29,7 +29,7 @@ def _manifest_digest(folder: Path) -> str | None:
 
 def write_report(path: Path, body: dict) -> None:
     """``--report PATH``: the result as JSON, written atomically; an OS error is an ``InputError``."""
-    from .safetensors_io import write_file_atomic
+    from .shard_writer import write_file_atomic
 
     try:
         write_file_atomic(Path(path), (json.dumps(body, indent=1) + "\n").encode())
@@ -40,7 +40,7 @@ def write_report(path: Path, body: dict) -> None:
 def record_verified(folder: Path, body: dict) -> Path | None:
     """Record a passed verify of ``folder``'s manifest in the cache; the path, or ``None`` when the cache
     cannot be written (a warning for the caller, not a failure)."""
-    from .safetensors_io import write_file_atomic
+    from .shard_writer import write_file_atomic
 
     digest = _manifest_digest(folder)
     if digest is None:

@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nvfp4_fuse.safetensors_io import fsync_dir  # noqa: E402
+from nvfp4_fuse.shard_writer import fsync_dir  # noqa: E402
 
 NAIVE = r"""
 import json, re, sys, torch

@@ -34,8 +34,9 @@ use_source_tree()
 from nvfp4_fuse import verify as ver  # noqa: E402
 from nvfp4_fuse.convert import ConvertOptions, convert  # noqa: E402
 from nvfp4_fuse.manifest import MANIFEST_NAME  # noqa: E402
-from nvfp4_fuse.safetensors_io import ShardReader  # noqa: E402
+from nvfp4_fuse.piece_checks import PieceChecker  # noqa: E402
 from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint  # noqa: E402
+from nvfp4_fuse.shard_reader import ShardReader  # noqa: E402
 from nvfp4_fuse.spec import parse_size  # noqa: E402
 
 
@@ -113,13 +114,13 @@ def main() -> None:
             time.sleep(0.02)
 
     left = [0]
-    real_close = ver._Verifier.close
+    real_close = PieceChecker.close
 
     def close(self) -> None:
         left[0] = left_mapped(self.src_m, "source") + left_mapped(self.conv_m, "output")
         real_close(self)
 
-    ver._Verifier.close = close
+    PieceChecker.close = close
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     t0 = time.perf_counter()

@@ -195,6 +195,7 @@ def profile_verify(work: Path, runs: list[tuple[str, int]], timeline: bool = Fal
     import nvfp4_fuse.convert  # noqa: F401  (the tree's modules first: bench_verify reuses them)
     import nvfp4_fuse.manifest  # noqa: F401
     import nvfp4_fuse.sample  # noqa: F401
+    from nvfp4_fuse import decode_lanes, piece_checks
     from nvfp4_fuse import verify as ver
 
     ensure_checkpoint = importlib.import_module("bench_verify").ensure_checkpoint
@@ -202,9 +203,9 @@ def profile_verify(work: Path, runs: list[tuple[str, int]], timeline: bool = Fal
     acc: dict[str, list[float]] = {}
     lock = threading.Lock()
     for name in ("_values_equal", "_scales", "_natural_scales", "_launch"):
-        _timed(acc, lock, ver._Verifier, name)
+        _timed(acc, lock, piece_checks.PieceChecker, name)
     for name in ("_stage", "launch", "_read_back"):
-        _timed(acc, lock, ver._Lane, name)
+        _timed(acc, lock, decode_lanes.GpuLane, name)
     src, out = ensure_checkpoint(work)
     if any(d == "cuda" for d, _ in runs):  # fill Triton's kernel cache in another process, as a user's earlier run would
         import subprocess
@@ -228,10 +229,10 @@ def profile_verify(work: Path, runs: list[tuple[str, int]], timeline: bool = Fal
 
             plan: Future = Future()
             plan.set_result(build_spec(scan_source(src), OutputOptions.from_json(load_manifest(out).options, file=str(out))))
-            ver._warm_kernels(plan, threading.Event())
+            ver.warm_kernels(plan, threading.Event())
     if switch:
         sys.setswitchinterval(switch)
-    warm = ver._warm_kernels
+    warm = ver.warm_kernels
     marks: dict[str, float] = {}
 
     def timed_warm(plan: Any, ready: threading.Event) -> None:
@@ -244,17 +245,17 @@ def profile_verify(work: Path, runs: list[tuple[str, int]], timeline: bool = Fal
         finally:
             marks["kernels ready"] = time.perf_counter()
 
-    ver._warm_kernels = timed_warm
+    ver.warm_kernels = timed_warm
     spans: list[tuple[str, float, float]] = []  # verify()'s steps on the calling thread
-    verifier = ver._Verifier
-    for owner, name in ((ver, "load_manifest"), (ver, "scan_source"), (ver, "build_spec"), (ver, "_check_structure"),
-                        (ver, "_Verifier"), (ver, "_run_pass"), (verifier, "run_deferred"), (verifier, "finish_decode")):  # fmt: skip
+    verifier = piece_checks.PieceChecker
+    for owner, name in ((ver, "load_manifest"), (ver, "scan_source"), (ver, "build_spec"), (ver, "check_structure"),
+                        (ver, "PieceChecker"), (ver, "_run_pass"), (verifier, "run_deferred"), (verifier, "finish_decode")):  # fmt: skip
         _spanned(spans, owner, name)
-    lane_init, defer = ver._Lane.__init__, verifier._defer
+    lane_init, defer = decode_lanes.GpuLane.__init__, verifier._defer
     put_off = [0]
 
-    def counted_lane(self: Any, v: Any) -> None:
-        lane_init(self, v)
+    def counted_lane(self: Any, *args: Any) -> None:
+        lane_init(self, *args)
         marks.setdefault("first lane", time.perf_counter())
 
     def counted_defer(self: Any, *args: Any) -> bool:
@@ -262,7 +263,7 @@ def profile_verify(work: Path, runs: list[tuple[str, int]], timeline: bool = Fal
         put_off[0] += got
         return got
 
-    ver._Lane.__init__, verifier._defer = counted_lane, counted_defer
+    decode_lanes.GpuLane.__init__, verifier._defer = counted_lane, counted_defer
     for device, workers in runs:
         acc.clear()
         marks.clear()

@@ -499,13 +499,13 @@ def test_no_space_while_writing_names_the_folder(small_src, tmp_path, capsys, mo
 
     from helpers import run_inprocess
 
-    from nvfp4_fuse import safetensors_io
+    from nvfp4_fuse import shard_writer
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(safetensors_io.os, "pwritev", full)
-    monkeypatch.setattr(safetensors_io.os, "copy_file_range", full)
+    monkeypatch.setattr(shard_writer.os, "pwritev", full)
+    monkeypatch.setattr(shard_writer.os, "copy_file_range", full)
     out = tmp_path / "out"
     code, _, stderr = run_inprocess(capsys, "convert", str(small_src), str(out), "--target", "vllm-fused")
     assert code == 2 and stderr.strip() == f"error: no space left on the device: {out}"

@@ -138,17 +138,17 @@ def test_output_files_configs_index_and_manifest(make_ckpt, tmp_path):
 
 def test_memory_does_not_hold_a_layer(make_ckpt, tmp_path, monkeypatch):
     """The writer gets at most one expert's bytes per call: nothing stacks a layer in memory."""
-    from nvfp4_fuse import safetensors_io
+    from nvfp4_fuse import shard_writer
 
     src = make_ckpt(layers=2, experts=16, hidden=128, inter=64)
     biggest = []
-    orig = safetensors_io.StreamingShardWriter.put
+    orig = shard_writer.StreamingShardWriter.put
 
     def spy(self, pieces, *a, **kw):
-        biggest.append(sum(v.nbytes for v in safetensors_io.piece_views(pieces)))
+        biggest.append(sum(v.nbytes for v in shard_writer.piece_views(pieces)))
         return orig(self, pieces, *a, **kw)
 
-    monkeypatch.setattr(safetensors_io.StreamingShardWriter, "put", spy)
+    monkeypatch.setattr(shard_writer.StreamingShardWriter, "put", spy)
     convert(src, tmp_path / "out", ConvertOptions(target="vllm-fused"))
     per_expert_w13 = 2 * 64 * 128 // 2
     largest_copied = max(t.numel() * t.element_size() for n, t in load_all(src).items() if ".experts." not in n)

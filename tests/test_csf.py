@@ -367,16 +367,16 @@ def test_decoding_holds_an_expert_at_a_time_and_leaves_nothing_mapped(make_ckpt,
     from helpers import mapped_at_close
 
     from nvfp4_fuse import convert as conv
-    from nvfp4_fuse import safetensors_io
-    from nvfp4_fuse import verify as ver
+    from nvfp4_fuse import shard_writer
     from nvfp4_fuse.encoded_scales import EncodedScale
+    from nvfp4_fuse.piece_checks import PieceChecker
 
     src = make_ckpt(layers=3, experts=12, hidden=512, inter=512, shards=3, unequal_scale_2=True, scale_encoding=encoding, fast=True)
     biggest, decoded = [], []
-    put, decode = safetensors_io.StreamingShardWriter.put, EncodedScale.decode
+    put, decode = shard_writer.StreamingShardWriter.put, EncodedScale.decode
 
     def spy_put(self, pieces, *a, **kw):
-        biggest.append(sum(v.nbytes for v in safetensors_io.piece_views(pieces)))
+        biggest.append(sum(v.nbytes for v in shard_writer.piece_views(pieces)))
         return put(self, pieces, *a, **kw)
 
     def spy_decode(self, read):
@@ -384,7 +384,7 @@ def test_decoding_holds_an_expert_at_a_time_and_leaves_nothing_mapped(make_ckpt,
         decoded.append(out.nbytes)
         return out
 
-    monkeypatch.setattr(safetensors_io.StreamingShardWriter, "put", spy_put)
+    monkeypatch.setattr(shard_writer.StreamingShardWriter, "put", spy_put)
     monkeypatch.setattr(EncodedScale, "decode", spy_decode)
     seen = mapped_at_close(monkeypatch, conv._Ctx, lambda ctx: ctx.readers.values())
     out = tmp_path / "out"
@@ -395,6 +395,6 @@ def test_decoding_holds_an_expert_at_a_time_and_leaves_nothing_mapped(make_ckpt,
     assert max(biggest) <= max(per_expert_w13, largest_other) < 12 * per_expert_w13  # never a layer
     assert max(decoded) == 512 * 512 // 16
     assert len(decoded) == 3 + 2 * (3 + 12 * 3)  # each scale decoded once
-    seen = mapped_at_close(monkeypatch, ver._Verifier, lambda v: (*v.src_m.values(), *v.conv_m.values()))
+    seen = mapped_at_close(monkeypatch, PieceChecker, lambda v: (*v.src_m.values(), *v.conv_m.values()))
     verify(src, out, device="cpu", workers=3)
     assert seen == [0], f"{seen[0] >> 10} KiB still mapped after verify"

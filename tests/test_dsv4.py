@@ -258,7 +258,7 @@ def _v4_pro_tensors() -> list[tuple[str, str, list[int]]]:
 def _write_sparse_checkpoint(folder: Path, tensors: list[tuple[str, str, list[int]]], shards: int) -> int:
     """Shards whose headers are real and whose data is a hole, but for the F32 scalars (positive
     values, written where they lie). Returns the data bytes the headers declare."""
-    from nvfp4_fuse.safetensors_io import tensor_nbytes
+    from nvfp4_fuse.safetensors_header import tensor_nbytes
 
     folder.mkdir()
     total = sum(tensor_nbytes(d, s) for _, d, s in tensors)

@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nvfp4_fuse.errors import InputError
-from nvfp4_fuse.safetensors_io import MAX_HEADER_SIZE, ShardReader, read_header
+from nvfp4_fuse.safetensors_header import MAX_HEADER_SIZE, read_header
+from nvfp4_fuse.shard_reader import ShardReader
 
 P = "layers.1.ffn.experts"
 INDEX = "model.safetensors.index.json"

@@ -26,7 +26,7 @@ from nvfp4_fuse.hub import PushFailed, PushVerificationFailed, push, render_mode
 from nvfp4_fuse.hub import retry as hub_retry
 from nvfp4_fuse.hub import upload as hub_upload
 from nvfp4_fuse.manifest import MANIFEST_NAME, Manifest
-from nvfp4_fuse.safetensors_io import TensorInfo as TensorInfoLocal
+from nvfp4_fuse.safetensors_header import TensorInfo as TensorInfoLocal
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_hub import FakeHub  # noqa: E402

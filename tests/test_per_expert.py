@@ -24,10 +24,11 @@ from nvfp4_fuse.errors import CheckFailed
 from nvfp4_fuse.experts import INPUT_SCALE_RULE
 from nvfp4_fuse.manifest import load_manifest
 from nvfp4_fuse.nvfp4 import rescale_block_scales
-from nvfp4_fuse.safetensors_io import read_header
+from nvfp4_fuse.safetensors_header import read_header
 from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
 from nvfp4_fuse.sample_dsv4 import DSv4SampleSpec, make_dsv4_sample
-from nvfp4_fuse.verify import block_errors, verify
+from nvfp4_fuse.verify import verify
+from nvfp4_fuse.verify_checks import block_errors
 
 TARGET = "per-expert"
 PROJ = {

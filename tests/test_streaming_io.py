@@ -25,10 +25,12 @@ from helpers import mapped_at_close, mapped_resident
 from safetensors.torch import save_file
 
 from nvfp4_fuse import convert as conv
-from nvfp4_fuse import safetensors_io as sio
+from nvfp4_fuse import shard_writer
 from nvfp4_fuse.convert import ConvertOptions, convert, make_plan
 from nvfp4_fuse.errors import InputError
-from nvfp4_fuse.safetensors_io import ShardReader, SourceSpan, piece_views, read_header, write_pieces
+from nvfp4_fuse.safetensors_header import read_header
+from nvfp4_fuse.shard_reader import ShardReader, SourceSpan
+from nvfp4_fuse.shard_writer import piece_views, write_pieces
 from nvfp4_fuse.spec import PER_EXPERT_PARTS
 
 
@@ -118,7 +120,7 @@ def test_packed_values_go_from_the_source_not_through_a_buffer(make_ckpt, tmp_pa
     monkeypatch.setattr(conv, "SPAN_MIN", span_min)  # 0: every row run is copied file to file
     src = make_ckpt(layers=2, experts=3, hidden=512, inter=512, shards=2, unequal_scale_2=True)
     kinds: dict[str, set[str]] = {}
-    orig = sio.StreamingShardWriter.put
+    orig = shard_writer.StreamingShardWriter.put
 
     def spy(self, pieces, *a, **kw):
         name = self.current or ""
@@ -132,7 +134,7 @@ def test_packed_values_go_from_the_source_not_through_a_buffer(make_ckpt, tmp_pa
                 kinds.setdefault(what, set()).add("array")
         return orig(self, pieces, *a, **kw)
 
-    monkeypatch.setattr(sio.StreamingShardWriter, "put", spy)
+    monkeypatch.setattr(shard_writer.StreamingShardWriter, "put", spy)
     convert(src, tmp_path / "out", ConvertOptions(target=target))
     assert kinds["w13_weight"] == ({"mapped"} if span_min else {"span"})
     assert kinds["w2_weight"] == kinds["copy"] == {"span"}
@@ -242,7 +244,7 @@ def _src_and_fast_output(make_ckpt, tmp_path, monkeypatch) -> tuple[Path, dict[s
 
     with monkeypatch.context() as m:
         m.setattr(os, "copy_file_range", counted)
-        m.setattr(sio, "_copy_file_range_ok", True)
+        m.setattr(shard_writer, "_copy_file_range_ok", True)
         convert(src, tmp_path / "fast", opts)
     assert calls, "the fast path never called copy_file_range"
     return src, snapshot(tmp_path / "fast"), opts
@@ -258,9 +260,9 @@ def test_copy_file_range_refused_falls_back_to_plain_writes(make_ckpt, tmp_path,
         raise OSError(err, os.strerror(err))
 
     monkeypatch.setattr(os, "copy_file_range", refuse)
-    monkeypatch.setattr(sio, "_copy_file_range_ok", True)
+    monkeypatch.setattr(shard_writer, "_copy_file_range_ok", True)
     convert(src, tmp_path / "plain", opts)
-    assert len(calls) == 1 and sio._copy_file_range_ok is False  # the first refusal switches it off
+    assert len(calls) == 1 and shard_writer._copy_file_range_ok is False  # the first refusal switches it off
     assert snapshot(tmp_path / "plain") == fast
 
 
@@ -278,7 +280,7 @@ def test_short_copies_and_a_refusal_midway(make_ckpt, tmp_path, monkeypatch):
         return real(fd_in, fd_out, random.randint(1, min(count, 70_000)), off_in, off_out)
 
     monkeypatch.setattr(os, "copy_file_range", flaky)
-    monkeypatch.setattr(sio, "_copy_file_range_ok", True)
+    monkeypatch.setattr(shard_writer, "_copy_file_range_ok", True)
     convert(src, tmp_path / "flaky", opts)
     assert n[0] == 40
     assert snapshot(tmp_path / "flaky") == fast
@@ -291,11 +293,11 @@ def test_a_real_copy_error_is_raised_and_leaves_no_shard(make_ckpt, tmp_path, mo
         raise OSError(errno.EIO, "I/O error")
 
     monkeypatch.setattr(os, "copy_file_range", broken)
-    monkeypatch.setattr(sio, "_copy_file_range_ok", True)
+    monkeypatch.setattr(shard_writer, "_copy_file_range_ok", True)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="I/O error"):
         convert(src, out, ConvertOptions())
-    assert sio._copy_file_range_ok is True  # not a refusal: no fallback
+    assert shard_writer._copy_file_range_ok is True  # not a refusal: no fallback
     assert not list(out.glob("*.safetensors")) and not list(out.glob("*.partial"))
 
 
@@ -307,7 +309,7 @@ def test_write_pieces_mixes_spans_views_and_arrays(tmp_path, monkeypatch, short_
     fd_in = os.open(tmp_path / "src", os.O_RDONLY)
     mm = mmap.mmap(fd_in, 0, access=mmap.ACCESS_READ)
     whole = memoryview(mm)
-    monkeypatch.setattr(sio, "_copy_file_range_ok", copy_ok)
+    monkeypatch.setattr(shard_writer, "_copy_file_range_ok", copy_ok)
     if short_writes:  # the kernel may write fewer bytes than asked
         monkeypatch.setattr(os, "pwritev", stingy(os.pwritev, 5000))
     pieces, want = [], []
@@ -360,7 +362,8 @@ def test_peak_estimate_does_not_grow_with_experts(make_ckpt):
 
 def test_writer_refuses_too_few_or_too_many_bytes(tmp_path):
     """A shard is renamed into place only when every declared byte arrived, and never takes more."""
-    from nvfp4_fuse.safetensors_io import OutEntry, StreamingShardWriter
+    from nvfp4_fuse.safetensors_header import OutEntry
+    from nvfp4_fuse.shard_writer import StreamingShardWriter
 
     n1, n2 = random.randint(1, 5000), random.randint(1, 5000)
     entries = [OutEntry("a", "U8", (n1,)), OutEntry("b", "U8", (n2,))]
@@ -408,7 +411,7 @@ def test_shards_written_at_once_give_the_same_bytes(make_ckpt, tmp_path, monkeyp
     barrier = threading.Barrier(3, timeout=30)
     first_puts: set[int] = set()
     lock = threading.Lock()
-    orig = sio.StreamingShardWriter.put
+    orig = shard_writer.StreamingShardWriter.put
 
     def put(self, pieces, *a, **kw):
         with lock:
@@ -418,7 +421,7 @@ def test_shards_written_at_once_give_the_same_bytes(make_ckpt, tmp_path, monkeyp
             barrier.wait()  # BrokenBarrierError unless three writers are open at once
         return orig(self, pieces, *a, **kw)
 
-    monkeypatch.setattr(sio.StreamingShardWriter, "put", put)
+    monkeypatch.setattr(shard_writer.StreamingShardWriter, "put", put)
     three = convert(src, tmp_path / "three", ConvertOptions(**{**opts.__dict__, "shard_streams": 3}))
     assert barrier.n_waiting == 0 and not barrier.broken
     assert snapshot(tmp_path / "three") == snapshot(tmp_path / "one")

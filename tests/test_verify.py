@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from helpers import mapped_at_close, run_cli
 
+from nvfp4_fuse import piece_checks
 from nvfp4_fuse import verify as ver
 from nvfp4_fuse.convert import ConvertOptions, convert
 from nvfp4_fuse.errors import CheckFailed, InputError
 from nvfp4_fuse.manifest import MANIFEST_NAME
-from nvfp4_fuse.safetensors_io import read_header
+from nvfp4_fuse.safetensors_header import read_header
 from nvfp4_fuse.verify import verify
 
 P = "layers.1.ffn.experts"
@@ -243,7 +244,7 @@ def test_rescale_bound_covers_subnormal_and_clamped_scales_and_catches_a_two_ste
     import torch
 
     from nvfp4_fuse.nvfp4 import rescale_block_scales
-    from nvfp4_fuse.verify import block_errors
+    from nvfp4_fuse.verify_checks import block_errors
 
     s = torch.randint(0x01, 0x30, (64, 2), dtype=torch.uint8)  # many subnormal
     s2_src, c = 1e-4, 3.7e-4
@@ -265,7 +266,7 @@ def test_rescale_tolerance_is_exactly_half_an_e4m3_step(x, ok):
     Both sides of the bound are pinned within about one percent of it, in E4M3's normal range, so a
     looser (or tighter) tolerance fails here every time.
     """
-    from nvfp4_fuse.verify import block_errors
+    from nvfp4_fuse.verify_checks import block_errors
 
     one = np.full((3, 5), 0x38, dtype=np.uint8)  # E4M3 1.0, source and output alike
     rel, within = block_errors(one, 1.0, one, 1 / x)  # x = (1.0 * 1.0) / c
@@ -320,7 +321,7 @@ def test_verify_memory_is_a_fixed_budget_not_the_model(converted):
 
 def verify_mapped_at_close(monkeypatch) -> list[int]:
     """Records, as each verify() closes its mappings, the bytes of both checkpoints still mapped."""
-    return mapped_at_close(monkeypatch, ver._Verifier, lambda v: (*v.src_m.values(), *v.conv_m.values()))
+    return mapped_at_close(monkeypatch, piece_checks.PieceChecker, lambda v: (*v.src_m.values(), *v.conv_m.values()))
 
 
 @pytest.mark.parametrize("decode", [False, True])
@@ -346,7 +347,7 @@ def test_the_rescaled_half_check_agrees_with_the_elementwise_one():
     import torch
 
     from nvfp4_fuse.nvfp4 import rescale_block_scales
-    from nvfp4_fuse.verify import block_errors, rescaled_half_problem
+    from nvfp4_fuse.verify_checks import block_errors, rescaled_half_problem
 
     for _ in range(20):
         src = np.random.randint(0, 0x7F, (64, 8)).astype(np.uint8)
@@ -389,7 +390,7 @@ def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypa
     import threading
     from collections import Counter
 
-    from nvfp4_fuse import verify as ver
+    from nvfp4_fuse import decode_lanes, shard_reader
 
     target = random.choice(["vllm-fused", "mega-moe", "linear"])
     experts = random.randint(6, 12)
@@ -399,16 +400,16 @@ def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypa
     launched: Counter = Counter()
     deferred = threading.Semaphore(0)
 
-    class CpuLane(ver._ReferenceLane):  # a GPU lane's life: made once the kernel is ready
-        def __init__(self, v):
-            assert v.kernels_ready.wait(30)
-            super().__init__(v)
+    class CpuLane(decode_lanes.ReferenceLane):  # a GPU lane's life: made once the kernel is ready
+        def __init__(self, on_stats, kernels_ready=None):
+            assert kernels_ready.wait(30)
+            super().__init__(on_stats)
 
         def launch(self, key, *args):
             launched[key[:3]] += 1
             super().launch(key, *args)
 
-    real_defer = ver._Verifier._defer
+    real_defer = piece_checks.PieceChecker._defer
 
     def counting_defer(self, *a):
         put_off = real_defer(self, *a)
@@ -418,7 +419,7 @@ def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypa
 
     wanted = {"a third": max(1, total // 3), "all": total, "cap": 1}[when]
     if when == "cap":  # room for one expert part's values: the next decode waits for the kernel
-        monkeypatch.setattr(ver, "DEFERRED_BYTES", 2 * hidden * inter // 2)
+        monkeypatch.setattr(piece_checks, "DEFERRED_BYTES", 2 * hidden * inter // 2)
 
     def warm(plan, ready):
         try:
@@ -428,21 +429,21 @@ def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypa
         finally:
             ready.set()
 
-    monkeypatch.setattr(ver, "_Lane", CpuLane)
-    monkeypatch.setattr(ver, "_warm_kernels", warm)
+    monkeypatch.setattr(piece_checks, "GpuLane", CpuLane)
+    monkeypatch.setattr(ver, "warm_kernels", warm)
     monkeypatch.setattr(ver, "pick_device", lambda device: "cuda")
-    monkeypatch.setattr(ver._Verifier, "_defer", counting_defer)
+    monkeypatch.setattr(piece_checks.PieceChecker, "_defer", counting_defer)
     released: Counter = Counter()  # the output's expert parts whose pages were dropped, by tensor and offset
-    real_release = ver.ShardReader.release_tensor
+    real_release = shard_reader.ShardReader.release_tensor
 
     def counting_release(self, name, start=0, length=None):
         released[(name, start)] += 1
         return real_release(self, name, start, length)
 
-    monkeypatch.setattr(ver.ShardReader, "release_tensor", counting_release)
+    monkeypatch.setattr(shard_reader.ShardReader, "release_tensor", counting_release)
     put_off: list = []
-    real_launch_deferred = ver._Verifier._launch_deferred
-    monkeypatch.setattr(ver._Verifier, "_launch_deferred", lambda self, item: (put_off.append((item[0].prefix, *item[1:3])), real_launch_deferred(self, item)))
+    real_launch_deferred = piece_checks.PieceChecker._launch_deferred
+    monkeypatch.setattr(piece_checks.PieceChecker, "_launch_deferred", lambda self, item: (put_off.append((item[0].prefix, *item[1:3])), real_launch_deferred(self, item)))
     seen = verify_mapped_at_close(monkeypatch)
     got = verify(src, out, device="cuda", workers=random.choice([1, 2, 4]))
     assert seen == [0], f"{seen[0] >> 10} KiB still mapped after the pass"

@@ -17,7 +17,9 @@ import torch
 
 from nvfp4_fuse import verify as ver
 from nvfp4_fuse.convert import ConvertOptions, convert
+from nvfp4_fuse.decode_lanes import GpuLane
 from nvfp4_fuse.errors import CheckFailed
+from nvfp4_fuse.piece_checks import PieceChecker
 from nvfp4_fuse.verify import verify
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -39,11 +41,11 @@ def test_gpu_decode_matches_the_cpu_reference(make_ckpt, tmp_path, target, monke
     src = make_ckpt(layers=2, experts=40, hidden=512, inter=512, unequal_scale_2=True)
     out = tmp_path / "out"
     convert(src, out, ConvertOptions(target=target))
-    monkeypatch.setattr(ver._Lane, "FLUSH", random.choice([7, 32]))
-    monkeypatch.setattr(ver._Lane, "BATCH", random.choice([1, 3, 8]))  # part-filled batches launched at the flush
+    monkeypatch.setattr(GpuLane, "FLUSH", random.choice([7, 32]))
+    monkeypatch.setattr(GpuLane, "BATCH", random.choice([1, 3, 8]))  # part-filled batches launched at the flush
     if slow_kernel_load:  # the pass runs ahead: decodes are put off, then run by the lanes and the main thread
-        warm = ver._warm_kernels
-        monkeypatch.setattr(ver, "_warm_kernels", lambda plan, ready: (time.sleep(0.5), warm(plan, ready)))
+        warm = ver.warm_kernels
+        monkeypatch.setattr(ver, "warm_kernels", lambda plan, ready: (time.sleep(0.5), warm(plan, ready)))
     gpu = verify(src, out, device="cuda", workers=random.choice([1, 3]))
     cpu = verify(src, out, device="cpu", decode=True)
     for g, c in zip(gpu.layers, cpu.layers):
@@ -61,15 +63,15 @@ def test_gpu_decode_failure_is_named(make_ckpt, tmp_path, monkeypatch, target):
     out = tmp_path / "out"
     convert(src, out, ConvertOptions(target=target))
     victim = random.randrange(12)
-    real = ver._Verifier._scale_2
+    real = PieceChecker._scale_2
 
     def skewed(self, layer, role, e):
         s2, c, ratio = real(self, layer, role, e)
         return (s2, c * 1.5, ratio) if role == "down" and e == victim else (s2, c, ratio)
 
-    monkeypatch.setattr(ver._Verifier, "_scale_2", skewed)
-    monkeypatch.setattr(ver._Verifier, "_half_scales", lambda *a, **kw: 0.0)  # the per-block check would see it first
-    monkeypatch.setattr(ver._Lane, "BATCH", random.choice([3, 8]))  # the expert is found by its row in a batch
+    monkeypatch.setattr(PieceChecker, "_scale_2", skewed)
+    monkeypatch.setattr(PieceChecker, "_half_scales", lambda *a, **kw: 0.0)  # the per-block check would see it first
+    monkeypatch.setattr(GpuLane, "BATCH", random.choice([3, 8]))  # the expert is found by its row in a batch
     part = "w2_weight" if target == "vllm-fused" else f"experts.{victim}.w2.weight"
     with pytest.raises(CheckFailed, match=f"{part}: expert {victim} should decode bit-identically"):
         verify(src, out, device="cuda", workers=2)

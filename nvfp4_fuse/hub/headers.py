@@ -1,5 +1,5 @@
 """Shard headers of a Hub repo, read with HTTP range requests (no weights downloaded), as the same
-:class:`~nvfp4_fuse.safetensors_io.ShardHeader` a local read gives, with the same checks."""
+:class:`~nvfp4_fuse.safetensors_header.ShardHeader` a local read gives, with the same checks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, PushFailed
-from ..safetensors_io import ShardHeader, header_from_json
+from ..safetensors_header import ShardHeader, header_from_json
 from .errors import first_line
 from .retry import with_retries
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import InputError
-from ..safetensors_io import ShardHeader
+from ..safetensors_header import ShardHeader
 from .retry import with_retries
 
 DEFAULT_MAX_GAP = 1 << 20  # bytes between two wanted ranges read through rather than asked for apart
