@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass, field
 
 from .errors import InputError
-from .safetensors_io import build_header
+from .safetensors_header import build_header
 from .spec import OutputSpec, OutShard, human
 
 

@@ -30,8 +30,8 @@ from nvfp4_fuse.convert import PROGRESS_NAME
 from nvfp4_fuse.hub import fetch
 from nvfp4_fuse.hub import retry as hub_retry
 from nvfp4_fuse.manifest import MANIFEST_NAME
-from nvfp4_fuse.safetensors_io import PARTIAL_SUFFIX
 from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
+from nvfp4_fuse.shard_writer import PARTIAL_SUFFIX
 from nvfp4_fuse.source_files import STAGING_NAME
 
 ARGS = ("--target", "vllm-fused", "--max-shard-size", "40KB", "--workers", "2", "--json")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, PushFailed
-from ..safetensors_io import fsync_dir
+from ..shard_writer import fsync_dir
 from . import retry as _retry
 from .errors import classify, first_line, hub_error_line
 

@@ -1,7 +1,7 @@
 """A pinned Hub commit scanned like a local checkpoint folder, without downloading a weight.
 
 Every shard's header is read with range requests (its first 256 KiB, and the rest of the header if it
-is longer), so the :class:`~nvfp4_fuse.safetensors_io.ShardHeader` it gives is byte for byte what a
+is longer), so the :class:`~nvfp4_fuse.safetensors_header.ShardHeader` it gives is byte for byte what a
 local read of the downloaded file gives (same raw header, data start and file size, hence the same
 input fingerprint). The index and the configs are read whole (small files), the other files listed
 as sidecars by the rules of a local scan, and the scalar scales (what the plan needs besides the
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..encoded_scales import find_encoded_scales
 from ..errors import InputError
-from ..safetensors_io import MAX_HEADER_SIZE, ShardHeader, header_from_json, loads_strict_json
+from ..safetensors_header import MAX_HEADER_SIZE, ShardHeader, header_from_json, loads_strict_json
 from ..source import CONFIG_FILES, INDEX_NAME, Source, index_shards, is_sidecar, parse_config, tensor_files
 from .fetch import PinnedRepo
 from .ranges import RemoteRangeReader, coalesce
