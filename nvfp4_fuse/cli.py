@@ -327,7 +327,7 @@ def convert(
 
     with byte_progress(err, show) as prog:
         task = prog.add_task("convert", total=plan.total_size, kept=0)
-        sink = _push_sink(output, push_to, token, private, prog, plan, max_disk if hub_files is None else None)
+        sink = _push_sink(output, push_to, token, private, prog, plan, max_disk if hub_files is None else None, hub_files)
         prog.refresh()  # drawn at once, however short the run
 
         def on_resume(kept: list[str]) -> None:
@@ -407,10 +407,13 @@ def convert(
     out.print(f"wrote {len(plan.shards)} shard(s), {human(plan.total_size)} of tensors, to {output}", highlight=False)
 
 
-def _push_sink(output: Path, push_to: str | None, token: str | None, private: bool, prog: Any, plan: Any, max_disk: str | None) -> Any:
-    """The Hub side of --push-to (None without it), with its own line in the progress display;
-    ``max_disk`` bounds the output shards not yet uploaded (a local source: a Hub source's budget
-    counts them already)."""
+def _push_sink(
+    output: Path, push_to: str | None, token: str | None, private: bool, prog: Any, plan: Any, max_disk: str | None, files: Any
+) -> Any:
+    """The Hub side of --push-to (None without it), with its own line in the progress display: each
+    shard checked against its source (read through ``files``, a Hub source, when given), uploaded and
+    freed; ``max_disk`` bounds the output shards not yet uploaded (a local source: a Hub source's
+    budget counts them already)."""
     if not push_to:
         return None
     from huggingface_hub.utils import disable_progress_bars
@@ -421,8 +424,11 @@ def _push_sink(output: Path, push_to: str | None, token: str | None, private: bo
     disable_progress_bars()  # the upload has its own line in ours (and --json prints one object alone)
     set_stall_timeout()
     up = prog.add_task("upload", total=plan.total_size, kept=0)
+    from .written_check import gpu_decode, shard_check
+
     limit = parse_size(max_disk) if max_disk is not None else None
-    return HubSink(output, push_to, token=token, private=private, max_disk=limit, on_uploaded=lambda n: prog.advance(up, n))
+    check = shard_check(plan, files, decode=gpu_decode())
+    return HubSink(output, push_to, token=token, private=private, max_disk=limit, check=check, on_uploaded=lambda n: prog.advance(up, n))
 def _streams_from_hub(source: str) -> bool:
     """A repo id (not an existing path) while the Hub may be used: fetched as needed, within --max-disk.
     Offline (HF_HUB_OFFLINE), a repo id is read from the cached snapshot, as a folder."""

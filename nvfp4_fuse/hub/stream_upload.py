@@ -148,8 +148,9 @@ class HubSink:
     :meth:`begin`, then :meth:`reserve` / :meth:`written` per shard, then :meth:`finish`.
     :meth:`close` (or the ``with`` block) stops the workers however the run ends.
 
-    ``check(out, shard name) -> dict | None`` runs in the upload workers before a shard is uploaded
-    (its result is journaled, so a rerun does not check a shard again); it raises to stop the run.
+    ``check(out, shard name, sha256) -> dict | None`` runs in the upload workers before a shard is
+    uploaded (:func:`nvfp4_fuse.written_check.shard_check`: verify's checks); its result is journaled,
+    so a rerun does not check a shard again, and it raises to stop the run.
     Errors: :class:`InputError` for what a retry cannot fix (auth, not found, quota, no write access),
     :class:`PushFailed` when the Hub keeps failing, :class:`PushVerificationFailed` when the Hub's copy
     differs after the commit.
@@ -170,7 +171,7 @@ class HubSink:
         uploaders: int = DEFAULT_UPLOADERS,
         retries: int = 5,
         backoff: float = 2.0,
-        check: Callable[[Path, str], dict | None] | None = None,
+        check: Callable[[Path, str, str], dict | None] | None = None,
         on_uploaded: Callable[[int], None] | None = None,
     ):
         if not REPO_ID_RE.match(repo_id):
@@ -213,7 +214,7 @@ class HubSink:
         return j
 
     def _save_journal(self) -> None:
-        from ..safetensors_io import write_file_atomic
+        from ..shard_writer import write_file_atomic
 
         with self._lock:  # one writer at a time: they share the temporary name
             if self._closed:  # an upload that returned after the run stopped: the next run asks the Hub
@@ -373,7 +374,7 @@ class HubSink:
         self._drain()
         card = push_card(manifest.to_json(), self.repo_id, base_model=self.base_model, verify_summary=self.check_summary()).encode()
         pushed = with_model_card(manifest, card)
-        from ..safetensors_io import write_file_atomic
+        from ..shard_writer import write_file_atomic
 
         write_file_atomic(out / README_NAME, card)
         save_manifest(out, pushed)
@@ -398,10 +399,9 @@ class HubSink:
 
     def check_summary(self) -> dict | None:
         """What the checks made as the shards were written, for the model card (None: none ran)."""
-        checked = self.journal.get("checked") or {}
-        if not checked:
-            return None
-        return {"checked_as_written": len(checked)}
+        from ..written_check import card_summary
+
+        return card_summary(self.journal.get("checked") or {})
 
     # -- the final commit ----------------------------------------------------------------------
     def _commit(self, out: Path, manifest: Manifest, files: list[str]) -> Any:
@@ -456,7 +456,7 @@ class HubSink:
         path = self.out / name
         checked = self.journal.get("checked") or {}
         if self.check is not None and name not in checked:
-            summary = self.check(self.out, name)
+            summary = self.check(self.out, name, sha256)
             with self._lock:
                 self.journal.setdefault("checked", {})[name] = summary or {}
         mode = _preupload(self, name, path, sha256)
