@@ -103,6 +103,11 @@ def test_push_to_commits_once_and_frees_the_work_folder(src, reference, tmp_path
 
         assert manifest["files"]["README.md"]["sha256"] == hashlib.sha256(card).hexdigest()
         assert f"# {REPO.split('/')[1]}" in card.decode()
+        # every shard was checked against its source before its upload, and the card says so
+        journal = json.loads((work / PUSH_JOURNAL).read_text())
+        assert sorted(journal["checked"]) == shards
+        assert "## Verification" in card.decode() and f"- shards_checked: {len(shards)}" in card.decode()
+        assert "packed values: byte-identical" in card.decode()
 
         # a second run is a no-op that says so: no upload, no commit, nothing converted
         n_log = len(hub.log)
@@ -287,3 +292,29 @@ def test_ctrl_c_while_uploads_lag_stops_at_once_and_resumes(src, reference, tmp_
         r = push_cli(hub, src, work)
         assert r.returncode == 0, r.stderr
         assert hub.files(REPO) == reference and puts(hub) == len(shards)
+
+
+def test_a_shard_that_fails_its_check_is_never_uploaded(src, tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
+    """A byte flipped between writing and checking: exit 3 naming the shard; that shard is not sent,
+    and nothing is visible on the Hub."""
+    from nvfp4_fuse.hub import stream_upload as su
+
+    orig = su.HubSink.written
+    bad: list[str] = []
+
+    def written(self, name, size, sha256, after=None):
+        if not bad:  # the first shard written: flip a byte in its data
+            bad.append(name)
+            with open(self.out / name, "r+b") as f:
+                f.seek(size - 1)
+                b = f.read(1)
+                f.seek(size - 1)
+                f.write(bytes([b[0] ^ 0x01]))
+        return orig(self, name, size, sha256, after)
+
+    monkeypatch.setattr(su.HubSink, "written", written)
+    code, _, err = push_inprocess(capsys, src, tmp_path / "work")
+    assert code == 3 and "byte-identical to the source" in err, err  # the value check, before the hash
+    assert set(fake_hub.files(REPO)) <= INITIAL
+    uploaded = json.loads((tmp_path / "work" / PUSH_JOURNAL).read_text())["uploaded"]
+    assert bad[0] not in uploaded
