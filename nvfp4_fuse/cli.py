@@ -428,7 +428,10 @@ def _push_sink(
 
     limit = parse_size(max_disk) if max_disk is not None else None
     check = shard_check(plan, files, decode=gpu_decode())
-    return HubSink(output, push_to, token=token, private=private, max_disk=limit, check=check, on_uploaded=lambda n: prog.advance(up, n))
+    return HubSink(
+        output, push_to, token=token, private=private, max_disk=limit, check=check, on_uploaded=lambda n: prog.advance(up, n),
+        source_remote=files is not None,
+    )  # fmt: skip
 def _streams_from_hub(source: str) -> bool:
     """A repo id (not an existing path) while the Hub may be used: fetched as needed, within --max-disk.
     Offline (HF_HUB_OFFLINE), a repo id is read from the cached snapshot, as a folder."""

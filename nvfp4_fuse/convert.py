@@ -466,7 +466,8 @@ def _prepare_output(
     uploaded = sink.confirm({n: r for n, r in records.items() if n in planned and not (out / n).is_file()}) if sink else set()
     for name, rec in records.items():
         p = out / name
-        if name in uploaded or (name in planned and p.is_file() and p.stat().st_size == rec.get("size") and sha256_file(p) == rec.get("sha256")):
+        on_disk = name in planned and p.is_file() and p.stat().st_size == rec.get("size") and sha256_file(p) == rec.get("sha256")
+        if name in uploaded or (on_disk and (sink is None or sink.keeps(name))):
             keep[name] = rec
     # Same input and options: the journaled maxima are of the same deterministic computation, so
     # max(journaled, recomputed) is what one uninterrupted run reports.

@@ -173,6 +173,7 @@ class HubSink:
         backoff: float = 2.0,
         check: Callable[[Path, str, str], dict | None] | None = None,
         on_uploaded: Callable[[int], None] | None = None,
+        source_remote: bool = False,
     ):
         if not REPO_ID_RE.match(repo_id):
             raise InputError(f"--push-to {repo_id!r} is not a Hub repo id (org/name)")
@@ -188,6 +189,7 @@ class HubSink:
         self.max_disk, self.uploaders = max_disk, uploaders
         self.retries, self.backoff = retries, backoff
         self.check, self.on_uploaded = check, on_uploaded
+        self.source_remote = source_remote  # a Hub source, fetched as the output needs it
         self.outcome = PushOutcome(repo_id, revision or "main")
         self.budget: DiskBudget | None = None
         self._lock = threading.Lock()  # the journal
@@ -281,6 +283,12 @@ class HubSink:
         ok = {n for n, r in cand.items() if r["sha256"] in held}
         self.outcome.reused = sorted(ok)
         return ok
+
+    def keeps(self, name: str) -> bool:
+        """Whether an earlier run's shard still on disk is kept: yes from a local folder (it is checked
+        against the source before its upload, if it was not yet); from a Hub source only once it was
+        checked, since its source files are fetched for the shards still to write, not for it."""
+        return not self.source_remote or name in (self.journal.get("checked") or {})
 
     def _objects_held(self, objects: dict[str, int]) -> set[str]:
         """The sha256s of ``objects`` (sha256 -> size) the Hub's object store holds for this repo."""
