@@ -318,3 +318,119 @@ def test_a_shard_that_fails_its_check_is_never_uploaded(src, tmp_path, fake_hub,
     assert set(fake_hub.files(REPO)) <= INITIAL
     uploaded = json.loads((tmp_path / "work" / PUSH_JOURNAL).read_text())["uploaded"]
     assert bad[0] not in uploaded
+
+
+# ------------------------------------------------------------------------------------------------
+# Hub to Hub: a repo id as source, streamed within --max-disk (hub/stream.py), pushed as it converts
+# ------------------------------------------------------------------------------------------------
+
+
+def source_files(src: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in src.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def hub_reference(src: Path) -> dict[str, bytes]:
+    """The repo an uninterrupted Hub-to-Hub run leaves (org/src -> me/fused), file by file."""
+    with FakeHub() as hub:
+        hub.create("org/src", source_files(src))
+        r = push_cli_from(hub, "org/src", src.parent / "h2h-ref-work")
+        assert r.returncode == 0, r.stderr
+        return hub.files(REPO)
+
+
+def push_cli_from(hub: FakeHub, source: str, work: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    args = ["convert", source, str(work), *ARGS, "--push-to", REPO, "--json", *extra]
+    cmd = [sys.executable, str(RUNNER), kill_at, *args] if kill_at else [sys.executable, "-m", "nvfp4_fuse.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=hub_env(hub, work.parent / "hf-home"))
+
+
+def test_hub_to_hub_matches_the_folder_run_but_for_the_source_it_names(src, reference, hub_reference):
+    shards = shard_names(reference)
+    assert {n: hub_reference[n] for n in shards} == {n: reference[n] for n in shards}
+    assert "base_model: org/src" in hub_reference["README.md"].decode()
+
+
+H2H_KILLS = {
+    "mid-download": "fetch:30000",
+    "after-first-shard-written": "shard:1",
+    "mid-second-upload": "upload:2",
+    "before-commit": "commit",
+}
+
+
+@pytest.mark.parametrize("point", list(H2H_KILLS))
+def test_hub_to_hub_sigkill_then_resume_is_byte_identical(src, hub_reference, tmp_path, point):
+    shards = shard_names(hub_reference)
+    with FakeHub() as hub:
+        hub.create("org/src", source_files(src))
+        work = tmp_path / "work"
+        r = push_cli_from(hub, "org/src", work, kill_at=H2H_KILLS[point])
+        assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+        assert set(hub.files(REPO)) <= INITIAL if REPO in hub.repos else True
+        r = push_cli_from(hub, "org/src", work)
+        assert r.returncode == 0, r.stderr
+        assert hub.files(REPO) == hub_reference
+        assert puts(hub) == len(shards), hub.calls("lfs-upload")
+        assert sorted(p.name for p in work.iterdir()) == sorted([MANIFEST_NAME, PUSH_JOURNAL])
+
+
+def test_hub_to_hub_working_set_measured_on_disk_stays_within_max_disk(tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
+    """Uploads throttled behind the conversion, so that written shards wait for them: every byte the
+    run holds in the work folder (downloads, shards being written, shards waiting for their upload) is
+    measured with stat whenever it grows, and never exceeds --max-disk, the smallest budget the plan
+    allows."""
+    import huggingface_hub.constants as C
+
+    from nvfp4_fuse import convert as conv
+    from nvfp4_fuse.hub import fetch
+
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    src = tmp_path / "src6"  # six source shards: a shard's sources are a small part of the whole
+    make_sample_checkpoint(src, SampleSpec(layers=6, experts=4, hidden=128, inter=64, shards=6, unequal_scale_2=True, seed=99))
+    fake_hub.create("org/src", source_files(src))
+    work = tmp_path / "work"
+    code, stdout, err = push_inprocess_from(capsys, "org/src", work, "--dry-run", "--json")
+    assert code == 0, err
+    plan = json.loads(stdout)
+    minimum = plan["disk"]["min_max_disk"]
+    assert plan["push"]["disk_budget"] == plan["disk"]["max_disk"]
+
+    samples: list[int] = []
+    journals = (PUSH_JOURNAL, MANIFEST_NAME, ".nvfp4-fuse-progress.json")  # bookkeeping, a few KB, outside the budget
+
+    def held() -> int:
+        n = 0
+        for p in list(work.rglob("*")):
+            try:
+                if p.is_file() and p.name.removesuffix(".partial") not in journals:
+                    n += p.stat().st_size
+            except FileNotFoundError:
+                pass
+        return n
+
+    orig_add = fetch.FetchStats.add
+
+    def add(self, *a, **kw):
+        orig_add(self, *a, **kw)
+        samples.append(held())
+
+    orig_put = conv.StreamingShardWriter.put
+
+    def put(self, *a, **kw):
+        fut = orig_put(self, *a, **kw)
+        samples.append(held())
+        return fut
+
+    monkeypatch.setattr(fetch.FetchStats, "add", add)
+    monkeypatch.setattr(conv.StreamingShardWriter, "put", put)
+    fake_hub.set_rates(download_rate=4e6, upload_rate=100_000)
+    code, _, err = push_inprocess_from(capsys, "org/src", work, "--max-disk", str(minimum))
+    assert code == 0, err
+    assert len(samples) > 20 and 0 < max(samples) <= minimum, (max(samples), minimum)
+    total = sum(len(d) for d in source_files(src).values())
+    assert minimum < total / 2  # far less than the source, let alone source and output
+
+
+def push_inprocess_from(capsys, source: str, work: Path, *extra: str) -> tuple[int, str, str]:
+    return run_inprocess(capsys, "convert", source, str(work), *ARGS, "--push-to", REPO, *extra)
