@@ -646,7 +646,9 @@ def convert(
         with folder_lock(out, "convert"):
             return _convert_locked(spec, out, opts, t0, source_dir, source_label, on_bytes, on_shard, on_resume, files, sink)
     except OSError as e:
-        if e.filename is None and not isinstance(e, Nvfp4FuseError):  # a write on a descriptor (no space, quota, I/O error): name the folder
+        if isinstance(e, Nvfp4FuseError):  # the Hub kept failing (PushFailed is a ConnectionError)
+            raise
+        if e.filename is None:  # a write on a descriptor (no space, quota, I/O error): name the folder
             raise OSError(e.errno, e.strerror, str(out)) from e
         raise
     finally:

@@ -94,7 +94,15 @@ class DiskPlan:
         """The largest working set of a run under ``limit`` (``None``: unbounded, everything fetched
         ahead), when downloads set the pace: each reservation is made as soon as it fits, a step
         finishes only when its reservations are made, and steps finish in order."""
-        held = peak = 0
+        return self.simulate(limit)[0]
+
+    def disk_peak(self, limit: int | None) -> int:
+        """The most disk the run holds at once (finished output shards included), as :meth:`peak`."""
+        return self.simulate(limit)[1]
+
+    def simulate(self, limit: int | None) -> tuple[int, int]:
+        """-> (working set peak, disk peak) of :meth:`peak`'s run."""
+        held = peak = disk = finished_out = 0
         finished = -1  # steps up to this one are done
         reserved = -1  # items up to this one are reserved
         last_item = {it.step: i for i, it in enumerate(self.items)}
@@ -102,10 +110,11 @@ class DiskPlan:
         outs: dict[int, int] = {}
 
         def finish_next() -> bool:
-            nonlocal held, finished
+            nonlocal held, finished, finished_out
             k = finished + 1
             if k >= len(self.steps) or last_item.get(k, -1) > reserved:
                 return False
+            finished_out += outs.get(k, 0)
             held -= outs.pop(k, 0)
             for f in [f for f in alive if self.last_use[f] == k]:
                 held -= alive.pop(f)
@@ -123,7 +132,8 @@ class DiskPlan:
             else:
                 alive[it.name] = it.size
             peak = max(peak, held)
-        return peak
+            disk = max(disk, held + finished_out)
+        return peak, disk
 
 
 def plan_disk(spec: OutputSpec, todo: list[OutShard], sizes: dict[str, int], *, local: set[str] = frozenset()) -> DiskPlan:

@@ -7,7 +7,9 @@ until the file is entirely there and checked) and says when it will not read it 
 
 - :class:`LocalSourceFiles`: a folder; every call is immediate and frees nothing.
 - :class:`HubSourceFiles`: a pinned Hub commit. A background fetcher downloads the files in the order
-  the output needs them (:mod:`.disk_budget`), a few at once, into the output folder's hidden
+  the output needs them (:mod:`.disk_budget`), running ahead of the converter as far as the budget
+  lets it, one file at a time by default (on one link the file needed next then arrives first, and
+  the conversion left after the last byte is the least), into the output folder's hidden
   ``.nvfp4-fuse-source/`` (resumable ``.incomplete`` files until their hash matches), within
   ``--max-disk``; a file the user's HF cache already holds at that commit is read from there, never
   written or deleted. :meth:`done` deletes the run's own copy. On success the folder is removed; after
@@ -89,7 +91,7 @@ class HubSourceFiles:
     """A pinned Hub commit, fetched into ``out/.nvfp4-fuse-source`` as the output needs it (module doc).
 
     ``max_disk`` bounds the working set (:mod:`.disk_budget`); ``None`` takes the default (twice the
-    minimum). ``fetchers`` files download at once. ``cache_dir`` is the HF cache to reuse blobs from
+    minimum). ``fetchers`` files download at once (1: in order, each with the whole link). ``cache_dir`` is the HF cache to reuse blobs from
     (default: the user's).
     """
 
@@ -102,7 +104,7 @@ class HubSourceFiles:
         out: Path,
         *,
         max_disk: int | None = None,
-        fetchers: int = 2,
+        fetchers: int = 1,
         cache_dir: str | None = None,
         retries: int | None = None,
         backoff: float = 1.0,

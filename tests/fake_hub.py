@@ -48,6 +48,7 @@ silent S seconds, then closes. ``range_log`` holds (path, Range header or None) 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -65,9 +66,9 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def lfs_pointer(data: bytes) -> bytes:
+def lfs_pointer(data: bytes, sha256: str | None = None) -> bytes:
     return (
-        f"version https://git-lfs.github.com/spec/v1\noid sha256:{hashlib.sha256(data).hexdigest()}\n"
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256 or hashlib.sha256(data).hexdigest()}\n"
         f"size {len(data)}\n"
     ).encode()
 
@@ -117,19 +118,27 @@ class StoredFile:
     data: bytes
     lfs: bool
 
+    @functools.cached_property
+    def sha256(self) -> str:  # hashed once: a served Range must not cost a hash of the whole file
+        return hashlib.sha256(self.data).hexdigest()
+
+    @functools.cached_property
+    def git_sha1(self) -> str:
+        return git_blob_sha1(self.data)
+
     def entry(self, path: str) -> dict:
         d = {"type": "file", "path": path, "size": len(self.data)}
         if self.lfs:
-            ptr = lfs_pointer(self.data)
+            ptr = lfs_pointer(self.data, self.sha256)
             d["oid"] = git_blob_sha1(ptr)
-            d["lfs"] = {"oid": hashlib.sha256(self.data).hexdigest(), "size": len(self.data), "pointerSize": len(ptr)}
+            d["lfs"] = {"oid": self.sha256, "size": len(self.data), "pointerSize": len(ptr)}
         else:
-            d["oid"] = git_blob_sha1(self.data)
+            d["oid"] = self.git_sha1
         return d
 
     def remote_oid(self) -> str:
         # what preupload reports and CommitOperationAdd._local_oid compares with
-        return hashlib.sha256(self.data).hexdigest() if self.lfs else git_blob_sha1(self.data)
+        return self.sha256 if self.lfs else self.git_sha1
 
 
 @dataclass
@@ -668,7 +677,7 @@ class _Handler(BaseHTTPRequestHandler):
         f = c.files.get(path)
         if f is None:
             return self._error(404, f"{path} not found", "EntryNotFound")
-        etag = hashlib.sha256(f.data).hexdigest() if f.lfs else git_blob_sha1(f.data)
+        etag = f.remote_oid()
         h = {"X-Repo-Commit": c.oid, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         if f.lfs:
             h["X-Linked-Etag"] = f'"{etag}"'

@@ -23,6 +23,10 @@ from .ranges import RemoteRangeReader, coalesce
 
 HEADER_PROBE = 256 << 10  # bytes asked for first: the length prefix and, mostly, the whole header
 SCALAR_MAX_BYTES = 16  # tensors this small are read with the scalars of their shard
+# Scalars further apart than this are asked for apart: the source is downloaded anyway, so reading
+# through megabytes of weights to save a request costs more than it saves. (safetensors' save_file
+# puts a shard's F32 scalars together: one request a shard.)
+SCALAR_MAX_GAP = 64 << 10
 
 
 def _header(reader: RemoteRangeReader, fname: str, size: int) -> ShardHeader:
@@ -106,12 +110,24 @@ class RemoteScalars(dict):
         small = [t for t in h.tensors.values() if t.nbytes <= SCALAR_MAX_BYTES]
         rngs = [(h.data_start + t.begin, h.data_start + t.end) for t in small]
         out: dict[str, bytes] = {}
-        for span in coalesce(rngs):
+        for span in scalar_spans(rngs):
             blob = self.reader._get(fname, span.begin, span.end)
             for i in span.members:
                 b, e = rngs[i]
                 out[small[i].name] = blob[b - span.begin : e - span.begin]
         return out
+
+    def prefetch(self) -> None:
+        """Read every shard's scalars now, several shards at once."""
+        with ThreadPoolExecutor(self.reader.workers) as pool:
+            blobs = dict(zip(self.headers, pool.map(self._read_shard, self.headers)))
+        for f, b in blobs.items():
+            self[f].blobs = b
+
+
+def scalar_spans(rngs: list[tuple[int, int]]):
+    """The requests that read these scalar ranges of one shard."""
+    return coalesce(rngs, max_gap=SCALAR_MAX_GAP)
 
 
 def describe_requests(reader: RemoteRangeReader) -> dict[str, int]:

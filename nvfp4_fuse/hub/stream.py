@@ -15,8 +15,8 @@ from typing import Any
 from ..errors import InputError
 from ..spec import OutputSpec, build_spec, human
 from .fetch import PinnedRepo, pin_repo
-from .ranges import RemoteRangeReader, coalesce
-from .remote_source import HEADER_PROBE, SCALAR_MAX_BYTES, RemoteScalars, hub_source
+from .ranges import RemoteRangeReader
+from .remote_source import HEADER_PROBE, SCALAR_MAX_BYTES, RemoteScalars, hub_source, scalar_spans
 
 
 def recorded_revision(out: Path) -> tuple[str | None, str | None]:
@@ -72,7 +72,7 @@ def hub_plan(
     max_disk: int | None = None,
     overwrite: bool = False,
     with_scalars: bool = True,
-    fetchers: int = 2,
+    fetchers: int = 1,
     cache_dir: str | None = None,
     **fetch_kw,
 ) -> HubPlan:
@@ -85,9 +85,10 @@ def hub_plan(
         check_same_commit(out, pinned)
     reader = RemoteRangeReader(repo_id, revision=pinned.sha)
     src = hub_source(pinned, reader)
-    spec = build_spec(
-        src, options, with_scalars=with_scalars, scalar_readers=RemoteScalars(src.headers, reader) if with_scalars else None
-    )
+    scalars = RemoteScalars(src.headers, reader) if with_scalars else None
+    if scalars is not None:
+        scalars.prefetch()
+    spec = build_spec(src, options, with_scalars=with_scalars, scalar_readers=scalars)
     files = HubSourceFiles(pinned, out, max_disk=max_disk, fetchers=fetchers, cache_dir=cache_dir, **fetch_kw)
     _, files.reserve_bytes = files.plan_for(spec, spec.shards)  # refuses a budget below the minimum
     return HubPlan(spec, pinned, reader, files)
@@ -104,7 +105,7 @@ def disk_summary(hp: HubPlan, *, bandwidth: float | None = None) -> dict[str, An
     scalar_requests = 0
     for h in headers.values():
         small = [(h.data_start + t.begin, h.data_start + t.end) for t in h.tensors.values() if t.nbytes <= SCALAR_MAX_BYTES]
-        scalar_requests += len(coalesce(small)) if small else 0
+        scalar_requests += len(scalar_spans(small)) if small else 0
     fetched = [it for it in plan.items if it.kind == "file"]
     d = {
         "revision": hp.pinned.sha,
@@ -113,8 +114,8 @@ def disk_summary(hp: HubPlan, *, bandwidth: float | None = None) -> dict[str, An
         "output_bytes": out_total,
         "source_bytes": source_total,
         "working_set_peak": plan.peak(limit),
-        "disk_peak": out_total + plan.peak(limit),
-        "disk_peak_unbounded": out_total + plan.peak(None),
+        "disk_peak": plan.disk_peak(limit) + out_total - plan.total_out,  # + the configs, index, sidecars
+        "disk_peak_unbounded": plan.disk_peak(None) + out_total - plan.total_out,
         "disk_before": out_total + source_total,  # the whole snapshot in the HF cache, then the output
         "reused_from_hf_cache": sorted(hp.files.local),
         "requests": {
@@ -136,8 +137,8 @@ def print_disk_summary(d: dict[str, Any], echo) -> None:
     r = d["requests"]
     echo(f"source: commit {d['revision'][:12]}, {human(d['source_bytes'])}; output {human(d['output_bytes'])}")
     echo(
-        f"disk: peak {human(d['disk_peak'])} = output + working set {human(d['working_set_peak'])} under --max-disk "
-        f"{human(d['max_disk'])} (minimum {human(d['min_max_disk'])}); without a bound {human(d['disk_peak_unbounded'])}"
+        f"disk: peak {human(d['disk_peak'])} (working set {human(d['working_set_peak'])} under --max-disk "
+        f"{human(d['max_disk'])}, minimum {human(d['min_max_disk'])}); without a bound {human(d['disk_peak_unbounded'])}"
     )
     echo(
         f"requests: {r['pin']} to pin the commit, {r['headers']} for headers, {r['scalar_ranges']} for scalar scales, "
