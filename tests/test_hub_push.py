@@ -434,3 +434,33 @@ def test_hub_to_hub_working_set_measured_on_disk_stays_within_max_disk(tmp_path,
 
 def push_inprocess_from(capsys, source: str, work: Path, *extra: str) -> tuple[int, str, str]:
     return run_inprocess(capsys, "convert", source, str(work), *ARGS, "--push-to", REPO, *extra)
+
+
+def test_a_full_disk_stops_at_once_with_one_line_and_resumes(src, tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
+    """ENOSPC while an upload worker journals its shard: exit 2, one line naming the work folder,
+    nothing visible; the rerun finishes with each shard stored once."""
+    import errno
+
+    from nvfp4_fuse import shard_writer
+
+    shards = convert_local(src, tmp_path / "local")
+    orig = shard_writer.write_file_atomic
+    calls = {"n": 0}
+
+    def full(path, data):
+        if Path(path).name == PUSH_JOURNAL:
+            calls["n"] += 1
+            if calls["n"] > 1:  # the first is written before any upload
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return orig(path, data)
+
+    monkeypatch.setattr(shard_writer, "write_file_atomic", full)
+    work = tmp_path / "work"
+    code, _, err = push_inprocess(capsys, src, work)
+    assert code == 2 and err.strip() == f"error: no space left on the device: {work}", err
+    assert set(fake_hub.files(REPO)) <= INITIAL
+    monkeypatch.setattr(shard_writer, "write_file_atomic", orig)
+    code, _, err = push_inprocess(capsys, src, work)
+    assert code == 0, err
+    remote = fake_hub.files(REPO)
+    assert {n: remote[n] for n in shards} == shards and puts(fake_hub) == len(shards)
