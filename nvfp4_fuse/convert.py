@@ -735,8 +735,10 @@ def _convert_locked(
             size, digest = _copy_file(source.path(rel), out / rel)
             source.done(rel)
             files[rel] = {"size": size, "sha256": digest}
-    except BaseException:
+    except BaseException as e:
         source.close()
+        if sink is not None:
+            sink.reraise(e)  # a failed upload is what stopped the writing: its error, not the wait's
         raise
     for name, data in configs.items():
         size, digest = write_file_atomic(out / name, data)

@@ -198,6 +198,7 @@ class HubSink:
         self._error: BaseException | None = None
         self._held: dict[str, int] = {}
         self._closed = False
+        self._source: Any = None
         self.journal = self._load_journal()
 
     # -- the journal ---------------------------------------------------------------------------
@@ -332,6 +333,7 @@ class HubSink:
         from ..spec import disk_free, human
 
         remote = bool(getattr(source, "remote", False))
+        self._source = source  # closed when an upload fails, so that nothing waits on its budget
         limit = source.reserve_bytes if remote else self.default_budget(spec, streams)
         self.budget = DiskBudget(1 << 62 if remote else limit)
         self.outcome.disk_budget = limit
@@ -489,6 +491,15 @@ class HubSink:
                 self._error = e
         if self.budget is not None:
             self.budget.abort(self._error)
+        if self._source is not None and getattr(self._source, "remote", False):
+            self._source.close()  # a shard waiting for the source's disk budget would wait forever
+
+    def reraise(self, stopped_by: BaseException) -> None:
+        """Raise the uploads' error, if one is why the converter stopped (``stopped_by``)."""
+        with self._lock:
+            err = self._error if not self._closed else None
+        if err is not None and err is not stopped_by:
+            raise err from stopped_by
 
     def _raise(self) -> None:
         if self._error is not None:
