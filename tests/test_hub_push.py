@@ -464,3 +464,22 @@ def test_a_full_disk_stops_at_once_with_one_line_and_resumes(src, tmp_path, fake
     assert code == 0, err
     remote = fake_hub.files(REPO)
     assert {n: remote[n] for n in shards} == shards and puts(fake_hub) == len(shards)
+
+
+def test_hub_to_hub_permanent_upload_fault_stops_at_once(src, tmp_path):
+    """From a Hub source under the smallest --max-disk, a 403 on an upload stops the run with that
+    line at once, though the converter is waiting on the source's disk budget for a shard that the
+    failed upload will never free."""
+    with FakeHub() as hub:
+        hub.create("org/src", source_files(src))
+        work = tmp_path / "work"
+        r = push_cli_from(hub, "org/src", work, "--dry-run")
+        assert r.returncode == 0, r.stderr
+        minimum = json.loads(r.stdout)["disk"]["min_max_disk"]
+        hub.fail_next("lfs-upload", 403)
+        r = push_cli_from(hub, "org/src", work, "--max-disk", str(minimum))
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and "403" in lines[0], r.stderr
+        assert set(hub.files(REPO)) <= INITIAL
+        r = push_cli_from(hub, "org/src", work, "--max-disk", str(minimum))
+        assert r.returncode == 0, r.stderr
