@@ -168,9 +168,11 @@ def mode_hub_to_hub(b: Bench) -> dict:
     shape = ["--max-shard-size", b.args.max_shard_size]
     subprocess.run([*cli, "convert", REPO, str(ref), *shape, "--quiet", "--json"], env=b.env("convert"), capture_output=True, check=True)
     b.hub.lfs_store.clear()  # the fake keeps LFS objects by content for every repo: none may count as there already
-    received = b.hub.bytes_received
+    received, stored = b.hub.bytes_received, b.hub.calls("lfs-upload").count(200)
     up = run_measured([*cli, "push", str(ref), "bench/upload-alone", "--no-card", "--json"], b.env("upload"), None)
     up["bytes"] = b.hub.bytes_received - received
+    up["stored"] = b.hub.calls("lfs-upload").count(200) - stored
+    shards = len(list(ref.glob("model-*.safetensors")))
     output_bytes = folder_bytes(ref)[0]
     shutil.rmtree(ref, ignore_errors=True)
 
@@ -181,15 +183,16 @@ def mode_hub_to_hub(b: Bench) -> dict:
         base += ["--max-disk", b.args.max_disk]
     plan = json.loads(subprocess.run([*base, "--dry-run", "--json"], env=b.env("plan"), capture_output=True, check=True).stdout)
     b.hub.lfs_store.clear()
-    served, received = b.hub.bytes_served, b.hub.bytes_received
+    served, received, stored = b.hub.bytes_served, b.hub.bytes_received, b.hub.calls("lfs-upload").count(200)
     r = run_measured([*base, "--quiet", "--json"], b.env("hub-to-hub"), work)
+    r["stored"] = b.hub.calls("lfs-upload").count(200) - stored
+    r["shards"] = shards
     r["fetched"] = b.hub.bytes_served - served
     r["sent"] = b.hub.bytes_received - received
     r["max_disk"] = plan["disk"]["max_disk"]
     r["min_max_disk"] = plan["disk"]["min_max_disk"]
     r["output_bytes"] = output_bytes
     r["upload"] = up
-    r["stored"] = b.hub.calls("lfs-upload").count(200)
     r["left"] = sorted(p.name for p in work.iterdir())
     shutil.rmtree(work, ignore_errors=True)
     return r
@@ -223,7 +226,7 @@ def report(b: Bench) -> None:
         print(f"upload alone (push of the converted output): {u['wall_s']:.2f} s for {human(u['bytes'])}")
         print(
             f"hub-to-hub convert --push-to: {h['wall_s']:.2f} s, {human(h['fetched'])} fetched, {human(h['sent'])} sent "
-            f"({h['stored']} LFS objects stored over both uploads)"
+            f"({h['stored']} LFS objects stored for {h['shards']} shards; the upload alone stored {u['stored']})"
         )
         print(f"  wall time / max(download alone, upload alone): {h['wall_s'] / max(d['wall_s'], u['wall_s']):.3f} (goal <= 1.25)")
         over = "OVER" if h["peak_disk"] > h["max_disk"] else "within"
