@@ -241,11 +241,14 @@ def test_hub_source_pushed_to_another_repo(src, tmp_path, fake_hub, capsys, monk
     monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     fake_hub.create("org/src", {p.name: p.read_bytes() for p in src.iterdir()})
     shards = convert_local(src, tmp_path / "local")
-    code, _, err = run_inprocess(capsys, "convert", "org/src", str(tmp_path / "work"), *ARGS, "--push-to", REPO)
+    work = tmp_path / "work"
+    code, _, err = run_inprocess(capsys, "convert", "org/src", str(work), *ARGS, "--push-to", REPO, "--token", "wrong")
+    assert code == 2 and "credentials" in err and REPO not in fake_hub.repos, err  # --token is the one used
+    code, _, err = run_inprocess(capsys, "convert", "org/src", str(work), *ARGS, "--push-to", REPO, "--private", "--token", fake_hub.token)
     assert code == 0, err
     remote = fake_hub.files(REPO)
     assert {n: remote[n] for n in shards} == shards
-    assert "base_model: org/src" in remote["README.md"].decode()
+    assert "base_model: org/src" in remote["README.md"].decode() and fake_hub.repos[REPO].private
 
 
 def test_dry_run_plans_the_uploads_and_the_commit(src, tmp_path, fake_hub, capsys):  # noqa: F811
