@@ -517,6 +517,11 @@ class HubSink:
         die with the process; the journal never names a shard whose upload did not return)."""
         with self._lock:
             self._closed = True
+        if self._workers and (self._error is not None or not self._queue.empty() or self._queue.unfinished_tasks):
+            # An upload still in flight dies with the process (its connection closed under it at exit):
+            # what the library and the retries would log about it is not news, the run's one line is.
+            for name in ("huggingface_hub", "nvfp4_fuse.hub"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
         if self._error is None and self.budget is not None:
             self._error = InputError("the run stopped")
             self.budget.abort(self._error)
