@@ -96,7 +96,9 @@ MAX_DISK_HELP = (
     "For a Hub repo id: the most disk the run holds besides its finished output shards (source files "
     "downloaded and not yet done with, output shards being written), with a unit: 40GB. Default: twice "
     "the minimum (the source files one output shard reads plus that shard; less is refused), or the free "
-    "disk beside the output if less."
+    "disk beside the output if less. With --push-to an output shard counts until it is uploaded, and from "
+    "a local folder the budget bounds the output shards not yet uploaded (default: one per shard stream "
+    "and per upload)."
 )
 
 
@@ -199,6 +201,22 @@ def _print_plan(d: dict, out_dir: Path) -> None:
     out.print(f"target: {d['target']}: {d['description']}")
     out.print(f"disk needed: {human(d['disk_needed'])}; free at {out_dir}: {human(d['disk_free'])}")
     out.print(f"peak memory (estimate, {d['shard_streams']} shard(s) written at once): {human(d['peak_memory_estimate'])}")
+    if "push" in d:
+        pp = d["push"]
+        out.print(
+            f"push to {pp['repo_id']}@{pp['revision']}: {pp['uploads']} shard upload(s), {human(pp['upload_bytes'])}, each as soon as it is "
+            f"written and checked, then freed; {pp['commits']} commit of {pp['files_in_commit']} files at the end (nothing visible before it); "
+            f"output shards on disk at once: at most {human(pp['disk_budget'])}",
+            highlight=False,
+        )
+
+
+def _plan_push(d: dict, plan: Any, push_to: str | None, streams: int, max_disk: int | None = None) -> None:
+    """Add what --push-to will do to a dry run's plan."""
+    if push_to:
+        from .hub.stream_upload import push_plan
+
+        d["push"] = push_plan(plan, push_to, streams=streams, max_disk=max_disk)
 
 
 def _print_repairs(repaired: dict[str, dict[str, int]]) -> None:
@@ -234,6 +252,11 @@ def convert(
     overwrite: bool = flag(False, "--overwrite/--no-overwrite", "Replace an earlier conversion of other input or options held in OUTPUT (never a folder nvfp4-fuse did not write)."),
     dry_run: bool = flag(False, "--dry-run", "Print the plan (from headers only) and exit; writes nothing."),
     revision: str | None = typer.Option(None, metavar="REV", help="Hub revision (branch, tag or commit), for a repo id."),
+    push_to: str | None = typer.Option(
+        None, metavar="REPO_ID", help="Upload each shard as it is written and checked, free it, and commit the model to this Hub repo at the end (OUTPUT is then a work folder)."
+    ),
+    private: bool = flag(False, "--private/--public", "With --push-to: create the repo private (an existing repo keeps its visibility)."),
+    token: str | None = typer.Option(None, metavar="TOKEN", help="With --push-to: Hub token (default: HF_TOKEN or the saved login)."),
     max_disk: str | None = typer.Option(None, "--max-disk", metavar="SIZE", help=MAX_DISK_HELP, show_default=False),
     json_out: bool = flag(False, "--json", JSON_HELP),
     quiet: bool = flag(False, "--quiet", QUIET_HELP),
@@ -248,13 +271,13 @@ def convert(
     streams = opts.streams()
     show = progress_enabled(err, quiet or json_out)
     hub_files = None  # a repo id: fetched as the output needs it (hub/stream.py)
-    hp = _plan_from_hub(source, output, opts, revision, max_disk, dry_run, json_out, show) if _streams_from_hub(source) else _LOCAL
+    hp = _plan_from_hub(source, output, opts, revision, max_disk, dry_run, json_out, show, push_to) if _streams_from_hub(source) else _LOCAL
     if hp is None:
         return  # a dry run, printed
     if hp is not _LOCAL:
         hub_files = hp.files
-    elif max_disk is not None and not _streams_from_hub(source):
-        raise InputError("--max-disk applies to a Hub repo id as source (a local source is read in place)")
+    elif max_disk is not None and not push_to and not _streams_from_hub(source):
+        raise InputError("--max-disk applies to a Hub repo id as source, or with --push-to (a local source is read in place)")
     if dry_run and hub_files is None and not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
         from . import hub
         from .source import source_from_headers
@@ -265,6 +288,7 @@ def convert(
             plan = build_spec(src, opts.output_options(), with_scalars=False)
         d = _plan_body(plan, output, workers, streams, remote=True)
         d["note"] = "planned from the Hub's shard headers alone: scalar scales not read, sidecar sizes not counted"
+        _plan_push(d, plan, push_to, streams)
         require_writable(output, "output folder")
         if json_out:
             emit("convert", d)
@@ -285,6 +309,7 @@ def convert(
         from .convert import check_output
 
         d = _plan_body(plan, output, workers, streams)
+        _plan_push(d, plan, push_to, streams)
         require_writable(output, "output folder")  # what the real run would meet first,
         d["output_state"] = check_output(output, plan, opts)  # then what it finds there (refusals raise)
         if json_out:
@@ -303,16 +328,18 @@ def convert(
 
     with byte_progress(err, show) as prog:
         task = prog.add_task("convert", total=plan.total_size, kept=0)
+        sink = _push_sink(output, push_to, token, private, prog, plan, max_disk if hub_files is None else None, hub_files)
         prog.refresh()  # drawn at once, however short the run
 
         def on_resume(kept: list[str]) -> None:
             resumed(kept)
             prog.update(task, kept=sum(s.data_bytes for s in plan.shards if s.name in kept))
 
-        res = run_convert(
-            folder, output, opts, spec=plan, source_label=source, on_bytes=lambda n: prog.advance(task, n), on_resume=on_resume,
-            files=hub_files,
-        )  # fmt: skip
+        with sink or _null():
+            res = run_convert(
+                folder, output, opts, spec=plan, source_label=source, on_bytes=lambda n: prog.advance(task, n), on_resume=on_resume,
+                files=hub_files, sink=sink,
+            )  # fmt: skip
     reports = sorted(res.layers, key=lambda r: _layer_key(r.prefix))
     if json_out:
         emit(
@@ -340,8 +367,12 @@ def convert(
                 "copied_expert_modules": {p: {"format": g.format, "experts": g.experts} for p, g in plan.copied_groups.items()},
                 "files": res.files,
                 "warnings": _warnings(plan),
+                **({"push": dict(sink.outcome.__dict__)} if sink else {}),
             },
         )
+        return
+    if res.already_complete and sink:
+        out.print(f"{push_to}@{sink.outcome.revision} already holds this conversion (Hub hashes match the manifest); nothing to do.", highlight=False)
         return
     if res.already_complete:
         out.print(f"{output} already holds this conversion (manifest matches); nothing to do.", highlight=False)
@@ -364,9 +395,44 @@ def convert(
     _print_repairs({r.prefix: r.repaired_input_scales for r in reports})
     if res.resumed_shards:
         out.print(f"resumed: kept {len(res.resumed_shards)} complete shard(s) from an earlier run")
+    if sink:
+        o = sink.outcome
+        reused = f" ({len(o.reused)} uploaded by an earlier run)" if o.reused else ""
+        out.print(
+            f"[green]pushed[/green] {len(plan.shards)} shard(s), {human(plan.total_size)} of tensors{reused}, and {len(o.checked) - len(plan.shards)} "
+            f"small files to {push_to}@{o.revision} in one commit ({o.commit}); Hub hashes match the manifest; {output} keeps only the manifest "
+            f"and the push journal",
+            highlight=False,
+        )
+        return
     out.print(f"wrote {len(plan.shards)} shard(s), {human(plan.total_size)} of tensors, to {output}", highlight=False)
 
 
+def _push_sink(
+    output: Path, push_to: str | None, token: str | None, private: bool, prog: Any, plan: Any, max_disk: str | None, files: Any
+) -> Any:
+    """The Hub side of --push-to (None without it), with its own line in the progress display: each
+    shard checked against its source (read through ``files``, a Hub source, when given), uploaded and
+    freed; ``max_disk`` bounds the output shards not yet uploaded (a local source: a Hub source's
+    budget counts them already)."""
+    if not push_to:
+        return None
+    from huggingface_hub.utils import disable_progress_bars
+
+    from .hub.stream_upload import HubSink, set_stall_timeout
+    from .spec import parse_size
+
+    disable_progress_bars()  # the upload has its own line in ours (and --json prints one object alone)
+    set_stall_timeout()
+    up = prog.add_task("upload", total=plan.total_size, kept=0)
+    from .written_check import gpu_decode, shard_check
+
+    limit = parse_size(max_disk) if max_disk is not None else None
+    check = shard_check(plan, files, decode=gpu_decode())
+    return HubSink(
+        output, push_to, token=token, private=private, max_disk=limit, check=check, on_uploaded=lambda n: prog.advance(up, n),
+        source_remote=files is not None,
+    )  # fmt: skip
 def _streams_from_hub(source: str) -> bool:
     """A repo id (not an existing path) while the Hub may be used: fetched as needed, within --max-disk.
     Offline (HF_HUB_OFFLINE), a repo id is read from the cached snapshot, as a folder."""
@@ -380,7 +446,9 @@ def _streams_from_hub(source: str) -> bool:
 _LOCAL = object()  # the source is read as a folder (a local one, or a cached snapshot)
 
 
-def _plan_from_hub(source: str, output: Path, opts: Any, revision: str | None, max_disk: str | None, dry_run: bool, json_out: bool, show: bool) -> Any:
+def _plan_from_hub(
+    source: str, output: Path, opts: Any, revision: str | None, max_disk: str | None, dry_run: bool, json_out: bool, show: bool, push_to: str | None = None
+) -> Any:
     """The plan of converting a repo id as it streams (hub/stream.py); for a dry run, print it and
     the disk and requests it takes, and return None. When the Hub cannot be reached at all, returns
     ``_LOCAL``: the cached snapshot, if complete, is converted as a folder (as without this mode)."""
@@ -407,6 +475,7 @@ def _plan_from_hub(source: str, output: Path, opts: Any, revision: str | None, m
     d = _plan_body(hp.spec, output, opts.workers, opts.streams(), remote=True)
     d["output_state"] = check_output(output, hp.spec, opts)
     d["disk"] = disk_summary(hp)
+    _plan_push(d, hp.spec, push_to, opts.streams(), hp.files.reserve_bytes)
     d["note"] = "planned from the Hub's shard headers and configs: scalar scales not read"
     if json_out:
         emit("convert", d)
@@ -613,11 +682,7 @@ def push(
         man = load_manifest(converted)
         card_text = None
         if card and man is not None:
-            src = man.source.get("source") if isinstance(man.source, dict) else None
-            base = base_model or (src if isinstance(src, str) and not Path(src).exists() and src.count("/") == 1 else None)
-            card_text = hub.render_model_card(
-                base_model=base, repo_id=repo_id, manifest=man.to_json(), verify_summary=read_verified(converted), serve_hint=""
-            )
+            card_text = hub.push_card(man.to_json(), repo_id, base_model=base_model, verify_summary=read_verified(converted))
         res = hub.push(
             converted, repo_id, private=private, revision=revision, commit_message=commit_message, force=force,
             card=card_text, token=token, dry_run=dry_run,
@@ -726,15 +791,20 @@ def main() -> None:
             emit(json_cmd, error_body(code, message), ok=False)
         sys.exit(code)
 
+    def interrupted() -> None:
+        line = "interrupted; rerun the same command to resume" if sys.argv[1:2] == ["convert"] else "interrupted"
+        err.print(line)
+        fail(EXIT_INTERRUPTED, line)
+
     try:
         rc = app(standalone_mode=False)
+        if rc == EXIT_INTERRUPTED:  # typer answers Ctrl-C by returning 130, saying nothing
+            interrupted()
     except Nvfp4FuseError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         fail(e.exit_code, str(e))
     except KeyboardInterrupt:
-        line = "interrupted; rerun the same command to resume" if sys.argv[1:2] == ["convert"] else "interrupted"
-        err.print(line)
-        fail(EXIT_INTERRUPTED, line)
+        interrupted()
     except SystemExit:
         raise
     except OSError as e:  # permissions, read-only file system, no space, quota: the path and what to fix
@@ -742,8 +812,8 @@ def main() -> None:
         err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
         fail(EXIT_BAD_INPUT, line)
     except Exception as e:  # usage errors come through here too (typer's own click, in standalone_mode=False)
-        if isinstance(e, typer.Abort):
-            fail(EXIT_INTERRUPTED, "interrupted")
+        if isinstance(e, typer.Abort):  # click turns Ctrl-C into Abort
+            interrupted()
         if isinstance(e, typer.TyperException) and hasattr(e, "show"):  # a usage error: bad option, missing argument
             e.show()
             fail(EXIT_BAD_INPUT, e.format_message() if hasattr(e, "format_message") else str(e))

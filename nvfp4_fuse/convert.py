@@ -437,19 +437,23 @@ def check_output(out: Path, spec: OutputSpec, opts: ConvertOptions) -> str:
 
 
 def _prepare_output(
-    out: Path, fp: dict[str, str], opts: ConvertOptions, spec: OutputSpec, reports: dict[str, LayerReport]
+    out: Path, fp: dict[str, str], opts: ConvertOptions, spec: OutputSpec, reports: dict[str, LayerReport], sink: Any = None
 ) -> tuple[dict[str, dict[str, Any]], bool]:
     """Decide what can be kept. Returns (complete shards to keep, whether the output is already complete).
 
     With --overwrite nothing is kept, but nothing is deleted here either: the caller clears the folder
     only after the disk preflight passed. On resume, the rescale report of the kept shards is restored
     from the journal into ``reports``, so the manifest matches an uninterrupted run's byte for byte.
+    With a ``sink`` (``--push-to``, hub/stream_upload.py) the output is complete when the Hub holds
+    the manifest's files, and a shard the sink confirms uploaded is kept though its file is gone.
     """
     state, man, prog = _output_state(out, fp, opts, spec)
     if state in ("fresh", "replace"):
         return {}, False
     if man is not None:
-        if all((out / n).is_file() and (out / n).stat().st_size == r.get("size") for n, r in man.files.items()):
+        if sink is not None and sink.complete(man):
+            return dict(man.files), True
+        if sink is None and all((out / n).is_file() and (out / n).stat().st_size == r.get("size") for n, r in man.files.items()):
             return dict(man.files), True  # complete (verify re-hashes; a rerun only checks sizes)
         # A file of a finished conversion went missing or changed size: the manifest no longer holds.
         # Withdraw it first, then redo what does not match, keeping the shards that still hash right.
@@ -458,9 +462,12 @@ def _prepare_output(
         prog = {"files": man.files, "max_rescale_change": {p: l.get("max_rescale_change") for p, l in man.source.get("layers", {}).items()}}
     keep: dict[str, dict[str, Any]] = {}
     planned = {s.name for s in spec.shards}
-    for name, rec in (prog.get("files") or {}).items() if prog else []:
+    records = (prog.get("files") or {}) if prog else {}
+    uploaded = sink.confirm({n: r for n, r in records.items() if n in planned and not (out / n).is_file()}) if sink else set()
+    for name, rec in records.items():
         p = out / name
-        if name in planned and p.is_file() and p.stat().st_size == rec.get("size") and sha256_file(p) == rec.get("sha256"):
+        on_disk = name in planned and p.is_file() and p.stat().st_size == rec.get("size") and sha256_file(p) == rec.get("sha256")
+        if name in uploaded or (on_disk and (sink is None or sink.keeps(name))):
             keep[name] = rec
     # Same input and options: the journaled maxima are of the same deterministic computation, so
     # max(journaled, recomputed) is what one uninterrupted run reports.
@@ -597,6 +604,7 @@ def convert(
     on_shard: Callable[[str, int], None] | None = None,
     on_resume: Callable[[list[str]], None] | None = None,
     spec: OutputSpec | None = None,
+    sink: Any = None,
     files: SourceFiles | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint in ``source_dir`` into ``out_dir`` (created, resumed, or left as is
@@ -613,6 +621,9 @@ def convert(
     The output folder is locked (:mod:`folder_lock`) for the whole run: a second writer is refused at
     once, and the lock goes with the process however it ends.
 
+    ``sink`` (``--push-to``: :class:`nvfp4_fuse.hub.stream_upload.HubSink`) takes each shard once it
+    is written and the finished folder at the end; before each shard is written, ``sink.reserve``
+    may wait for disk.
     ``files`` is where the source bytes come from (:mod:`source_files`): the folder of the spec's
     source by default, or a Hub commit fetched as the output needs it (``spec`` then required).
     """
@@ -633,7 +644,7 @@ def convert(
     out.mkdir(parents=True, exist_ok=True)
     try:
         with folder_lock(out, "convert"):
-            return _convert_locked(spec, out, opts, t0, source_dir, source_label, on_bytes, on_shard, on_resume, files)
+            return _convert_locked(spec, out, opts, t0, source_dir, source_label, on_bytes, on_shard, on_resume, files, sink)
     except OSError as e:
         if isinstance(e, Nvfp4FuseError):  # the Hub kept failing (PushFailed is a ConnectionError)
             raise
@@ -656,19 +667,21 @@ def _convert_locked(
     on_shard: Callable[[str, int], None] | None,
     on_resume: Callable[[list[str]], None] | None,
     source: SourceFiles,
+    sink: Any = None,
 ) -> ConvertResult:
     """The conversion proper, holding the output folder's lock (see :func:`convert`)."""
     import time
 
     fp = plan_fingerprints(spec)
     reports = layer_reports(spec)
-    keep, complete = _prepare_output(out, fp, opts, spec, reports)
+    keep, complete = _prepare_output(out, fp, opts, spec, reports, sink)
     result = ConvertResult(out, spec, list(reports.values()))
     if complete:
         result.already_complete = True
         result.files = keep
         return result
-    _check_disk(out, spec, keep, opts.overwrite, source.reserve_bytes)
+    if sink is None:  # the sink checks the disk for its budget
+        _check_disk(out, spec, keep, opts.overwrite, source.reserve_bytes)
     if opts.overwrite and out.is_dir():
         _clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -689,17 +702,30 @@ def _convert_locked(
     ctx = _Ctx(spec, source)
     needs = ctx.plan(todo)
     source.start(spec, todo)
+    if sink is not None:
+        sink.begin(spec, keep, streams, source)
+    safe_lock = threading.Lock()
+
+    def shard_safe(name: str) -> None:
+        """The shard is safe (journaled; with --push-to, checked and uploaded too): its disk and the
+        source files no other shard reads are given back."""
+        with safe_lock:
+            source.end_shard(name)
+            ctx.shard_written(needs[name])
 
     def shard_done(name: str, size: int, digest: str) -> None:  # called under the streams' lock
         files[name] = {"size": size, "sha256": digest}
         _write_progress(out, fp, files, reports, spec, source.journal())
-        source.end_shard(name)
-        ctx.shard_written(needs[name])
+        if sink is not None:  # the check reads the source bytes, so they stay till it has run
+            sink.written(name, size, digest, after=lambda: shard_safe(name))
+        else:
+            shard_safe(name)
         if on_shard:
             on_shard(name, size)
 
+    reserve = sink.reserve if sink is not None else None
     try:
-        _write_shards(ctx, todo, out, streams, opts.workers, reports, on_bytes, shard_done)
+        _write_shards(ctx, todo, out, streams, opts.workers, reports, on_bytes, shard_done, reserve)
         # Sidecars, configs, index, then the manifest.
         configs = spec.configs()
         for rel in spec.source.sidecars:
@@ -709,8 +735,10 @@ def _convert_locked(
             size, digest = _copy_file(source.path(rel), out / rel)
             source.done(rel)
             files[rel] = {"size": size, "sha256": digest}
-    except BaseException:
+    except BaseException as e:
         source.close()
+        if sink is not None:
+            sink.reraise(e)  # a failed upload is what stopped the writing: its error, not the wait's
         raise
     for name, data in configs.items():
         size, digest = write_file_atomic(out / name, data)
@@ -737,8 +765,13 @@ def _convert_locked(
     size, digest = write_file_atomic(out / README_NAME, card)
     manifest.files[README_NAME] = {"size": size, "sha256": digest}
     manifest.model_card = digest
-    source.finish()  # before the manifest: a complete folder never holds the run's downloads
-    save_manifest(out, manifest)
+    if sink is None:
+        source.finish()  # before the manifest: a complete folder never holds the run's downloads
+        save_manifest(out, manifest)
+    else:
+        save_manifest(out, manifest)
+        sink.finish(out, manifest)  # waits for the uploads (which free the source files), then commits
+        source.finish()
     (out / PROGRESS_NAME).unlink(missing_ok=True)
     fsync_dir(out)
     result.files = files
@@ -775,6 +808,7 @@ def _write_shards(
     reports: dict[str, LayerReport],
     on_bytes: Callable[[int], None] | None,
     shard_done: Callable[[str, int, str], None],
+    reserve: Callable[[OutShard, threading.Event], bool] | None = None,
 ) -> None:
     """Write the shards of ``todo``, ``streams`` of them at once (the largest first), each by its own
     thread with its own hashing thread, sharing the task pool and the read-ahead budget. Each shard is
@@ -790,6 +824,8 @@ def _write_shards(
         if shared.stop.is_set():
             raise _Stopped
         ctx.files.begin_shard(shard.name)  # a Hub source: the shard's disk is reserved
+        if reserve is not None and not reserve(shard, shared.stop):  # --push-to from a folder: the same
+            raise _Stopped  # (False: the run stopped while it waited)
         size, digest = _write_shard(shared, out, shard, meta)
         with shared.lock:
             shard_done(shard.name, size, digest)

@@ -8,6 +8,10 @@ a subprocess with a fresh HF_HOME:
   download   ``snapshot_download`` of the repo: the download alone, the same bytes at the same rate
   hub-to-disk  ``nvfp4-fuse convert <repo id> <out> --max-disk SIZE``: planned from headers, the
              source fetched as the output needs it and freed as it goes
+  hub-to-hub (``--mode hub-to-hub``, uploads throttled to ``--rate`` too) the upload alone, ``push`` of
+             the converted output (converted first, untimed), then ``convert <repo id> <work>
+             --push-to <repo> --max-disk SIZE``: downloads, conversion, checks and uploads at once;
+             the ratio is its wall time over max(download alone, upload alone) (goal <= 1.25)
 
 and prints the wall-time ratio hub-to-disk / download (goal <= 1.15), the peak working set sampled
 on disk every 20 ms (the run's downloads plus output shards being written) against --max-disk
@@ -154,7 +158,47 @@ def mode_hub_to_disk(b: Bench) -> dict:
     return r
 
 
-MODES = {"download": mode_download, "hub-to-disk": mode_hub_to_disk}
+def mode_hub_to_hub(b: Bench) -> dict:
+    """The upload alone (``push`` of the converted output), then ``convert <repo id> <work>
+    --push-to``: every byte the work folder holds is sampled (downloads, shards being written or
+    waiting for their upload, the small files at the end)."""
+    ref = b.work / "converted"
+    shutil.rmtree(ref, ignore_errors=True)
+    cli = [sys.executable, "-m", "nvfp4_fuse.cli"]
+    shape = ["--max-shard-size", b.args.max_shard_size]
+    subprocess.run([*cli, "convert", REPO, str(ref), *shape, "--quiet", "--json"], env=b.env("convert"), capture_output=True, check=True)
+    b.hub.lfs_store.clear()  # the fake keeps LFS objects by content for every repo: none may count as there already
+    received, stored = b.hub.bytes_received, b.hub.calls("lfs-upload").count(200)
+    up = run_measured([*cli, "push", str(ref), "bench/upload-alone", "--no-card", "--json"], b.env("upload"), None)
+    up["bytes"] = b.hub.bytes_received - received
+    up["stored"] = b.hub.calls("lfs-upload").count(200) - stored
+    shards = len(list(ref.glob("model-*.safetensors")))
+    output_bytes = folder_bytes(ref)[0]
+    shutil.rmtree(ref, ignore_errors=True)
+
+    work = b.work / "work-h2h"
+    shutil.rmtree(work, ignore_errors=True)
+    base = [*cli, "convert", REPO, str(work), *shape, "--push-to", "bench/h2h"]
+    if b.args.max_disk != "auto":
+        base += ["--max-disk", b.args.max_disk]
+    plan = json.loads(subprocess.run([*base, "--dry-run", "--json"], env=b.env("plan"), capture_output=True, check=True).stdout)
+    b.hub.lfs_store.clear()
+    served, received, stored = b.hub.bytes_served, b.hub.bytes_received, b.hub.calls("lfs-upload").count(200)
+    r = run_measured([*base, "--quiet", "--json"], b.env("hub-to-hub"), work)
+    r["stored"] = b.hub.calls("lfs-upload").count(200) - stored
+    r["shards"] = shards
+    r["fetched"] = b.hub.bytes_served - served
+    r["sent"] = b.hub.bytes_received - received
+    r["max_disk"] = plan["disk"]["max_disk"]
+    r["min_max_disk"] = plan["disk"]["min_max_disk"]
+    r["output_bytes"] = output_bytes
+    r["upload"] = up
+    r["left"] = sorted(p.name for p in work.iterdir())
+    shutil.rmtree(work, ignore_errors=True)
+    return r
+
+
+MODES = {"download": mode_download, "hub-to-disk": mode_hub_to_disk, "hub-to-hub": mode_hub_to_hub}
 
 
 def report(b: Bench) -> None:
@@ -176,6 +220,22 @@ def report(b: Bench) -> None:
         )
         print(f"  disk peak: {human(h['peak_disk'])}; output {human(h['output_bytes'])}; source {human(b.source_bytes)}")
         print(f"  peak RSS: {human(h['rss_bytes'])} (goal < 1 GB); download alone: {human(d['rss_bytes'])}")
+    if "hub-to-hub" in b.results:
+        h = b.results["hub-to-hub"]
+        u = h["upload"]
+        print(f"upload alone (push of the converted output): {u['wall_s']:.2f} s for {human(u['bytes'])}")
+        print(
+            f"hub-to-hub convert --push-to: {h['wall_s']:.2f} s, {human(h['fetched'])} fetched, {human(h['sent'])} sent "
+            f"({h['stored']} LFS objects stored for {h['shards']} shards; the upload alone stored {u['stored']})"
+        )
+        print(f"  wall time / max(download alone, upload alone): {h['wall_s'] / max(d['wall_s'], u['wall_s']):.3f} (goal <= 1.25)")
+        over = "OVER" if h["peak_disk"] > h["max_disk"] else "within"
+        print(
+            f"  work folder peak (sampled every 20 ms; downloads, output shards not yet uploaded, small files): "
+            f"{human(h['peak_disk'])} against --max-disk {human(h['max_disk'])}: {over} (minimum {human(h['min_max_disk'])}); "
+            f"source {human(b.source_bytes)}, output {human(h['output_bytes'])}"
+        )
+        print(f"  peak RSS: {human(h['rss_bytes'])} (goal < 1 GB); left in the work folder: {', '.join(h['left'])}")
 
 
 def plan_dsv4_pro(a: argparse.Namespace) -> None:
@@ -249,7 +309,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--mode", choices=[m for m in MODES if m != "download"], default="hub-to-disk")
-    ap.add_argument("--rate", default="60MB", help="download rate of the fake Hub, bytes/s with a unit")
+    ap.add_argument("--rate", default="60MB", help="download rate of the fake Hub (and upload rate, hub-to-hub), bytes/s with a unit")
     ap.add_argument("--burst", default="1MiB", help="bytes the link may send at once after a pause (its buffering)")
     ap.add_argument("--max-disk", default="auto")
     ap.add_argument("--max-shard-size", default=None)
@@ -296,6 +356,8 @@ def main() -> None:
     with FakeHub(download_rate=a.rate_bytes) as hub:
         # a link's buffers absorb a sender's hiccups: up to --burst bytes may catch up at once
         hub.download_bucket = TokenBucket(a.rate_bytes, burst=parse_size(a.burst))
+        if a.mode == "hub-to-hub":  # the same rate the other way
+            hub.upload_bucket = TokenBucket(a.rate_bytes, burst=parse_size(a.burst))
         hub.create(REPO, files)
         b = Bench(a, work, src, hub, sum(len(v) for v in files.values()))
         del files

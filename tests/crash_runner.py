@@ -9,6 +9,13 @@
   manifest  just before the manifest is written
   fetch:N   once this run has downloaded N bytes of source files from the Hub (mid-file)
 
+and, with --push-to (hub/stream_upload.py):
+  upload:N     while the N-th LFS PUT of this run is sending its bytes (the Hub stores nothing)
+  uploaded:N   once the N-th shard's upload returned, before the push journal records it
+  journaled:N  once the push journal records the N-th upload, before the shard is deleted
+  commit       just before the final commit is sent
+  committed    once the final commit returned, before the journal records it and the folder is emptied
+
 The hooks wrap the converter's own functions from outside, so the production code carries no test
 switch; the kill itself is a real SIGKILL of this process, with no chance to clean up.
 """
@@ -65,6 +72,8 @@ def install(point: str) -> None:
         conv.write_file_atomic = atomic
     elif phase == "manifest":
         conv.save_manifest = lambda *a, **kw: die()
+    elif phase in ("upload", "uploaded", "journaled", "commit", "committed"):
+        _install_push(phase, count, state)
     elif phase == "fetch":
         from nvfp4_fuse.hub import fetch
 
@@ -79,6 +88,77 @@ def install(point: str) -> None:
         fetch.FetchStats.add = add
     else:
         raise SystemExit(f"unknown kill point {point!r}")
+
+
+def _install_push(phase: str, count: int, state: dict) -> None:
+    from huggingface_hub import HfApi, lfs
+
+    from nvfp4_fuse.hub import stream_upload as su
+
+    if phase == "upload":
+        orig_backoff = lfs.http_backoff
+
+        def backoff(method, url, *a, **kw):
+            if method == "PUT":
+                state["seen"] += 1
+                if state["seen"] >= count and "data" in kw:
+                    kw["data"] = _DyingReader(kw["data"])
+            return orig_backoff(method, url, *a, **kw)
+
+        lfs.http_backoff = backoff
+    elif phase in ("uploaded", "journaled"):
+        target = "_preupload" if phase == "uploaded" else "_journal_uploaded"
+        orig = getattr(su, target)
+
+        def after(*a, **kw):
+            r = orig(*a, **kw)
+            with lock:
+                state["seen"] += 1
+                if state["seen"] >= count:
+                    die()
+            return r
+
+        import threading
+
+        lock = threading.Lock()
+        setattr(su, target, after)
+    else:
+        orig_commit = HfApi.create_commit
+
+        def create_commit(self, *a, **kw):
+            if phase == "commit":
+                die()
+            r = orig_commit(self, *a, **kw)
+            die()
+            return r
+
+        HfApi.create_commit = create_commit
+
+
+class _DyingReader:
+    """A file object that SIGKILLs the process once half of its bytes have been read."""
+
+    def __init__(self, f):
+        self.f = f
+        pos = f.tell()
+        f.seek(0, os.SEEK_END)
+        self.half = max(1, (f.tell() - pos) // 2)
+        f.seek(pos)
+        self.read_n = 0
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.read_n += len(data)
+        if self.read_n >= self.half:
+            die()
+        return data
+
+    def __iter__(self):
+        while chunk := self.read(1 << 16):
+            yield chunk
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
 
 
 if __name__ == "__main__":

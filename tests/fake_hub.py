@@ -30,9 +30,11 @@ Errors carry the Hub's ``X-Error-Code`` headers (RepoNotFound, RevisionNotFound,
 huggingface_hub raises its usual exception classes. Wrong bearer token -> 401; write without token
 -> 401. Fault injection: ``fail_next("commit", 503)`` answers the next commit with 503 (queue per
 endpoint name: create, branch, validate-yaml, preupload, lfs-batch, lfs-upload, lfs-verify, commit,
-paths-info, tree, info, resolve; ``download`` is the GET of a file alone, not its HEAD).
-``corrupt_paths`` flips the first byte of those files when they are committed (to test the post-upload
-check). Everything received is recorded.
+paths-info, tree, info, resolve; ``download`` is the GET of a file alone, not its HEAD);
+``"reset"`` in place of a status closes the connection with no answer, ``"stall"`` holds it
+``stall_s`` seconds first (a client without a read timeout hangs there); either is logged with that
+word as its status. ``corrupt_paths`` flips the first byte of those files when they are committed (to
+test the post-upload check). Everything received is recorded.
 
 Throttling and download faults: ``FakeHub(download_rate=..., upload_rate=...)`` (bytes/s, ``None`` =
 unthrottled) sends every file body (whole or a Range) and reads every request body through one
@@ -175,9 +177,10 @@ class FakeHub:
         self.lfs_min_size = lfs_min_size
         self.repos: dict[str, Repo] = {}
         self.lfs_store: dict[str, bytes] = {}  # claimed oid -> bytes received
-        self.log: list[tuple[str, str, str, int]] = []  # (method, endpoint name, path, status)
+        self.log: list[tuple[str, str, str, int | str]] = []  # (method, endpoint name, path, status or fault)
         self.commit_payloads: list[list[dict]] = []
-        self.faults: dict[str, list[int]] = {}
+        self.faults: dict[str, list[int | str]] = {}
+        self.stall_s = 5.0
         self.corrupt_paths: set[str] = set()
         self.download_bucket = TokenBucket(download_rate)
         self.upload_bucket = TokenBucket(upload_rate)
@@ -223,7 +226,7 @@ class FakeHub:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     # -- test helpers -------------------------------------------------------------------------
-    def fail_next(self, name: str, *statuses: int) -> None:
+    def fail_next(self, name: str, *statuses: int | str) -> None:
         with self.lock:
             self.faults.setdefault(name, []).extend(statuses)
 
@@ -255,7 +258,7 @@ class FakeHub:
             c = self.repos[repo_id].resolve(rev)
             return {p: f.data for p, f in c.files.items()} if c else {}
 
-    def calls(self, name: str) -> list[int]:
+    def calls(self, name: str) -> list[int | str]:
         """Statuses answered for an endpoint name, in order."""
         return [status for _, n, _, status in self.log if n == name]
 
@@ -333,10 +336,17 @@ class _Handler(BaseHTTPRequestHandler):
         return bytes(out)
 
     def _body(self) -> bytes:
+        """The request body; ``self._complete`` says whether all of it arrived (a client killed
+        mid-upload sends less than it announced: S3 stores nothing then, and neither does the fake)."""
+        self._complete = True
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             out = bytearray()
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                line = self.rfile.readline()
+                if not line:
+                    self._complete = False
+                    return bytes(out)
+                size = int(line.split(b";")[0].strip(), 16)
                 if size == 0:
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
@@ -344,7 +354,9 @@ class _Handler(BaseHTTPRequestHandler):
                 out += self._read(size)
                 self.rfile.readline()
         n = int(self.headers.get("Content-Length") or 0)
-        return self._read(n) if n else b""
+        data = self._read(n) if n else b""
+        self._complete = len(data) == n
+        return data
 
     def _send_file(self, status: int, body: bytes, headers: dict, path: str) -> None:
         """Send a file's bytes through the download throttle, firing an armed fault if one matches."""
@@ -431,17 +443,39 @@ class _Handler(BaseHTTPRequestHandler):
 
         with self.fake.lock:
             names = [self._name] + (["download"] if self._name == "resolve" and self.command == "GET" else [])
+            status = None
             for name in names:
                 queue = self.fake.faults.get(name)
                 if queue:
                     status = queue.pop(0)
-                    return self._error(status, f"injected {status} on {name}")
-            if self._name != "resolve":
+                    if isinstance(status, int):
+                        return self._error(status, f"injected {status} on {name}")
+                    break
+            if status is None and self._name != "resolve":
                 return getattr(self, "h_" + self._name.replace("-", "_"))(body=body, **g)
+        if status is not None:
+            return self._drop(status)
         # file bytes are sent outside the lock: a throttled download must not hold up other requests
         return self.h_resolve(body=body, **g)
 
     do_GET = do_POST = do_PUT = do_HEAD = _dispatch
+
+    def _drop(self, how: str) -> None:
+        """A connection reset (``reset``) or one held silent first (``stall``), outside the lock."""
+        import time
+
+        if how not in ("reset", "stall"):
+            raise AssertionError(f"unknown fault {how!r}")
+        self.fake.log.append((self.command, self._name, self.path, how))
+        if how == "stall":
+            time.sleep(self.fake.stall_s)
+        self.close_connection = True
+        import socket
+
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _repo(self, repo_id: str) -> Repo | None:
         repo = self.fake.repos.get(repo_id)
@@ -527,6 +561,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"transfer": "basic", "objects": objs})
 
     def h_lfs_upload(self, body: bytes, oid: str) -> None:
+        if not self._complete:
+            return self._error(400, "incomplete body")
         self.fake.lfs_store[oid] = body
         self._send(200, b"")
 

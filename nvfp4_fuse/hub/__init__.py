@@ -13,7 +13,7 @@ Everything goes through ``huggingface_hub`` (2.x), so ``HF_TOKEN``, ``HF_HOME``/
 from __future__ import annotations
 
 from ..errors import PushFailed, PushVerificationFailed
-from .card import default_serve_hint, render_model_card
+from .card import default_serve_hint, push_card, render_model_card
 from .download import resolve_source
 from .headers import RemoteHeaders, remote_safetensors_headers
 from .upload import PushResult, local_upload_files, push, verify_remote
@@ -26,6 +26,7 @@ __all__ = [
     "default_serve_hint",
     "local_upload_files",
     "push",
+    "push_card",
     "remote_safetensors_headers",
     "render_model_card",
     "resolve_source",

@@ -195,3 +195,15 @@ def render_model_card(
     else:
         body.append(f"- `{MANIFEST_NAME}` lists every file with its size and sha256; `nvfp4-fuse verify` checks them.")
     return "\n".join(fm + body) + "\n"
+
+
+def push_card(manifest: dict, repo_id: str, *, base_model: str | None = None, verify_summary: dict | None = None) -> str:
+    """The card a push to ``repo_id`` uploads as README.md (``push``, ``convert --push-to``):
+    ``base_model`` defaults to the source the manifest records, when that is a repo id and not a
+    local folder."""
+    from pathlib import Path
+
+    rec = manifest.get("source")
+    src = rec.get("source") if isinstance(rec, dict) else None
+    base = base_model or (src if isinstance(src, str) and not Path(src).exists() and src.count("/") == 1 else None)
+    return render_model_card(base_model=base, repo_id=repo_id, manifest=manifest, verify_summary=verify_summary, serve_hint="")

@@ -47,6 +47,25 @@ class PushResult:
     bytes: int = 0  # bytes of the files pushed (or that a dry run would push)
 
 
+def with_model_card(manifest: Manifest, card: bytes) -> Manifest:
+    """A copy of ``manifest`` that lists ``card`` as its README.md: the card replaces the output's
+    README on the Hub, so the Hub's copy matches its manifest (and verify knows this one file is
+    ours, not a sidecar)."""
+    import copy
+
+    pushed = copy.deepcopy(manifest)
+    digest = hashlib.sha256(card).hexdigest()
+    pushed.files[README_NAME] = {"size": len(card), "sha256": digest}
+    pushed.model_card = digest
+    return pushed
+
+
+def default_commit_message(manifest: Manifest | None) -> str:
+    if manifest is None:
+        return "Upload with nvfp4-fuse"
+    return f"Upload {manifest.target} NVFP4 fused-expert checkpoint (nvfp4-fuse {manifest.tool_version})"
+
+
 def _ignored(rel: str) -> bool:
     parts = rel.split("/")
     if ".git" in parts:
@@ -94,26 +113,33 @@ def _stage(folder: Path, files: list[str], generated: dict[str, bytes], staging:
             dst.symlink_to((folder / rel).resolve())
 
 
-def verify_remote(
-    folder: Path,
-    repo_id: str,
-    files: list[str],
-    *,
-    api,
-    revision: str | None,
-    manifest: Manifest | None,
-    trust_manifest: bool,
-    retries: int = 5,
-    backoff: float = 2.0,
-) -> tuple[dict[str, str], list[str]]:
-    """Compare the Hub's hashes of ``files`` with the local ones. -> (checked, problems).
+def _lfs_sha(info: Any) -> str | None:
+    """The sha256 the Hub holds for an LFS/Xet file (``RepoFile.lfs``), else ``None``."""
+    lfs = getattr(info, "lfs", None)
+    if not lfs:
+        return None
+    # BlobLfsInfo (a dict subclass with attributes)
+    return getattr(lfs, "sha256", None) or (lfs.get("sha256") if isinstance(lfs, dict) else None)
 
-    LFS/Xet files: the Hub's ``lfs.sha256`` against the manifest's sha256 when ``trust_manifest``
-    (the folder was just checked against it), else against the local file's sha256. Regular files:
-    the Hub's git blob id against the git sha1 of the local bytes (and, for manifest files, the local
-    sha256 against the manifest). Sizes are compared for all.
-    """
-    folder = Path(folder)
+
+def _compare_freed(rel: str, info: Any, rec: dict[str, Any], blob_id: str | None) -> str | None:
+    """What differs between the Hub's copy of ``rel`` and a file no longer on disk (None: nothing)."""
+    if info.size != rec["size"]:
+        return f"{rel}: Hub size {info.size} != manifest {rec['size']}"
+    lfs_sha = _lfs_sha(info)
+    if lfs_sha:
+        if str(lfs_sha).lower() != rec["sha256"]:
+            return f"{rel}: Hub sha256 {lfs_sha} != expected {rec['sha256']}"
+        return None
+    if blob_id is None:
+        return f"{rel}: stored as a regular file on the Hub, and its local copy is gone"
+    if str(info.blob_id).lower() != blob_id:
+        return f"{rel}: Hub git blob {info.blob_id} != local {blob_id}"
+    return None
+
+
+def remote_infos(api, repo_id: str, files: list[str], *, revision: str | None, retries: int, backoff: float) -> dict[str, Any]:
+    """The Hub's ``RepoFile`` of each of ``files`` that it holds (paths-info, 100 paths a request)."""
     remote: dict[str, Any] = {}
     for i in range(0, len(files), PATHS_INFO_CHUNK):
         chunk = files[i : i + PATHS_INFO_CHUNK]
@@ -128,8 +154,36 @@ def verify_remote(
         for info in infos:
             if hasattr(info, "blob_id"):  # RepoFile (RepoFolder has tree_id)
                 remote[info.path] = info
+    return remote
+
+
+def verify_remote(
+    folder: Path,
+    repo_id: str,
+    files: list[str],
+    *,
+    api,
+    revision: str | None,
+    manifest: Manifest | None,
+    trust_manifest: bool,
+    retries: int = 5,
+    backoff: float = 2.0,
+    blob_ids: dict[str, str] | None = None,
+) -> tuple[dict[str, str], list[str]]:
+    """Compare the Hub's hashes of ``files`` with the local ones. -> (checked, problems).
+
+    LFS/Xet files: the Hub's ``lfs.sha256`` against the manifest's sha256 when ``trust_manifest``
+    (the folder was just checked against it), else against the local file's sha256. Regular files:
+    the Hub's git blob id against the git sha1 of the local bytes (and, for manifest files, the local
+    sha256 against the manifest). Sizes are compared for all. With ``trust_manifest``, a file no
+    longer on disk (``convert --push-to`` frees each shard once uploaded) is compared with its
+    manifest record, a regular one with its git blob id in ``blob_ids``.
+    """
+    folder = Path(folder)
+    remote = remote_infos(api, repo_id, files, revision=revision, retries=retries, backoff=backoff)
 
     recs = manifest.files if manifest is not None else {}
+    blob_ids = blob_ids or {}
     checked: dict[str, str] = {}
     problems: list[str] = []
     for rel in files:
@@ -138,15 +192,20 @@ def verify_remote(
             problems.append(f"{rel}: missing on the Hub after upload")
             continue
         local = folder / rel
+        rec = recs.get(rel)
+        if not local.is_file() and trust_manifest and rec is not None:
+            # Uploaded, then freed (convert --push-to): the manifest's record, and for a regular file
+            # the git blob id noted before it was freed, are all there is to compare with.
+            problem = _compare_freed(rel, r, rec, blob_ids.get(rel))
+            if problem:
+                problems.append(problem)
+            checked[rel] = "sha256" if _lfs_sha(r) else "git-sha1"
+            continue
         size = os.path.getsize(local)
         if r.size != size:
             problems.append(f"{rel}: Hub size {r.size} != local {size}")
             continue
-        rec = recs.get(rel)
-        lfs = getattr(r, "lfs", None)
-        lfs_sha = None
-        if lfs:  # BlobLfsInfo (a dict subclass with attributes)
-            lfs_sha = getattr(lfs, "sha256", None) or (lfs.get("sha256") if isinstance(lfs, dict) else None)
+        lfs_sha = _lfs_sha(r)
         if lfs_sha:
             expected = rec["sha256"] if (rec is not None and trust_manifest) else sha256_file(local)
             if str(lfs_sha).lower() != expected:
@@ -239,17 +298,9 @@ def push(
     generated: dict[str, bytes] = {}
     pushed_manifest = manifest
     if card is not None:
-        data = card.encode()
-        generated[README_NAME] = data
+        generated[README_NAME] = card.encode()
         if manifest is not None and trust_manifest:
-            # The card replaces the source's README on the Hub: the pushed manifest lists it, so the
-            # Hub's copy matches its manifest (and verify knows this one file is ours, not a sidecar).
-            import copy
-
-            pushed_manifest = copy.deepcopy(manifest)
-            digest = hashlib.sha256(data).hexdigest()
-            pushed_manifest.files[README_NAME] = {"size": len(data), "sha256": digest}
-            pushed_manifest.model_card = digest
+            pushed_manifest = with_model_card(manifest, generated[README_NAME])
             generated[MANIFEST_NAME] = manifest_bytes(pushed_manifest)
     card_written = card is not None
 
@@ -291,12 +342,7 @@ def _push_staged(
     else upload ``folder`` and check the Hub's hashes."""
     branch = revision if revision and revision != "main" and not revision.startswith("refs/") else None
     if commit_message is None:
-        if manifest is not None:
-            commit_message = (
-                f"Upload {manifest.target} NVFP4 fused-expert checkpoint (nvfp4-fuse {manifest.tool_version})"
-            )
-        else:
-            commit_message = "Upload with nvfp4-fuse"
+        commit_message = default_commit_message(manifest)
     kw = dict(repo_id=repo_id, retries=retries, backoff=backoff, revision=revision)
 
     repo_url, _ = with_retries(

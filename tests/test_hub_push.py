@@ -1,0 +1,488 @@
+"""convert --push-to against the loopback fake Hub (tests/fake_hub.py): each shard uploaded once
+written and freed, one final commit, the work folder left with the manifest and the push journal;
+real SIGKILLs in the upload and commit phases (tests/crash_runner.py), each followed by a rerun that
+ends byte-identical to an uninterrupted run and uploads nothing twice; transient faults retried,
+permanent ones stopping at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fake_hub import FakeHub
+from helpers import run_inprocess
+from test_hub import fake_hub, loopback_only  # noqa: F401  (the loopback Hub fixtures)
+
+from nvfp4_fuse.convert import ConvertOptions, make_plan
+from nvfp4_fuse.hub import retry as hub_retry
+from nvfp4_fuse.hub.stream_upload import PUSH_JOURNAL
+from nvfp4_fuse.manifest import MANIFEST_NAME
+from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
+
+RUNNER = Path(__file__).with_name("crash_runner.py")
+REPO = "me/fused"
+# One shard at a time and one upload worker, so that the kill points fall in known shards.
+ARGS = ("--target", "vllm-fused", "--max-shard-size", "20KB", "--workers", "2", "--shard-streams", "1")
+INITIAL = {".gitattributes"}  # what a repo created by create_repo holds
+
+
+def hub_env(hub: FakeHub, home: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_TOKEN": hub.token,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(home),
+        "NVFP4_FUSE_HUB_STALL_S": "5",
+    }
+
+
+def push_cli(hub: FakeHub, src: Path, work: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    args = ["convert", str(src), str(work), *ARGS, "--push-to", REPO, "--json", *extra]
+    cmd = [sys.executable, str(RUNNER), kill_at, *args] if kill_at else [sys.executable, "-m", "nvfp4_fuse.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=hub_env(hub, work.parent / "hf-home"))
+
+
+def puts(hub: FakeHub) -> int:
+    """LFS objects the Hub stored (PUTs answered 200)."""
+    return hub.calls("lfs-upload").count(200)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("push") / "src"
+    make_sample_checkpoint(folder, SampleSpec(layers=3, experts=4, hidden=64, inter=32, shards=2, unequal_scale_2=True, seed=4321))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(src: Path) -> dict[str, bytes]:
+    """The repo an uninterrupted run leaves, file by file."""
+    with FakeHub() as hub:
+        r = push_cli(hub, src, src.parent / "ref-work")
+        assert r.returncode == 0, r.stderr
+        files = hub.files(REPO)
+        n = len(make_plan(src, ConvertOptions(target="vllm-fused", max_shard_size=20_000)).shards)
+        assert n >= 5 and puts(hub) == n  # several shards, each stored once
+        return files
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(hub_retry, "_sleep", slept.append)
+    return slept
+
+
+def shard_names(files: dict[str, bytes]) -> list[str]:
+    return sorted(n for n in files if n.endswith(".safetensors"))
+
+
+def test_push_to_commits_once_and_frees_the_work_folder(src, reference, tmp_path, capsys, sleeps):
+    with FakeHub() as hub:
+        work = tmp_path / "work"
+        r = push_cli(hub, src, work)
+        assert r.returncode == 0, r.stderr
+        body = json.loads(r.stdout)
+        assert hub.files(REPO) == reference  # the card names the repo, not a local path
+        shards = shard_names(reference)
+        assert puts(hub) == len(shards) and hub.calls("commit") == [200]
+        assert sorted(body["push"]["uploaded"]) == shards and body["push"]["reused"] == []
+        assert sorted(p.name for p in work.iterdir()) == sorted([MANIFEST_NAME, PUSH_JOURNAL])
+        manifest = json.loads((work / MANIFEST_NAME).read_text())
+        assert reference[MANIFEST_NAME] == (work / MANIFEST_NAME).read_bytes()
+        assert set(manifest["files"]) | {MANIFEST_NAME} | INITIAL == set(reference)
+        # the Hub's manifest lists the card it holds
+        card = reference["README.md"]
+        import hashlib
+
+        assert manifest["files"]["README.md"]["sha256"] == hashlib.sha256(card).hexdigest()
+        assert f"# {REPO.split('/')[1]}" in card.decode()
+        # every shard was checked against its source before its upload, and the card says so
+        journal = json.loads((work / PUSH_JOURNAL).read_text())
+        assert sorted(journal["checked"]) == shards
+        assert "## Verification" in card.decode() and f"- shards_checked: {len(shards)}" in card.decode()
+        assert "packed values: byte-identical" in card.decode()
+
+        # a second run is a no-op that says so: no upload, no commit, nothing converted
+        n_log = len(hub.log)
+        r = push_cli(hub, src, work)
+        assert r.returncode == 0, r.stderr
+        again = json.loads(r.stdout)
+        assert again["already_complete"] and again["push"]["already_on_hub"] and again["push"]["commit"] is None
+        names = [n for _, n, _, _ in hub.log[n_log:] if n != "?"]  # "?": the library asks for its agent list
+        assert set(names) <= {"paths-info"}, names
+        assert sorted(p.name for p in work.iterdir()) == sorted([MANIFEST_NAME, PUSH_JOURNAL])
+
+
+KILLS = {
+    "after-first-shard-written": "shard:1",
+    "mid-second-upload": "upload:2",
+    "after-third-upload-unjournaled": "uploaded:3",
+    "after-second-upload-journaled": "journaled:2",
+    "before-commit": "commit",
+    "after-commit": "committed",
+}
+
+
+@pytest.mark.parametrize("point", list(KILLS))
+def test_sigkill_then_resume_is_byte_identical_and_uploads_nothing_twice(src, reference, tmp_path, point):
+    shards = shard_names(reference)
+    with FakeHub() as hub:
+        work = tmp_path / "work"
+        r = push_cli(hub, src, work, kill_at=KILLS[point])
+        assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+        if point != "after-commit":  # nothing of the model visible before the final commit
+            assert set(hub.files(REPO)) <= INITIAL, sorted(hub.files(REPO))
+        stored = puts(hub)
+        journal = work / PUSH_JOURNAL
+        journaled = set(json.loads(journal.read_text())["uploaded"]) if journal.is_file() else set()
+
+        r = push_cli(hub, src, work)
+        assert r.returncode == 0, r.stderr
+        body = json.loads(r.stdout)
+        assert hub.files(REPO) == reference
+        assert puts(hub) == len(shards), (stored, hub.calls("lfs-upload"))  # each shard stored once over both runs
+        assert sorted(p.name for p in work.iterdir()) == sorted([MANIFEST_NAME, PUSH_JOURNAL])
+        if point != "after-commit":  # (after it, the rerun finds the Hub complete and converts nothing)
+            assert journaled <= set(body["resumed_shards"])  # uploaded shards are not converted again
+        if point == "after-second-upload-journaled":
+            assert len(journaled) == 2
+        if point == "before-commit":
+            assert body["resumed_shards"] == shards and sorted(body["push"]["reused"]) == shards
+        if point == "after-commit":
+            assert body["already_complete"] and hub.calls("commit") == [200]
+
+
+# ------------------------------------------------------------------------------------------------
+# faults, in process against the fixture's fake Hub
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lib_sleeps(monkeypatch):
+    """huggingface_hub's own backoff (http_backoff) sleeps recorded, not slept."""
+    import types
+
+    from huggingface_hub.utils import _http
+
+    slept: list[float] = []
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=slept.append))
+    return slept
+
+
+def convert_local(src: Path, out: Path) -> dict[str, bytes]:
+    from nvfp4_fuse.convert import convert
+
+    convert(src, out, ConvertOptions(target="vllm-fused", max_shard_size=20_000, workers=2, shard_streams=1))
+    return {p.name: p.read_bytes() for p in out.glob("model-*.safetensors")}
+
+
+def push_inprocess(capsys, src: Path, work: Path, *extra: str) -> tuple[int, str, str]:
+    return run_inprocess(capsys, "convert", str(src), str(work), *ARGS, "--push-to", REPO, *extra)
+
+
+def test_transient_faults_are_retried(src, tmp_path, fake_hub, capsys, sleeps, lib_sleeps, monkeypatch):  # noqa: F811
+    shards = convert_local(src, tmp_path / "local")
+    monkeypatch.setenv("NVFP4_FUSE_HUB_STALL_S", "1")
+    fake_hub.stall_s = 3.0
+    fake_hub.fail_next("create", 503)
+    fake_hub.fail_next("preupload", 429)
+    fake_hub.fail_next("lfs-batch", 500, "reset")
+    fake_hub.fail_next("lfs-upload", 503, "reset", "stall")
+    fake_hub.fail_next("commit", 502)
+    code, _, err = push_inprocess(capsys, src, tmp_path / "work")
+    assert code == 0, err
+    remote = fake_hub.files(REPO)
+    assert {n: remote[n] for n in shards} == shards
+    for name, queue in fake_hub.faults.items():
+        assert queue == [], name  # every fault was met
+    assert {503, "reset", "stall"} <= set(fake_hub.calls("lfs-upload"))
+    assert puts(fake_hub) == len(shards) and fake_hub.calls("commit") == [502, 200]
+
+
+@pytest.mark.parametrize(
+    "endpoint, status, words",
+    [("lfs-upload", 403, "403"), ("preupload", 401, "credentials"), ("lfs-batch", 404, "not found"), ("commit", 403, "no write access")],
+)
+def test_permanent_faults_stop_at_once_and_leave_a_resumable_state(src, tmp_path, fake_hub, capsys, sleeps, lib_sleeps, endpoint, status, words):  # noqa: F811
+    shards = convert_local(src, tmp_path / "local")
+    work = tmp_path / "work"
+    fake_hub.fail_next(endpoint, status)
+    code, _, err = push_inprocess(capsys, src, work)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], err
+    assert sleeps == [] and fake_hub.calls(endpoint).count(status) == 1  # not retried
+    assert set(fake_hub.files(REPO)) <= INITIAL  # nothing visible
+    stored = puts(fake_hub)
+    code, _, err = push_inprocess(capsys, src, work)
+    assert code == 0, err
+    remote = fake_hub.files(REPO)
+    assert {n: remote[n] for n in shards} == shards
+    assert puts(fake_hub) == len(shards), stored  # what the first run stored was not sent again
+    assert sorted(p.name for p in work.iterdir()) == sorted([MANIFEST_NAME, PUSH_JOURNAL])
+
+
+def test_a_hub_that_keeps_failing_is_exit_4(src, tmp_path, fake_hub, capsys, sleeps, lib_sleeps):  # noqa: F811
+    fake_hub.fail_next("lfs-batch", *([503] * 400))
+    code, _, err = push_inprocess(capsys, src, tmp_path / "work")
+    assert code == 4 and "failed after 6 attempts" in err, (err, fake_hub.calls("lfs-batch"), sleeps)
+    assert len(sleeps) >= 5 and set(fake_hub.files(REPO)) <= INITIAL  # each upload worker retried 5 times at most
+
+
+def test_hub_source_pushed_to_another_repo(src, tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
+    import huggingface_hub.constants as C
+
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    fake_hub.create("org/src", {p.name: p.read_bytes() for p in src.iterdir()})
+    shards = convert_local(src, tmp_path / "local")
+    work = tmp_path / "work"
+    code, _, err = run_inprocess(capsys, "convert", "org/src", str(work), *ARGS, "--push-to", REPO, "--token", "wrong")
+    assert code == 2 and "credentials" in err and REPO not in fake_hub.repos, err  # --token is the one used
+    code, _, err = run_inprocess(capsys, "convert", "org/src", str(work), *ARGS, "--push-to", REPO, "--private", "--token", fake_hub.token)
+    assert code == 0, err
+    remote = fake_hub.files(REPO)
+    assert {n: remote[n] for n in shards} == shards
+    assert "base_model: org/src" in remote["README.md"].decode() and fake_hub.repos[REPO].private
+
+
+def test_dry_run_plans_the_uploads_and_the_commit(src, tmp_path, fake_hub, capsys):  # noqa: F811
+    code, stdout, err = push_inprocess(capsys, src, tmp_path / "work", "--dry-run", "--json")
+    assert code == 0, err
+    plan = json.loads(stdout)
+    n = len(plan["shards"])
+    assert plan["push"]["uploads"] == n and plan["push"]["commits"] == 1
+    assert plan["push"]["files_in_commit"] > n and plan["push"]["disk_budget"] > 0
+    assert not (tmp_path / "work").exists() and REPO not in fake_hub.repos
+
+
+def test_ctrl_c_while_uploads_lag_stops_at_once_and_resumes(src, reference, tmp_path):
+    """SIGINT while conversion waits for disk (uploads throttled behind it): exit 130 with one line,
+    and the rerun ends with the uninterrupted run's repo, each shard stored once."""
+    import time
+
+    shards = shard_names(reference)
+    with FakeHub(upload_rate=20_000) as hub:
+        work = tmp_path / "work"
+        args = ["convert", str(src), str(work), *ARGS, "--push-to", REPO]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nvfp4_fuse.cli", *args], env=hub_env(hub, tmp_path / "hf-home"), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        journal = work / PUSH_JOURNAL
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if json.loads(journal.read_text())["uploaded"]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        else:
+            proc.kill()
+            pytest.fail("no upload was journaled")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert [ln for ln in err.splitlines() if ln.strip()] == ["interrupted; rerun the same command to resume"]
+        assert set(hub.files(REPO)) <= INITIAL
+        hub.upload_bucket.rate = None
+        r = push_cli(hub, src, work)
+        assert r.returncode == 0, r.stderr
+        assert hub.files(REPO) == reference and puts(hub) == len(shards)
+
+
+def test_a_shard_that_fails_its_check_is_never_uploaded(src, tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
+    """A byte flipped between writing and checking: exit 3 naming the shard; that shard is not sent,
+    and nothing is visible on the Hub."""
+    from nvfp4_fuse.hub import stream_upload as su
+
+    orig = su.HubSink.written
+    bad: list[str] = []
+
+    def written(self, name, size, sha256, after=None):
+        if not bad:  # the first shard written: flip a byte in its data
+            bad.append(name)
+            with open(self.out / name, "r+b") as f:
+                f.seek(size - 1)
+                b = f.read(1)
+                f.seek(size - 1)
+                f.write(bytes([b[0] ^ 0x01]))
+        return orig(self, name, size, sha256, after)
+
+    monkeypatch.setattr(su.HubSink, "written", written)
+    code, _, err = push_inprocess(capsys, src, tmp_path / "work")
+    assert code == 3 and "byte-identical to the source" in err, err  # the value check, before the hash
+    assert set(fake_hub.files(REPO)) <= INITIAL
+    uploaded = json.loads((tmp_path / "work" / PUSH_JOURNAL).read_text())["uploaded"]
+    assert bad[0] not in uploaded
+
+
+# ------------------------------------------------------------------------------------------------
+# Hub to Hub: a repo id as source, streamed within --max-disk (hub/stream.py), pushed as it converts
+# ------------------------------------------------------------------------------------------------
+
+
+def source_files(src: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in src.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def hub_reference(src: Path) -> dict[str, bytes]:
+    """The repo an uninterrupted Hub-to-Hub run leaves (org/src -> me/fused), file by file."""
+    with FakeHub() as hub:
+        hub.create("org/src", source_files(src))
+        r = push_cli_from(hub, "org/src", src.parent / "h2h-ref-work")
+        assert r.returncode == 0, r.stderr
+        return hub.files(REPO)
+
+
+def push_cli_from(hub: FakeHub, source: str, work: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    args = ["convert", source, str(work), *ARGS, "--push-to", REPO, "--json", *extra]
+    cmd = [sys.executable, str(RUNNER), kill_at, *args] if kill_at else [sys.executable, "-m", "nvfp4_fuse.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=hub_env(hub, work.parent / "hf-home"))
+
+
+def test_hub_to_hub_matches_the_folder_run_but_for_the_source_it_names(src, reference, hub_reference):
+    shards = shard_names(reference)
+    assert {n: hub_reference[n] for n in shards} == {n: reference[n] for n in shards}
+    assert "base_model: org/src" in hub_reference["README.md"].decode()
+
+
+H2H_KILLS = {
+    "mid-download": "fetch:30000",
+    "after-first-shard-written": "shard:1",
+    "mid-second-upload": "upload:2",
+    "before-commit": "commit",
+}
+
+
+@pytest.mark.parametrize("point", list(H2H_KILLS))
+def test_hub_to_hub_sigkill_then_resume_is_byte_identical(src, hub_reference, tmp_path, point):
+    shards = shard_names(hub_reference)
+    with FakeHub() as hub:
+        hub.create("org/src", source_files(src))
+        work = tmp_path / "work"
+        r = push_cli_from(hub, "org/src", work, kill_at=H2H_KILLS[point])
+        assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+        assert set(hub.files(REPO)) <= INITIAL if REPO in hub.repos else True
+        r = push_cli_from(hub, "org/src", work)
+        assert r.returncode == 0, r.stderr
+        assert hub.files(REPO) == hub_reference
+        assert puts(hub) == len(shards), hub.calls("lfs-upload")
+        assert sorted(p.name for p in work.iterdir()) == sorted([MANIFEST_NAME, PUSH_JOURNAL])
+
+
+def test_hub_to_hub_working_set_measured_on_disk_stays_within_max_disk(tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
+    """Uploads throttled behind the conversion, so that written shards wait for them: every byte the
+    run holds in the work folder (downloads, shards being written, shards waiting for their upload) is
+    measured with stat whenever it grows, and never exceeds --max-disk, the smallest budget the plan
+    allows."""
+    import huggingface_hub.constants as C
+
+    from nvfp4_fuse import convert as conv
+    from nvfp4_fuse.hub import fetch
+
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    src = tmp_path / "src6"  # six source shards: a shard's sources are a small part of the whole
+    make_sample_checkpoint(src, SampleSpec(layers=6, experts=4, hidden=128, inter=64, shards=6, unequal_scale_2=True, seed=99))
+    fake_hub.create("org/src", source_files(src))
+    work = tmp_path / "work"
+    code, stdout, err = push_inprocess_from(capsys, "org/src", work, "--dry-run", "--json")
+    assert code == 0, err
+    plan = json.loads(stdout)
+    minimum = plan["disk"]["min_max_disk"]
+    assert plan["push"]["disk_budget"] == plan["disk"]["max_disk"]
+
+    samples: list[int] = []
+    journals = (PUSH_JOURNAL, MANIFEST_NAME, ".nvfp4-fuse-progress.json")  # bookkeeping, a few KB, outside the budget
+
+    def held() -> int:
+        n = 0
+        for p in list(work.rglob("*")):
+            try:
+                if p.is_file() and p.name.removesuffix(".partial") not in journals:
+                    n += p.stat().st_size
+            except FileNotFoundError:
+                pass
+        return n
+
+    orig_add = fetch.FetchStats.add
+
+    def add(self, *a, **kw):
+        orig_add(self, *a, **kw)
+        samples.append(held())
+
+    orig_put = conv.StreamingShardWriter.put
+
+    def put(self, *a, **kw):
+        fut = orig_put(self, *a, **kw)
+        samples.append(held())
+        return fut
+
+    monkeypatch.setattr(fetch.FetchStats, "add", add)
+    monkeypatch.setattr(conv.StreamingShardWriter, "put", put)
+    fake_hub.set_rates(download_rate=4e6, upload_rate=100_000)
+    code, _, err = push_inprocess_from(capsys, "org/src", work, "--max-disk", str(minimum))
+    assert code == 0, err
+    assert len(samples) > 20 and 0 < max(samples) <= minimum, (max(samples), minimum)
+    total = sum(len(d) for d in source_files(src).values())
+    assert minimum < total / 2  # far less than the source, let alone source and output
+
+
+def push_inprocess_from(capsys, source: str, work: Path, *extra: str) -> tuple[int, str, str]:
+    return run_inprocess(capsys, "convert", source, str(work), *ARGS, "--push-to", REPO, *extra)
+
+
+def test_a_full_disk_stops_at_once_with_one_line_and_resumes(src, tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
+    """ENOSPC while an upload worker journals its shard: exit 2, one line naming the work folder,
+    nothing visible; the rerun finishes with each shard stored once."""
+    import errno
+
+    from nvfp4_fuse import shard_writer
+
+    shards = convert_local(src, tmp_path / "local")
+    orig = shard_writer.write_file_atomic
+    calls = {"n": 0}
+
+    def full(path, data):
+        if Path(path).name == PUSH_JOURNAL:
+            calls["n"] += 1
+            if calls["n"] > 1:  # the first is written before any upload
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return orig(path, data)
+
+    monkeypatch.setattr(shard_writer, "write_file_atomic", full)
+    work = tmp_path / "work"
+    code, _, err = push_inprocess(capsys, src, work)
+    assert code == 2 and err.strip() == f"error: no space left on the device: {work}", err
+    assert set(fake_hub.files(REPO)) <= INITIAL
+    monkeypatch.setattr(shard_writer, "write_file_atomic", orig)
+    code, _, err = push_inprocess(capsys, src, work)
+    assert code == 0, err
+    remote = fake_hub.files(REPO)
+    assert {n: remote[n] for n in shards} == shards and puts(fake_hub) == len(shards)
+
+
+def test_hub_to_hub_permanent_upload_fault_stops_at_once(src, tmp_path):
+    """From a Hub source under the smallest --max-disk, a 403 on an upload stops the run with that
+    line at once, though the converter is waiting on the source's disk budget for a shard that the
+    failed upload will never free."""
+    with FakeHub() as hub:
+        hub.create("org/src", source_files(src))
+        work = tmp_path / "work"
+        r = push_cli_from(hub, "org/src", work, "--dry-run")
+        assert r.returncode == 0, r.stderr
+        minimum = json.loads(r.stdout)["disk"]["min_max_disk"]
+        hub.fail_next("lfs-upload", 403)
+        r = push_cli_from(hub, "org/src", work, "--max-disk", str(minimum))
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and "403" in lines[0], r.stderr
+        assert set(hub.files(REPO)) <= INITIAL
+        r = push_cli_from(hub, "org/src", work, "--max-disk", str(minimum))
+        assert r.returncode == 0, r.stderr
