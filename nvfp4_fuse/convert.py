@@ -737,6 +737,14 @@ def _write_shards(
         wait(futs)
         if isinstance(e, _Stopped):  # cannot be first: a stream stops only after another failed
             raise AssertionError("a shard stream stopped with no failure") from e
+        if isinstance(e, OSError | InputError):
+            # A source that shrank or was replaced mid-run fails a read wherever it happens: a copy
+            # comes up short (EIO), a write from its mapping faults (EFAULT), a read ends early. Name
+            # the file, not the output folder the error would otherwise be reported against.
+            for reader in ctx.readers.values():
+                why = reader.changed()
+                if why is not None:
+                    raise InputError(why, file=str(reader.header.path)) from e
         raise
     finally:
         writers.shutdown(wait=True, cancel_futures=True)
