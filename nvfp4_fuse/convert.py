@@ -720,6 +720,13 @@ def _write_shards(
         if shared.stop.is_set():
             raise _Stopped
         size, digest = _write_shard(shared, out, shard, meta)
+        # A source replaced or rewritten while this shard was read leaves no failed read behind (the
+        # old file stays open): it is caught here, before the shard is journaled, so a rerun redoes it.
+        # One deleted once read (a fetched source shard freed) reads on from its open descriptor.
+        for reader in shared.ctx.readers.values():
+            why = reader.changed(missing_ok=True)
+            if why is not None:
+                raise InputError(why, file=str(reader.header.path))
         with shared.lock:
             shard_done(shard.name, size, digest)
 

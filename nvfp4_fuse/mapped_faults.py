@@ -50,17 +50,24 @@ def unregister(base: int) -> None:
         _mappings.pop(base, None)
 
 
-def changed_file(path: Path, size: int, ino: int | None = None) -> str | None:
+def changed_file(
+    path: Path, size: int, ino: int | None = None, mtime_ns: int | None = None, *, missing_ok: bool = False
+) -> str | None:
     """Why ``path`` is no longer the file that was read (None when it still is): its size differs
-    from ``size``, or (given ``ino``) the name now holds another file, or it is gone."""
+    from ``size``, (given ``ino``) the name now holds another file, (given ``mtime_ns``) it was
+    written to, or it is gone (unless ``missing_ok``)."""
     try:
         st = os.stat(path)
+    except FileNotFoundError:
+        return None if missing_ok else "the file is gone while being read"
     except OSError as e:
-        return f"the file is gone while being read ({e.strerror})"
+        return f"the file cannot be read any more ({e.strerror})"
     if ino is not None and st.st_ino != ino:
         return f"the file was replaced while being read ({st.st_size} bytes now, {size} when its header was read)"
     if st.st_size != size:
         return f"the file changed size while being read: {st.st_size} bytes now, {size} when its header was read (truncated?)"
+    if mtime_ns is not None and st.st_mtime_ns != mtime_ns:
+        return "the file was written to while being read (its modification time changed)"
     return None
 
 

@@ -48,7 +48,8 @@ class ShardReader:
     def __init__(self, header: ShardHeader):
         self.header = header
         self._fd = os.open(header.path, os.O_RDONLY)
-        self._ino = os.fstat(self._fd).st_ino
+        st = os.fstat(self._fd)
+        self._ino, self._mtime_ns = st.st_ino, st.st_mtime_ns
         self._map: mmap.mmap | None = None
         self._base = 0  # where the mapping starts in the address space
         self._skew = 0
@@ -60,10 +61,13 @@ class ShardReader:
     def fd(self) -> int:
         return self._fd
 
-    def changed(self) -> str | None:
+    def changed(self, *, missing_ok: bool = False) -> str | None:
         """Why the file at this shard's path is no longer the one whose header was read (None when it
-        still is): another size, or another file under the name."""
-        return mapped_faults.changed_file(self.header.path, self.header.file_size, self._ino)
+        still is): another size, another file under the name, written to since it was opened, or
+        gone (unless ``missing_ok``: a file deleted once read reads on from the open descriptor)."""
+        return mapped_faults.changed_file(
+            self.header.path, self.header.file_size, self._ino, self._mtime_ns, missing_ok=missing_ok
+        )
 
     def close(self) -> None:
         if self._map is not None:

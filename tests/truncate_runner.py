@@ -3,7 +3,7 @@ test_truncated_source.py).
 
     python tests/truncate_runner.py <point> <file> <cli args...>
 
-The file is cut back to its header, at a chosen moment of the read of its tensors: always after the
+The file is cut back to its header (or, for replace, replaced by a copy of itself), at a chosen moment of the read of its tensors: always after the
 reader has handed the bytes out (mapped, or about to be copied), before anything has read them, so
 the moment is the same on every run:
 
@@ -15,6 +15,9 @@ the moment is the same on every run:
             hashing thread faults (SIGBUS)
   held:N    after verify's N-th held array of the file is handed out: its comparison faults (SIGBUS)
   small:N   before the N-th small read (pread) of the file: it comes up short
+  replace:N after the N-th source span of the file is handed out, a copy of it renamed over it: every
+            read still succeeds (the old file stays open), the change is caught before the shard
+            is journaled
 
 The hooks wrap the reader's and the writer's functions from outside, so the production code carries
 no test switch.
@@ -23,6 +26,7 @@ no test switch.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import sys
 import threading
@@ -48,11 +52,16 @@ def install(point: str, target: Path) -> None:
             return seen["n"] == count
 
     def cut() -> None:
-        os.truncate(target, 8 + header_len)
+        if phase == "replace":
+            tmp = target.with_name(target.name + ".new")
+            shutil.copyfile(target, tmp)
+            os.replace(tmp, target)
+        else:
+            os.truncate(target, 8 + header_len)
 
     reader = shard_reader.ShardReader
-    if phase in ("span", "view", "held", "small"):
-        method = {"span": "span", "view": "view", "held": "held_array", "small": "read_small"}[phase]
+    if phase in ("span", "view", "held", "small", "replace"):
+        method = {"span": "span", "view": "view", "held": "held_array", "small": "read_small", "replace": "span"}[phase]
         orig = getattr(reader, method)
 
         def hooked(self, *a, **kw):
