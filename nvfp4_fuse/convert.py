@@ -747,9 +747,10 @@ def _write_shards(
         if isinstance(e, OSError | InputError):
             # A source that shrank or was replaced mid-run fails a read wherever it happens: a copy
             # comes up short (EIO), a write from its mapping faults (EFAULT), a read ends early. Name
-            # the file, not the output folder the error would otherwise be reported against.
+            # the file, not the output folder the error would otherwise be reported against. (A source
+            # deleted once read is not the cause: it reads on from its open descriptor.)
             for reader in ctx.readers.values():
-                why = reader.changed()
+                why = reader.changed(missing_ok=True)
                 if why is not None:
                     raise InputError(why, file=str(reader.header.path)) from e
         raise
