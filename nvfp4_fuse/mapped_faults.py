@@ -97,19 +97,21 @@ _SA_SIGINFO = 4
 _HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 _SI_ADDR_OFFSET = 16  # siginfo_t: si_signo, si_errno, si_code, padding, then si_addr (64-bit Linux)
 _installed: list[object] = []  # keeps the handler alive
+_previous = _Sigaction()  # the SIGBUS action before install()
+_libc: ctypes.CDLL | None = None
 
 
 def _on_sigbus(signum: int, info: int | None, context: int | None) -> None:
     """Runs in the faulting thread, with the GIL (ctypes takes it): report and end the process.
 
     Must not return while the fault stands: the faulting access would run again. An address outside
-    every registered mapping is not ours: the system's default action is restored and the access
-    faults again, ending the process as it would have without this handler."""
+    every registered mapping is not ours: the handler that was there before (the system's default,
+    or faulthandler's) is put back and the access faults again, into it."""
     addr = ctypes.c_void_p.from_address(info + _SI_ADDR_OFFSET).value if info else None
     with _lock:
         ours = any(addr is not None and base <= addr < base + n for base, (n, _) in _mappings.items())
     if not ours or _report is None:
-        signal.signal(signal.SIGBUS, signal.SIG_DFL)
+        _libc.sigaction(signal.SIGBUS, ctypes.byref(_previous), None)
         return
     if not _first.acquire(blocking=False):  # another thread faulted too and is reporting: wait for its exit
         threading.Event().wait()
@@ -122,7 +124,7 @@ def _on_sigbus(signum: int, info: int | None, context: int | None) -> None:
 def install(report: Callable[[str], None]) -> bool:
     """Turn a SIGBUS in a registered mapping into ``report(line)`` and exit status 2 (``report`` may
     exit with its own status first). Returns False where this is not supported."""
-    global _report
+    global _report, _libc
     _report = report
     if _installed:
         return True
@@ -134,8 +136,9 @@ def install(report: Callable[[str], None]) -> bool:
         act = _Sigaction()
         act.sa_sigaction = ctypes.cast(handler, ctypes.c_void_p).value
         act.sa_flags = _SA_SIGINFO
-        if libc.sigaction(signal.SIGBUS, ctypes.byref(act), None) != 0:
+        if libc.sigaction(signal.SIGBUS, ctypes.byref(act), ctypes.byref(_previous)) != 0:
             return False
+        _libc = libc
     except (OSError, AttributeError):
         return False
     _installed.append(handler)

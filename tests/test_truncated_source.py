@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,22 @@ def test_verify_names_a_shard_truncated_mid_read(source, tmp_path, which, n):
     body = json.loads(r.stdout)
     assert body["ok"] is False and body["error"]["code"] == 2
     assert body["error"]["message"] == line.removeprefix("error: ")
+
+
+def test_a_fault_outside_the_readers_mappings_is_left_to_the_system(tmp_path):
+    """A SIGBUS the readers' mappings do not explain is not reported as theirs: the action that was
+    there before is put back and the fault ends the process as it would have."""
+    script = """
+import mmap, os, sys
+from nvfp4_fuse import mapped_faults
+mapped_faults.install(lambda line: print("reported", line, flush=True))
+p = sys.argv[1]
+with open(p, "wb") as fh:
+    fh.write(b"x" * 65536)
+m = mmap.mmap(os.open(p, os.O_RDONLY), 65536, access=mmap.ACCESS_READ)
+os.truncate(p, 0)
+print(m[40000])
+"""
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGBUS, (r.returncode, r.stdout, r.stderr)
+    assert "reported" not in r.stdout
