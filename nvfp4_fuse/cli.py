@@ -93,6 +93,12 @@ def flag(default: bool, decls: str, help: str) -> Any:  # noqa: A002
 
 JSON_HELP = "Print one JSON object on stdout (schema nvfp4-fuse/1, see README), errors included; no progress."
 QUIET_HELP = "No progress display."
+MAX_DISK_HELP = (
+    "For a Hub repo id: the most disk the run holds besides its finished output shards (source files "
+    "downloaded and not yet done with, output shards being written), with a unit: 40GB. Default: twice "
+    "the minimum (the source files one output shard reads plus that shard; less is refused), or the free "
+    "disk beside the output if less."
+)
 
 
 def _resolve(source: str, revision: str | None) -> tuple[Path, Path | None]:
@@ -229,6 +235,7 @@ def convert(
     overwrite: bool = flag(False, "--overwrite/--no-overwrite", "Replace an earlier conversion of other input or options held in OUTPUT (never a folder nvfp4-fuse did not write)."),
     dry_run: bool = flag(False, "--dry-run", "Print the plan (from headers only) and exit; writes nothing."),
     revision: str | None = typer.Option(None, metavar="REV", help="Hub revision (branch, tag or commit), for a repo id."),
+    max_disk: str | None = typer.Option(None, "--max-disk", metavar="SIZE", help=MAX_DISK_HELP, show_default=False),
     json_out: bool = flag(False, "--json", JSON_HELP),
     quiet: bool = flag(False, "--quiet", QUIET_HELP),
 ) -> None:
@@ -241,7 +248,15 @@ def convert(
     opts = ConvertOptions(target, w13_order, parse_shard_size(max_shard_size), workers, overwrite, shard_streams)
     streams = opts.streams()
     show = progress_enabled(err, quiet or json_out)
-    if dry_run and not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+    hub_files = None  # a repo id: fetched as the output needs it (hub/stream.py)
+    hp = _plan_from_hub(source, output, opts, revision, max_disk, dry_run, json_out, show) if _streams_from_hub(source) else _LOCAL
+    if hp is None:
+        return  # a dry run, printed
+    if hp is not _LOCAL:
+        hub_files = hp.files
+    elif max_disk is not None and not _streams_from_hub(source):
+        raise InputError("--max-disk applies to a Hub repo id as source (a local source is read in place)")
+    if dry_run and hub_files is None and not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
         from . import hub
         from .source import source_from_headers
 
@@ -261,9 +276,12 @@ def convert(
         return
     if not dry_run:
         require_writable(output, "output folder")  # before minutes of planning, not after
-    folder, trust = _resolve(source, revision)
-    with err.status(f"planning: reading {folder}'s headers and scales", spinner="dots") if show else _null():
-        plan = make_plan(folder, opts, trust_root=trust)
+    if hub_files is not None:
+        folder, plan = Path(source), hp.spec
+    else:
+        folder, trust = _resolve(source, revision)
+        with err.status(f"planning: reading {folder}'s headers and scales", spinner="dots") if show else _null():
+            plan = make_plan(folder, opts, trust_root=trust)
     if dry_run:
         from .convert import check_output
 
@@ -293,8 +311,9 @@ def convert(
             prog.update(task, kept=sum(s.data_bytes for s in plan.shards if s.name in kept))
 
         res = run_convert(
-            folder, output, opts, spec=plan, source_label=source, on_bytes=lambda n: prog.advance(task, n), on_resume=on_resume
-        )
+            folder, output, opts, spec=plan, source_label=source, on_bytes=lambda n: prog.advance(task, n), on_resume=on_resume,
+            files=hub_files,
+        )  # fmt: skip
     reports = sorted(res.layers, key=lambda r: _layer_key(r.prefix))
     if json_out:
         emit(
@@ -349,6 +368,58 @@ def convert(
     out.print(f"wrote {len(plan.shards)} shard(s), {human(plan.total_size)} of tensors, to {output}", highlight=False)
 
 
+def _streams_from_hub(source: str) -> bool:
+    """A repo id (not an existing path) while the Hub may be used: fetched as needed, within --max-disk.
+    Offline (HF_HUB_OFFLINE), a repo id is read from the cached snapshot, as a folder."""
+    from huggingface_hub import constants
+
+    from .hub.download import REPO_ID_RE, _looks_like_path
+
+    return not Path(source).exists() and not _looks_like_path(source) and bool(REPO_ID_RE.match(source)) and not constants.HF_HUB_OFFLINE
+
+
+_LOCAL = object()  # the source is read as a folder (a local one, or a cached snapshot)
+
+
+def _plan_from_hub(source: str, output: Path, opts: Any, revision: str | None, max_disk: str | None, dry_run: bool, json_out: bool, show: bool) -> Any:
+    """The plan of converting a repo id as it streams (hub/stream.py); for a dry run, print it and
+    the disk and requests it takes, and return None. When the Hub cannot be reached at all, returns
+    ``_LOCAL``: the cached snapshot, if complete, is converted as a folder (as without this mode)."""
+    from .hub.fetch import HubUnreachable
+    from .hub.stream import disk_summary, hub_plan, print_disk_summary
+    from .spec import parse_size
+    from .writable import require_writable
+
+    if opts.workers < 1:
+        raise InputError("--workers must be at least 1")
+    limit = parse_size(max_disk) if max_disk is not None else None
+    if limit is not None and limit <= 0:
+        raise InputError(f"--max-disk must be positive, not {max_disk!r}")
+    require_writable(output, "output folder")  # before minutes of planning, not after
+    try:
+        with err.status(f"planning: reading {source}'s headers and scales from the Hub", spinner="dots") if show else _null():
+            hp = hub_plan(source, output, opts.output_options(), revision=revision, max_disk=limit, overwrite=opts.overwrite, with_scalars=not dry_run)
+    except HubUnreachable:
+        return _LOCAL
+    if not dry_run:
+        return hp
+    from .convert import check_output
+
+    d = _plan_body(hp.spec, output, opts.workers, opts.streams(), remote=True)
+    d["output_state"] = check_output(output, hp.spec, opts)
+    d["disk"] = disk_summary(hp)
+    d["note"] = "planned from the Hub's shard headers and configs: scalar scales not read"
+    if json_out:
+        emit("convert", d)
+        return None
+    _print_plan(d, output)
+    print_disk_summary(d["disk"], lambda line: out.print(line, highlight=False))
+    out.print(OUTPUT_STATE[d["output_state"]].format(output=output), highlight=False)
+    _warn(d["warnings"])
+    out.print(f"({d['note']})")
+    return None
+
+
 class _null:
     def __enter__(self) -> None:
         return None
@@ -370,7 +441,7 @@ def verify(
     revision: str | None = typer.Option(None, metavar="REV", help="Hub revision, for a repo id."),
     seed: int | None = typer.Option(None, metavar="N", help="Seed for --sample."),
     workers: int = typer.Option(
-        0, metavar="N", help="Worker threads; 0: up to 8 on the CPU, 6 with the GPU decode."
+        0, metavar="N", help="Worker threads; 0: up to 8 (the GPU decode runs on threads of its own)."
     ),
     report: Path | None = typer.Option(None, metavar="PATH", help="Also write the result as JSON to PATH (never into CONVERTED unless asked)."),
     json_out: bool = flag(False, "--json", JSON_HELP),

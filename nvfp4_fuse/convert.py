@@ -27,6 +27,7 @@ match.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,8 +44,9 @@ import numpy as np
 
 from . import __version__
 from .budget import ByteBudget
+from .disk_budget import shard_source_files
 from .encoded_scales import EncodedScale
-from .errors import InputError
+from .errors import InputError, Nvfp4FuseError
 from .experts import ExpertLayer
 from .folder_lock import folder_lock
 from .host_layout import check_block_scale_bytes, rescale_block_scales
@@ -53,6 +55,7 @@ from .manifest import MANIFEST_NAME, Manifest, fingerprint, load_manifest, save_
 from .shard_reader import ShardReader
 from .shard_writer import PARTIAL_SUFFIX, Piece, StreamingShardWriter, fsync_dir, tensor_bytes, write_file_atomic
 from .source import INDEX_NAME, SourceRef, scan_source
+from .source_files import LocalSourceFiles, SourceFiles
 from .spec import COPY_CHUNK, INFLIGHT_BYTES, OutputOptions, OutputSpec, OutShard, OutTensor, build_spec, disk_free, human
 from .targets import DEFAULT_TARGET, LAYOUT_VERSION, Target
 from .writable import require_writable
@@ -141,16 +144,56 @@ class _Chunk:
             reader.release(begin, end)
 
 
-class _Ctx:
-    """Shared state of one conversion: a reader per source shard (one fd and one read-only mapping
-    each; both are safe to use from several threads)."""
+class _Readers(dict):
+    """A reader per source shard (one fd and one read-only mapping each; both are safe to use from
+    several threads), opened on first use at the path the source files give (which may wait for it)."""
 
-    def __init__(self, spec: OutputSpec):
+    def __init__(self, spec: OutputSpec, files: SourceFiles):
+        super().__init__()
+        self.spec, self.files = spec, files
+        self.lock = threading.Lock()
+
+    def __missing__(self, f: str) -> ShardReader:
+        path = self.files.path(f)  # outside the lock: it may wait for a download
+        with self.lock:
+            if f not in self:
+                h = self.spec.source.headers[f]
+                self[f] = ShardReader(h if h.path == path else dataclasses.replace(h, path=path))
+            return self[f]
+
+
+class _Ctx:
+    """Shared state of one conversion: the source's readers, and when each source file is done with."""
+
+    def __init__(self, spec: OutputSpec, files: SourceFiles | None = None):
         self.spec = spec
-        self.readers = {f: ShardReader(h) for f, h in spec.source.headers.items()}
+        self.files = files or LocalSourceFiles(spec.source.root)
+        self.readers = _Readers(spec, self.files)
+        self.users: dict[str, int] = {}  # source file -> output shards still to write that read it
+
+    def plan(self, todo: list[OutShard]) -> dict[str, list[str]]:
+        needs = {s.name: shard_source_files(self.spec, s) for s in todo}
+        for files in needs.values():
+            for f in files:
+                self.users[f] = self.users.get(f, 0) + 1
+        return needs
+
+    def shard_written(self, files: list[str]) -> None:
+        """An output shard is safe: the source files no other shard reads are closed and given back."""
+        for f in files:
+            self.users[f] -= 1
+            if self.users[f] == 0:
+                with self.readers.lock:
+                    r = self.readers.pop(f, None)
+                if r is not None:
+                    r.close()
+                self.files.done(f)
 
     def close(self) -> None:
-        for r in self.readers.values():
+        with self.readers.lock:
+            readers = list(self.readers.values())
+            self.readers.clear()
+        for r in readers:
             r.close()
 
     def tensor(self, ref: SourceRef, chunk: _Chunk, start: int = 0, length: int | None = None) -> tuple[ShardReader, str]:
@@ -441,8 +484,11 @@ def _options_diff(recorded: Any, now: dict[str, Any]) -> str:
     return "; ".join(out) or "the recorded options fingerprint differs"
 
 
-def _write_progress(out: Path, fp: dict[str, str], files: dict[str, dict[str, Any]], reports: dict[str, LayerReport], spec: OutputSpec) -> None:
+def _write_progress(
+    out: Path, fp: dict[str, str], files: dict[str, dict[str, Any]], reports: dict[str, LayerReport], spec: OutputSpec, source: dict | None = None
+) -> None:
     body = {
+        **(source or {}),  # a Hub source: its pinned commit and file oids
         "input_fingerprint": fp["input"],
         "options_fingerprint": fp["options"],
         "options": spec.options.to_json(),
@@ -452,10 +498,10 @@ def _write_progress(out: Path, fp: dict[str, str], files: dict[str, dict[str, An
     write_file_atomic(out / PROGRESS_NAME, json.dumps(body, indent=1).encode())
 
 
-def _check_disk(out: Path, spec: OutputSpec, keep: dict[str, dict[str, Any]], overwrite: bool) -> None:
+def _check_disk(out: Path, spec: OutputSpec, keep: dict[str, dict[str, Any]], overwrite: bool, working_set: int = 0) -> None:
     """Refuse to start when the output volume lacks the spec's need (less what is kept, plus what
-    --overwrite would free)."""
-    need = spec.output_bytes_estimate() - sum(r["size"] for r in keep.values())
+    --overwrite would free, plus a Hub source's working set)."""
+    need = spec.output_bytes_estimate() - sum(r["size"] for r in keep.values()) + working_set
     free = disk_free(out)
     freed = 0
     if overwrite and out.is_dir():
@@ -551,6 +597,7 @@ def convert(
     on_shard: Callable[[str, int], None] | None = None,
     on_resume: Callable[[list[str]], None] | None = None,
     spec: OutputSpec | None = None,
+    files: SourceFiles | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint in ``source_dir`` into ``out_dir`` (created, resumed, or left as is
     when it already holds this conversion).
@@ -565,13 +612,19 @@ def convert(
 
     The output folder is locked (:mod:`folder_lock`) for the whole run: a second writer is refused at
     once, and the lock goes with the process however it ends.
+
+    ``files`` is where the source bytes come from (:mod:`source_files`): the folder of the spec's
+    source by default, or a Hub commit fetched as the output needs it (``spec`` then required).
     """
     import time
 
     t0 = time.perf_counter()
     out = Path(out_dir)
     spec = spec or make_plan(source_dir, opts, trust_root=trust_root)
-    if out.resolve().is_relative_to(spec.source.root.resolve()) or spec.source.root.resolve().is_relative_to(out.resolve()):
+    files = files or LocalSourceFiles(spec.source.root)
+    if not files.remote and (
+        out.resolve().is_relative_to(spec.source.root.resolve()) or spec.source.root.resolve().is_relative_to(out.resolve())
+    ):
         raise InputError("output folder must not be inside the source folder or contain it", file=str(out))
     if out.exists() and not out.is_dir():
         raise InputError("output path exists and is not a folder", file=str(out))
@@ -580,8 +633,10 @@ def convert(
     out.mkdir(parents=True, exist_ok=True)
     try:
         with folder_lock(out, "convert"):
-            return _convert_locked(spec, out, opts, t0, source_dir, source_label, on_bytes, on_shard, on_resume)
+            return _convert_locked(spec, out, opts, t0, source_dir, source_label, on_bytes, on_shard, on_resume, files)
     except OSError as e:
+        if isinstance(e, Nvfp4FuseError):  # the Hub kept failing (PushFailed is a ConnectionError)
+            raise
         if e.filename is None:  # a write on a descriptor (no space, quota, I/O error): name the folder
             raise OSError(e.errno, e.strerror, str(out)) from e
         raise
@@ -600,6 +655,7 @@ def _convert_locked(
     on_bytes: Callable[[int], None] | None,
     on_shard: Callable[[str, int], None] | None,
     on_resume: Callable[[list[str]], None] | None,
+    source: SourceFiles,
 ) -> ConvertResult:
     """The conversion proper, holding the output folder's lock (see :func:`convert`)."""
     import time
@@ -612,7 +668,7 @@ def _convert_locked(
         result.already_complete = True
         result.files = keep
         return result
-    _check_disk(out, spec, keep, opts.overwrite)
+    _check_disk(out, spec, keep, opts.overwrite, source.reserve_bytes)
     if opts.overwrite and out.is_dir():
         _clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -623,27 +679,39 @@ def _convert_locked(
             p.unlink()
     files: dict[str, dict[str, Any]] = dict(keep)
     result.resumed_shards = sorted(keep)
-    _write_progress(out, fp, files, reports, spec)
+    _write_progress(out, fp, files, reports, spec, source.journal())
     for shard in spec.shards:
         if shard.name in keep and on_bytes:
             on_bytes(shard.data_bytes)
     todo = [s for s in spec.shards if s.name not in keep]
     streams = max(1, min(opts.streams(), len(todo) or 1))
 
+    ctx = _Ctx(spec, source)
+    needs = ctx.plan(todo)
+    source.start(spec, todo)
+
     def shard_done(name: str, size: int, digest: str) -> None:  # called under the streams' lock
         files[name] = {"size": size, "sha256": digest}
-        _write_progress(out, fp, files, reports, spec)
+        _write_progress(out, fp, files, reports, spec, source.journal())
+        source.end_shard(name)
+        ctx.shard_written(needs[name])
         if on_shard:
             on_shard(name, size)
 
-    _write_shards(_Ctx(spec), todo, out, streams, opts.workers, reports, on_bytes, shard_done)
-    # Sidecars, configs, index, then the manifest.
-    configs = spec.configs()
-    for rel in spec.source.sidecars:
-        if rel in configs or rel == README_NAME:  # the source's README describes the source, not this
-            continue
-        size, digest = _copy_file(spec.source.root / rel, out / rel)
-        files[rel] = {"size": size, "sha256": digest}
+    try:
+        _write_shards(ctx, todo, out, streams, opts.workers, reports, on_bytes, shard_done)
+        # Sidecars, configs, index, then the manifest.
+        configs = spec.configs()
+        for rel in spec.source.sidecars:
+            if rel in configs or rel == README_NAME:  # the source's README describes the source, not this
+                source.done(rel)
+                continue
+            size, digest = _copy_file(source.path(rel), out / rel)
+            source.done(rel)
+            files[rel] = {"size": size, "sha256": digest}
+    except BaseException:
+        source.close()
+        raise
     for name, data in configs.items():
         size, digest = write_file_atomic(out / name, data)
         files[name] = {"size": size, "sha256": digest}
@@ -658,6 +726,7 @@ def _convert_locked(
         files=files,
         source={
             "source": source_label or str(source_dir),
+            **({"revision": j["source_revision"]} if (j := source.journal()) else {}),
             **({"architectures": archs} if (archs := _architectures(spec)) else {}),
             "layers": {p: r.to_json() for p, r in reports.items()},
             **({"copied_expert_modules": spec.fused_block()["copied_expert_modules"]} if spec.copied_groups else {}),
@@ -668,6 +737,7 @@ def _convert_locked(
     size, digest = write_file_atomic(out / README_NAME, card)
     manifest.files[README_NAME] = {"size": size, "sha256": digest}
     manifest.model_card = digest
+    source.finish()  # before the manifest: a complete folder never holds the run's downloads
     save_manifest(out, manifest)
     (out / PROGRESS_NAME).unlink(missing_ok=True)
     fsync_dir(out)
@@ -719,6 +789,7 @@ def _write_shards(
     def one(shard: OutShard) -> None:
         if shared.stop.is_set():
             raise _Stopped
+        ctx.files.begin_shard(shard.name)  # a Hub source: the shard's disk is reserved
         size, digest = _write_shard(shared, out, shard, meta)
         # A source replaced or rewritten while this shard was read leaves no failed read behind (the
         # old file stays open): it is caught here, before the shard is journaled, so a rerun redoes it.
@@ -732,13 +803,14 @@ def _write_shards(
 
     # Longest first (LPT): each stream's time is bounded below by its shards' hashing, a chain per shard.
     # One stream keeps file order, which is then also the order of progress.
-    order = sorted(todo, key=lambda s: -s.data_bytes) if streams > 1 else todo
+    order = sorted(todo, key=lambda s: -s.data_bytes) if streams > 1 and not ctx.files.ordered else todo
     futs = [writers.submit(one, s) for s in order]
     try:
         for fut in as_completed(futs):
             fut.result()
     except BaseException as e:
         shared.stop.set()
+        ctx.files.close()  # streams waiting on a download or on disk give up
         for fut in futs:
             fut.cancel()
         wait(futs)

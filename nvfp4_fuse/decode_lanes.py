@@ -1,7 +1,8 @@
 """The end-to-end decode: lanes that dequantize expert parts of both checkpoints and compare them.
 
-A :class:`GpuLane` (one per worker thread) stages each part's inputs through pinned buffers, compares
-parts of one shape in batches with the Triton compare kernel and reads the statistics back in bulk;
+A :class:`GpuLane` (one per decode thread) stages each part's inputs through pinned buffers, compares
+parts of one shape in batches with the Triton compare kernel (with its torch reference, on the GPU,
+until the kernel is loaded) and reads the statistics back in bulk;
 a :class:`ReferenceLane` runs the kernel's torch reference on the CPU at once. Either hands each
 part's statistics (n_diff, nonfinite, max_abs, max_rel) to ``on_stats(key, row)``.
 :func:`warm_kernels` loads the kernel for every expert shape of a conversion before the first launch.
@@ -44,7 +45,7 @@ class Batch:
 
 
 class GpuLane:
-    """One worker thread's GPU state. Its own CUDA stream (a worker waits for its own work only);
+    """One decode thread's GPU state. Its own CUDA stream (a thread waits for its own work only);
     every expert part's inputs are copied into a pinned staging buffer and go to the device in one
     non-blocking upload, into the next slot of a batch of parts of its shape (the pinned buffers used
     in turn, each refilled once its upload is done); a full batch is compared in one launch (the
@@ -61,8 +62,7 @@ class GpuLane:
     def __init__(self, on_stats: OnStats, kernels_ready: threading.Event | None = None):
         import torch
 
-        if kernels_ready is not None:
-            kernels_ready.wait()  # one load of the kernels, not one per worker
+        self.kernels_ready = kernels_ready  # until set, the kernel's torch reference runs on the GPU instead
         self.on_stats = on_stats
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device)
@@ -123,8 +123,6 @@ class GpuLane:
         """One launch over the batch's parts (the caller holds the lane's stream)."""
         import torch
 
-        from .kernels.compare import compare_nvfp4
-
         rows, cols, b_shape, b_swizzled = shape
         n = len(b.keys)
 
@@ -134,8 +132,22 @@ class GpuLane:
         vals = region(0, torch.uint8, rows, cols // 2).contiguous()  # one copy for both sides
         a_t, a2 = region(1, torch.uint8, rows, cols // NVFP4_BLOCK), region(2, torch.float32, rows)
         b_t, b2 = region(3, torch.uint8, *b_shape), region(4, torch.float32, rows)
-        res = compare_nvfp4(vals, a_t, a2, vals, b_t, b2, b_swizzled=b_swizzled, check=False)
-        self.pending.append((b.keys, compare_stats(res)))
+        if self.kernels_ready is None or self.kernels_ready.is_set():
+            from .kernels.compare import compare_nvfp4
+
+            stats = compare_stats(compare_nvfp4(vals, a_t, a2, vals, b_t, b2, b_swizzled=b_swizzled, check=False))
+        else:
+            # Triton is still loading the kernel (about a second of a first call): its torch reference,
+            # on the GPU, a part at a time (it holds fp32 copies of a part), gives the same statistics.
+            from .kernels.reference import compare_nvfp4_ref
+
+            stats = torch.cat(
+                [
+                    compare_stats(compare_nvfp4_ref(vals[i], a_t[i], a2[i], vals[i], b_t[i], b2[i], b_swizzled=b_swizzled))
+                    for i in range(n)
+                ]
+            )
+        self.pending.append((b.keys, stats))
         self.unread += n
         b.keys = []
 
@@ -183,10 +195,11 @@ class ReferenceLane:
 def warm_kernels(plan: Future, ready: threading.Event) -> None:
     """Import Triton and the compare kernel, then (once ``plan`` gives the output spec) launch it once
     on zeros of every expert shape, and set ``ready``. It starts with verify, so the import overlaps
-    the headers being read and checked; the first decodes are put off meanwhile (see
-    :meth:`PieceChecker._decode <nvfp4_fuse.piece_checks.PieceChecker._decode>`). Loading a compiled kernel takes most of a second the first time, and
-    Triton does not serialise it: every worker whose first launch came before it was loaded would load
-    it again. Only a warm-up: a failure here is left to the real launches to report."""
+    the headers being read and checked; until ``ready`` is set the lanes run the kernel's torch
+    reference on the GPU (see :meth:`GpuLane._compare`). Loading a compiled kernel takes most of a
+    second the first time, and Triton does not serialise it: every lane whose first launch came before
+    it was loaded would load it again. Only a warm-up: a failure here is left to the real launches to
+    report."""
     try:
         import torch
 

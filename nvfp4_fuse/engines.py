@@ -4,7 +4,8 @@ Every rule is a record: the engines and backends it holds for, the condition (in
 of the inspect report's facts), the verdict it gives (``fails``, ``lossy``, or ``n/a`` when the
 backend does not serve this kind of model), the message, and the source file and line it was read
 from, in which release. A rule marked ``inferred`` was reasoned from the code (or, for TensorRT-LLM,
-from the project's research notes) but not run; ``unknown`` says what was not read and does not gate
+from the project's research notes) but not run; a source ending "run: tests/..." names the test that
+runs the engine's own code for it; ``unknown`` says what was not read and does not gate
 the exit code. For each engine and backend the verdict is the worst
 of the rules that hold (``n/a`` first); with none, it loads the checkpoint as is.
 
@@ -109,6 +110,16 @@ def _facts(report: dict[str, Any]) -> Facts:
     moe = str(cfg.get("moe_quant_algo") or "").upper()
     nvfp4 = s["nvfp4_groups"] > 0
     fused = s["fused_groups"] > 0
+    in_config = {k: cfg.get(f"{k}_from") == "config.json" for k in ("quant_algo", "moe_quant_algo", "group_size")}
+    sglang_missing = [
+        k
+        for k, ok in (
+            ("quant_algo: MIXED_PRECISION", qa == "MIXED_PRECISION" and in_config["quant_algo"]),
+            ("moe_quant_algo: NVFP4", moe == "NVFP4" and in_config["moe_quant_algo"]),
+            ("top-level group_size", cfg.get("group_size") is not None and in_config["group_size"]),
+        )
+        if not ok
+    ]
     f: Facts = {
         "s": s,
         "cfg": cfg,
@@ -118,21 +129,14 @@ def _facts(report: dict[str, Any]) -> Facts:
         "fused_target": (cfg.get("fused_experts") or {}).get("target"),
         "fused_by_us": cfg.get("fused_experts") is not None,
         "experts_any": nvfp4 or fused or s["mxfp4_groups"] > 0,
-        "sglang_detects_hybrid": qa == "MIXED_PRECISION" and moe == "NVFP4" and cfg.get("group_size") is not None,
+        # SGLang reads these from config.json's quantization_config only (hf_quant_config.json does not count)
+        "sglang_detects_hybrid": not sglang_missing,
         "dsv4_moe_nvfp4": moe == "NVFP4",
         "csf": cfg.get("weight_scale_encoding"),
         "csf_streams": report["csf"]["streams"] > 0,
         "defects": [g["problem"] for g in report["groups"] if g.get("problem")] + report["problems"],
     }
-    f["sglang_missing"] = [
-        k
-        for k, ok in (
-            ("quant_algo: MIXED_PRECISION", qa == "MIXED_PRECISION"),
-            ("moe_quant_algo: NVFP4", moe == "NVFP4"),
-            ("top-level group_size", cfg.get("group_size") is not None),
-        )
-        if not ok
-    ]
+    f["sglang_missing"] = sglang_missing
     return f
 
 
@@ -210,7 +214,8 @@ RULES: tuple[Rule, ...] = (
     Rule(VLLM, PER_EXPERT_VLLM, "gate/up weight_scale_2 differ: the gate's is kept for both halves",
          lambda f: f["nvfp4"] and f["s"]["scale_2_pairs_differ"] > 0, "lossy", _up_off,
          "vllm/model_executor/layers/quantization/modelopt.py:1091-1098 (0.33.0: 1056-1063); "
-         "compressed_tensors_moe_w4a4_nvfp4.py:234-240 for compressed-tensors", "0.34.0, 0.33.0"),
+         "compressed_tensors_moe_w4a4_nvfp4.py:234-240 for compressed-tensors; ModelOpt's loading run: tests/vllm "
+         "(test_vllm_repair_proof*.py, test_vllm_real_exports.py)", "0.34.0, 0.33.0"),
     Rule(VLLM, ("flashinfer_moe_ep_cutedsl",), "a weight_scale_2 is zero, negative, NaN or Inf",
          lambda f: f["nvfp4"] and f["s"]["weight_scale_2_bad"] > 0, "fails",
          lambda f: "ValueError: \"g1_alphas must contain finite positive scales\"",
@@ -272,12 +277,16 @@ RULES: tuple[Rule, ...] = (
     # ---------------------------------------------------------------- SGLang
     Rule(SGL, ANY, "DeepSeek-V4 whose config SGLang does not detect as hybrid FP8+NVFP4",
          lambda f: f["dsv4"] and f["nvfp4"] and not f["sglang_detects_hybrid"], "fails",
-         lambda f: "not detected as NVFP4 (no " + ", ".join(f["sglang_missing"]) + "); expert .scale tensors are "
-                   "renamed .weight_scale_inv and skipped where no parameter takes them",
-         "sglang/srt/configs/model_config.py:774-794; models/deepseek_v4.py:5178-5179,5440-5470", "0.5.23", inferred=True),
+         lambda f: "not detected as NVFP4 (no " + ", ".join(f["sglang_missing"]) + " in config.json's "
+                   "quantization_config): the experts get the MXFP4 method (Fp8MoEMethod: int8 codes, a float32 scale "
+                   "per 32); an expert .scale lands on its weight_scale_inv, a shape it does not have, and "
+                   "weight_scale_2, input_scale and .weight_scale on no parameter (skipped without a word)",
+         "sglang/srt/configs/model_config.py:774-794; model_loader/loader.py:214-249; "
+         "models/deepseek_v4.py:5113-5182,5414-5470 (run: tests/sglang)", "0.5.23"),
     Rule(SGL, ("flashinfer_cutlass", "flashinfer_cutedsl", "cutlass", "marlin"), "gate/up weight_scale_2 differ: one alpha (the gate's)",
          lambda f: f["nvfp4"] and f["s"]["scale_2_pairs_differ"] > 0, "lossy", _up_off,
-         "sglang/srt/layers/quantization/modelopt_quant.py:2336-2359 (g1_alphas = gate), 2745-2760", "0.5.23"),
+         "sglang/srt/layers/quantization/modelopt_quant.py:2336-2359 (g1_alphas = gate), 2745-2760; the loading and "
+         "_compute_gemm1_alphas run: tests/sglang", "0.5.23"),
     Rule(SGL, ("flashinfer_trtllm",), "gate/up weight_scale_2 differ and the model has no swiglu clamp "
                                       "(only then is the smaller half rescaled)",
          lambda f: f["nvfp4"] and f["s"]["scale_2_pairs_differ"] > 0 and f["cfg"].get("swiglu_limit") is None, "lossy", _up_off,

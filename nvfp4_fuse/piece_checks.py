@@ -21,12 +21,15 @@ from .safetensors_header import ShardHeader
 from .shard_reader import ShardReader
 from .shard_writer import tensor_bytes
 from .spec import COPY_CHUNK, OutputSpec, OutShard, OutTensor
-from .verify_checks import fail, rescaled_half_problem, same
+from .verify_checks import fail, rescale_table, rescaled_half_problem, same
 from .verify_result import LayerResult
 
-# GPU decodes put off while the kernel loads, at most this many bytes of packed values: the pass goes
-# on with its other checks meanwhile. A put-off decode holds nothing but its place in the mapped output.
+# GPU decodes waiting for the decode threads, at most this many bytes of packed values: the pass goes on
+# with its other checks meanwhile (while Triton loads the kernel, the first second or so of a first call,
+# the lanes run its torch reference on the GPU). A queued decode holds its values' pages in the mapped
+# output until it is staged.
 DEFERRED_BYTES = 4 << 30
+DECODE_THREADS = 3  # threads that stage and launch the GPU decodes, beside the check workers
 
 
 @dataclass
@@ -92,10 +95,15 @@ class PieceChecker:
         self.decoded_rel: dict[tuple[str, str, int], float] = {}  # end to end, rescaled expert parts
         self.stop = threading.Event()  # set when a check failed: the other shards' streams end early
         self._local = threading.local()
-        self._lanes: list[GpuLane] = []  # one per worker thread that launched on the GPU
-        self._deferred: deque[tuple[ExpertLayer, str, int, np.ndarray]] = deque()  # see _decode
-        self._deferred_bytes = 0
+        self._lanes: list[GpuLane] = []  # one per thread that launched on the GPU
         self._lock = threading.Lock()
+        # GPU decodes queued for the decode threads (see _decode)
+        self._queue: deque[tuple[ExpertLayer, str, int, np.ndarray, bool]] = deque()
+        self._queued_bytes = 0
+        self._queue_cond = threading.Condition(threading.Lock())
+        self._queue_closed = False
+        self._decoders: list[threading.Thread] = []
+        self._decode_error: BaseException | None = None
         self._globals = {p: self.tgt.global_tensors(p, l.scalars) for p, l in spec.layers.items()}
         self.on_bytes: Callable[[str, int], None] | None = None  # progress: (shard, bytes done), from the streams
 
@@ -334,10 +342,6 @@ class PieceChecker:
     def _half_scales(self, layer: ExpertLayer, part: str, role: str, e: int, nat: np.ndarray, where: str) -> float:
         """One half's natural block scales against the source's: the same bytes where it was copied,
         else the RNE rescale, every block within the bound. Returns its largest relative error."""
-        import torch
-
-        from .nvfp4 import rescale_block_scales
-
         src = self.src(layer, e, role, "weight_scale")
         s2, c, ratio = self._scale_2(layer, role, e)
         worst = 0.0
@@ -348,8 +352,9 @@ class PieceChecker:
             if s2 != c:
                 raise fail(f"{where}: expert {e} {role} is a copied half but its scale_2 changed ({s2} -> {c})")
         else:
-            # The RNE rescale (the torch reference) is a function of the byte: applied to all 256.
-            table = rescale_block_scales(torch.arange(256, dtype=torch.uint8), ratio).view(torch.uint8).numpy()
+            # The RNE rescale is a function of the byte: worked out for all 256 (no torch: the CPU path
+            # imports none; tests hold the table to the torch reference).
+            table = rescale_table(ratio)
             rel, problem = rescaled_half_problem(src, nat, table, s2, c)
             if problem is not None:
                 raise fail(f"{where}: expert {e} {role} block scale {problem}")
@@ -397,75 +402,109 @@ class PieceChecker:
         """End to end: dequantize the expert of both checkpoints with the compare kernel (the values
         are the output's, just found byte-identical to the source's); a rescaled half's result is held
         against the largest error its block scales allow once the pass has checked them
-        (:meth:`check_decoded`). On the GPU (:class:`GpuLane`) the launch is asynchronous and its
-        statistics are read back in batches; on the CPU the kernel's torch reference runs."""
+        (:meth:`check_decoded`). On the CPU the kernel's torch reference runs here. On the GPU the
+        decode rides along the pass: it is queued for the decode threads (:meth:`_decoder`), and the
+        worker goes on with its next check at once; the output's values stay mapped (held) until a
+        decode thread has staged them. At most ``DEFERRED_BYTES`` of values wait in the queue: past
+        that the worker waits for room."""
         assert self.decode is not None
         if self.decode == "cpu":
             self._launch(layer, part, e, values)
             return
-        if not hasattr(self._local, "lane") and self._defer(layer, part, e, values):
+        held = self._is_open(self._operand_name(layer, part, e))  # else the values are the source's
+        if held:
+            name, m, start, n = self._operand(layer, part, e)
+            m.held_array(name, start, n)  # one more hold: the stream's release leaves the pages mapped
+        with self._queue_cond:
+            self._start_decoders()
+            while self._queued_bytes and self._queued_bytes + values.nbytes > DEFERRED_BYTES and not self.stop.is_set():
+                self._queue_cond.wait()
+            self._queue.append((layer, part, e, values, held))
+            self._queued_bytes += values.nbytes
+            self._queue_cond.notify_all()
+
+    def _start_decoders(self) -> None:
+        """Start the decode threads, once (the caller holds ``_queue_cond``)."""
+        if self._decoders:
             return
-        self._lane()
-        self._launch(layer, part, e, values)
-        for item in self._take_deferred(2):  # a share of what was put off while the kernel loaded
-            self._launch_deferred(item)
+        for i in range(DECODE_THREADS):
+            t = threading.Thread(target=self._decoder, name=f"nvfp4-decode_{i}", daemon=True)
+            t.start()
+            self._decoders.append(t)
+
+    def _next_decode(self, wait: bool) -> tuple[ExpertLayer, str, int, np.ndarray, bool] | None:
+        """The oldest queued decode; None once the queue is closed and empty, or (``wait`` False) empty."""
+        with self._queue_cond:
+            while not self._queue:
+                if not wait or self._queue_closed:
+                    return None
+                self._queue_cond.wait()
+            item = self._queue.popleft()
+            self._queued_bytes -= item[3].nbytes
+            self._queue_cond.notify_all()
+            return item
+
+    def _decoder(self) -> None:
+        """A decode thread: queued decodes on its own GPU lane until the queue is closed and empty."""
+        while (item := self._next_decode(wait=True)) is not None:
+            self._run_decode(item)
+
+    def _run_decode(self, item: tuple[ExpertLayer, str, int, np.ndarray, bool]) -> None:
+        """One queued decode, then the output values' hold dropped; after a failure (the first is
+        kept for :meth:`finish_decode`, and the pass is stopped) the rest are only released."""
+        layer, part, e, values, held = item
+        try:
+            if self._decode_error is None:
+                self._lane()
+                self._launch(layer, part, e, values)
+        except BaseException as exc:  # noqa: BLE001 (raised again by finish_decode)
+            with self._lock:
+                self._decode_error = self._decode_error or exc
+            self.stop.set()
+            with self._queue_cond:
+                self._queue_cond.notify_all()
+        finally:
+            if held:
+                name, m, start, n = self._operand(layer, part, e)
+                m.release_tensor(name, start, n)
 
     def _lane(self) -> GpuLane:
-        """This thread's GPU lane; the first call makes it, waiting for the kernel to be loaded."""
+        """This thread's GPU lane; the first call makes it."""
         if not hasattr(self._local, "lane"):
             self._local.lane = GpuLane(self._decoded, self.kernels_ready)
             with self._lock:
                 self._lanes.append(self._local.lane)
         return self._local.lane
 
-    def _defer(self, layer: ExpertLayer, part: str, e: int, values: np.ndarray) -> bool:
-        """Put a GPU decode off while the kernel is still loading (the first second or so of a run), up to
-        ``DEFERRED_BYTES`` of values: the worker goes on to its next checks instead of waiting. Its
-        values stay a view of the mapped output; their pages are dropped once hashed and read again
-        from the page cache when the decode runs. Returns False (not put off) once the kernel is ready
-        or the cap is reached."""
-        if self.kernels_ready is None or self.kernels_ready.is_set():
-            return False
-        with self._lock:
-            if self._deferred_bytes + values.nbytes > DEFERRED_BYTES:
-                return False
-            self._deferred.append((layer, part, e, values))
-            self._deferred_bytes += values.nbytes
-        return True
-
-    def _take_deferred(self, n: int) -> list[tuple[ExpertLayer, str, int, np.ndarray]]:
-        """Up to ``n`` of the put-off decodes, oldest first."""
-        if not self._deferred:
-            return []
-        with self._lock:
-            got = []
-            while self._deferred and len(got) < n:
-                got.append(self._deferred.popleft())
-                self._deferred_bytes -= got[-1][3].nbytes
-        return got
-
-    def run_deferred(self, pool: ThreadPoolExecutor, workers: int) -> None:
-        """Decode what is still put off, after the pass and before the mappings close, on ``workers``
-        threads of ``pool``, each on its own lane (a first call's pass can end before the kernel is
-        loaded, with most decodes put off)."""
-        if self._deferred:
-            for fut in [pool.submit(self._drain_deferred) for _ in range(max(1, workers))]:
+    def drain_decodes(self, pool: ThreadPoolExecutor, workers: int) -> None:
+        """After the pass: the workers, idle now, help the decode threads empty the queue (a first
+        call's pass can end with decodes still queued)."""
+        if self._queue:
+            for fut in [pool.submit(self._help_decode) for _ in range(max(1, workers))]:
                 fut.result()
 
-    def _drain_deferred(self) -> None:
-        """Run put-off decodes, one at a time, until none is left."""
-        while items := self._take_deferred(1):
-            self._lane()
-            self._launch_deferred(items[0])
+    def _help_decode(self) -> None:
+        while (item := self._next_decode(wait=False)) is not None:
+            self._run_decode(item)
 
-    def _launch_deferred(self, item: tuple[ExpertLayer, str, int, np.ndarray]) -> None:
-        """Run a put-off decode, then drop its values' pages from the mapping again: the pass dropped
-        them once already, and nothing else would before the mappings close."""
-        layer, part, e, values = item
-        self._launch(layer, part, e, values)
-        if self._is_open(self._operand_name(layer, part, e)):  # else the values were the source's
-            name, m, start, n = self._operand(layer, part, e)
-            m.release_tensor(name, start, n)
+    def stop_decoders(self) -> None:
+        """Close the queue and wait for the decode threads: each finishes what is queued (or, after a
+        failure, only releases it)."""
+        with self._queue_cond:
+            self._queue_closed = True
+            self._queue_cond.notify_all()
+        for t in self._decoders:
+            t.join()
+
+    def finish_decode(self) -> None:
+        """Once the pass is over: every queued decode run, and what the GPU lanes still hold read back
+        (each lane's stream synchronised); raises the first failure of a decode."""
+        self.stop_decoders()
+        if self._decode_error is None:
+            for lane in self._lanes:
+                lane.flush()
+        if self._decode_error is not None:
+            raise self._decode_error
 
     def _operand_name(self, layer: ExpertLayer, part: str, e: int) -> str:
         """The output tensor holding expert ``e``'s ``part`` (see :meth:`_operand`)."""
@@ -494,8 +533,8 @@ class PieceChecker:
         rows, cols = (2 * d.inter, d.hidden) if w13 else (d.hidden, d.inter) if roles == ("down",) else (d.inter, d.hidden)
         sname, m, start, n = self._operand(layer, f"{part}_scale", e)
         s2 = {r: self._scale_2(layer, r, e) for r in roles}  # (source, output, ratio)
-        if self.decode == "cuda":
-            from .kernels.dequant import S2_LIMIT
+        if self.decode == "cuda" and (self.kernels_ready is None or self.kernels_ready.is_set()):
+            from .kernels.dequant import S2_LIMIT  # (Triton is loaded by now)
 
             if max(abs(v) for r in roles for v in s2[r][:2]) >= S2_LIMIT:
                 raise fail(f"{layer.prefix}.{part}: expert {e} has a scale_2 too large for the compare kernel")
@@ -540,11 +579,6 @@ class PieceChecker:
             res.max_abs = max(res.max_abs or 0.0, mabs)
             if part in ("w2_weight", "down.weight"):
                 res.decoded += 1
-
-    def finish_decode(self) -> None:
-        """Read back what the GPU lanes still hold (after the pass; each lane's stream is synchronised)."""
-        for lane in self._lanes:
-            lane.flush()
 
     def check_decoded(self) -> None:
         """Each rescaled expert decoded no further from the source than its block scales allow (each

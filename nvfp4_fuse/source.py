@@ -45,6 +45,7 @@ class Source:
     configs: dict[str, dict[str, Any]]  # parsed config.json / hf_quant_config.json (if present)
     had_index: bool
     encoded: dict[str, EncodedScale] = field(default_factory=dict)  # compressed block scales, by name
+    remote_sizes: dict[str, int] | None = None  # a Hub source: every file's size (no file is local)
 
     def refs(self) -> Iterator[tuple[str, SourceRef]]:
         """Every tensor as the converter reads it, in source order: a compressed block scale once, as
@@ -91,41 +92,20 @@ def _safe_relpath(name: Any, *, file: str) -> str:
     return name
 
 
-def scan_source(root: Path, *, trust_root: Path | None = None) -> Source:
-    """Read the index, every shard header and the configs of a local checkpoint folder.
+def index_shards(raw: bytes, *, file: str) -> tuple[dict[str, str], list[str]]:
+    """An index file's weight map and the shard files it names (sorted), checked to be plain paths."""
+    idx = loads_strict_json(raw, what="index", file=file)
+    wm = idx.get("weight_map") if isinstance(idx, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise InputError("index has no weight_map", file=file)
+    for v in wm.values():
+        if not isinstance(v, str):
+            _safe_relpath(v, file=file)  # raises
+    return wm, sorted({_safe_relpath(f, file=file) for f in set(wm.values())})
 
-    ``trust_root`` is the folder symlinks may point into (a Hub cache's repo folder, whose snapshot
-    files are links to its blobs); for a plain folder it is the folder itself.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError("source is not a folder", file=str(root))
-    trust = (trust_root or root).resolve()
-    index_path = root / INDEX_NAME
-    had_index = index_path.exists()
-    if had_index:
-        _inside(trust, index_path, "index")
-        idx = loads_strict_json(index_path.read_bytes(), what="index", file=str(index_path))
-        wm = idx.get("weight_map") if isinstance(idx, dict) else None
-        if not isinstance(wm, dict) or not wm:
-            raise InputError("index has no weight_map", file=str(index_path))
-        for v in wm.values():
-            if not isinstance(v, str):
-                _safe_relpath(v, file=str(index_path))  # raises
-        files = sorted({_safe_relpath(f, file=str(index_path)) for f in set(wm.values())})
-    else:
-        files = sorted(p.name for p in root.glob("*.safetensors"))
-        if not files:
-            raise InputError(f"no {INDEX_NAME} and no *.safetensors files", file=str(root))
-        wm = None
-    headers: dict[str, ShardHeader] = {}
-    for fname in files:
-        p = root / fname
-        if not p.exists() and not p.is_symlink():
-            raise InputError("index names a shard that does not exist", file=str(p))
-        _inside(trust, p, "shard")
-        headers[fname] = read_header(p)
-    # tensor -> file, checking the index against the headers
+
+def tensor_files(headers: dict[str, ShardHeader], wm: dict[str, str] | None) -> dict[str, str]:
+    """tensor -> shard file, in source order, checking the index (if any) against the headers."""
     tensor_file: dict[str, str] = {}
     order = sorted(
         ((fname, t) for fname, h in headers.items() for t in h.tensors.values()), key=lambda x: (x[0], x[1].begin)
@@ -144,34 +124,75 @@ def scan_source(root: Path, *, trust_root: Path | None = None) -> Source:
         for t, fname in wm.items():
             if t not in tensor_file:
                 raise InputError(f"index lists a tensor that {fname} does not hold", file=fname, tensor=t)
+    return tensor_file
+
+
+def parse_config(raw: bytes, name: str, *, file: str) -> dict[str, Any]:
+    obj = loads_strict_json(raw, what=name, file=file)
+    if not isinstance(obj, dict):
+        raise InputError(f"{name} is not a JSON object", file=file)
+    return obj
+
+
+def is_sidecar(rel: str, shard_set: set[str], had_index: bool, *, file: str) -> bool:
+    """Whether the file at ``rel`` (posix, relative to the checkpoint) is copied as it is: every file
+    but the shards, the index, hidden ones (.cache/, .git/), a manifest and partial files. A
+    safetensors file the index does not name is refused."""
+    if any(part.startswith(".") for part in rel.split("/")):
+        return False  # .cache/, .git/, editor files: not part of the checkpoint
+    if rel in shard_set or rel == INDEX_NAME:
+        return False
+    if rel.endswith(".safetensors") and had_index:
+        raise InputError("safetensors file that the index does not name", file=file)
+    return not (rel == MANIFEST_NAME or rel.endswith(PARTIAL_SUFFIX))
+
+
+def scan_source(root: Path, *, trust_root: Path | None = None) -> Source:
+    """Read the index, every shard header and the configs of a local checkpoint folder.
+
+    ``trust_root`` is the folder symlinks may point into (a Hub cache's repo folder, whose snapshot
+    files are links to its blobs); for a plain folder it is the folder itself.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError("source is not a folder", file=str(root))
+    trust = (trust_root or root).resolve()
+    index_path = root / INDEX_NAME
+    had_index = index_path.exists()
+    if had_index:
+        _inside(trust, index_path, "index")
+        wm, files = index_shards(index_path.read_bytes(), file=str(index_path))
+    else:
+        files = sorted(p.name for p in root.glob("*.safetensors"))
+        if not files:
+            raise InputError(f"no {INDEX_NAME} and no *.safetensors files", file=str(root))
+        wm = None
+    headers: dict[str, ShardHeader] = {}
+    for fname in files:
+        p = root / fname
+        if not p.exists() and not p.is_symlink():
+            raise InputError("index names a shard that does not exist", file=str(p))
+        _inside(trust, p, "shard")
+        headers[fname] = read_header(p)
+    tensor_file = tensor_files(headers, wm)
     configs: dict[str, dict[str, Any]] = {}
     for c in CONFIG_FILES:
         p = root / c
         if p.exists():
             _inside(trust, p, c)
-            obj = loads_strict_json(p.read_bytes(), what=c, file=str(p))
-            if not isinstance(obj, dict):
-                raise InputError(f"{c} is not a JSON object", file=str(p))
-            configs[c] = obj
+            configs[c] = parse_config(p.read_bytes(), c, file=str(p))
     sidecars = []
     shard_set = set(files)
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue  # .cache/, .git/, editor files: not part of the checkpoint
         if p.is_dir() and not p.is_symlink():
             continue
-        rel_s = rel.as_posix()
-        if rel_s in shard_set or rel_s == INDEX_NAME:
-            continue
-        if rel_s.endswith(".safetensors") and had_index:
-            raise InputError("safetensors file that the index does not name", file=str(p))
-        if rel_s == MANIFEST_NAME or rel_s.endswith(PARTIAL_SUFFIX):
+        if not is_sidecar(rel.as_posix(), shard_set, had_index, file=str(p)):
             continue
         real = _inside(trust, p, "file")
         if real.is_dir():
             raise InputError("symlink to a folder inside the checkpoint is not supported", file=str(p))
-        sidecars.append(rel_s)
+        sidecars.append(rel.as_posix())
     return Source(root, headers, tensor_file, sidecars, configs, had_index, find_encoded_scales(headers, tensor_file, configs))
 
 

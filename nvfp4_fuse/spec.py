@@ -195,7 +195,8 @@ class OutputSpec:
 
     # -- estimates ---------------------------------------------------------------------------------
     def sidecar_bytes(self) -> int:
-        return sum((self.source.root / p).stat().st_size for p in self.source.sidecars)
+        sizes = self.source.remote_sizes
+        return sum(sizes[p] if sizes is not None else (self.source.root / p).stat().st_size for p in self.source.sidecars)
 
     def output_bytes_estimate(self) -> int:
         headers = sum(8 + len(json.dumps({t.entry.name: 0 for t in s.tensors})) * 3 for s in self.shards)
@@ -208,10 +209,12 @@ class OutputSpec:
         return max(streams * INFLIGHT_BYTES, self.max_expert_bytes) + (1 + streams) * self.max_expert_bytes + (64 << 20)
 
 
-def build_spec(src: Source, options: OutputOptions, *, with_scalars: bool = True) -> OutputSpec:
+def build_spec(src: Source, options: OutputOptions, *, with_scalars: bool = True, scalar_readers: dict | None = None) -> OutputSpec:
     """The output spec of converting ``src`` with ``options``; ``InputError`` for anything unusable.
 
-    ``with_scalars=False`` (a remote dry run: headers only) skips reading the scalar scales.
+    ``with_scalars=False`` (a remote dry run: headers only) skips reading the scalar scales;
+    ``scalar_readers`` (``{shard: object with read_small(name)}``, e.g. range requests to the Hub)
+    reads them instead of the local files.
     """
     target = options.target
     check_source_configs(src.configs)
@@ -229,7 +232,7 @@ def build_spec(src: Source, options: OutputOptions, *, with_scalars: bool = True
             hint = f"; --target {' or '.join(fits)} takes these sizes" if fits else ""
             raise InputError(problems[0] + hint, tensor=layer.prefix)
     if with_scalars:
-        readers = {f: ShardReader(h) for f, h in src.headers.items()}
+        readers = scalar_readers if scalar_readers is not None else {f: ShardReader(h) for f, h in src.headers.items()}
         try:
             for layer in layers.values():
                 read_scalars(layer, readers)
@@ -237,8 +240,9 @@ def build_spec(src: Source, options: OutputOptions, *, with_scalars: bool = True
                     layer.scalars["gate.weight_scale_2"], layer.scalars["up.weight_scale_2"]
                 )
         finally:
-            for r in readers.values():
-                r.close()
+            if scalar_readers is None:
+                for r in readers.values():
+                    r.close()
     out: list[OutTensor] = []
     emitted: set[str] = set()
     max_expert = 0

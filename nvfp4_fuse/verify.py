@@ -141,8 +141,8 @@ def _run_pass(
 ) -> None:
     """The pass: every shard of ``shards`` streamed (side by side, each hashed in its own order when
     ``sha256`` gives the digests to hold them to), its pieces checked on ``workers`` threads, within
-    ``budget``; then the decodes still put off, on the same workers. The mappings are closed on the
-    way out."""
+    ``budget``, the GPU decodes riding along on their own threads; then the workers help finish the
+    decodes still queued, and every decode is read back. The mappings are closed on the way out."""
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nvfp4-verify")
     streams = ThreadPoolExecutor(max_workers=max(1, min(len(shards), workers)), thread_name_prefix="nvfp4-verify-shard")
     futs: dict[str, Future] = {}
@@ -152,13 +152,15 @@ def _run_pass(
             digest = fut.result()
             if digest is not None and sha256 is not None and digest != sha256[name]:
                 raise fail(f"output files do not match the manifest: {name}: sha256 differs from manifest")
-        v.run_deferred(pool, workers)
+        v.drain_decodes(pool, workers)
+        v.finish_decode()
     finally:
         v.stop.set()  # a no-op after a full pass; after a failure, the other streams stop reading
         for fut in futs.values():
             fut.cancel()
         streams.shutdown(wait=True, cancel_futures=True)
         pool.shutdown(wait=True, cancel_futures=True)
+        v.stop_decoders()
         v.close()
 
 
@@ -244,7 +246,6 @@ def check_shards(
     v.on_bytes = on_bytes
     budget = ByteBudget(budget_bytes)
     _run_pass(v, [s for s in shards if s is not None], sha256, budget, workers)
-    v.finish_decode()
     v.check_decoded()
     result = VerifyResult(str(spec.source.root), str(conv_dir), spec.target.name, decode or "cpu")
     result.checks = checks_made(spec, hash_files=sha256 is not None, decode=decode)
@@ -258,26 +259,42 @@ def check_shards(
 
 
 
-def default_workers(*, gpu_decode: bool, cpus: int | None = None) -> int:
-    """Worker threads by default: up to 8, or 6 with the GPU decode. Its per-expert host work (staging,
-    the batched launches, torch's dispatch) is Python that holds the GIL: on the 16-core GPU host, in
-    fresh processes, 6 workers gave the fastest first calls, and 8 little more in later calls
-    (docs/benchmarks.md)."""
+def default_workers(*, gpu_decode: bool = False, cpus: int | None = None) -> int:
+    """Worker threads by default: up to 8, with or without the GPU decode, which runs on threads of its
+    own (``piece_checks.DECODE_THREADS``) beside them."""
     cpus = cpus or os.cpu_count() or 1
-    return max(1, min(6 if gpu_decode else 8, cpus))
+    return max(1, min(8, cpus))
 
 
 def pick_device(device: str) -> str:
-    """'cuda' or 'cpu' for --device auto|cuda|cpu."""
+    """'cuda' or 'cpu' for --device auto|cuda|cpu. torch is imported only where a GPU may be used:
+    never for ``cpu``, nor for ``auto`` where :func:`gpu_may_be_there` says there is none."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise InputError(f"--device must be auto, cuda or cpu, not {device!r}")
+    if device == "cpu" or (device == "auto" and not gpu_may_be_there()):
+        return "cpu"
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
         raise InputError("--device cuda but no CUDA device is visible")
-    if device not in ("cuda", "cpu"):
-        raise InputError(f"--device must be auto, cuda or cpu, not {device!r}")
-    return device
+    return "cpu"
+
+
+def gpu_may_be_there() -> bool:
+    """False where torch surely sees no GPU, found without importing it (1.3 s): torch is not
+    installed, or a Linux machine has no GPU device node (NVIDIA's /dev/nvidia0..., ROCm's /dev/kfd,
+    WSL's /dev/dxg). True otherwise: then torch is asked."""
+    import glob
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    if sys.platform.startswith("linux"):
+        return bool(glob.glob("/dev/nvidia[0-9]*")) or any(os.path.exists(p) for p in ("/dev/kfd", "/dev/dxg"))
+    return True
 
 
 def verify(

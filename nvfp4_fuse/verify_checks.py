@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .constants import E4M3_HALF_STEP as HALF_STEP
+from .constants import E4M3_MAX, E4M3_MIN_SUBNORMAL
 from .constants import E4M3_SUBNORMAL_HALF_SPACING as SUBNORMAL_HALF_SPACING
 from .errors import CheckFailed
 from .host_layout import E4M3_VALUES
@@ -60,6 +61,29 @@ def block_errors(src: np.ndarray, s2_src: float, new: np.ndarray, c: float) -> t
 
 
 _ALL_BYTES = np.arange(256, dtype=np.uint8)
+_E4M3_MIN_NORMAL = 2.0**-6
+_F32_TO_E4M3_EXPONENT = (127 - 7) << 3  # float32's exponent bias against E4M3's, in bits [3, 8) of a byte
+
+
+def rescale_table(ratio: float) -> np.ndarray:
+    """The byte each of the 256 E4M3 block-scale bytes becomes when multiplied by ``ratio`` and rounded
+    back to E4M3 by the reference's rule (:func:`nvfp4.rescale_block_scales <nvfp4_fuse.nvfp4.rescale_block_scales>`:
+    one float32 product, clamped to [2^-9, 448], exact zeros kept, NaN and negative products to zero,
+    round to nearest even).
+
+    Worked out on the float32 bits, apart from both the torch reference and the converter's numpy
+    rounding (a search of the E4M3 values): a normal result keeps 3 of float32's 23 mantissa bits,
+    rounded to nearest even with the carry running into the exponent; a subnormal one is the nearest
+    even multiple of 2^-9 (8 of them being the smallest normal, byte 0x08)."""
+    x = E4M3_VALUES.astype(np.float32) * np.float32(ratio)
+    y = np.minimum(x, np.float32(E4M3_MAX))  # NaN stays NaN, and goes to zero below
+    with np.errstate(invalid="ignore"):
+        y = np.where(y > 0, np.maximum(y, np.float32(E4M3_MIN_SUBNORMAL)), np.float32(0)).astype(np.float32)
+    bits = y.view(np.uint32).astype(np.int64)
+    kept, dropped = bits >> 20, bits & 0xFFFFF
+    kept = kept + ((dropped > 0x80000) | ((dropped == 0x80000) & (kept & 1 == 1)))
+    subnormal = np.rint(y.astype(np.float64) * 2.0**9).astype(np.int64)
+    return np.where(y >= _E4M3_MIN_NORMAL, kept - _F32_TO_E4M3_EXPONENT, subnormal).astype(np.uint8)
 
 
 def rescaled_half_problem(src: np.ndarray, new: np.ndarray, expected: np.ndarray, s2_src: float, c: float) -> tuple[float, str | None]:

@@ -17,6 +17,12 @@ torch's import are a fixed cost, 2.5 s here and 5 s with a CUDA build), the GB/s
 routed-expert data, and the peak RSS.
 
     python scripts/bench_verify.py [--experts 96 --layers 4 --hidden 4096 --inter 2048] [--device auto]
+        [--tree DIR ...] [--rounds N]
+
+``--tree DIR`` times another checkout's verify too (``git archive C nvfp4_fuse kernels scripts | tar -x
+-C DIR``), on the same checkpoint, the trees taken in turn in fresh processes, ``--rounds`` times each:
+medians are printed, with the range. Machines differ by up to 1.5x for the same code, so compare trees
+within one run of this script.
 
 The default is ~3.9 GB of routed experts (96 experts x 3 MoE layers, H 4096, I 2048); it needs about
 3x that in free disk.
@@ -80,6 +86,11 @@ def ensure_checkpoint(work: Path, target: str = "mega-moe", max_shard_size: str 
     return src, out
 
 
+def _span(runs: list[tuple[float, ...]]):
+    """min-max of field ``i`` of ``runs``, as text."""
+    return lambda i: f"{min(r[i] for r in runs):.2f}-{max(r[i] for r in runs):.2f}"
+
+
 def cat_both(a: Path, b: Path) -> float:
     files = [str(p) for p in files_of(a) + files_of(b)]
     t0 = time.perf_counter()
@@ -100,6 +111,8 @@ def main() -> None:
         "--max-shard-size", default="2GB", help="of the converted output: sha256 is a chain per shard, so the largest shard's hash is a floor"
     )
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--tree", action="append", default=[], help="another checkout to time in turn with this one (repeatable)")
+    ap.add_argument("--rounds", type=int, default=1, help="timed processes per tree and device (medians printed)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="nvfp4-bench-verify-", dir=args.workdir))
@@ -119,29 +132,43 @@ def main() -> None:
             print(f"{target}: {len(res.spec.shards)} output shards of at most {args.max_shard_size}", flush=True)
             for device in args.device.split(","):
                 kw = {"device": device, **({"workers": args.workers} if args.workers else {})}
-                cmd = [sys.executable, "-c", VERIFY.format(scripts=str(ROOT / "scripts")), str(src), str(out)]
-                run_measured([*cmd, json.dumps({**kw, "sample": 1})])  # warm-up: page cache, Triton's kernel cache
+                trees = [("this", ROOT), *((Path(t).name, Path(t).resolve()) for t in args.tree)]
+
+                def cmd(tree: Path, out: Path = out) -> list[str]:
+                    return [sys.executable, "-c", VERIFY.format(scripts=str(tree / "scripts")), str(src), str(out)]
+
+                run_measured([*cmd(ROOT), json.dumps({**kw, "sample": 1})])  # warm-up: page cache, Triton's kernel cache
                 cats = [cat_both(src, out) for _ in range(3)]
                 t_cat = statistics.median(cats)
-                wall, peak, anon, stdout = run_measured([*cmd, json.dumps(kw)])
-                res = json.loads(stdout)
-                rel = max(l["max_rel"] for l in res["layers"])
-                call = res["seconds"]  # verify() itself, without Python's start and the imports
-                print(
-                    f"{target:10s} verify ({res['device']}): process {wall:6.2f} s = {wall / t_cat:4.1f}x cat of both ({t_cat:.2f} s); "
-                    f"verify() {call:6.2f} s = {call / t_cat:4.1f}x cat, {2 * data / call / 1e9:5.2f} GB/s of both checkpoints' "
-                    f"expert data | peak RSS {peak / 1e6:.0f} MB (anonymous {anon / 1e6:.0f} MB) | decoded "
-                    f"{sum(l['decoded'] for l in res['layers'])} experts, max rel {100 * rel:.3f}%",
-                    flush=True,
-                )
-                # a second process runs verify() twice; only its second call's time is used (the peak RSS
-                # above is the single call's)
-                again = json.loads(run_measured([*cmd, json.dumps({**kw, "again": True})])[3])["again_seconds"]
-                print(
-                    f"{'':10s} the same verify() called a second time in one process (one-off costs paid): {again:6.2f} s = "
-                    f"{again / t_cat:4.1f}x cat, {2 * data / again / 1e9:5.2f} GB/s",
-                    flush=True,
-                )
+                got: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name, _ in trees}
+                for _ in range(args.rounds):
+                    for name, tree in trees:
+                        wall, peak, anon, stdout = run_measured([*cmd(tree), json.dumps(kw)])
+                        res = json.loads(stdout)
+                        # a second process runs verify() twice; only its second call's time is used (the peak RSS
+                        # is the single call's)
+                        again = json.loads(run_measured([*cmd(tree), json.dumps({**kw, "again": True})])[3])["again_seconds"]
+                        got[name].append((wall, res["seconds"], again, peak))
+                for name, _ in trees:
+                    runs = got[name]
+                    wall = statistics.median(r[0] for r in runs)
+                    call = statistics.median(r[1] for r in runs)  # verify() itself, without Python's start and the imports
+                    again = statistics.median(r[2] for r in runs)
+                    peak = max(r[3] for r in runs)
+                    span = _span(runs)
+                    rel = max(l["max_rel"] for l in res["layers"])
+                    print(
+                        f"{target:10s} [{name}] verify ({res['device']}): process {wall:6.2f} s = {wall / t_cat:4.1f}x cat of both "
+                        f"({t_cat:.2f} s); verify() {call:6.2f} s ({span(1)}) = {call / t_cat:4.1f}x cat, {2 * data / call / 1e9:5.2f} GB/s "
+                        f"of both checkpoints' expert data | peak RSS {peak / 1e6:.0f} MB | decoded "
+                        f"{sum(l['decoded'] for l in res['layers'])} experts, max rel {100 * rel:.3f}%",
+                        flush=True,
+                    )
+                    print(
+                        f"{'':10s} [{name}] the same verify() called a second time in one process (one-off costs paid): {again:6.2f} s "
+                        f"({span(2)}) = {again / t_cat:4.1f}x cat, {2 * data / again / 1e9:5.2f} GB/s",
+                        flush=True,
+                    )
                 for c in res["checks"]:
                     print(f"    - {c}")
             shutil.rmtree(out)

@@ -249,21 +249,20 @@ def profile_verify(work: Path, runs: list[tuple[str, int]], timeline: bool = Fal
     spans: list[tuple[str, float, float]] = []  # verify()'s steps on the calling thread
     verifier = piece_checks.PieceChecker
     for owner, name in ((ver, "load_manifest"), (ver, "scan_source"), (ver, "build_spec"), (ver, "check_structure"),
-                        (ver, "PieceChecker"), (ver, "_run_pass"), (verifier, "run_deferred"), (verifier, "finish_decode")):  # fmt: skip
+                        (ver, "PieceChecker"), (ver, "_run_pass"), (verifier, "drain_decodes"), (verifier, "finish_decode")):  # fmt: skip
         _spanned(spans, owner, name)
-    lane_init, defer = decode_lanes.GpuLane.__init__, verifier._defer
+    lane_init, defer = decode_lanes.GpuLane.__init__, verifier._decode
     put_off = [0]
 
     def counted_lane(self: Any, *args: Any) -> None:
         lane_init(self, *args)
         marks.setdefault("first lane", time.perf_counter())
 
-    def counted_defer(self: Any, *args: Any) -> bool:
-        got = defer(self, *args)
-        put_off[0] += got
-        return got
+    def counted_defer(self: Any, *args: Any) -> None:
+        put_off[0] += not self.kernels_ready.is_set()  # queued before the kernel was loaded
+        defer(self, *args)
 
-    decode_lanes.GpuLane.__init__, verifier._defer = counted_lane, counted_defer
+    decode_lanes.GpuLane.__init__, verifier._decode = counted_lane, counted_defer
     for device, workers in runs:
         acc.clear()
         marks.clear()

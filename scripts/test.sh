@@ -3,7 +3,8 @@
 # Triton kernels run under TRITON_INTERPRET=1 in their tests. Extra arguments go to pytest.
 # Then the vLLM plugin's tests (tests/vllm, skipped by the run above) once per vLLM release in
 # VLLM_RELEASES, each in its own .venv-vllm-<minor> against that release's own code
-# (scripts/setup_vllm_env.sh), with the time each run took.
+# (scripts/setup_vllm_env.sh), with the time each run took. Then SGLang's tests (tests/sglang) in
+# .venv-sglang (scripts/setup_sglang_env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ cd "$(dirname "$0")/.."
 VLLM_RELEASES=(0.33.0 0.34.0)
 
 bash scripts/setup_env.sh
+# the real exporters (nvidia-modelopt, llm-compressor) tests/test_real_exports.py runs
+bash scripts/make_real_exports.sh --setup
 . .venv/bin/activate
 ruff check .
 python -m pytest -q -p no:cacheprovider "$@"
@@ -22,3 +25,7 @@ for release in "${VLLM_RELEASES[@]}"; do
   ".venv-vllm-$minor/bin/python" -m pytest -q -p no:cacheprovider tests/vllm
   echo "tests/vllm on vLLM $release: $((SECONDS - start)) s"
 done
+bash scripts/setup_sglang_env.sh
+start=$SECONDS
+.venv-sglang/bin/python -m pytest -q -p no:cacheprovider tests/sglang
+echo "tests/sglang on SGLang 0.5.23: $((SECONDS - start)) s"

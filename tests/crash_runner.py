@@ -7,6 +7,7 @@
   bytes:N   once this run has handed N tensor bytes to shard writers (mid-shard)
   index     just before the index is written
   manifest  just before the manifest is written
+  fetch:N   once this run has downloaded N bytes of source files from the Hub (mid-file)
 
 The hooks wrap the converter's own functions from outside, so the production code carries no test
 switch; the kill itself is a real SIGKILL of this process, with no chance to clean up.
@@ -64,6 +65,18 @@ def install(point: str) -> None:
         conv.write_file_atomic = atomic
     elif phase == "manifest":
         conv.save_manifest = lambda *a, **kw: die()
+    elif phase == "fetch":
+        from nvfp4_fuse.hub import fetch
+
+        orig_add = fetch.FetchStats.add  # every piece written to an .incomplete file is counted here
+
+        def add(self, *a, nbytes: int = 0, **kw):
+            orig_add(self, *a, nbytes=nbytes, **kw)
+            state["seen"] += nbytes
+            if state["seen"] >= count:
+                die()
+
+        fetch.FetchStats.add = add
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 

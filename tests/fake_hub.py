@@ -30,17 +30,30 @@ Errors carry the Hub's ``X-Error-Code`` headers (RepoNotFound, RevisionNotFound,
 huggingface_hub raises its usual exception classes. Wrong bearer token -> 401; write without token
 -> 401. Fault injection: ``fail_next("commit", 503)`` answers the next commit with 503 (queue per
 endpoint name: create, branch, validate-yaml, preupload, lfs-batch, lfs-upload, lfs-verify, commit,
-paths-info, tree, info, resolve). ``corrupt_paths`` flips the first byte of those files when they
-are committed (to test the post-upload check). Everything received is recorded.
+paths-info, tree, info, resolve; ``download`` is the GET of a file alone, not its HEAD).
+``corrupt_paths`` flips the first byte of those files when they are committed (to test the post-upload
+check). Everything received is recorded.
+
+Throttling and download faults: ``FakeHub(download_rate=..., upload_rate=...)`` (bytes/s, ``None`` =
+unthrottled) sends every file body (whole or a Range) and reads every request body through one
+:class:`TokenBucket` per direction, shared by all connections, like one link. ``fault_download(...)``
+arms a fault for the next GET of a file (or of the files matching a glob): ``reset_after=N`` sends N
+body bytes then resets the connection (TCP RST); ``stall_after=N, stall_s=S`` sends N bytes, goes
+silent S seconds, then closes. ``range_log`` holds (path, Range header or None) of every file GET,
+``bytes_served``/``bytes_received`` count body bytes each way.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
+import socket
+import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,11 +64,51 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def lfs_pointer(data: bytes) -> bytes:
+def lfs_pointer(data: bytes, sha256: str | None = None) -> bytes:
     return (
-        f"version https://git-lfs.github.com/spec/v1\noid sha256:{hashlib.sha256(data).hexdigest()}\n"
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256 or hashlib.sha256(data).hexdigest()}\n"
         f"size {len(data)}\n"
     ).encode()
+
+
+class TokenBucket:
+    """A shared rate limit: ``take(n)`` returns once ``n`` more bytes fit under ``rate`` bytes/s.
+
+    Every caller (every connection thread of one direction) draws on the same bucket, so the total
+    through it is ``rate``, whatever the number of parallel requests. Up to ``burst`` bytes may pass at
+    once after an idle spell. ``rate=None`` never waits.
+    """
+
+    def __init__(self, rate: float | None, burst: int = 64 << 10):
+        self.rate = rate
+        self.burst = burst
+        self._t = 0.0  # the moment the bytes taken so far have all "passed"
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        if not self.rate or n <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(self._t, now - self.burst / self.rate)
+            self._t = start + n / self.rate
+            wait = self._t - now
+        if wait > 0:
+            time.sleep(wait)
+
+
+# body bytes go through the buckets in pieces of this size, so parallel transfers share the rate
+THROTTLE_CHUNK = 64 << 10
+
+
+@dataclass
+class DownloadFault:
+    """A fault armed for the next GET of a file whose path matches ``pattern``."""
+
+    pattern: str = "*"
+    reset_after: int | None = None  # body bytes sent before a TCP reset
+    stall_after: int | None = None  # body bytes sent before going silent
+    stall_s: float = 30.0  # how long the silence lasts (then the connection is closed)
 
 
 @dataclass
@@ -63,19 +116,27 @@ class StoredFile:
     data: bytes
     lfs: bool
 
+    @functools.cached_property
+    def sha256(self) -> str:  # hashed once: a served Range must not cost a hash of the whole file
+        return hashlib.sha256(self.data).hexdigest()
+
+    @functools.cached_property
+    def git_sha1(self) -> str:
+        return git_blob_sha1(self.data)
+
     def entry(self, path: str) -> dict:
         d = {"type": "file", "path": path, "size": len(self.data)}
         if self.lfs:
-            ptr = lfs_pointer(self.data)
+            ptr = lfs_pointer(self.data, self.sha256)
             d["oid"] = git_blob_sha1(ptr)
-            d["lfs"] = {"oid": hashlib.sha256(self.data).hexdigest(), "size": len(self.data), "pointerSize": len(ptr)}
+            d["lfs"] = {"oid": self.sha256, "size": len(self.data), "pointerSize": len(ptr)}
         else:
-            d["oid"] = git_blob_sha1(self.data)
+            d["oid"] = self.git_sha1
         return d
 
     def remote_oid(self) -> str:
         # what preupload reports and CommitOperationAdd._local_oid compares with
-        return hashlib.sha256(self.data).hexdigest() if self.lfs else git_blob_sha1(self.data)
+        return self.sha256 if self.lfs else self.git_sha1
 
 
 @dataclass
@@ -100,7 +161,15 @@ class Repo:
 
 
 class FakeHub:
-    def __init__(self, *, token: str = "fake", lfs_patterns=("*.safetensors", "*.bin"), lfs_min_size: int = 10 << 20):
+    def __init__(
+        self,
+        *,
+        token: str = "fake",
+        lfs_patterns=("*.safetensors", "*.bin"),
+        lfs_min_size: int = 10 << 20,
+        download_rate: float | None = None,
+        upload_rate: float | None = None,
+    ):
         self.token = token
         self.lfs_patterns = tuple(lfs_patterns)
         self.lfs_min_size = lfs_min_size
@@ -110,6 +179,14 @@ class FakeHub:
         self.commit_payloads: list[list[dict]] = []
         self.faults: dict[str, list[int]] = {}
         self.corrupt_paths: set[str] = set()
+        self.download_bucket = TokenBucket(download_rate)
+        self.upload_bucket = TokenBucket(upload_rate)
+        self.download_faults: list[DownloadFault] = []
+        self.fired_faults: list[tuple[str, DownloadFault]] = []  # (path, fault) as they happened
+        self.range_log: list[tuple[str, str | None]] = []  # (path, Range header) of every file GET
+        self.bytes_served = 0  # file body bytes sent
+        self.bytes_received = 0  # request body bytes read
+        self._stopping = threading.Event()  # ends stalls early when the fake stops
         self.lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -128,6 +205,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -148,6 +226,29 @@ class FakeHub:
     def fail_next(self, name: str, *statuses: int) -> None:
         with self.lock:
             self.faults.setdefault(name, []).extend(statuses)
+
+    def fault_download(
+        self,
+        pattern: str = "*",
+        *,
+        reset_after: int | None = None,
+        stall_after: int | None = None,
+        stall_s: float = 30.0,
+    ) -> None:
+        """Arm one fault for the next GET of a file matching ``pattern`` (see the module doc)."""
+        if (reset_after is None) == (stall_after is None):
+            raise ValueError("give exactly one of reset_after, stall_after")
+        with self.lock:
+            self.download_faults.append(DownloadFault(pattern, reset_after, stall_after, stall_s))
+
+    def set_rates(self, *, download_rate: float | None = None, upload_rate: float | None = None) -> None:
+        """Change the throttles (``None`` = unthrottled) for the requests that start from now on."""
+        self.download_bucket = TokenBucket(download_rate)
+        self.upload_bucket = TokenBucket(upload_rate)
+
+    def ranged_gets(self, path: str) -> list[str | None]:
+        """The Range headers of every GET of ``path`` (``None`` for a whole-file GET), in order."""
+        return [r for p, r in self.range_log if p == path]
 
     def files(self, repo_id: str, rev: str = "main") -> dict[str, bytes]:
         with self.lock:
@@ -219,6 +320,18 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     # -- plumbing -----------------------------------------------------------------------------
+    def _read(self, n: int) -> bytes:
+        """``n`` body bytes, drawn through the upload throttle."""
+        out = bytearray()
+        while len(out) < n:
+            piece = self.rfile.read(min(THROTTLE_CHUNK, n - len(out)))
+            if not piece:
+                break
+            self.fake.upload_bucket.take(len(piece))
+            out += piece
+        self.fake.bytes_received += len(out)
+        return bytes(out)
+
     def _body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             out = bytearray()
@@ -228,10 +341,52 @@ class _Handler(BaseHTTPRequestHandler):
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
                     return bytes(out)
-                out += self.rfile.read(size)
+                out += self._read(size)
                 self.rfile.readline()
         n = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(n) if n else b""
+        return self._read(n) if n else b""
+
+    def _send_file(self, status: int, body: bytes, headers: dict, path: str) -> None:
+        """Send a file's bytes through the download throttle, firing an armed fault if one matches."""
+        fault = None
+        with self.fake.lock:
+            self.fake.range_log.append((path, self.headers.get("Range")))
+            for i, f in enumerate(self.fake.download_faults):
+                if fnmatch(path, f.pattern):
+                    fault = self.fake.download_faults.pop(i)
+                    self.fake.fired_faults.append((path, fault))
+                    break
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.fake.log.append((self.command, self._name, self.path, status))
+        limit = len(body)
+        if fault is not None:
+            limit = min(limit, fault.reset_after if fault.reset_after is not None else fault.stall_after)
+        view = memoryview(body)
+        sent = 0
+        try:
+            while sent < limit:
+                n = min(THROTTLE_CHUNK, limit - sent)
+                self.fake.download_bucket.take(n)
+                self.wfile.write(view[sent : sent + n])
+                sent += n
+                self.fake.bytes_served += n
+            if fault is None:
+                return
+            self.wfile.flush()
+            if fault.stall_after is not None:
+                self.fake._stopping.wait(fault.stall_s)
+                self.connection.shutdown(socket.SHUT_RDWR)
+            else:  # an abortive close: the client reads ECONNRESET, not a clean end of stream
+                time.sleep(0.2)  # once it had the time to read the N bytes (a reset drops unread ones)
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+        except OSError:  # the client went away (it timed out on a stall, or was killed)
+            pass
+        self.close_connection = True
 
     def _send(self, status: int, body: bytes | dict | list = b"", headers: dict | None = None) -> None:
         if not isinstance(body, bytes):
@@ -275,11 +430,16 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(401, "You must be authenticated to write", "RepoNotFound" if "repo" in g else None)
 
         with self.fake.lock:
-            queue = self.fake.faults.get(self._name)
-            if queue:
-                status = queue.pop(0)
-                return self._error(status, f"injected {status} on {self._name}")
-            return getattr(self, "h_" + self._name.replace("-", "_"))(body=body, **g)
+            names = [self._name] + (["download"] if self._name == "resolve" and self.command == "GET" else [])
+            for name in names:
+                queue = self.fake.faults.get(name)
+                if queue:
+                    status = queue.pop(0)
+                    return self._error(status, f"injected {status} on {name}")
+            if self._name != "resolve":
+                return getattr(self, "h_" + self._name.replace("-", "_"))(body=body, **g)
+        # file bytes are sent outside the lock: a throttled download must not hold up other requests
+        return self.h_resolve(body=body, **g)
 
     do_GET = do_POST = do_PUT = do_HEAD = _dispatch
 
@@ -481,7 +641,7 @@ class _Handler(BaseHTTPRequestHandler):
         f = c.files.get(path)
         if f is None:
             return self._error(404, f"{path} not found", "EntryNotFound")
-        etag = hashlib.sha256(f.data).hexdigest() if f.lfs else git_blob_sha1(f.data)
+        etag = f.remote_oid()
         h = {"X-Repo-Commit": c.oid, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         if f.lfs:
             h["X-Linked-Etag"] = f'"{etag}"'
@@ -491,6 +651,13 @@ class _Handler(BaseHTTPRequestHandler):
         if m:
             start = int(m.group(1))
             end = min(int(m.group(2)) if m.group(2) else len(f.data) - 1, len(f.data) - 1)
+            if start >= len(f.data):
+                return self._send(416, b"", {"Content-Range": f"bytes */{len(f.data)}"})
             h["Content-Range"] = f"bytes {start}-{end}/{len(f.data)}"
-            return self._send(206, f.data[start : end + 1], h)
-        self._send(200, f.data, h)
+            return self._file(206, f.data[start : end + 1], h, path)
+        self._file(200, f.data, h, path)
+
+    def _file(self, status: int, body: bytes, headers: dict, path: str) -> None:
+        if self.command == "HEAD":
+            return self._send(status, body, headers)
+        self._send_file(status, body, headers, path)

@@ -22,8 +22,8 @@ def test_convert_verify_push_from_a_repo_id(make_ckpt, tmp_path, fake_hub, monke
 
     r = runner.invoke(app, ["convert", "org/src", str(tmp_path / "dry"), "--dry-run", "--target", "vllm-fused"])
     assert r.exit_code == 0, (r.output, r.exception)
-    assert "layers.1.ffn.experts" in r.output and "Hub's shard headers alone" in r.output
-    assert "no config.json" not in r.output  # a plan from headers reads no config: nothing to warn of
+    assert "layers.1.ffn.experts" in r.output and "Hub's shard headers and configs" in r.output
+    assert "no config.json" not in r.output  # the plan reads the configs: nothing to warn of
     assert not (tmp_path / "dry").exists()
 
     out = tmp_path / "out"

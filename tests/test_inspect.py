@@ -204,6 +204,26 @@ def test_dsv4_recipes(dsv4):
     assert ca["config"]["quant_algo"] is None and ca["config"]["expert_format"]["scale_dtype"] == "fp8_e4m3"
 
 
+def test_sglang_reads_the_dsv4_recipe_keys_from_config_json_only(dsv4, tmp_path):
+    """SGLang 0.5.23 detects NVFP4 DeepSeek-V4 from config.json's quantization_config alone
+    (tests/sglang runs its code on this case): the same keys only in hf_quant_config.json fail."""
+    import shutil
+
+    src = tmp_path / "nv"
+    shutil.copytree(dsv4["nvidia"], src)
+    cfg = json.loads((src / "config.json").read_text())
+    hq = json.loads((src / "hf_quant_config.json").read_text())
+    for k in ("quant_algo", "moe_quant_algo", "group_size"):
+        hq["quantization"][k] = cfg["quantization_config"].pop(k)
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / "hf_quant_config.json").write_text(json.dumps(hq))
+    rep = report_of(src)
+    assert rep["config"]["quant_algo"] == "MIXED_PRECISION"  # what vLLM reads is still there
+    row = verdict(rep, "sglang-0.5.23:flashinfer_trtllm")
+    assert row["verdict"] == "fails" and "in config.json's quantization_config" in row["messages"][0]
+    assert verdict(report_of(dsv4["nvidia"]), "sglang-0.5.23:flashinfer_trtllm")["verdict"] == "loads"
+
+
 def test_dsv4_unequal_scale_2_fails_megamoe_on_the_plugin(dsv4, tmp_path):
     import shutil
 

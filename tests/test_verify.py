@@ -276,18 +276,14 @@ def test_rescale_tolerance_is_exactly_half_an_e4m3_step(x, ok):
 def test_a_block_scale_beyond_the_bound_fails_verify(make_ckpt, tmp_path, monkeypatch):
     """End to end through verify: an output whose rescaled block scales are all one E4M3 step too
     big is refused by the bound, even if the exactness check is told to expect those very bytes."""
-    import torch
-
-    import nvfp4_fuse.nvfp4 as nv
-
     # enough rescaled blocks that a one-step error lands outside the bound in some (how far outside
     # depends on each scale's mantissa and on how the exact value rounded)
     src = make_ckpt(layers=2, experts=4, hidden=256, inter=128, unequal_scale_2=True)
-    real = nv.rescale_block_scales
+    real = piece_checks.rescale_table
 
-    def one_step_up(s, ratio):  # the exactness check now expects what the converter wrote
-        b = real(s, ratio).view(torch.uint8)
-        return torch.where((b > 0x08) & (b < 0x7E), b + 1, b).view(torch.float8_e4m3fn)
+    def one_step_up(ratio):  # the exactness check now expects what the converter wrote
+        b = real(ratio)
+        return np.where((b > 0x08) & (b < 0x7E), b + 1, b).astype(np.uint8)
 
     import nvfp4_fuse.host_layout as hl
 
@@ -302,7 +298,7 @@ def test_a_block_scale_beyond_the_bound_fails_verify(make_ckpt, tmp_path, monkey
     monkeypatch.setattr("nvfp4_fuse.convert.rescale_block_scales", one_step_up_np)
     out = tmp_path / "out"
     convert(src, out, ConvertOptions(target="linear"))
-    monkeypatch.setattr(nv, "rescale_block_scales", one_step_up)
+    monkeypatch.setattr(piece_checks, "rescale_table", one_step_up)
     _expect_fail(src, out, "more than half an E4M3 step")
 
 
@@ -381,12 +377,13 @@ def test_the_rescaled_half_check_agrees_with_the_elementwise_one():
     assert problem is not None and problem.startswith(f"at [{r}, {k}]") and "off the source" in problem
 
 
-@pytest.mark.parametrize("when", ["a third", "all", "cap"])
-def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypatch, when):
-    """The GPU path's first decodes wait for the kernel in a queue while the pass goes on: every
-    expert part is still decoded exactly once, by a worker once the kernel is ready, during the pass
-    or after it, and the result is the CPU reference's. A stand-in lane runs the kernel's
-    torch reference; the warm-up sets the kernel ready only after some decodes were put off."""
+@pytest.mark.parametrize("when", ["during the pass", "after the pass", "cap"])
+def test_gpu_decodes_ride_along_the_pass_and_all_run_once(converted, monkeypatch, when):
+    """The GPU path queues each decode for threads of its own and goes on with the pass: every expert
+    part is decoded exactly once, its values' pages stay mapped until then and are dropped after (the
+    pass's release and the decode's), and the result is the CPU reference's. A stand-in lane runs the
+    kernel's torch reference. "after the pass" holds every decode until the pass is over (a pass that
+    waited for one would never end), "cap" leaves room for one part in the queue."""
     import threading
     from collections import Counter
 
@@ -398,41 +395,30 @@ def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypa
     src, out = converted(target, experts=experts, hidden=hidden, inter=inter)
     total = 2 * experts  # one MoE layer: w13 and w2 of each expert
     launched: Counter = Counter()
-    deferred = threading.Semaphore(0)
+    pass_over = threading.Event()
 
-    class CpuLane(decode_lanes.ReferenceLane):  # a GPU lane's life: made once the kernel is ready
+    class CpuLane(decode_lanes.ReferenceLane):  # in place of the GPU lane
         def __init__(self, on_stats, kernels_ready=None):
-            assert kernels_ready.wait(30)
             super().__init__(on_stats)
 
         def launch(self, key, *args):
+            if when == "after the pass":
+                assert pass_over.wait(30), "the pass waited for a decode"
             launched[key[:3]] += 1
             super().launch(key, *args)
 
-    real_defer = piece_checks.PieceChecker._defer
-
-    def counting_defer(self, *a):
-        put_off = real_defer(self, *a)
-        if put_off:
-            deferred.release()
-        return put_off
-
-    wanted = {"a third": max(1, total // 3), "all": total, "cap": 1}[when]
-    if when == "cap":  # room for one expert part's values: the next decode waits for the kernel
+    if when == "cap":  # room for one expert part's values: the next worker waits for a decode thread
         monkeypatch.setattr(piece_checks, "DEFERRED_BYTES", 2 * hidden * inter // 2)
+    real_drain = piece_checks.PieceChecker.drain_decodes
 
-    def warm(plan, ready):
-        try:
-            if plan.result() is not None:
-                for _ in range(wanted):
-                    assert deferred.acquire(timeout=30)
-        finally:
-            ready.set()
+    def drain(self, *a):
+        pass_over.set()
+        return real_drain(self, *a)
 
+    monkeypatch.setattr(piece_checks.PieceChecker, "drain_decodes", drain)
     monkeypatch.setattr(piece_checks, "GpuLane", CpuLane)
-    monkeypatch.setattr(ver, "warm_kernels", warm)
+    monkeypatch.setattr(ver, "warm_kernels", lambda plan, ready: ready.set())
     monkeypatch.setattr(ver, "pick_device", lambda device: "cuda")
-    monkeypatch.setattr(piece_checks.PieceChecker, "_defer", counting_defer)
     released: Counter = Counter()  # the output's expert parts whose pages were dropped, by tensor and offset
     real_release = shard_reader.ShardReader.release_tensor
 
@@ -441,18 +427,62 @@ def test_decodes_put_off_while_the_kernel_loads_all_run_once(converted, monkeypa
         return real_release(self, name, start, length)
 
     monkeypatch.setattr(shard_reader.ShardReader, "release_tensor", counting_release)
-    put_off: list = []
-    real_launch_deferred = piece_checks.PieceChecker._launch_deferred
-    monkeypatch.setattr(piece_checks.PieceChecker, "_launch_deferred", lambda self, item: (put_off.append((item[0].prefix, *item[1:3])), real_launch_deferred(self, item)))
     seen = verify_mapped_at_close(monkeypatch)
     got = verify(src, out, device="cuda", workers=random.choice([1, 2, 4]))
     assert seen == [0], f"{seen[0] >> 10} KiB still mapped after the pass"
     assert sorted(launched.values()) == [1] * total, launched
-    assert len(put_off) == len(set(put_off)) >= wanted
-    for prefix, part, e in put_off:  # dropped by the pass once, and again after the put-off decode read them
+    for part in ("w13_weight", "w2_weight"):  # dropped by the pass once, and once the decode had staged them
         per = 2 * inter * hidden // 2 if part == "w13_weight" else hidden * inter // 2
-        assert released[(f"{prefix}.{part}", e * per)] == 2, (part, e)
+        for e in range(experts):
+            assert released[(f"{P}.{part}", e * per)] == 2, (part, e)
     ref = verify(src, out, device="cpu", decode=True)
     for g, c in zip(got.layers, ref.layers):
         assert g.decoded == c.decoded == experts
         assert g.max_abs == c.max_abs and g.max_rel == c.max_rel
+
+
+_REPORT_IMPORTS = (
+    "import atexit, sys; atexit.register(lambda: print('imported:', "
+    "sorted(m for m in ('torch', 'triton') if m in sys.modules), file=sys.stderr)); "
+)
+
+
+@pytest.mark.parametrize("how", ["verify(device='cpu')", "verify(device='auto')", "cli --device cpu"])
+def test_a_cpu_verify_never_imports_torch(converted, how):
+    """The CPU path is numpy only, like convert's: torch (1.3 s to import) and Triton are imported only
+    when a GPU decode runs. Rescaled halves, so the block-scale check's RNE table is worked out too."""
+    import subprocess
+    import sys
+
+    if how.endswith("'auto')") and ver.gpu_may_be_there():
+        pytest.skip("auto picks the GPU where there may be one")
+    src, out = converted("vllm-fused", unequal_scale_2=True)
+    if how.startswith("cli"):
+        code = _REPORT_IMPORTS + (
+            f"sys.argv = ['nvfp4-fuse', 'verify', {str(src)!r}, {str(out)!r}, '--device', 'cpu']; "
+            "from nvfp4_fuse.cli import main; main()"
+        )
+    else:
+        code = _REPORT_IMPORTS + (
+            f"from nvfp4_fuse.verify import verify; r = {how[:-1]}, source_dir={str(src)!r}, conv_dir={str(out)!r}); "
+            "assert r.device == 'cpu' and r.layers[0].rescaled == 4 and r.layers[0].checked == 4, r"
+        )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "imported: []" in r.stderr, r.stderr
+
+
+def test_the_block_scale_check_rescales_as_the_torch_reference_does():
+    """verify's own RNE table (float32 bits, no torch) against the reference the converter is held to,
+    for every byte, at ratios over the whole range a rescale uses (subnormal results and clamps too)."""
+    import torch
+
+    from nvfp4_fuse.nvfp4 import rescale_block_scales
+    from nvfp4_fuse.verify_checks import rescale_table
+
+    ratios = [1.0, 0.5, 2.0**-12, float(np.nextafter(np.float32(1), np.float32(0)))]
+    ratios += [k / 64 for k in range(1, 64)]  # products halfway between two E4M3 values: ties to even
+    ratios += [float(2.0 ** random.uniform(-14, 0)) for _ in range(300)]
+    for ratio in ratios:
+        want = rescale_block_scales(torch.arange(256, dtype=torch.uint8), ratio).view(torch.uint8).numpy()
+        assert np.array_equal(rescale_table(ratio), want), ratio

@@ -8,6 +8,9 @@ What has to be stubbed, because it is GPU-only, and nothing else:
   (attention is not what is tested; a placeholder module stands in);
 - ``torch.cuda.Stream``: the model makes three aux CUDA streams;
 - ``fp8.init_fp8_linear_kernel``: there is no CPU kernel for the FP8 block-scaled linears;
+- ``modelopt.init_nvfp4_linear_kernel``: nor for NVFP4 linears (a real ModelOpt export quantizes
+  attention too); the stand-in kernel says it takes no pre-quantized input, all ``create_weights``
+  asks of it;
 - ``DeepGemmMegaMoEExperts._kernel_fuses_shared_experts``: asks DeepGEMM's Python API (not
   importable here) whether the kernel takes a shared expert; it says yes, as a current DeepGEMM does,
   so the shared expert is fused as on an SM100 host;
@@ -178,6 +181,10 @@ def cpu_stand_ins(ep_size: int = 1, ep_rank: int = 0, backend: str = MEGA):
             mock.patch.object(dsv41, "_select_dsv4_attn_cls", lambda cfg: PlaceholderAttention),
             mock.patch.object(torch.cuda, "Stream", lambda *a, **k: None),
             mock.patch("vllm.model_executor.layers.quantization.fp8.init_fp8_linear_kernel", lambda *a, **k: None),
+            mock.patch(
+                "vllm.model_executor.layers.quantization.modelopt.init_nvfp4_linear_kernel",
+                lambda *a, **k: SimpleNamespace(input_quant_key=lambda: None),
+            ),
             mock.patch.object(dg.DeepGemmMegaMoEExperts, "_kernel_fuses_shared_experts", lambda self, spec: True),
             mock.patch.object(dsv4, "get_ep_group", lambda: ep),
             mock.patch.object(FusedMoEParallelConfig, "make", staticmethod(moe_parallel_config)),
@@ -246,10 +253,11 @@ def experts_state(model: torch.nn.Module) -> dict[str, torch.Tensor | float]:
 
 
 def routed_experts(model: torch.nn.Module, n: int) -> torch.nn.Module:
-    """Layer ``n``'s per-expert NVFP4 experts (``RoutedExperts`` inside vLLM's MoE runner)."""
+    """Layer ``n``'s per-expert NVFP4 experts (``RoutedExperts`` inside vLLM's MoE runner), in any
+    model whose decoder layers hold one MoE block."""
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
-    found = [m for m in backbone(model).layers[n].ffn.experts.modules() if isinstance(m, RoutedExperts)]
+    found = [m for m in backbone(model).layers[n].modules() if isinstance(m, RoutedExperts)]
     assert len(found) == 1, found
     return found[0]
 
