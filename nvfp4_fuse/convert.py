@@ -196,6 +196,18 @@ class _Ctx:
         for r in readers:
             r.close()
 
+    def changed_source(self) -> InputError | None:
+        """The error naming an open source file that is no longer the one whose header was read
+        (another size, another file under its name, written to), or None. One deleted once read is
+        not: it reads on from its open descriptor (a fetched source shard is freed so)."""
+        with self.readers.lock:
+            readers = list(self.readers.values())
+        for reader in readers:
+            why = reader.changed(missing_ok=True)
+            if why is not None:
+                return InputError(why, file=str(reader.header.path))
+        return None
+
     def tensor(self, ref: SourceRef, chunk: _Chunk, start: int = 0, length: int | None = None) -> tuple[ShardReader, str]:
         """The reader of a source tensor; records bytes ``[start, start + length)`` of it in ``chunk``."""
         reader = self.readers[ref.file]
@@ -793,11 +805,8 @@ def _write_shards(
         size, digest = _write_shard(shared, out, shard, meta)
         # A source replaced or rewritten while this shard was read leaves no failed read behind (the
         # old file stays open): it is caught here, before the shard is journaled, so a rerun redoes it.
-        # One deleted once read (a fetched source shard freed) reads on from its open descriptor.
-        for reader in shared.ctx.readers.values():
-            why = reader.changed(missing_ok=True)
-            if why is not None:
-                raise InputError(why, file=str(reader.header.path))
+        if (changed := shared.ctx.changed_source()) is not None:
+            raise changed
         with shared.lock:
             shard_done(shard.name, size, digest)
 
@@ -819,12 +828,9 @@ def _write_shards(
         if isinstance(e, OSError | InputError):
             # A source that shrank or was replaced mid-run fails a read wherever it happens: a copy
             # comes up short (EIO), a write from its mapping faults (EFAULT), a read ends early. Name
-            # the file, not the output folder the error would otherwise be reported against. (A source
-            # deleted once read is not the cause: it reads on from its open descriptor.)
-            for reader in ctx.readers.values():
-                why = reader.changed(missing_ok=True)
-                if why is not None:
-                    raise InputError(why, file=str(reader.header.path)) from e
+            # the file, not the output folder the error would otherwise be reported against.
+            if (changed := ctx.changed_source()) is not None:
+                raise changed from e
         raise
     finally:
         writers.shutdown(wait=True, cancel_futures=True)
