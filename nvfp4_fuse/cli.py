@@ -12,6 +12,7 @@ the checkpoint, 130 interrupted.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sys
 from pathlib import Path
@@ -23,9 +24,9 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
-from . import __version__
+from . import __version__, mapped_faults
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, InputError, Nvfp4FuseError
-from .json_out import emit, error_body
+from .json_out import emit, envelope, error_body
 from .layout import W13Order
 from .progress import byte_progress, progress_enabled
 from .targets import DEFAULT_TARGET, TARGET_NAMES, TargetName
@@ -795,6 +796,19 @@ def main() -> None:
         line = "interrupted; rerun the same command to resume" if sys.argv[1:2] == ["convert"] else "interrupted"
         err.print(line)
         fail(EXIT_INTERRUPTED, line)
+
+    def mapped_fault(line: str) -> None:
+        """A read through the mapping of a file that shrank (SIGBUS, in any thread): the one error line
+        (and the JSON error), then exit 2 with nothing cleaned up (mapped_faults.py says why that
+        resumes)."""
+        lead = "\n" if sys.stderr.isatty() else ""  # a progress bar may have the line
+        os.write(2, f"{lead}error: {line}\n".encode(errors="replace"))
+        if json_cmd:
+            body = json.dumps(envelope(json_cmd, error_body(EXIT_BAD_INPUT, line), ok=False), indent=1)
+            os.write(1, (body + "\n").encode())
+        os._exit(EXIT_BAD_INPUT)
+
+    mapped_faults.install(mapped_fault)
 
     try:
         rc = app(standalone_mode=False)

@@ -196,6 +196,18 @@ class _Ctx:
         for r in readers:
             r.close()
 
+    def changed_source(self) -> InputError | None:
+        """The error naming an open source file that is no longer the one whose header was read
+        (another size, another file under its name, written to), or None. One deleted once read is
+        not: it reads on from its open descriptor (a fetched source shard is freed so)."""
+        with self.readers.lock:
+            readers = list(self.readers.values())
+        for reader in readers:
+            why = reader.changed(missing_ok=True)
+            if why is not None:
+                return InputError(why, file=str(reader.header.path))
+        return None
+
     def tensor(self, ref: SourceRef, chunk: _Chunk, start: int = 0, length: int | None = None) -> tuple[ShardReader, str]:
         """The reader of a source tensor; records bytes ``[start, start + length)`` of it in ``chunk``."""
         reader = self.readers[ref.file]
@@ -827,6 +839,10 @@ def _write_shards(
         if reserve is not None and not reserve(shard, shared.stop):  # --push-to from a folder: the same
             raise _Stopped  # (False: the run stopped while it waited)
         size, digest = _write_shard(shared, out, shard, meta)
+        # A source replaced or rewritten while this shard was read leaves no failed read behind (the
+        # old file stays open): it is caught here, before the shard is journaled, so a rerun redoes it.
+        if (changed := shared.ctx.changed_source()) is not None:
+            raise changed
         with shared.lock:
             shard_done(shard.name, size, digest)
 
@@ -845,6 +861,12 @@ def _write_shards(
         wait(futs)
         if isinstance(e, _Stopped):  # cannot be first: a stream stops only after another failed
             raise AssertionError("a shard stream stopped with no failure") from e
+        if isinstance(e, OSError | InputError):
+            # A source that shrank or was replaced mid-run fails a read wherever it happens: a copy
+            # comes up short (EIO), a write from its mapping faults (EFAULT), a read ends early. Name
+            # the file, not the output folder the error would otherwise be reported against.
+            if (changed := ctx.changed_source()) is not None:
+                raise changed from e
         raise
     finally:
         writers.shutdown(wait=True, cancel_futures=True)

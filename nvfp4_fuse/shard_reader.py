@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from . import mapped_faults
 from .errors import InputError
 from .page_release import FAULT_AROUND, release_window, unheld_gaps
 from .safetensors_header import ShardHeader
@@ -47,7 +48,10 @@ class ShardReader:
     def __init__(self, header: ShardHeader):
         self.header = header
         self._fd = os.open(header.path, os.O_RDONLY)
+        st = os.fstat(self._fd)
+        self._ino, self._mtime_ns = st.st_ino, st.st_mtime_ns
         self._map: mmap.mmap | None = None
+        self._base = 0  # where the mapping starts in the address space
         self._skew = 0
         self._map_lock = threading.Lock()
         self._held: dict[tuple[int, int], int] = {}  # (begin, end) -> holders: see held_array
@@ -57,8 +61,17 @@ class ShardReader:
     def fd(self) -> int:
         return self._fd
 
+    def changed(self, *, missing_ok: bool = False) -> str | None:
+        """Why the file at this shard's path is no longer the one whose header was read (None when it
+        still is): another size, another file under the name, written to since it was opened, or
+        gone (unless ``missing_ok``: a file deleted once read reads on from the open descriptor)."""
+        return mapped_faults.changed_file(
+            self.header.path, self.header.file_size, self._ino, self._mtime_ns, missing_ok=missing_ok
+        )
+
     def close(self) -> None:
         if self._map is not None:
+            mapped_faults.unregister(self._base)
             try:
                 self._map.close()
             except BufferError:
@@ -81,8 +94,10 @@ class ShardReader:
                     )
                 self._map = mmap.mmap(self._fd, size, access=mmap.ACCESS_READ)
                 first = np.frombuffer(self._map, dtype=np.uint8, count=1)
-                self._skew = first.ctypes.data % FAULT_AROUND  # where the mapping starts in its window
+                self._base = first.ctypes.data
+                self._skew = self._base % FAULT_AROUND  # where the mapping starts in its window
                 del first
+                mapped_faults.register(self._base, size, mapped_faults.Mapping(self.header.path, size, self._ino))
             return self._map
 
     def view(self, name: str, start: int = 0, length: int | None = None) -> memoryview:

@@ -2,17 +2,22 @@
 """Convert speed and memory against `cp` and against a naive in-memory conversion, in one run.
 
 Makes a synthetic DeepSeek-shaped NVFP4 checkpoint (real format: packed E2M1 codes, E4M3 block scales,
-F32 scalars; experts of each layer spread over several shards), then, each time from a cold page
-cache for the source (posix_fadvise DONTNEED after an fsync), or with --warm from a source read into
-the page cache just before:
+F32 scalars; experts of each layer spread over several shards), or takes one (--source), then, each
+time from a cold page cache for the source (posix_fadvise DONTNEED after an fsync), or with --warm
+from a source read into the page cache just before:
 
-  1. cp -r of the source folder, plus an fsync of every copied file (convert fsyncs what it writes)
-  2. nvfp4-fuse convert, in a subprocess; peak RSS and peak anonymous RSS sampled from /proc
-  3. a naive conversion: safetensors load_file of every shard, torch.cat/stack per layer, one save_file
+  1. `sh -c 'cp -r SRC DST && sync'`, the copy as a reader times it by hand: the baseline
+  2. cp -r of the source folder plus an fsync of every copied file, one after the other (what convert
+     does for its own files), as a second copy figure; both medians and their ratio are printed
+  3. nvfp4-fuse convert, then a sync(2), as `convert SRC OUT && sync` by hand; peak RSS and peak
+     anonymous RSS sampled from /proc
+  4. a naive conversion: safetensors load_file of every shard, torch.cat/stack per layer, one save_file
 
-cp and convert alternate; every run starts after a sync(2), so no run pays for the previous one's
-writeback. It prints wall times, the user and system CPU each spent, convert/cp per pair and its
-median, peak memory and the plan's own peak estimate.
+The runs of a round go in a rotating order (cp first in one round, convert first in the next), each
+after the source is prepared and a sync(2), so no run pays for the previous one's writeback and none
+always follows the same one. Each run prints its wall time, the user and system CPU it spent and the
+1-minute load average when it started (other work on the machine shows there). The summary gives
+medians, convert/cp per round and its median, peak memory and the plan's own peak estimate.
 
     python scripts/bench_convert.py --workdir /big/disk [--warm] [--layers 5 --experts 32 --hidden 7168 --inter 2560]
 
@@ -34,7 +39,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -158,6 +166,13 @@ def cp_fsync(src: Path, dst: Path) -> float:
     return time.perf_counter() - t0
 
 
+def cp_sync(src: Path, dst: Path) -> float:
+    """The copy as a reader times it by hand: ``cp -r src dst && sync`` in a shell of its own."""
+    t0 = time.perf_counter()
+    subprocess.run(["sh", "-c", 'cp -r "$0" "$1" && sync', str(src), str(dst)], check=True)
+    return time.perf_counter() - t0
+
+
 def measured(self_too: bool, fn, *args):  # noqa: ANN001, ANN202
     """fn(*args), with the (user, system) CPU seconds its child processes spent in it, and with
     ``self_too`` this process's own (cp's fsync loop runs here; run_measured's sampler must not count)."""
@@ -167,6 +182,35 @@ def measured(self_too: bool, fn, *args):  # noqa: ANN001, ANN202
     return r, (u1 - u0, s1 - s0)
 
 
+@dataclass
+class Series:
+    """One kind of run: its wall times, (user, system) CPU and the load average each started at."""
+
+    label: str
+    wall: list[float] = field(default_factory=list)
+    cpu: list[tuple[float, float]] = field(default_factory=list)
+    load: list[float] = field(default_factory=list)
+
+    def add(self, wall: float, cpu: tuple[float, float], load: float) -> str:
+        self.wall.append(wall)
+        self.cpu.append(cpu)
+        self.load.append(load)
+        return f"{self.label} {wall:.2f} s (CPU {cpu[0]:.2f} + {cpu[1]:.2f}, load {load:.2f})"
+
+    def median(self) -> float:
+        return statistics.median(self.wall)
+
+    def cpu_median(self) -> str:
+        return f"{statistics.median(c[0] for c in self.cpu):.2f} + {statistics.median(c[1] for c in self.cpu):.2f} s"
+
+    def json(self) -> dict[str, Any]:
+        return {"s": self.wall, "cpu_user_sys": self.cpu, "load1": self.load}
+
+
+def spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f} median, {min(xs):.2f}..{max(xs):.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=5, help="layers (the first is dense, the rest MoE)")
@@ -174,6 +218,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--inter", type=int, default=2560)
     ap.add_argument("--shards", type=int, default=4, help="source shards")
+    ap.add_argument("--source", type=Path, default=None, help="convert this checkpoint instead of making one (not removed)")
     ap.add_argument("--target", default="mega-moe")
     ap.add_argument("--max-shard-size", default="2GB")
     ap.add_argument("--workers", type=int, default=4, help="as convert --workers (its default)")
@@ -183,7 +228,7 @@ def main() -> None:
     )
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--skip-naive", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3, help="cp/convert pairs; medians are reported")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds (cp, cp && sync, convert, ...); medians are reported")
     ap.add_argument(
         "--warm", action="store_true", help="read the source into the page cache before each run instead of evicting it"
     )
@@ -191,24 +236,29 @@ def main() -> None:
         "--baseline",
         type=Path,
         default=None,
-        help="a source tree of another commit (git archive C nvfp4_fuse | tar -x -C DIR): its convert runs in every "
-        "round too, after this tree's",
+        help="a source tree of another commit (git archive C nvfp4_fuse | tar -x -C DIR): its convert runs in every round too",
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args()
 
     from nvfp4_fuse.convert import ConvertOptions, make_plan
-    from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
     from nvfp4_fuse.spec import human, parse_size
 
     work = Path(tempfile.mkdtemp(prefix="nvfp4-bench-", dir=a.workdir))
     try:
-        src = work / "src"
         t0 = time.perf_counter()
-        spec = SampleSpec(
-            "deepseek", a.layers, a.experts, a.hidden, a.inter, a.shards, unequal_scale_2=True, seed=0, fast=True
-        )
-        make_sample_checkpoint(src, spec)
+        if a.source:
+            src = a.source.resolve()
+            made = "given"
+        else:
+            from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
+
+            src = work / "src"
+            spec = SampleSpec(
+                "deepseek", a.layers, a.experts, a.hidden, a.inter, a.shards, unequal_scale_2=True, seed=0, fast=True
+            )
+            make_sample_checkpoint(src, spec)
+            made = f"made in {time.perf_counter() - t0:.1f} s"
         size = folder_bytes(src)
         plan = make_plan(src, ConvertOptions(target=a.target, max_shard_size=parse_size(a.max_shard_size), workers=a.workers))
         layer = next(iter(plan.layers.values()))
@@ -223,9 +273,9 @@ def main() -> None:
             for f in ("weight", "weight_scale")
         )
         print(
-            f"checkpoint: {human(size)} in {a.shards} shards ({human(routed)} routed experts, "
-            f"{len(plan.layers)} MoE layers x {a.experts} experts of {human(expert_bytes)}), made in "
-            f"{time.perf_counter() - t0:.1f} s; target {a.target}, {a.workers} workers, cpus {os.cpu_count()}",
+            f"checkpoint: {human(size)} in {len(plan.source.headers)} shards ({human(routed)} routed experts, "
+            f"{len(plan.layers)} MoE layers x {layer.dims.experts} experts of {human(expert_bytes)}, H={layer.dims.hidden} "
+            f"I={layer.dims.inter}), {made}; target {a.target}, {a.workers} workers, cpus {os.cpu_count()}",
             flush=True,
         )
 
@@ -236,58 +286,63 @@ def main() -> None:
         if a.shard_streams:
             cmd += ["--shard-streams", str(a.shard_streams)]
         streams = ConvertOptions(shard_streams=a.shard_streams).streams()
-        print(f"shard streams: {streams} ({len(plan.shards)} output shards)", flush=True)
+        print(f"shard streams: {streams} ({len(plan.shards)} output shards of at most {a.max_shard_size})", flush=True)
         prepare = warm if a.warm else evict
         mode = "source in the page cache" if a.warm else "source evicted from the page cache"
         goal = 1.5 if a.warm else 1.2
         print(f"mode: {mode}", flush=True)
-        cps, convs, ratios, rss_conv, anon_conv = [], [], [], 0, 0
-        cpu_cp: list[tuple[float, float]] = []
-        cpu_conv: list[tuple[float, float]] = []
-        base: list[float] = []
-        cpu_base: list[tuple[float, float]] = []
-        also: list[float] = []
-        cpu_also: list[tuple[float, float]] = []
-        for rep in range(a.repeat):  # alternate, so drift hits both alike
-            prepare(src)
-            os.sync()
-            t, cpu = measured(True, cp_fsync, src, work / "cp")
-            cps.append(t)
-            cpu_cp.append(cpu)
+
+        cp = Series("cp&&sync")
+        fs = Series("cp+fsync")
+        conv = Series("convert")
+        base = Series("baseline")
+        also = Series(f"{a.also_streams} stream(s)")
+        peak = {"rss": 0, "anon": 0}
+        out_size = 0
+
+        def run_cp() -> str:
+            t, cpu = measured(False, cp_sync, src, work / "cp")
             shutil.rmtree(work / "cp")
-            prepare(src)
-            os.sync()
-            (t, rss, anon, _), cpu = measured(False, run_measured, cmd, ROOT)
-            convs.append(t)
-            cpu_conv.append(cpu)
-            rss_conv, anon_conv = max(rss_conv, rss), max(anon_conv, anon)
-            out_size = folder_bytes(out)
-            shutil.rmtree(out)
-            ratios.append(convs[-1] / cps[-1])
-            line = (
-                f"  run {rep + 1}: cp {cps[-1]:.2f} s (CPU {cpu_cp[-1][0]:.2f} user + {cpu_cp[-1][1]:.2f} sys), "
-                f"convert {convs[-1]:.2f} s (CPU {cpu_conv[-1][0]:.2f} user + {cpu_conv[-1][1]:.2f} sys), "
-                f"ratio {ratios[-1]:.2f}"
-            )
-            if a.baseline:
+            return cp.add(t, cpu, load)
+
+        def run_fsync() -> str:
+            t, cpu = measured(True, cp_fsync, src, work / "cp")
+            shutil.rmtree(work / "cp")
+            return fs.add(t, cpu, load)
+
+        def run_convert(series: Series, command: list[str], cwd: Path) -> Callable[[], str]:
+            def run() -> str:
+                nonlocal out_size
+                (t, rss, anon, _), cpu = measured(False, run_measured, command, cwd)
+                t0 = time.perf_counter()
+                os.sync()  # as `convert ... && sync` by hand: what else is dirty is paid for alike
+                t += time.perf_counter() - t0
+                if series is conv:
+                    peak["rss"], peak["anon"] = max(peak["rss"], rss), max(peak["anon"], anon)
+                    out_size = folder_bytes(out)
+                shutil.rmtree(out)
+                return series.add(t, cpu, load)
+
+            return run
+
+        runs: list[Callable[[], str]] = [run_cp, run_fsync, run_convert(conv, cmd, ROOT)]
+        if a.baseline:
+            # python -m imports from the working directory first: there, the baseline's package
+            runs.append(run_convert(base, base_cmd, a.baseline.resolve()))
+        if a.also_streams:
+            runs.append(run_convert(also, [*base_cmd, "--shard-streams", str(a.also_streams)], ROOT))
+        for rep in range(a.repeat):
+            # rotate the order, so that no run always comes first or always follows the same one
+            k = rep % len(runs)
+            parts = []
+            for run in runs[k:] + runs[:k]:
                 prepare(src)
                 os.sync()
-                # python -m imports from the working directory first: there, the baseline's package
-                (t, _, _, _), cpu = measured(False, run_measured, base_cmd, a.baseline.resolve())
-                base.append(t)
-                cpu_base.append(cpu)
-                shutil.rmtree(out)
-                line += f"; baseline {t:.2f} s (CPU {cpu[0]:.2f} user + {cpu[1]:.2f} sys), ratio {t / cps[-1]:.2f}"
-            if a.also_streams:
-                prepare(src)
-                os.sync()
-                (t, _, _, _), cpu = measured(False, run_measured, [*base_cmd, "--shard-streams", str(a.also_streams)], ROOT)
-                also.append(t)
-                cpu_also.append(cpu)
-                shutil.rmtree(out)
-                line += f"; {a.also_streams} stream(s) {t:.2f} s (CPU {cpu[0]:.2f} user + {cpu[1]:.2f} sys), ratio {t / cps[-1]:.2f}"
-            print(line, flush=True)
-        t_cp, t_conv = statistics.median(cps), statistics.median(convs)
+                load = os.getloadavg()[0]
+                parts.append(run())
+            print(f"  round {rep + 1}: " + "; ".join(parts) + f"; convert / cp {conv.wall[-1] / cp.wall[-1]:.2f}", flush=True)
+        ratios = [c / p for c, p in zip(conv.wall, cp.wall)]
+        t_cp, t_conv = cp.median(), conv.median()
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import nvfp4_fuse.cli, nvfp4_fuse.convert"], check=True)
         t_import = time.perf_counter() - t0
@@ -303,51 +358,53 @@ def main() -> None:
 
         est = plan.peak_memory_estimate(streams)
         rows = [
-            (f"cp -r + fsync (median of {a.repeat})", t_cp, None, None),
-            (f"nvfp4-fuse convert (median of {a.repeat})", t_conv, rss_conv, anon_conv),
+            (f"cp -r && sync (median of {a.repeat})", t_cp, None, None),
+            (f"cp -r + fsync of each file (median of {a.repeat})", fs.median(), None, None),
+            (f"convert && sync (median of {a.repeat})", t_conv, peak["rss"], peak["anon"]),
         ]
         if naive:
             rows.append(("naive (load all, stack, save_file; no fsync)", *naive))
-        print(f"\n{'run':<46} {'wall s':>8} {'GB/s':>6} {'peak RSS':>10} {'peak anon':>10}")
+        print(f"\n{'run':<48} {'wall s':>8} {'GB/s':>6} {'peak RSS':>10} {'peak anon':>10}")
         for name, t, rss, anon in rows:
             print(
-                f"{name:<46} {t:8.2f} {size / t / 1e9:6.2f} {human(rss) if rss else '-':>10} {human(anon) if anon else '-':>10}"
+                f"{name:<48} {t:8.2f} {size / t / 1e9:6.2f} {human(rss) if rss else '-':>10} {human(anon) if anon else '-':>10}"
             )
+        print(f"\nconvert / cp ({mode}): {spread(ratios)} over {a.repeat} rounds  (goal <= {goal})")
         print(
-            f"\nconvert / cp ({mode}): {statistics.median(ratios):.2f} median, {min(ratios):.2f}..{max(ratios):.2f} "
-            f"over {a.repeat} pairs  (goal <= {goal})"
+            f"the two copies in the same rounds: (cp -r + fsync of each file) / (cp -r && sync) "
+            f"{spread([f / c for f, c in zip(fs.wall, cp.wall)])}; convert / (cp -r + fsync of each file) "
+            f"{spread([c / f for c, f in zip(conv.wall, fs.wall)])}"
         )
-        med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
         print(
-            f"CPU, median (user + system, cp's includes the fsync loop): cp {med(cpu_cp, 0):.2f} + {med(cpu_cp, 1):.2f} s, "
-            f"convert {med(cpu_conv, 0):.2f} + {med(cpu_conv, 1):.2f} s"
+            f"CPU, median (user + system; cp && sync's counts the shell, not the kernel's writeback threads; "
+            f"cp + fsync's counts the fsync loop, which writes back in this process): cp && sync {cp.cpu_median()}, "
+            f"cp + fsync {fs.cpu_median()}, convert {conv.cpu_median()}"
         )
-        if base:
-            br = [b / c for b, c in zip(base, cps)]
+        print(f"1-minute load average at the start of the runs: {spread(cp.load + fs.load + conv.load)} (cpus {os.cpu_count()})")
+        if base.wall:
             print(
-                f"baseline ({a.baseline}): {statistics.median(base):.2f} s median, / cp {statistics.median(br):.2f} median, "
-                f"{min(br):.2f}..{max(br):.2f}; CPU {med(cpu_base, 0):.2f} + {med(cpu_base, 1):.2f} s"
+                f"baseline ({a.baseline}): {base.median():.2f} s median, / cp "
+                f"{spread([b / c for b, c in zip(base.wall, cp.wall)])}; CPU {base.cpu_median()}"
             )
-        if also:
-            ar = [b / c for b, c in zip(also, cps)]
+        if also.wall:
             print(
-                f"--shard-streams {a.also_streams}: {statistics.median(also):.2f} s median, {size / statistics.median(also) / 1e9:.2f} GB/s, "
-                f"/ cp {statistics.median(ar):.2f} median, {min(ar):.2f}..{max(ar):.2f}; CPU {med(cpu_also, 0):.2f} + {med(cpu_also, 1):.2f} s"
+                f"--shard-streams {a.also_streams}: {also.median():.2f} s median, {size / also.median() / 1e9:.2f} GB/s, "
+                f"/ cp {spread([b / c for b, c in zip(also.wall, cp.wall)])}; CPU {also.cpu_median()}"
             )
         print(f"of convert's time, starting Python and importing the CLI: {t_import:.2f} s (a fixed cost, whatever the size)")
-        print(f"convert peak anonymous RSS: {human(anon_conv)}  (goal < 600 MB; plan estimate {human(est)})")
+        print(f"convert peak anonymous RSS: {human(peak['anon'])}  (goal < 600 MB; plan estimate {human(est)})")
         if naive:
-            print(f"naive / convert: {naive[0] / t_conv:.2f}x the time, {naive[2] / max(1, anon_conv):.1f}x the anonymous memory")
+            print(
+                f"naive / convert: {naive[0] / t_conv:.2f}x the time, {naive[2] / max(1, peak['anon']):.1f}x the anonymous memory"
+            )
         print(f"output: {human(out_size)}")
         if a.json:
             a.json.write_text(json.dumps({
                 "checkpoint_bytes": size, "expert_bytes": expert_bytes, "target": a.target, "workers": a.workers,
-                "warm": a.warm, "cpus": os.cpu_count(), "cp_s": cps, "convert_s": convs, "ratios": ratios,
-                "cp_cpu_user_sys": cpu_cp, "convert_cpu_user_sys": cpu_conv, "baseline_s": base, "baseline_cpu_user_sys": cpu_base,
-                "shard_streams": streams, "also_streams": a.also_streams, "also_s": also,
-                "also_cpu_user_sys": cpu_also,
-                "import_s": t_import, "convert_peak_rss": rss_conv,
-                "convert_peak_anon": anon_conv, "estimate": est,
+                "warm": a.warm, "cpus": os.cpu_count(), "max_shard_size": a.max_shard_size, "ratios": ratios,
+                "cp_and_sync": cp.json(), "cp_fsync": fs.json(), "convert": conv.json(),
+                "baseline": base.json(), "also": also.json(), "shard_streams": streams, "also_streams": a.also_streams,
+                "import_s": t_import, "convert_peak_rss": peak["rss"], "convert_peak_anon": peak["anon"], "estimate": est,
                 "naive_s": naive[0] if naive else None, "naive_peak_anon": naive[2] if naive else None,
             }, indent=1))  # fmt: skip
     finally:
