@@ -169,3 +169,39 @@ def mapped_at_close(monkeypatch, owner: type, readers: Callable) -> list[int]:
 
     monkeypatch.setattr(owner, "close", close)
     return seen
+
+
+def files_bytes(root: Path, counts: Callable[[Path], bool]) -> int:
+    """Bytes of the files under ``root`` that ``counts``, read while a run may delete them."""
+    n = 0
+    for p in list(root.rglob("*")):
+        try:
+            if p.is_file() and counts(p):
+                n += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def sample_disk_as_it_grows(monkeypatch: pytest.MonkeyPatch, measure: Callable[[], int]) -> list[int]:
+    """``measure()`` taken at every moment a run's disk grows: each piece a download stores
+    (``FetchStats.add``) and each piece a shard writer writes (``StreamingShardWriter.put``)."""
+    from nvfp4_fuse import convert as conv
+    from nvfp4_fuse.hub import fetch
+
+    samples: list[int] = []
+    orig_add = fetch.FetchStats.add
+    orig_put = conv.StreamingShardWriter.put
+
+    def add(self, *a, **kw):
+        orig_add(self, *a, **kw)
+        samples.append(measure())
+
+    def put(self, *a, **kw):
+        fut = orig_put(self, *a, **kw)
+        samples.append(measure())
+        return fut
+
+    monkeypatch.setattr(fetch.FetchStats, "add", add)
+    monkeypatch.setattr(conv.StreamingShardWriter, "put", put)
+    return samples

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub
-from helpers import run_inprocess
+from helpers import files_bytes, run_inprocess, sample_disk_as_it_grows
 from test_hub import fake_hub, loopback_only  # noqa: F401  (the loopback Hub fixtures)
 
 from nvfp4_fuse.convert import ConvertOptions, make_plan
@@ -385,9 +385,6 @@ def test_hub_to_hub_working_set_measured_on_disk_stays_within_max_disk(tmp_path,
     allows."""
     import huggingface_hub.constants as C
 
-    from nvfp4_fuse import convert as conv
-    from nvfp4_fuse.hub import fetch
-
     monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     src = tmp_path / "src6"  # six source shards: a shard's sources are a small part of the whole
     make_sample_checkpoint(src, SampleSpec(layers=6, experts=4, hidden=128, inter=64, shards=6, unequal_scale_2=True, seed=99))
@@ -399,34 +396,8 @@ def test_hub_to_hub_working_set_measured_on_disk_stays_within_max_disk(tmp_path,
     minimum = plan["disk"]["min_max_disk"]
     assert plan["push"]["disk_budget"] == plan["disk"]["max_disk"]
 
-    samples: list[int] = []
     journals = (PUSH_JOURNAL, MANIFEST_NAME, ".nvfp4-fuse-progress.json")  # bookkeeping, a few KB, outside the budget
-
-    def held() -> int:
-        n = 0
-        for p in list(work.rglob("*")):
-            try:
-                if p.is_file() and p.name.removesuffix(".partial") not in journals:
-                    n += p.stat().st_size
-            except FileNotFoundError:
-                pass
-        return n
-
-    orig_add = fetch.FetchStats.add
-
-    def add(self, *a, **kw):
-        orig_add(self, *a, **kw)
-        samples.append(held())
-
-    orig_put = conv.StreamingShardWriter.put
-
-    def put(self, *a, **kw):
-        fut = orig_put(self, *a, **kw)
-        samples.append(held())
-        return fut
-
-    monkeypatch.setattr(fetch.FetchStats, "add", add)
-    monkeypatch.setattr(conv.StreamingShardWriter, "put", put)
+    samples = sample_disk_as_it_grows(monkeypatch, lambda: files_bytes(work, lambda p: p.name.removesuffix(".partial") not in journals))
     fake_hub.set_rates(download_rate=4e6, upload_rate=100_000)
     code, _, err = push_inprocess_from(capsys, "org/src", work, "--max-disk", str(minimum))
     assert code == 0, err

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from fake_hub import StoredFile
-from helpers import run_inprocess
+from helpers import files_bytes, run_inprocess, sample_disk_as_it_grows
 from test_hub import fake_hub  # noqa: F401  (the loopback Hub fixture)
 
 from nvfp4_fuse import convert as conv
@@ -119,33 +119,7 @@ def test_working_set_measured_on_disk_stays_within_max_disk(hub_src, tmp_path, f
     minimum, source_bytes = disk["min_max_disk"], disk["source_bytes"]
     assert minimum < source_bytes / 2
 
-    samples: list[int] = []
-
-    def owned() -> int:
-        n = 0
-        for p in list(out.rglob("*")):
-            try:
-                if p.is_file() and (STAGING_NAME in p.parts or p.name.endswith(PARTIAL_SUFFIX)):
-                    n += p.stat().st_size
-            except FileNotFoundError:
-                pass
-        return n
-
-    orig_add = fetch.FetchStats.add
-
-    def add(self, *a, **kw):
-        orig_add(self, *a, **kw)
-        samples.append(owned())
-
-    orig_put = conv.StreamingShardWriter.put
-
-    def put(self, *a, **kw):
-        fut = orig_put(self, *a, **kw)
-        samples.append(owned())
-        return fut
-
-    monkeypatch.setattr(fetch.FetchStats, "add", add)
-    monkeypatch.setattr(conv.StreamingShardWriter, "put", put)
+    samples = sample_disk_as_it_grows(monkeypatch, lambda: files_bytes(out, lambda p: STAGING_NAME in p.parts or p.name.endswith(PARTIAL_SUFFIX)))
     fake_hub.set_rates(download_rate=4e6)  # pieces of 64 KiB at most arrive apart
     rc, _, err = run_inprocess(capsys, "convert", "org/src", str(out), *ARGS, "--max-disk", str(minimum))
     assert rc == 0, err
