@@ -15,12 +15,11 @@ MODELOPT_VERSION=0.47.0
 LLMCOMPRESSOR_VERSION=0.14.0.1
 
 if ! "$VENV/bin/python" -c "import modelopt.torch.quantization, llmcompressor, torch" 2>/dev/null; then
-  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  . scripts/venv_lib.sh
+  venv_with_cpu_torch
   pin=$(mktemp)
   echo "torch==2.13.0" > "$pin"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$pin" \
-    "nvidia-modelopt==$MODELOPT_VERSION" "llmcompressor==$LLMCOMPRESSOR_VERSION" 2>&1 | grep -v "^WARNING: Location" || true
+  pipi -c "$pin" "nvidia-modelopt==$MODELOPT_VERSION" "llmcompressor==$LLMCOMPRESSOR_VERSION"
   rm -f "$pin"
 fi
 [ "${1:-}" = "--setup" ] && exit 0

@@ -37,15 +37,8 @@ if [ -x "$VENV/bin/python" ] && check; then
   exit 0
 fi
 
-pipi() {
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
-    | grep -v -e "^WARNING: Location" -e "^sglang 0\.[0-9]*\.[0-9]* requires" -e "^ERROR: pip's dependency resolver" \
-    || true
-}
-
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pipi --upgrade pip
-pipi "torch==2.13.0"
+. scripts/venv_lib.sh
+venv_with_cpu_torch
 pipi --no-deps "sglang==$SGLANG_VERSION" "compressed-tensors==0.18.0"
 # What SGLang's import path to model_config and models/deepseek_v4 needs on the CPU.
 pipi "transformers==5.19.0" "triton>=3.0" orjson psutil pybase64 requests aiohttp pydantic fastapi uvloop \

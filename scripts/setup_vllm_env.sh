@@ -45,18 +45,8 @@ if [ -x "$VENV/bin/python" ] && check; then
   exit 0
 fi
 
-# pip's resolver lists every vLLM requirement the --no-deps install leaves out (CUDA torch,
-# flashinfer, ...); those lines are expected and dropped. Whether the result works is what the
-# import check below decides.
-pipi() {
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
-    | grep -v -e "^WARNING: Location" -e "^vllm 0\.[0-9]*\.[0-9]* requires" -e "^ERROR: pip's dependency resolver" \
-    || true
-}
-
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pipi --upgrade pip
-pipi "torch==2.13.0"
+. scripts/venv_lib.sh
+venv_with_cpu_torch
 pipi --no-deps "vllm==$VLLM_VERSION"
 # What vLLM's import path needs on the CPU: the research note's tested list, plus the
 # compressed-tensors vLLM pins, which ModelConfig's quantization check imports.
