@@ -78,10 +78,33 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "nvfp4_fuse.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
+CRASH_RUNNER = Path(__file__).with_name("crash_runner.py")
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, kill_at: str | None = None, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """The CLI in a process of its own; with ``kill_at``, through tests/crash_runner.py, which SIGKILLs
+    it at that point (returncode ``-SIGKILL`` then)."""
+    cmd = [sys.executable, str(CRASH_RUNNER), kill_at, *args] if kill_at else [sys.executable, "-m", "nvfp4_fuse.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def fake_hub_env(hub, home: Path) -> dict[str, str]:
+    """The environment of a CLI process that talks to the fake Hub ``hub`` (tests/fake_hub.py), with
+    its own Hugging Face home (cache, token) ``home``; no Xet, stalls given up after 5 s."""
+    import os
+
+    return {
+        **os.environ,
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_TOKEN": hub.token,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(home),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_OFFLINE": "0",
+        "NVFP4_FUSE_HUB_STALL_S": "5",
+    }
 
 
 class RecordingApi:

@@ -13,10 +13,10 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from nvfp4_fuse.convert import PROGRESS_NAME, ConvertOptions, convert, make_plan
 from nvfp4_fuse.errors import InputError
@@ -32,12 +32,8 @@ SHARD = "20KB"
 ARGS = ("--target", TARGET, "--max-shard-size", SHARD, "--workers", "2", "--shard-streams", "1")
 
 
-RUNNER = Path(__file__).with_name("crash_runner.py")
-
-
 def cli(*args: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(RUNNER), kill_at, *args] if kill_at else [sys.executable, "-m", "nvfp4_fuse.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return run_cli(*args, kill_at=kill_at, timeout=120)
 
 
 def convert_cli(src: Path, out: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:

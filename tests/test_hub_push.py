@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub
-from helpers import files_bytes, run_inprocess, sample_disk_as_it_grows
+from helpers import fake_hub_env, files_bytes, run_cli, run_inprocess, sample_disk_as_it_grows
 from test_hub import fake_hub, loopback_only  # noqa: F401  (the loopback Hub fixtures)
 
 from nvfp4_fuse.convert import ConvertOptions, make_plan
@@ -24,28 +24,14 @@ from nvfp4_fuse.hub.stream_upload import PUSH_JOURNAL
 from nvfp4_fuse.manifest import MANIFEST_NAME
 from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
 
-RUNNER = Path(__file__).with_name("crash_runner.py")
 REPO = "me/fused"
 # One shard at a time and one upload worker, so that the kill points fall in known shards.
 ARGS = ("--target", "vllm-fused", "--max-shard-size", "20KB", "--workers", "2", "--shard-streams", "1")
 INITIAL = {".gitattributes"}  # what a repo created by create_repo holds
 
 
-def hub_env(hub: FakeHub, home: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "HF_ENDPOINT": hub.endpoint,
-        "HF_TOKEN": hub.token,
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HOME": str(home),
-        "NVFP4_FUSE_HUB_STALL_S": "5",
-    }
-
-
 def push_cli(hub: FakeHub, src: Path, work: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    args = ["convert", str(src), str(work), *ARGS, "--push-to", REPO, "--json", *extra]
-    cmd = [sys.executable, str(RUNNER), kill_at, *args] if kill_at else [sys.executable, "-m", "nvfp4_fuse.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=hub_env(hub, work.parent / "hf-home"))
+    return push_cli_from(hub, str(src), work, *extra, kill_at=kill_at)
 
 
 def puts(hub: FakeHub) -> int:
@@ -271,7 +257,7 @@ def test_ctrl_c_while_uploads_lag_stops_at_once_and_resumes(src, reference, tmp_
         work = tmp_path / "work"
         args = ["convert", str(src), str(work), *ARGS, "--push-to", REPO]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nvfp4_fuse.cli", *args], env=hub_env(hub, tmp_path / "hf-home"), stdout=subprocess.PIPE,
+            [sys.executable, "-m", "nvfp4_fuse.cli", *args], env=fake_hub_env(hub, tmp_path / "hf-home"), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         journal = work / PUSH_JOURNAL
@@ -344,8 +330,7 @@ def hub_reference(src: Path) -> dict[str, bytes]:
 
 def push_cli_from(hub: FakeHub, source: str, work: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
     args = ["convert", source, str(work), *ARGS, "--push-to", REPO, "--json", *extra]
-    cmd = [sys.executable, str(RUNNER), kill_at, *args] if kill_at else [sys.executable, "-m", "nvfp4_fuse.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=hub_env(hub, work.parent / "hf-home"))
+    return run_cli(*args, kill_at=kill_at, env=fake_hub_env(hub, work.parent / "hf-home"), timeout=180)
 
 
 def test_hub_to_hub_matches_the_folder_run_but_for_the_source_it_names(src, reference, hub_reference):

@@ -17,12 +17,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from fake_hub import StoredFile
-from helpers import files_bytes, run_inprocess, sample_disk_as_it_grows
+from helpers import fake_hub_env, files_bytes, run_cli, run_inprocess, sample_disk_as_it_grows
 from test_hub import fake_hub  # noqa: F401  (the loopback Hub fixture)
 
 from nvfp4_fuse import convert as conv
@@ -35,7 +34,6 @@ from nvfp4_fuse.shard_writer import PARTIAL_SUFFIX
 from nvfp4_fuse.source_files import STAGING_NAME
 
 ARGS = ("--target", "vllm-fused", "--max-shard-size", "40KB", "--workers", "2", "--json")
-RUNNER = Path(__file__).with_name("crash_runner.py")
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -291,22 +289,12 @@ def test_offline_with_a_cached_snapshot_converts_as_before(hub_src, local_refere
 
 
 def _env(fake_hub, tmp_path) -> dict[str, str]:  # noqa: F811
-    env = dict(os.environ)
-    env.update(
-        HF_ENDPOINT=fake_hub.endpoint,
-        HF_TOKEN=fake_hub.token,
-        HF_HUB_DISABLE_XET="1",
-        HF_HOME=str(tmp_path / "hf-home"),
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_OFFLINE="0",
-    )
-    return env
+    return fake_hub_env(fake_hub, tmp_path / "hf-home")
 
 
 def _cli(env, out: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
     args = ["convert", "org/src", str(out), *ARGS, "--shard-streams", "1", *extra]
-    cmd = [sys.executable, str(RUNNER), kill_at, *args] if kill_at else [sys.executable, "-m", "nvfp4_fuse.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    return run_cli(*args, kill_at=kill_at, env=env, timeout=120)
 
 
 @pytest.mark.parametrize("point", ["fetch:50000", "fetch:150000", "shard:2", "bytes:60000", "manifest"])
