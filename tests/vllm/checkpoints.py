@@ -102,6 +102,27 @@ def _rand_bytes(g: torch.Generator, shape, lo: int, hi: int) -> torch.Tensor:
     return torch.randint(lo, hi + 1, shape, generator=g, dtype=torch.uint8)
 
 
+def expert_draws(g: torch.Generator, h: int, i: int, unequal_scale_2: bool) -> dict[str, tuple[torch.Tensor, ...]]:
+    """One routed expert of hidden size ``h`` and intermediate size ``i``, drawn from ``g``: for each
+    projection ("w1" gate, "w3" up, "w2" down) its packed E2M1 codes (uint8 [rows, cols / 2]), block
+    scales (positive finite E4M3 bytes, uint8 [rows, cols / 16]), ``weight_scale_2`` and
+    ``input_scale`` (float32 scalars; w1 and w3 share theirs, as ModelOpt exports them, unless
+    ``unequal_scale_2`` gives w3 a ``weight_scale_2`` of its own, 0.5 to 1.5 times w1's, as exports
+    before ModelOpt 0.43 have)."""
+    l1_scale_2 = torch.rand((), generator=g) * 1e-3 + 1e-4
+    l1_input = torch.rand((), generator=g) * 0.1 + 0.01
+    out = {}
+    for w, (rows, cols) in (("w1", (i, h)), ("w3", (i, h)), ("w2", (h, i))):
+        packed = _rand_bytes(g, (rows, cols // 2), 0, 255)
+        block_scale = _rand_bytes(g, (rows, cols // 16), 0x01, 0x7E)
+        scale_2 = torch.rand((), generator=g) * 1e-3 + 1e-4 if w == "w2" else l1_scale_2
+        if unequal_scale_2 and w == "w3":
+            scale_2 = l1_scale_2 * (0.5 + torch.rand((), generator=g))
+        input_scale = torch.rand((), generator=g) * 0.1 + 0.01 if w == "w2" else l1_input
+        out[w] = packed, block_scale, scale_2.reshape(()).float(), input_scale.reshape(()).float()
+    return out
+
+
 def source_content(d: Dims, seed: int, *, unequal_scale_2: bool = False) -> dict[str, torch.Tensor]:
     """Recipe-neutral content: ``<expert>.w*.{packed, block_scale, scale_2, input_scale}`` and the
     other tensors under their checkpoint names. ``unequal_scale_2`` gives w3 a ``weight_scale_2`` of
@@ -111,17 +132,10 @@ def source_content(d: Dims, seed: int, *, unequal_scale_2: bool = False) -> dict
     out: dict[str, torch.Tensor] = {}
     for n in range(d.layers):
         for x in range(e):
-            l1_scale_2 = torch.rand((), generator=g) * 1e-3 + 1e-4
-            l1_input = torch.rand((), generator=g) * 0.1 + 0.01
-            for w, (rows, cols) in (("w1", (i, h)), ("w3", (i, h)), ("w2", (h, i))):
+            for w, tensors in expert_draws(g, h, i, unequal_scale_2).items():
                 p = f"layers.{n}.ffn.experts.{x}.{w}"
-                out[f"{p}.packed"] = _rand_bytes(g, (rows, cols // 2), 0, 255)
-                out[f"{p}.block_scale"] = _rand_bytes(g, (rows, cols // 16), 0x01, 0x7E)  # positive finite E4M3
-                w2 = w == "w2"
-                out[f"{p}.scale_2"] = torch.rand((), generator=g) * 1e-3 + 1e-4 if w2 else l1_scale_2
-                if unequal_scale_2 and w == "w3":
-                    out[f"{p}.scale_2"] = l1_scale_2 * (0.5 + torch.rand((), generator=g))
-                out[f"{p}.input_scale"] = torch.rand((), generator=g) * 0.1 + 0.01 if w2 else l1_input
+                for field, t in zip(("packed", "block_scale", "scale_2", "input_scale"), tensors):
+                    out[f"{p}.{field}"] = t
         s = f"layers.{n}.ffn.shared_experts"
         for w, (rows, cols) in (("w1", (i, h)), ("w3", (i, h)), ("w2", (h, i))):
             out[f"{s}.{w}.weight"] = _rand_bytes(g, (rows, cols), 0, 0x7E).view(torch.float8_e4m3fn)

@@ -101,9 +101,6 @@ def _tensors(model: str, d: Dims, seed: int, unequal_scale_2: bool) -> dict[str,
     def bf16(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    def rand_bytes(shape, lo, hi):
-        return torch.randint(lo, hi + 1, shape, generator=g, dtype=torch.uint8)
-
     out = {"model.embed_tokens.weight": bf16(d.vocab, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
     out["lm_head.weight"] = bf16(d.vocab, h)
     for n in range(d.layers):
@@ -118,18 +115,12 @@ def _tensors(model: str, d: Dims, seed: int, unequal_scale_2: bool) -> dict[str,
             out[f"{p}.self_attn.k_norm.weight"] = torch.ones(d.head_dim, dtype=torch.bfloat16)
         out[f"{p}.{moe}.gate.weight"] = bf16(d.experts, h)
         for x in range(d.experts):
-            gate_s2 = torch.rand((), generator=g) * 1e-3 + 1e-4
-            gate_up_input = torch.rand((), generator=g) * 0.1 + 0.01
-            for role, (rows, cols) in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
-                name = where.linear(n, x, role)
-                out[f"{name}.weight"] = rand_bytes((rows, cols // 2), 0, 255)
-                out[f"{name}.weight_scale"] = rand_bytes((rows, cols // 16), 0x01, 0x7E).view(torch.float8_e4m3fn)
-                s2 = torch.rand((), generator=g) * 1e-3 + 1e-4 if role == "down" else gate_s2
-                if unequal_scale_2 and role == "up":
-                    s2 = gate_s2 * (0.5 + torch.rand((), generator=g))
-                out[f"{name}.weight_scale_2"] = s2.reshape(()).float()
-                inp = torch.rand((), generator=g) * 0.1 + 0.01 if role == "down" else gate_up_input
-                out[f"{name}.input_scale"] = inp.reshape(()).float()
+            for w, (packed, block_scale, scale_2, input_scale) in checkpoints.expert_draws(g, h, i, unequal_scale_2).items():
+                name = where.linear(n, x, {"w1": "gate", "w3": "up", "w2": "down"}[w])
+                out[f"{name}.weight"] = packed
+                out[f"{name}.weight_scale"] = block_scale.view(torch.float8_e4m3fn)
+                out[f"{name}.weight_scale_2"] = scale_2
+                out[f"{name}.input_scale"] = input_scale
     return out
 
 
