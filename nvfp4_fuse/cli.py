@@ -212,12 +212,12 @@ def _print_plan(d: dict, out_dir: Path) -> None:
         )
 
 
-def _plan_push(d: dict, plan: Any, push_to: str | None, streams: int, max_disk: int | None = None) -> None:
+def _plan_push(d: dict, plan: Any, push_to: str | None, streams: int, max_disk: int | None = None, branch: str | None = None) -> None:
     """Add what --push-to will do to a dry run's plan."""
     if push_to:
         from .hub.stream_upload import push_plan
 
-        d["push"] = push_plan(plan, push_to, streams=streams, max_disk=max_disk)
+        d["push"] = push_plan(plan, push_to, streams=streams, max_disk=max_disk, revision=branch)
 
 
 def _print_repairs(repaired: dict[str, dict[str, int]]) -> None:
@@ -256,6 +256,9 @@ def convert(
     push_to: str | None = typer.Option(
         None, metavar="REPO_ID", help="Upload each shard as it is written and checked, free it, and commit the model to this Hub repo at the end (OUTPUT is then a work folder)."
     ),
+    push_branch: str | None = typer.Option(
+        None, metavar="BRANCH", help="With --push-to: commit the model to this branch (created from main if missing) instead of main."
+    ),
     private: bool = flag(False, "--private/--public", "With --push-to: create the repo private (an existing repo keeps its visibility)."),
     token: str | None = typer.Option(None, metavar="TOKEN", help="With --push-to: Hub token (default: HF_TOKEN or the saved login)."),
     max_disk: str | None = typer.Option(None, "--max-disk", metavar="SIZE", help=MAX_DISK_HELP, show_default=False),
@@ -272,7 +275,9 @@ def convert(
     streams = opts.streams()
     show = progress_enabled(err, quiet or json_out)
     hub_files = None  # a repo id: fetched as the output needs it (hub/stream.py)
-    hp = _plan_from_hub(source, output, opts, revision, max_disk, dry_run, json_out, show, push_to) if _streams_from_hub(source) else _LOCAL
+    if push_branch is not None and not push_to:
+        raise InputError("--push-branch applies with --push-to")
+    hp = _plan_from_hub(source, output, opts, revision, max_disk, dry_run, json_out, show, push_to, push_branch) if _streams_from_hub(source) else _LOCAL
     if hp is None:
         return  # a dry run, printed
     if hp is not _LOCAL:
@@ -289,7 +294,7 @@ def convert(
             plan = build_spec(src, opts.output_options(), with_scalars=False)
         d = _plan_body(plan, output, workers, streams, remote=True)
         d["note"] = "planned from the Hub's shard headers alone: scalar scales not read, sidecar sizes not counted"
-        _plan_push(d, plan, push_to, streams)
+        _plan_push(d, plan, push_to, streams, branch=push_branch)
         require_writable(output, "output folder")
         if json_out:
             emit("convert", d)
@@ -310,7 +315,7 @@ def convert(
         from .convert import check_output
 
         d = _plan_body(plan, output, workers, streams)
-        _plan_push(d, plan, push_to, streams)
+        _plan_push(d, plan, push_to, streams, branch=push_branch)
         require_writable(output, "output folder")  # what the real run would meet first,
         d["output_state"] = check_output(output, plan, opts)  # then what it finds there (refusals raise)
         if json_out:
@@ -329,7 +334,7 @@ def convert(
 
     with byte_progress(err, show) as prog:
         task = prog.add_task("convert", total=plan.total_size, kept=0)
-        sink = _push_sink(output, push_to, token, private, prog, plan, max_disk if hub_files is None else None, hub_files)
+        sink = _push_sink(output, push_to, push_branch, token, private, prog, plan, max_disk if hub_files is None else None, hub_files)
         prog.refresh()  # drawn at once, however short the run
 
         def on_resume(kept: list[str]) -> None:
@@ -410,7 +415,8 @@ def convert(
 
 
 def _push_sink(
-    output: Path, push_to: str | None, token: str | None, private: bool, prog: Any, plan: Any, max_disk: str | None, files: Any
+    output: Path, push_to: str | None, branch: str | None, token: str | None, private: bool, prog: Any, plan: Any, max_disk: str | None,
+    files: Any,
 ) -> Any:
     """The Hub side of --push-to (None without it), with its own line in the progress display: each
     shard checked against its source (read through ``files``, a Hub source, when given), uploaded and
@@ -431,7 +437,7 @@ def _push_sink(
     limit = parse_size(max_disk) if max_disk is not None else None
     check = shard_check(plan, files, decode=gpu_decode())
     return HubSink(
-        output, push_to, token=token, private=private, max_disk=limit, check=check, on_uploaded=lambda n: prog.advance(up, n),
+        output, push_to, revision=branch, token=token, private=private, max_disk=limit, check=check, on_uploaded=lambda n: prog.advance(up, n),
         source_remote=files is not None,
     )  # fmt: skip
 def _streams_from_hub(source: str) -> bool:
@@ -448,7 +454,8 @@ _LOCAL = object()  # the source is read as a folder (a local one, or a cached sn
 
 
 def _plan_from_hub(
-    source: str, output: Path, opts: Any, revision: str | None, max_disk: str | None, dry_run: bool, json_out: bool, show: bool, push_to: str | None = None
+    source: str, output: Path, opts: Any, revision: str | None, max_disk: str | None, dry_run: bool, json_out: bool, show: bool,
+    push_to: str | None = None, push_branch: str | None = None,
 ) -> Any:
     """The plan of converting a repo id as it streams (hub/stream.py); for a dry run, print it and
     the disk and requests it takes, and return None. When the Hub cannot be reached at all, returns
@@ -476,7 +483,7 @@ def _plan_from_hub(
     d = _plan_body(hp.spec, output, opts.workers, opts.streams(), remote=True)
     d["output_state"] = check_output(output, hp.spec, opts)
     d["disk"] = disk_summary(hp)
-    _plan_push(d, hp.spec, push_to, opts.streams(), hp.files.reserve_bytes)
+    _plan_push(d, hp.spec, push_to, opts.streams(), hp.files.reserve_bytes, branch=push_branch)
     d["note"] = "planned from the Hub's shard headers and configs: scalar scales not read"
     if json_out:
         emit("convert", d)

@@ -106,6 +106,24 @@ def test_push_to_commits_once_and_frees_the_work_folder(src, reference, tmp_path
         assert sorted(p.name for p in work.iterdir()) == sorted([MANIFEST_NAME, PUSH_JOURNAL])
 
 
+def test_push_branch_commits_the_model_there_and_leaves_main_alone(src, reference, tmp_path):
+    with FakeHub() as hub:
+        work = tmp_path / "work"
+        r = push_cli(hub, src, work, "--push-branch", "nvfp4-fused")
+        assert r.returncode == 0, r.stderr
+        body = json.loads(r.stdout)
+        assert body["push"]["revision"] == "nvfp4-fused"
+        assert hub.files(REPO, "nvfp4-fused") == reference  # the same files, byte for byte, on the branch
+        assert set(hub.files(REPO)) == INITIAL  # main holds what create_repo put there, nothing more
+        assert hub.calls("commit") == [200]  # one commit, on the branch
+        # the journal belongs to that branch: a rerun there is a no-op, a run to main uploads again
+        r = push_cli(hub, src, work, "--push-branch", "nvfp4-fused")
+        assert r.returncode == 0 and json.loads(r.stdout)["already_complete"], r.stderr
+        assert hub.calls("commit") == [200]
+    r = run_cli("convert", str(src), str(tmp_path / "w2"), "--push-branch", "x")
+    assert r.returncode == 2 and "--push-branch applies with --push-to" in r.stderr
+
+
 KILLS = {
     "after-first-shard-written": "shard:1",
     "mid-second-upload": "upload:2",
