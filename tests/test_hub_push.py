@@ -120,6 +120,9 @@ def test_push_branch_commits_the_model_there_and_leaves_main_alone(src, referenc
         r = push_cli(hub, src, work, "--push-branch", "nvfp4-fused")
         assert r.returncode == 0 and json.loads(r.stdout)["already_complete"], r.stderr
         assert hub.calls("commit") == [200]
+        r = push_cli(hub, src, work)
+        assert r.returncode == 0 and not json.loads(r.stdout)["already_complete"], r.stderr
+        assert hub.files(REPO) == reference and hub.calls("commit") == [200, 200]
     r = run_cli("convert", str(src), str(tmp_path / "w2"), "--push-branch", "x")
     assert r.returncode == 2 and "--push-branch applies with --push-to" in r.stderr
 
