@@ -25,10 +25,13 @@ from .verify_checks import fail, rescale_table, rescaled_half_problem, same
 from .verify_result import LayerResult
 
 # GPU decodes waiting for the decode threads, at most this many bytes of packed values: the pass goes on
-# with its other checks meanwhile (while Triton loads the kernel, the first second or so of a first call,
-# the lanes run its torch reference on the GPU). A queued decode holds its values' pages in the mapped
-# output until it is staged.
-DEFERRED_BYTES = 4 << 30
+# with its other checks meanwhile (while Triton loads the kernel, the first two seconds or so of a first
+# call, the lanes run its torch reference on the GPU). A queued decode holds its values' pages in the
+# mapped output until it is staged, so this is also what the decode adds to the resident set (file pages)
+# at most. With 1 GiB rather than 4, the pass waits for the lanes instead of leaving most decodes for
+# after it: on the H200 host a first call of a 4 GB checkpoint took 2.50 s instead of 2.91, at a peak RSS
+# of 2.6-2.9 GB instead of 4.3 (docs/benchmarks.md, 2026-12-03).
+DEFERRED_BYTES = 1 << 30
 DECODE_THREADS = 3  # threads that stage and launch the GPU decodes, beside the check workers
 
 
