@@ -130,9 +130,10 @@ class GpuLane:
     pinned buffer at once (one call, which leaves the GIL while it copies), and one non-blocking
     upload; on the device, a few operations a batch finish the inputs (A's scales in the output's row
     order, B's layout undone by a gather where the kernel cannot read it as stored, each row's
-    scale_2) and one compare launch reads them all. The host does no per-part work beyond that copy:
-    with the pass's check workers holding the GIL most of the time, every call that gives it up and
-    takes it back is a wait. The pinned buffers are used in turn (``RING``), each refilled once its
+    scale_2) and one compare launch reads them all; once the kernel is loaded these device steps are
+    one CUDA graph replay. Per part the host only takes its views and holds: with the pass's check
+    workers holding the GIL most of the time, every call that gives it up and takes it back (each
+    torch call does) is a wait. The pinned buffers are used in turn (``RING``), each refilled once its
     upload is done; the stream orders a batch's upload after the launch that read the slots before.
     Statistics stay on the device and are read back every ``FLUSH`` parts."""
 
