@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .constants import NVFP4_BLOCK
-from .decode_lanes import GpuLane, ReferenceLane
+from .decode_lanes import DecodeJob, GpuLane, ReferenceLane
 from .encoded_scales import EncodedScale
 from .experts import ExpertLayer
 from .safetensors_header import ShardHeader
@@ -25,10 +25,13 @@ from .verify_checks import fail, rescale_table, rescaled_half_problem, same
 from .verify_result import LayerResult
 
 # GPU decodes waiting for the decode threads, at most this many bytes of packed values: the pass goes on
-# with its other checks meanwhile (while Triton loads the kernel, the first second or so of a first call,
-# the lanes run its torch reference on the GPU). A queued decode holds its values' pages in the mapped
-# output until it is staged.
-DEFERRED_BYTES = 4 << 30
+# with its other checks meanwhile (while Triton loads the kernel, the first two seconds or so of a first
+# call, the lanes run its torch reference on the GPU). A queued decode holds its values' pages in the
+# mapped output until it is staged, so this is also what the decode adds to the resident set (file pages)
+# at most. With 1 GiB rather than 4, the pass waits for the lanes instead of leaving most decodes for
+# after it: on the H200 host a first call of a 4 GB checkpoint took 2.50 s instead of 2.91, at a peak RSS
+# of 2.6-2.9 GB instead of 4.3 (docs/benchmarks.md, 2026-12-03).
+DEFERRED_BYTES = 1 << 30
 DECODE_THREADS = 3  # threads that stage and launch the GPU decodes, beside the check workers
 
 
@@ -108,6 +111,8 @@ class PieceChecker:
         self.on_bytes: Callable[[str, int], None] | None = None  # progress: (shard, bytes done), from the streams
 
     def close(self) -> None:
+        for lane in self._lanes:  # after a failure, jobs may still wait for a batch: their holds go
+            lane.discard()
         for m in (*self.src_m.values(), *self.conv_m.values()):
             m.close()
 
@@ -450,23 +455,29 @@ class PieceChecker:
             self._run_decode(item)
 
     def _run_decode(self, item: tuple[ExpertLayer, str, int, np.ndarray, bool]) -> None:
-        """One queued decode, then the output values' hold dropped; after a failure (the first is
-        kept for :meth:`finish_decode`, and the pass is stopped) the rest are only released."""
+        """One queued decode, handed to this thread's lane with the output values' hold (the lane drops
+        it once it has copied them); after a failure (the first is kept for :meth:`finish_decode`, and
+        the pass is stopped) the rest are only released."""
         layer, part, e, values, held = item
+        release_values = _once(self._values_release(layer, part, e) if held else None)
         try:
             if self._decode_error is None:
                 self._lane()
-                self._launch(layer, part, e, values)
+                self._launch(layer, part, e, values, release_values)
+            else:
+                release_values()
         except BaseException as exc:  # noqa: BLE001 (raised again by finish_decode)
+            release_values()
             with self._lock:
                 self._decode_error = self._decode_error or exc
             self.stop.set()
             with self._queue_cond:
                 self._queue_cond.notify_all()
-        finally:
-            if held:
-                name, m, start, n = self._operand(layer, part, e)
-                m.release_tensor(name, start, n)
+
+    def _values_release(self, layer: ExpertLayer, part: str, e: int) -> Callable[[], None]:
+        """What drops the hold :meth:`_decode` took on the output's values of expert ``e``'s ``part``."""
+        name, m, start, n = self._operand(layer, part, e)
+        return lambda: m.release_tensor(name, start, n)
 
     def _lane(self) -> GpuLane:
         """This thread's GPU lane; the first call makes it."""
@@ -523,46 +534,66 @@ class PieceChecker:
         m = self.conv_m[self.conv_map[name]]
         return name, m, 0, m.header.tensors[name].nbytes
 
-    def _launch(self, layer: ExpertLayer, part: str, e: int, values: np.ndarray) -> None:
-        """The decode of :meth:`_decode`: inputs prepared, then launched on this thread's lane or run by
-        the CPU reference."""
+    def _launch(
+        self, layer: ExpertLayer, part: str, e: int, values: np.ndarray, release_values: Callable[[], None] | None = None
+    ) -> None:
+        """The decode of :meth:`_decode`: its inputs gathered (views of both checkpoints, held) into a
+        :class:`DecodeJob` for this thread's lane, or run at once by the CPU reference. The lane
+        releases them (``release_values`` too) once it has copied them."""
         assert self.decode is not None
         d = layer.dims
         w13 = part == "w13_weight"
         roles: tuple[str, ...] = ("gate", "up") if w13 else (part.split(".")[0],) if "." in part else ("down",)
         rows, cols = (2 * d.inter, d.hidden) if w13 else (d.hidden, d.inter) if roles == ("down",) else (d.inter, d.hidden)
         sname, m, start, n = self._operand(layer, f"{part}_scale", e)
-        s2 = {r: self._scale_2(layer, r, e) for r in roles}  # (source, output, ratio)
-        if self.decode == "cuda" and (self.kernels_ready is None or self.kernels_ready.is_set()):
-            from .kernels.dequant import S2_LIMIT  # (Triton is loaded by now)
+        held_src: list[str] = []
+        held_out = False
 
-            if max(abs(v) for r in roles for v in s2[r][:2]) >= S2_LIMIT:
-                raise fail(f"{layer.prefix}.{part}: expert {e} has a scale_2 too large for the compare kernel")
-        # Host inputs: source block scales in the output's row order, the stored scales as they are,
-        # the per-row scale_2 of both sides, and the values.
-        src_s = {r: self.src(layer, e, r, "weight_scale").reshape(rows // len(roles), -1) for r in roles}
-        a_scales = self.tgt.rows.join_np(src_s["gate"], src_s["up"]) if w13 else src_s[roles[0]]
-        if w13:
-            gate_row = self.tgt.rows.permutation(d.inter) < d.inter
-            a_s2 = np.where(gate_row, np.float32(s2["gate"][0]), np.float32(s2["up"][0])).astype(np.float32)
-            b_s2 = np.where(gate_row, np.float32(s2["gate"][1]), np.float32(s2["up"][1])).astype(np.float32)
-        else:
-            a_s2 = np.full(rows, s2[roles[0]][0], dtype=np.float32)
-            b_s2 = np.full(rows, s2[roles[0]][1], dtype=np.float32)
-        # The output's scales as the kernel reads them: as stored where it reads the layout itself,
-        # else with the layout undone by its numpy inverse (row order kept: both sides are in it).
-        stored = m.held_array(sname, start, n)  # small; hashed later, in order, by its own piece
-        swz = self.tgt.scales.kernel_reads_in_place
-        b_scales = stored if swz else self.tgt.scales.natural_np(stored, rows, cols)
-        b_shape = self.tgt.scales.expert_shape(rows, cols) if swz else (rows, cols // NVFP4_BLOCK)
-        key = (layer.prefix, part, e, all(s2[r][2] == 1.0 for r in roles))
-        lane = self._lane() if self.decode == "cuda" else ReferenceLane(self._decoded)
-        lane.launch(key, rows, cols, values, a_scales, a_s2, b_scales, b_shape, swz, b_s2)
-        # Both sides' scales were read here, maybe after their own checks had dropped them: drop them
-        # again (the lane has copied them, or maps them again if it has not; only the pages go).
-        m.release_tensor(sname, start, n)
-        for r in roles:
-            self.release_src(layer, e, r, "weight_scale")
+        def release() -> None:
+            # Both sides' scales were read here, maybe after their own checks had dropped them: drop them
+            # again (only the pages go).
+            if held_out:
+                m.release_tensor(sname, start, n)
+            for r in held_src:
+                self.release_src(layer, e, r, "weight_scale")
+            if release_values is not None:
+                release_values()
+
+        release = _once(release)
+        try:
+            s2 = {r: self._scale_2(layer, r, e) for r in roles}  # (source, output, ratio)
+            if self.decode == "cuda" and (self.kernels_ready is None or self.kernels_ready.is_set()):
+                from .kernels.dequant import S2_LIMIT  # (Triton is loaded by now)
+
+                if max(abs(v) for r in roles for v in s2[r][:2]) >= S2_LIMIT:
+                    raise fail(f"{layer.prefix}.{part}: expert {e} has a scale_2 too large for the compare kernel")
+            # Source block scales (natural layout, a half each for w13, put in the output's row order by
+            # the lane), the output's scales as stored, and both sides' scale_2 (gate's, then up's).
+            a_scales = []
+            for r in roles:
+                a_scales.append(self.src(layer, e, r, "weight_scale"))
+                held_src.append(r)
+            stored = m.held_array(sname, start, n)  # small; hashed later, in order, by its own piece
+            held_out = True
+            last = roles[-1]
+            job = DecodeJob(
+                rows=rows,
+                cols=cols,
+                values=values,
+                a_scales=tuple(a_scales),
+                row_perm=self.tgt.rows.permutation(d.inter) if w13 else None,
+                b_stored=stored,
+                layout=self.tgt.scales,
+                s2=(s2[roles[0]][0], s2[last][0], s2[roles[0]][1], s2[last][1]),
+                first_rows=(self.tgt.rows.permutation(d.inter) < d.inter) if w13 else None,
+                release=release,
+            )
+            key = (layer.prefix, part, e, all(s2[r][2] == 1.0 for r in roles))
+            lane = self._lane() if self.decode == "cuda" else ReferenceLane(self._decoded)
+        except BaseException:
+            release()
+            raise
+        lane.launch(key, job)  # the lane owns the job's holds from here
 
     def _decoded(self, key: tuple[str, str, int, bool], stats: Any) -> None:
         """The read-back statistics (n_diff, nonfinite, max_abs, max_rel) of one decoded expert part."""
@@ -591,3 +622,13 @@ class PieceChecker:
                     f"allow ({100 * bound:.4g}%)"
                 )
 
+
+def _once(fn: Callable[[], None] | None) -> Callable[[], None]:
+    """``fn`` (if any) made safe to call more than once: it runs the first time only."""
+    done = threading.Lock()
+
+    def run() -> None:
+        if fn is not None and done.acquire(blocking=False):
+            fn()
+
+    return run

@@ -204,7 +204,7 @@ def profile_verify(work: Path, runs: list[tuple[str, int]], timeline: bool = Fal
     lock = threading.Lock()
     for name in ("_values_equal", "_scales", "_natural_scales", "_launch"):
         _timed(acc, lock, piece_checks.PieceChecker, name)
-    for name in ("_stage", "launch", "_read_back"):
+    for name in ("_run", "launch", "_read_back"):
         _timed(acc, lock, decode_lanes.GpuLane, name)
     src, out = ensure_checkpoint(work)
     if any(d == "cuda" for d, _ in runs):  # fill Triton's kernel cache in another process, as a user's earlier run would

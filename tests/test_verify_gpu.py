@@ -1,6 +1,7 @@
-"""verify's end-to-end decode on a GPU: the asynchronous lanes (pinned staging, one upload per expert
-part into a batch of its shape, one compare launch a batch, statistics read back every few batches)
-report what the kernel's torch reference reports on the CPU.
+"""verify's end-to-end decode on a GPU: the asynchronous lanes (expert parts of one shape batched, each
+batch staged in one pinned copy and one upload, its inputs finished on the device, one compare launch a
+batch, statistics read back every few batches) report what the kernel's torch reference reports on the
+CPU.
 
 Skipped without CUDA (the CPU suite runs the same checks through the reference); run on a GPU with
 ``python3 -m pytest tests/test_verify_gpu.py``.
@@ -43,6 +44,7 @@ def test_gpu_decode_matches_the_cpu_reference(make_ckpt, tmp_path, target, monke
     convert(src, out, ConvertOptions(target=target))
     monkeypatch.setattr(GpuLane, "FLUSH", random.choice([7, 32]))
     monkeypatch.setattr(GpuLane, "BATCH", random.choice([1, 3, 8]))  # part-filled batches launched at the flush
+    monkeypatch.setattr(GpuLane, "STAGE_BYTES", random.choice([1, 300_000, 32 << 20]))  # a batch's bytes cap it too
     if slow_kernel_load:  # the pass runs ahead: decodes are put off, then run by the lanes and the main thread
         warm = ver.warm_kernels
         monkeypatch.setattr(ver, "warm_kernels", lambda plan, ready: (time.sleep(0.5), warm(plan, ready)))
