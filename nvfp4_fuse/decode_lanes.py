@@ -340,19 +340,13 @@ def warm_kernels(plan: Future, ready: threading.Event) -> None:
     the headers being read and checked; until ``ready`` is set the lanes run the kernel's torch
     reference on the GPU (see :meth:`GpuLane._compare`). Loading a compiled kernel takes most of a
     second the first time, and Triton does not serialise it: every lane whose first launch came before
-    it was loaded would load it again. Triton's cache key, which it hashes its 500 MB library for once
-    a process, comes from a child process (:mod:`~nvfp4_fuse.triton_cache_key`): hashed here, beside
-    the pass's workers, it waited seconds for the GIL. Only a warm-up: a failure here is left to the
-    real launches to report."""
+    it was loaded would load it again. Only a warm-up: a failure here is left to the real launches to
+    report."""
     try:
-        from .triton_cache_key import TritonKey
-
-        key = TritonKey(timeout=30.0)  # started first: it runs while torch and Triton import here
         import torch
 
         from .kernels.compare import compare_nvfp4
 
-        key.install()
         dev = torch.device("cuda", torch.cuda.current_device())
         spec: OutputSpec | None = plan.result()
         if spec is None:
