@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,66 @@ def test_work_dir_and_max_disk_are_refused_for_a_local_source(hub_src, converted
     for extra in (("--max-disk", "1GB"), ("--work-dir", str(tmp_path)), ("--dry-run",)):
         rc, stdout, _ = run_inprocess(capsys, "verify", str(hub_src), str(converted), *VERIFY, *extra)
         assert rc == 2 and "apply to a Hub repo id" in json.loads(stdout)["error"]["message"]
+
+
+def _write_shard(path: Path, tensors: dict[str, tuple[dict, bytes]]) -> None:
+    header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, (info, data) in tensors.items():
+        header[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [off, off + len(data)]}
+        blobs.append(data)
+        off += len(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+def _values_apart(folder: Path) -> None:
+    """Rewrite a one-shard checkpoint as two: every expert's packed values in one, the rest in the other."""
+    idx_p = folder / "model.safetensors.index.json"
+    idx = json.loads(idx_p.read_text())
+    (one,) = set(idx["weight_map"].values())
+    raw = (folder / one).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__", None)
+    data = raw[8 + n :]
+    tensors = {k: (v, data[v["data_offsets"][0] : v["data_offsets"][1]]) for k, v in header.items()}
+    (folder / one).unlink()
+    def key(k: str) -> tuple[str, bool]:
+        values = ".experts." in k and k.endswith(".weight")
+        return (k.split(".experts.")[0] if values else "", values)
+
+    groups = sorted({key(k) for k in tensors})
+    names = {g: f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i, g in enumerate(groups)}
+    for g, name in names.items():
+        _write_shard(folder / name, {k: t for k, t in tensors.items() if key(k) == g})
+    idx["weight_map"] = {k: names[key(k)] for k in tensors}
+    idx_p.write_text(json.dumps(idx))
+
+
+def test_the_decode_of_a_part_split_over_two_shards_has_its_source_values_at_hand(tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
+    """With the end-to-end decode (here its CPU reference), an expert part whose values and block
+    scales lie in two output shards is decoded with the scales' shard, from the source's values. A
+    source whose values lie apart from everything else, a file per layer, makes that file one the
+    scales' shard alone still needs: it must be fetched for it, and not freed before."""
+    import huggingface_hub.constants as C
+
+    from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
+
+    pytest.importorskip("torch")
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    src = tmp_path / "split"
+    make_sample_checkpoint(src, SampleSpec(layers=3, experts=4, hidden=128, inter=64, shards=1, unequal_scale_2=True, seed=1))
+    _values_apart(src)
+    fake_hub.create("org/split", {p.name: p.read_bytes() for p in src.iterdir()})
+    out = tmp_path / "out"
+    rc, _, err = run_inprocess(capsys, "convert", "org/split", str(out), "--target", "vllm-fused", "--max-shard-size", "16KB", "--json")
+    assert rc == 0, err
+    rc, stdout, err = run_inprocess(capsys, "verify", str(src), str(out), *VERIFY, "--decode")
+    assert rc == 0, err
+    local = json.loads(stdout)
+    (tmp_path / "work").mkdir()
+    rc, stdout, err = run_inprocess(capsys, "verify", "org/split", str(out), *VERIFY, "--decode", "--work-dir", str(tmp_path / "work"))
+    assert rc == 0, stdout
+    body = json.loads(stdout)
+    assert comparable(body) == comparable(local) and all(m["decoded"] == m["experts"] for m in body["modules"])
