@@ -278,3 +278,44 @@ def test_the_decode_of_a_part_split_over_two_shards_has_its_source_values_at_han
     assert rc == 0, stdout
     body = json.loads(stdout)
     assert comparable(body) == comparable(local) and all(m["decoded"] == m["experts"] for m in body["modules"])
+
+
+def test_a_work_folder_short_of_the_minimum_is_refused_and_the_default_budget_shrinks_to_it(converted, tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
+    from nvfp4_fuse.hub import verify_stream
+
+    work = tmp_path / "work"
+    work.mkdir()
+    rc, stdout, _ = run_inprocess(capsys, "verify", "org/src", str(converted), *VERIFY, "--work-dir", str(work), "--dry-run")
+    disk = json.loads(stdout)["disk"]
+    minimum = disk["min_max_disk"]
+    assert disk["max_disk"] == 2 * minimum and disk["work_dir"] == str(work)
+    monkeypatch.setattr(verify_stream, "disk_free", lambda p: minimum + 1000)
+    rc, stdout, _ = run_inprocess(capsys, "verify", "org/src", str(converted), *VERIFY, "--work-dir", str(work), "--dry-run")
+    assert rc == 0 and json.loads(stdout)["disk"]["max_disk"] == minimum + 1000
+    monkeypatch.setattr(verify_stream, "disk_free", lambda p: minimum - 1)
+    rc, body = verify_hub(capsys, converted, work)
+    assert rc == 2
+    msg = body["error"]["message"]
+    assert str(work) in msg and "--work-dir" in msg and "needs at least" in msg, msg
+    assert list(work.iterdir()) == [] and fake_hub.ranged_gets("model-00001-of-00006.safetensors").count(None) == 1  # the convert's alone
+
+
+def test_the_default_work_folder_falls_back_to_tmpdir_beside_a_read_only_folder_or_in_the_hf_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as C
+
+    from nvfp4_fuse import writable
+    from nvfp4_fuse.hub.verify_stream import work_base
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    conv = tmp_path / "data" / "out"
+    conv.mkdir(parents=True)
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    assert work_base(conv, None) == conv.parent
+    cached = tmp_path / "hf" / "hub" / "models--me--x" / "snapshots" / "abc"
+    cached.mkdir(parents=True)
+    assert work_base(cached, None) == tmp
+    monkeypatch.setattr(writable, "writable_problem", lambda p: f"{p} is on a read-only file system")
+    assert work_base(conv, None) == tmp
