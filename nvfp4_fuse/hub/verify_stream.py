@@ -94,16 +94,17 @@ class HubVerifySource:
         src, _, scalars = remote_source(self.pinned)
         return src, scalars
 
-    def plan(self, spec: Any, sidecars: list[str], *, decode: bool) -> Any:
-        """The disk plan of checking every shard of ``spec`` and ``sidecars``; refuses a budget below
-        its minimum, or a work folder's disk with less free than that. Sets :attr:`limit`."""
+    def plan(self, spec: Any, sidecars: list[str], *, decode: bool, staging: Path) -> Any:
+        """The disk plan of checking every shard of ``spec`` and ``sidecars``, fetching into
+        ``staging``; refuses a budget below its minimum, or a work folder's disk with less free than
+        that. Sets :attr:`limit`."""
         from ..disk_budget import check_steps
         from ..source_files import HubSourceFiles
 
         assert self.pinned is not None
         steps = functools.partial(check_steps, sidecars=sidecars, decode=decode)
         self.files = HubSourceFiles(
-            self.pinned, self.base, steps=steps, max_disk=self.max_disk, cache_dir=self.cache_dir, **self.fetch_kw
+            self.pinned, staging, steps=steps, max_disk=self.max_disk, cache_dir=self.cache_dir, **self.fetch_kw
         )  # fmt: skip
         plan, limit = self.files.plan_for(spec, spec.shards)  # refuses a budget below the minimum
         free = disk_free(self.base)
@@ -125,7 +126,7 @@ class HubVerifySource:
         from ..verify_checks import checked_sidecars
 
         manifest, _, spec = checked_plan(Path(self.repo_id), self.converted, hub=self)
-        plan = self.plan(spec, checked_sidecars(spec, manifest.model_card), decode=decode)
+        plan = self.plan(spec, checked_sidecars(spec, manifest.model_card), decode=decode, staging=self.base / (WORK_PREFIX + "dry-run"))
         assert self.pinned is not None
         fetched = [it for it in plan.items if it.kind == "file"]
         return {
@@ -142,10 +143,10 @@ class HubVerifySource:
         }
 
     def start(self, spec: Any, sidecars: list[str], *, decode: bool) -> Any:
-        """Plan, make the work folder, start fetching; -> the source files (source_files.py)."""
-        self.plan(spec, sidecars, decode=decode)
+        """Make the work folder, plan, start fetching; -> the source files (source_files.py). A
+        refused plan leaves the folder to :meth:`close`, which removes it."""
         self.folder = Path(tempfile.mkdtemp(prefix="." + WORK_PREFIX, dir=self.base))
-        self.files.staging = self.folder
+        self.plan(spec, sidecars, decode=decode, staging=self.folder)
         if self.on_start is not None:
             self.on_start(self.folder, self.limit)
         self.files.start(spec, spec.shards)
