@@ -237,6 +237,8 @@ class HubSourceFiles:
             self._fail(e)
 
     def _fail(self, e: BaseException) -> None:
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # a write on a descriptor (ENOSPC...)
+            e = OSError(e.errno, e.strerror, str(self.staging))
         with self._lock:
             if self._failed is None and not self._stop.is_set():
                 self._failed = e

@@ -319,3 +319,20 @@ def test_the_default_work_folder_falls_back_to_tmpdir_beside_a_read_only_folder_
     assert work_base(cached, None) == tmp
     monkeypatch.setattr(writable, "writable_problem", lambda p: f"{p} is on a read-only file system")
     assert work_base(conv, None) == tmp
+
+
+def test_a_full_disk_while_fetching_names_the_work_folder_and_leaves_nothing(converted, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from nvfp4_fuse.hub import fetch
+
+    def full(self, *a, nbytes: int = 0, **kw):
+        if nbytes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fetch.FetchStats, "add", full)
+    rc, body = verify_hub(capsys, converted, tmp_path / "work")
+    assert rc == 2
+    msg = body["error"]["message"]
+    assert msg.startswith("no space left on the device") and str(tmp_path / "work") in msg and str(converted) not in msg, msg
+    assert list((tmp_path / "work").iterdir()) == []
