@@ -341,6 +341,15 @@ def plan_dsv4_pro(a: argparse.Namespace) -> None:
         f"1-3 small files, {len(headers)} downloads"
     )
     print(f"time at {human(bw)}/s: {src_total / bw / 60:.1f} min of downloading ({human(src_total)}), conversion overlapped")
+    from nvfp4_fuse.disk_budget import check_steps, plan_steps
+
+    for decode in (False, True):
+        vplan = plan_steps(*check_steps(spec, spec.shards, [], decode=decode), sizes)
+        print(
+            f"verify <repo id> <out>{' with the GPU decode' if decode else ''}: minimum --max-disk {human(vplan.minimum)}, "
+            f"working set peak {human(vplan.peak(2 * vplan.minimum))} under the default (twice that); "
+            f"snapshot_download first: {human(src_total)}"
+        )
 
 
 def main() -> None:
