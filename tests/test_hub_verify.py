@@ -336,3 +336,21 @@ def test_a_full_disk_while_fetching_names_the_work_folder_and_leaves_nothing(con
     msg = body["error"]["message"]
     assert msg.startswith("no space left on the device") and str(tmp_path / "work") in msg and str(converted) not in msg, msg
     assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_an_unreachable_hub_falls_back_to_a_cached_snapshot(converted, tmp_path, capsys, monkeypatch):
+    """As snapshot_download does: no network, but the snapshot is in the cache (HF_HUB_OFFLINE unset)."""
+    import socket
+
+    import huggingface_hub.constants as C
+    from huggingface_hub import snapshot_download
+
+    snapshot_download("org/src")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(C, "ENDPOINT", closed)
+    monkeypatch.setattr(C, "HUGGINGFACE_CO_URL_TEMPLATE", closed + "/{repo_id}/resolve/{revision}/{filename}")
+    rc, body = verify_hub(capsys, converted, tmp_path / "work")
+    assert rc == 0 and body["ok"], body
+    assert list((tmp_path / "work").iterdir()) == []
