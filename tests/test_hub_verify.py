@@ -21,7 +21,7 @@ import pytest
 from fake_hub import StoredFile
 from helpers import files_bytes, run_inprocess, sample_disk_as_it_grows
 from test_hub import fake_hub  # noqa: F401  (the loopback Hub fixture)
-from test_hub_stream import ARGS, fail_first_download, hub_src, tree_hashes  # noqa: F401  (fixture)
+from test_hub_stream import ARGS, fail_first_download, hub_src, once_planned, tree_hashes  # noqa: F401  (fixture)
 
 from nvfp4_fuse.hub.verify_stream import WORK_PREFIX
 from nvfp4_fuse.safetensors_header import read_header
@@ -353,4 +353,22 @@ def test_an_unreachable_hub_falls_back_to_a_cached_snapshot(converted, tmp_path,
     monkeypatch.setattr(C, "HUGGINGFACE_CO_URL_TEMPLATE", closed + "/{repo_id}/resolve/{revision}/{filename}")
     rc, body = verify_hub(capsys, converted, tmp_path / "work")
     assert rc == 0 and body["ok"], body
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_transient_faults_are_retried_and_resumed_mid_file(converted, tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
+    from nvfp4_fuse.hub import fetch
+
+    monkeypatch.setattr(fetch, "DEFAULT_TIMEOUT_S", 0.5)
+    first = "model-00001-of-00006.safetensors"
+
+    def arm() -> None:
+        fake_hub.fault_download(first, reset_after=20_000)
+        fake_hub.fail_next("download", 503)
+
+    once_planned(monkeypatch, arm)
+    rc, body = verify_hub(capsys, converted, tmp_path / "work")
+    assert rc == 0, body
+    assert [p for p, _ in fake_hub.fired_faults] == [first]
+    assert "bytes=20000-" in fake_hub.ranged_gets(first)  # resumed where the reset left it
     assert list((tmp_path / "work").iterdir()) == []
