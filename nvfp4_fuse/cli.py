@@ -103,6 +103,17 @@ MAX_DISK_HELP = (
 )
 
 
+VERIFY_MAX_DISK_HELP = (
+    "For a Hub repo id: the most disk the source files fetched and not yet done with may take, with a "
+    "unit: 40GB. Default: twice the minimum (the source files the checks of one output shard read; less "
+    "is refused), or the free disk of the work folder if less."
+)
+WORK_DIR_HELP = (
+    "For a Hub repo id: where the temporary folder for the source files is made (and removed at the end). "
+    "Default: beside CONVERTED, or the system's temporary folder ($TMPDIR) if that cannot be written."
+)
+
+
 def _resolve(source: str, revision: str | None) -> tuple[Path, Path | None]:
     """Local folder, or a Hub repo id resolved through the cache. Returns (folder, trust root)."""
     p = Path(source)
@@ -520,13 +531,17 @@ def verify(
         0, metavar="N", help="Worker threads; 0: up to 8 (the GPU decode runs on threads of its own)."
     ),
     report: Path | None = typer.Option(None, metavar="PATH", help="Also write the result as JSON to PATH (never into CONVERTED unless asked)."),
+    max_disk: str | None = typer.Option(None, "--max-disk", metavar="SIZE", help=VERIFY_MAX_DISK_HELP, show_default=False),
+    work_dir: Path | None = typer.Option(None, "--work-dir", metavar="DIR", help=WORK_DIR_HELP, show_default=False),
+    dry_run: bool = flag(False, "--dry-run", "For a Hub repo id: print the downloads and the disk they take (from headers only) and exit."),
     json_out: bool = flag(False, "--json", JSON_HELP),
     quiet: bool = flag(False, "--quiet", QUIET_HELP),
 ) -> None:
     """Prove the converted checkpoint decodes to what the source did (exit 3 when a check fails).
 
     Reads both folders and writes nothing into them: the result goes to stdout, to --report PATH
-    if given, and to the user's cache (so that `push` can quote it in the model card)."""
+    if given, and to the user's cache (so that `push` can quote it in the model card). From a Hub
+    repo id the source is fetched as the checks need it, into a temporary folder removed at the end."""
     from .verify import verify as run_verify
     from .verify_record import record_verified, write_report
 
@@ -536,8 +551,33 @@ def verify(
         from .writable import require_writable
 
         require_writable(report.parent if report.parent != Path("") else Path("."), "--report file")
-    folder, trust = _resolve(source, revision)
     show = progress_enabled(err, quiet or json_out)
+    hub_source = None  # a repo id: fetched as the checks need it (hub/verify_stream.py)
+    if _streams_from_hub(source):
+        from .hub.verify_stream import HubVerifySource
+        from .spec import parse_size
+
+        limit = parse_size(max_disk) if max_disk is not None else None
+        if limit is not None and limit <= 0:
+            raise InputError(f"--max-disk must be positive, not {max_disk!r}")
+        hub_source = HubVerifySource(source, converted, revision=revision, max_disk=limit, work_dir=work_dir)
+        folder, trust = Path(source), None
+        if dry_run:
+            from .hub.verify_stream import print_dry_run
+            from .verify import pick_device
+
+            dev = pick_device(device)
+            with err.status(f"planning: reading {source}'s headers and scales from the Hub", spinner="dots") if show else _null():
+                d = {"disk": hub_source.dry_run(decode=(dev == "cuda") if decode is None else decode)}
+            if json_out:
+                emit("verify", d)
+            else:
+                print_dry_run(d["disk"], lambda line: out.print(line, highlight=False))
+            return
+    else:
+        if max_disk is not None or work_dir is not None or dry_run:
+            raise InputError("--max-disk, --work-dir and --dry-run apply to a Hub repo id as source (a local source is read in place)")
+        folder, trust = _resolve(source, revision)
     from .folder_lock import folder_lock
 
     lock = folder_lock(converted, "verify", shared=True) if converted.is_dir() else _null()
@@ -555,20 +595,14 @@ def verify(
             shown[0] = shard
             prog.update(task, advance=n, description=f"verify: {shard}", refresh=changed)
 
-        res = _naming(converted, run_verify)(
-            folder,
-            converted,
-            sample=sample_n,
-            device=device,
-            decode=decode,
-            hash_files=not skip_hashes,
-            workers=max(0, workers),
-            trust_root=trust,
-            source_label=source,
-            seed=seed,
-            on_bytes=on_bytes,
-            on_stage=on_stage,
-        )
+        kw = dict(
+            sample=sample_n, device=device, decode=decode, hash_files=not skip_hashes, workers=max(0, workers), source_label=source, seed=seed,
+            on_bytes=on_bytes, on_stage=on_stage,
+        )  # fmt: skip
+        if hub_source is None:
+            res = _naming(converted, run_verify)(folder, converted, trust_root=trust, **kw)
+        else:
+            res = _verify_from_hub(hub_source, source, converted, revision, run_verify, kw, quiet or json_out)
         prog.update(task, description="verify")
     body = res.to_json()
     if report is not None:
@@ -606,6 +640,26 @@ def verify(
         f"[green]OK[/green]: {res.files_hashed} files hashed, {res.copied_tensors} copied tensors byte-identical ({res.device}, {res.seconds:.1f} s)",
         highlight=False,
     )
+
+
+def _verify_from_hub(hub_source: Any, source: str, converted: Path, revision: str | None, run_verify: Any, kw: dict, quiet: bool) -> Any:
+    """``verify`` against a Hub repo id, its source fetched within ``--max-disk`` into a temporary
+    folder that is removed however the run ends. When the Hub cannot be reached at all, the cached
+    snapshot is read as a folder, as ``convert`` does."""
+    from .hub.fetch import HubUnreachable
+    from .spec import human
+
+    def started(folder: Path, limit: int) -> None:
+        if not quiet:
+            err.print(f"source files fetched as the checks need them into {folder} (at most {human(limit)} at once; removed at the end)", highlight=False, soft_wrap=True)
+
+    hub_source.on_start = started
+    try:
+        with hub_source:
+            return _naming(converted, run_verify)(Path(source), converted, hub=hub_source, **kw)
+    except HubUnreachable:
+        folder, trust = _resolve(source, revision)
+        return _naming(converted, run_verify)(folder, converted, trust_root=trust, **kw)
 
 
 def _naming(path: Path, fn: Any) -> Any:

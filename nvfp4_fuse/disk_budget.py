@@ -14,6 +14,10 @@ and never past a reservation that does not fit, cannot deadlock: whatever is res
 steps at or before the one waiting, and those finish. The smallest budget that lets every step
 through (:attr:`DiskPlan.minimum`) is the largest, over the steps, of the source files alive at that
 step (needed at or before it and at or after it) plus its output; smaller budgets are refused.
+
+The same planner serves ``verify`` from the Hub (:func:`check_steps`): its steps are the sidecars it
+compares, then the output shards it checks, one at a time in file order; they write nothing, so the
+working set is the source files alone.
 """
 
 from __future__ import annotations
@@ -136,13 +140,60 @@ class DiskPlan:
         return peak, disk
 
 
+Steps = list[tuple[str | None, list[str]]]  # (output shard, or None for a sidecar; source files it needs)
+
+
+def convert_steps(spec: OutputSpec, todo: list[OutShard]) -> tuple[Steps, dict[str, int]]:
+    """``convert``'s steps: each output shard of ``todo`` (in order), then each sidecar it copies; and
+    what each output shard costs on disk while it is written."""
+    steps: Steps = [(s.name, shard_source_files(spec, s)) for s in todo]
+    skipped = set(spec.configs()) | {"README.md"}  # written from the plan, or describing the source: not copied
+    steps += [(None, [rel]) for rel in spec.source.sidecars if rel not in skipped]
+    return steps, {s.name: shard_disk_bytes(spec, s) for s in todo}
+
+
+def check_steps(spec: OutputSpec, shards: list[OutShard], sidecars: list[str], *, decode: bool) -> tuple[Steps, dict[str, int]]:
+    """``verify``'s steps: each sidecar it compares, then each output shard it checks (in order). It
+    writes nothing, so no step has an output to reserve disk for."""
+    steps: Steps = [(None, [rel]) for rel in sidecars]
+    steps += [(s.name, shard_check_files(spec, s, decode=decode)) for s in shards]
+    return steps, {}
+
+
+def shard_check_files(spec: OutputSpec, shard: OutShard, *, decode: bool) -> list[str]:
+    """The source files the checks of one output shard read (checked alone): those it was made from,
+    and with the end-to-end ``decode`` the files of the source values of the expert parts whose block
+    scales it holds (decoded with it when the values are in another output shard)."""
+    files = shard_source_files(spec, shard)
+    if not decode:
+        return files
+    seen = dict.fromkeys(files)
+    for t in shard.tensors:
+        if t.kind == "fused" and t.part.endswith("_scale"):
+            layer = spec.layers[t.layer]
+            roles = ("gate", "up") if t.part.startswith("w13") else ("down",)
+            refs = [layer.parts.get((e, r, "weight")) for e in range(layer.dims.experts) for r in roles]
+        elif t.kind == "expert" and t.part.endswith(".weight_scale"):
+            refs = [spec.layers[t.layer].parts.get((t.expert, t.part.split(".")[0], "weight"))]
+        else:
+            continue
+        for ref in refs:
+            if ref is not None:
+                seen.setdefault(ref.file)
+    return list(seen)
+
+
 def plan_disk(spec: OutputSpec, todo: list[OutShard], sizes: dict[str, int], *, local: set[str] = frozenset()) -> DiskPlan:
     """The steps and reservations of writing ``todo`` (in order) then copying the sidecars, from a
     source whose files have ``sizes``; files in ``local`` (the user's HF cache) cost nothing."""
-    steps: list[tuple[str | None, list[str]]] = [(s.name, shard_source_files(spec, s)) for s in todo]
-    skipped = set(spec.configs()) | {"README.md"}  # written from the plan, or describing the source: not copied
-    steps += [(None, [rel]) for rel in spec.source.sidecars if rel in sizes and rel not in skipped]
-    out_sizes = {s.name: shard_disk_bytes(spec, s) for s in todo}
+    return plan_steps(*convert_steps(spec, todo), sizes, local=local)
+
+
+def plan_steps(steps: Steps, out_sizes: dict[str, int], sizes: dict[str, int], *, local: set[str] = frozenset()) -> DiskPlan:
+    """The reservations of running ``steps`` in order, from a source whose files have ``sizes`` (a
+    sidecar step for a file the source does not list is left out); a step named in ``out_sizes``
+    also writes an output that size; files in ``local`` (the user's HF cache) cost nothing."""
+    steps = [(name, files) for name, files in steps if name is not None or all(f in sizes for f in files)]
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     for k, (_, files) in enumerate(steps):
@@ -155,21 +206,23 @@ def plan_disk(spec: OutputSpec, todo: list[OutShard], sizes: dict[str, int], *, 
         for f in files:
             if first[f] == k and cost[f]:
                 items.append(Item("file", f, cost[f], k))
-        if name is not None:
+        if name is not None and name in out_sizes:
             items.append(Item("out", name, out_sizes[name], k))
     minimum = 0
     for k, (name, _) in enumerate(steps):
         alive = sum(cost[f] for f in first if first[f] <= k <= last[f])
-        minimum = max(minimum, alive + (out_sizes[name] if name is not None else 0))
+        minimum = max(minimum, alive + out_sizes.get(name or "", 0))
     return DiskPlan(steps, items, last, {**cost, **out_sizes}, minimum, sum(cost.values()), sum(out_sizes.values()))
 
 
 def check_budget(plan: DiskPlan, limit: int) -> None:
     if limit < plan.minimum:
-        raise InputError(
-            f"--max-disk {human(limit)} is too small: this conversion needs at least {human(plan.minimum)} "
-            "(the source files one output shard reads, and that shard, at once)"
+        need = (
+            "this conversion needs at least {} (the source files one output shard reads, and that shard, at once)"
+            if plan.total_out
+            else "this verify needs at least {} (the source files the checks of one output shard read, at once)"
         )
+        raise InputError(f"--max-disk {human(limit)} is too small: " + need.format(human(plan.minimum)))
 
 
 def default_budget(plan: DiskPlan) -> int:

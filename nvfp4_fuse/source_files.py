@@ -7,26 +7,33 @@ until the file is entirely there and checked) and says when it will not read it 
 
 - :class:`LocalSourceFiles`: a folder; every call is immediate and frees nothing.
 - :class:`HubSourceFiles`: a pinned Hub commit. A background fetcher downloads the files in the order
-  the output needs them (:mod:`.disk_budget`), running ahead of the converter as far as the budget
-  lets it, one file at a time by default (on one link the file needed next then arrives first, and
-  the conversion left after the last byte is the least), into the output folder's hidden
-  ``.nvfp4-fuse-source/`` (resumable ``.incomplete`` files until their hash matches), within
-  ``--max-disk``; a file the user's HF cache already holds at that commit is read from there, never
-  written or deleted. :meth:`done` deletes the run's own copy. On success the folder is removed; after
-  a failure it keeps what arrived, and the same command resumes from it.
+  the steps need them (:mod:`.disk_budget`: ``convert``'s output shards and sidecars, or the shards
+  ``verify`` checks), running ahead of the reader as far as the budget lets it, one file at a time
+  by default (on one link the file needed next then arrives first, and the work left after the last
+  byte is the least), into a folder the run owns (``convert``: the output folder's hidden
+  ``.nvfp4-fuse-source/``; ``verify``: a temporary folder), as resumable ``.incomplete`` files until
+  their hash matches, within ``--max-disk``; a file the user's HF cache already holds at that commit
+  is read from there, never written or deleted. :meth:`done` deletes the run's own copy.
+  :meth:`finish` removes the folder; after a failure ``convert`` keeps what arrived, and the same
+  command resumes from it.
+
+``verify`` reads the source's shard headers through :func:`local_headers`, which gives each header
+with the path the source files have the file at (waiting for its download).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from .disk_budget import BudgetClosed, DiskPlan, OrderedBudget, check_budget, default_budget, plan_disk
+from .disk_budget import BudgetClosed, DiskPlan, OrderedBudget, Steps, check_budget, convert_steps, default_budget, plan_steps
 from .errors import InputError
 from .spec import OutputSpec, OutShard
 
@@ -88,10 +95,13 @@ class LocalSourceFiles:
 
 
 class HubSourceFiles:
-    """A pinned Hub commit, fetched into ``out/.nvfp4-fuse-source`` as the output needs it (module doc).
+    """A pinned Hub commit, fetched into ``staging`` (a folder the run owns) as the steps need it
+    (module doc).
 
-    ``max_disk`` bounds the working set (:mod:`.disk_budget`); ``None`` takes the default (twice the
-    minimum). ``fetchers`` files download at once (1: in order, each with the whole link). ``cache_dir`` is the HF cache to reuse blobs from
+    ``steps(spec, todo)`` gives the steps and the outputs they write (default: ``convert``'s,
+    :func:`~nvfp4_fuse.disk_budget.convert_steps`). ``max_disk`` bounds the working set
+    (:mod:`.disk_budget`); ``None`` takes the default (twice the minimum). ``fetchers`` files download
+    at once (1: in order, each with the whole link). ``cache_dir`` is the HF cache to reuse blobs from
     (default: the user's).
     """
 
@@ -101,8 +111,9 @@ class HubSourceFiles:
     def __init__(
         self,
         pinned,
-        out: Path,
+        staging: Path,
         *,
+        steps: Callable[[OutputSpec, list[OutShard]], tuple[Steps, dict[str, int]]] = convert_steps,
         max_disk: int | None = None,
         fetchers: int = 1,
         cache_dir: str | None = None,
@@ -113,7 +124,8 @@ class HubSourceFiles:
         from .hub import fetch
 
         self.pinned = pinned
-        self.staging = Path(out) / STAGING_NAME
+        self.staging = Path(staging)
+        self.steps = steps
         self.max_disk = max_disk
         self.fetchers = max(1, fetchers)
         self.cache_dir = cache_dir
@@ -138,14 +150,15 @@ class HubSourceFiles:
         from .hub.fetch import cached_blob
 
         sizes = {p: f.size for p, f in self.pinned.files.items()}
-        needed = {f for s in todo for f in _files(spec, s)} | set(spec.source.sidecars) - set(spec.configs())
+        steps, out_sizes = self.steps(spec, todo)
+        needed = {f for _, files in steps for f in files}
         self.local = {}
         for f in sorted(needed):
             if f in sizes:
                 p = cached_blob(self.pinned, f, self.cache_dir)
                 if p is not None:
                     self.local[f] = p
-        plan = plan_disk(spec, todo, sizes, local=set(self.local))
+        plan = plan_steps(steps, out_sizes, sizes, local=set(self.local))
         limit = self.max_disk if self.max_disk is not None else default_budget(plan)
         check_budget(plan, limit)
         return plan, limit
@@ -224,6 +237,8 @@ class HubSourceFiles:
             self._fail(e)
 
     def _fail(self, e: BaseException) -> None:
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # a write on a descriptor (ENOSPC...)
+            e = OSError(e.errno, e.strerror, str(self.staging))
         with self._lock:
             if self._failed is None and not self._stop.is_set():
                 self._failed = e
@@ -299,10 +314,31 @@ class HubSourceFiles:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def _files(spec: OutputSpec, shard: OutShard) -> list[str]:
-    from .disk_budget import shard_source_files
+class _LocalHeaders(Mapping):
+    """The source's shard headers with each path where the source files have the file now (a Hub
+    source's own download, or the HF cache), asked for only when a check opens it."""
 
-    return shard_source_files(spec, shard)
+    def __init__(self, headers: Mapping[str, Any], files: SourceFiles):
+        self._headers, self._files = headers, files
+
+    def __getitem__(self, f: str) -> Any:
+        h = self._headers[f]
+        path = self._files.path(f)
+        return h if h.path == path else dataclasses.replace(h, path=path)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._headers)
+
+    def __len__(self) -> int:
+        return len(self._headers)
 
 
-__all__ = ["HubSourceFiles", "InputError", "LocalSourceFiles", "STAGING_NAME", "SourceFiles"]
+def local_headers(spec: OutputSpec, files: SourceFiles | None) -> OutputSpec:
+    """``spec`` with its source's shard headers read at the paths ``files`` gives (a Hub source's: each
+    waits for its download when first opened); ``spec`` itself for a local source."""
+    if files is None or not files.remote:
+        return spec
+    return dataclasses.replace(spec, source=dataclasses.replace(spec.source, headers=_LocalHeaders(spec.source.headers, files)))
+
+
+__all__ = ["HubSourceFiles", "InputError", "LocalSourceFiles", "STAGING_NAME", "SourceFiles", "local_headers"]

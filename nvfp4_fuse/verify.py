@@ -35,6 +35,11 @@ The checks are those of :mod:`~nvfp4_fuse.verify_checks` (pure functions) applie
 module holds the pass. :func:`check_shards` runs it over any subset of a conversion's output shards
 (a shard checked as soon as it is written, before it is uploaded); :func:`verify` checks a whole
 converted folder: the manifest and the structure first, then :func:`check_shards` over every shard.
+
+From a Hub repo id (``hub``: :class:`~nvfp4_fuse.hub.verify_stream.HubVerifySource`), the source is
+planned from the Hub's headers, its files fetched in the order the checks need them within a disk
+budget, and the shards checked one at a time, in file order, each once its source files are there;
+a source file is deleted once no shard left to check reads it. The result is the same.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +64,7 @@ from .piece_checks import CheckedPiece, PieceChecker
 from .safetensors_header import ShardHeader, read_header
 from .source import scan_source
 from .spec import OutputOptions, OutputSpec, OutShard, build_spec
-from .verify_checks import check_shard_headers, check_structure, fail
+from .verify_checks import check_shard_headers, check_structure, checked_sidecars, fail
 from .verify_result import (
     CHECK_BOUND,
     CHECK_COPIED,
@@ -72,6 +78,7 @@ from .verify_result import (
     CHECK_VALUES,
     LayerResult,
     VerifyResult,
+    merge_results,
 )
 
 __all__ = ["LayerResult", "VerifyResult", "check_shards", "default_workers", "pick_device", "verify"]
@@ -312,8 +319,11 @@ def verify(
     seed: int | None = None,
     on_bytes: Callable[[str, int], None] | None = None,
     on_stage: Callable[[str, int], None] | None = None,
+    hub: Any = None,
 ) -> VerifyResult:
-    """Check the converted folder ``conv_dir`` against the source ``source_dir`` (see the module notes).
+    """Check the converted folder ``conv_dir`` against the source ``source_dir`` (see the module notes),
+    or with ``hub`` (:class:`~nvfp4_fuse.hub.verify_stream.HubVerifySource`) against a Hub commit
+    fetched as the checks need it, within its disk budget (``source_dir`` is then unused).
 
     ``workers`` threads check the pieces (0: :func:`default_workers`). ``sample`` checks that many
     experts a layer, drawn at random (``seed`` makes the draw
@@ -341,7 +351,7 @@ def verify(
     if on_stage:
         on_stage("reading headers", 0)
     try:
-        manifest, options, spec = _checked_plan(source_dir, conv_dir, trust_root)
+        manifest, options, spec = checked_plan(source_dir, conv_dir, trust_root, hub)
     finally:
         plan.set_result(spec)  # None after a failure: the warm-up thread stops
     try:
@@ -355,28 +365,18 @@ def verify(
         for name, rec in manifest.files.items():
             if name not in shard_names and sha256_file(conv_dir / name) != rec["sha256"]:
                 raise fail(f"output files do not match the manifest: {name}: sha256 differs from manifest")
-    check_structure(spec, conv_dir, conv, model_card=manifest.model_card)
-
-    rng = random.Random(seed)
-    experts = {}
-    for p, layer in spec.layers.items():
-        n = layer.dims.experts
-        experts[p] = set(range(n)) if not sample or sample >= n else set(rng.sample(range(n), sample))
-    if on_stage:
-        on_stage("checking", sum(s.data_bytes for s in spec.shards))
-    result = check_shards(
-        spec,
-        conv_dir,
-        [s.name for s in spec.shards],
-        sha256={n: manifest.files[n]["sha256"] for n in shard_names} if hash_files else None,
-        experts=experts,
-        decode=dev if decode else None,
-        workers=workers,
-        budget_bytes=budget_bytes,
-        headers=conv.headers,
-        kernels_ready=kernels_ready,
-        on_bytes=on_bytes,
-    )
+    if hub is None:
+        check_structure(spec, conv_dir, conv, model_card=manifest.model_card)
+        result = _check_all(spec, conv_dir, manifest, conv, hash_files, dev if decode else None, workers, budget_bytes, kernels_ready, seed, sample, on_bytes, on_stage)
+    else:
+        try:
+            files = hub.start(spec, checked_sidecars(spec, manifest.model_card), decode=bool(decode))
+            check_structure(spec, conv_dir, conv, model_card=manifest.model_card, source_file=files.path, done=files.done)
+            result = _check_all(
+                spec, conv_dir, manifest, conv, hash_files, dev if decode else None, workers, budget_bytes, kernels_ready, seed, sample, on_bytes, on_stage, files=files
+            )  # fmt: skip
+        finally:
+            hub.close()
     result.source, result.converted, result.device = source_label or str(source_dir), str(conv_dir), dev
     if not decode:
         result.note = "end-to-end dequant-and-compare not run (no GPU; --decode runs its CPU reference, slowly)"
@@ -385,16 +385,70 @@ def verify(
         {"prefix": g.prefix, "format": g.format, "experts": g.experts, "tensors": g.tensors, "identical": True}
         for g in spec.copied_groups.values()
     ]
-    for lr in result.layers:
-        n = spec.layers[lr.prefix].dims.experts
-        lr.sampled = sorted(experts[lr.prefix]) if len(experts[lr.prefix]) < n else None
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _checked_plan(source_dir: Path, conv_dir: Path, trust_root: Path | None) -> tuple[Manifest, OutputOptions, OutputSpec]:
+def _check_all(
+    spec: OutputSpec,
+    conv_dir: Path,
+    manifest: Manifest,
+    conv: Any,
+    hash_files: bool,
+    decode: str | None,
+    workers: int,
+    budget_bytes: int,
+    kernels_ready: threading.Event,
+    seed: int | None,
+    sample: int | None,
+    on_bytes: Callable[[str, int], None] | None,
+    on_stage: Callable[[str, int], None] | None,
+    files: Any = None,
+) -> VerifyResult:
+    """The pass over every output shard: all at once from a local source; from a Hub source's
+    ``files``, one shard at a time in file order, each source file given back once no shard left
+    reads it."""
+    from .disk_budget import shard_check_files
+    from .source_files import local_headers
+
+    shard_names = {s.name for s in spec.shards}
+    rng = random.Random(seed)
+    experts = {}
+    for p, layer in spec.layers.items():
+        n = layer.dims.experts
+        experts[p] = set(range(n)) if not sample or sample >= n else set(rng.sample(range(n), sample))
+    if on_stage:
+        on_stage("checking", sum(s.data_bytes for s in spec.shards))
+    sha256 = {n: manifest.files[n]["sha256"] for n in shard_names} if hash_files else None
+    kw = dict(experts=experts, decode=decode, workers=workers, budget_bytes=budget_bytes, kernels_ready=kernels_ready, on_bytes=on_bytes)
+    if files is None:
+        result = check_shards(spec, conv_dir, [s.name for s in spec.shards], sha256=sha256, headers=conv.headers, **kw)
+    else:
+        needs = {s.name: shard_check_files(spec, s, decode=decode is not None) for s in spec.shards}
+        users: dict[str, int] = {}
+        for fs in needs.values():
+            for f in fs:
+                users[f] = users.get(f, 0) + 1
+        read_spec = local_headers(spec, files)
+        parts = []
+        for s in spec.shards:  # in file order: the order the files are fetched in
+            one = {s.name: sha256[s.name]} if sha256 is not None else None
+            parts.append(check_shards(read_spec, conv_dir, [s.name], sha256=one, headers={s.name: conv.headers[s.name]}, **kw))
+            for f in needs[s.name]:
+                users[f] -= 1
+                if users[f] == 0:
+                    files.done(f)
+        result = merge_results(parts)
+    for lr in result.layers:
+        n = spec.layers[lr.prefix].dims.experts
+        lr.sampled = sorted(experts[lr.prefix]) if len(experts[lr.prefix]) < n else None
+    return result
+
+
+def checked_plan(source_dir: Path, conv_dir: Path, trust_root: Path | None = None, hub: Any = None) -> tuple[Manifest, OutputOptions, OutputSpec]:
     """The manifest, options and output spec of ``conv_dir``, once every file the manifest lists is
-    there at its size and the source is the one it was converted from."""
+    there at its size and the source is the one it was converted from (``hub``: a Hub commit, planned
+    from its headers and scalar scales)."""
     if not conv_dir.is_dir():
         raise InputError("converted folder does not exist", file=str(conv_dir))
     manifest = load_manifest(conv_dir)
@@ -407,7 +461,7 @@ def _checked_plan(source_dir: Path, conv_dir: Path, trust_root: Path | None) -> 
         if p.stat().st_size != rec["size"]:
             raise fail(f"output files do not match the manifest: {name}: size {p.stat().st_size} != manifest {rec['size']}")
     options = OutputOptions.from_json(manifest.options, file=str(conv_dir / MANIFEST_NAME))
-    src = scan_source(source_dir, trust_root=trust_root)
+    src, scalars = hub.source(manifest) if hub is not None else (scan_source(source_dir, trust_root=trust_root), None)
     if src.fingerprint() != manifest.input_fingerprint:
         raise fail("the source's headers and configs are not those this output was converted from (fingerprint differs)")
-    return manifest, options, build_spec(src, options)
+    return manifest, options, build_spec(src, options, scalar_readers=scalars)

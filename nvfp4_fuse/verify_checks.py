@@ -118,9 +118,25 @@ def rescaled_half_problem(src: np.ndarray, new: np.ndarray, expected: np.ndarray
 # structure
 
 
-def check_structure(spec: OutputSpec, conv_dir: Path, conv: Source, *, model_card: str | None = None) -> None:
+def checked_sidecars(spec: OutputSpec, model_card: str | None = None) -> list[str]:
+    """The source's sidecars a converted folder holds byte for byte: all but the configs (written from
+    the plan) and, where ``push`` replaced it with the model card (``model_card``: the manifest's), README.md."""
+    return [rel for rel in spec.source.sidecars if rel not in CONFIG_FILES and not (rel == "README.md" and model_card is not None)]
+
+
+def check_structure(
+    spec: OutputSpec,
+    conv_dir: Path,
+    conv: Source,
+    *,
+    model_card: str | None = None,
+    source_file: Callable[[str], Path] | None = None,
+    done: Callable[[str], None] | None = None,
+) -> None:
     """A converted folder's index, shard headers and metadata, configs and sidecars are those
-    ``convert`` writes for ``spec`` (``model_card``: the manifest's, where push replaced README.md)."""
+    ``convert`` writes for ``spec`` (``model_card``: the manifest's, where push replaced README.md).
+    ``source_file(rel)`` is where a source sidecar is read (default: in the source folder), and
+    ``done(rel)`` is called once it has been compared."""
     want_map = spec.weight_map()
     idx = json.loads((conv_dir / INDEX_NAME).read_text())
     got_map = idx.get("weight_map", {})
@@ -139,14 +155,13 @@ def check_structure(spec: OutputSpec, conv_dir: Path, conv: Source, *, model_car
     for name, data in spec.configs().items():
         if (conv_dir / name).read_bytes() != data:
             raise fail(f"{name} differs from what convert writes for this source and options")
-    for rel in spec.source.sidecars:
-        if rel in CONFIG_FILES:
-            continue
-        if rel == "README.md" and model_card is not None:
-            continue  # push replaced it with the model card; the manifest's hash covers it
+    for rel in checked_sidecars(spec, model_card):
         p = conv_dir / rel
-        if not p.is_file() or p.read_bytes() != (spec.source.root / rel).read_bytes():
+        src = source_file(rel) if source_file is not None else spec.source.root / rel
+        if not p.is_file() or p.read_bytes() != src.read_bytes():
             raise fail(f"sidecar {rel} is missing or differs from the source")
+        if done is not None:
+            done(rel)
 
 
 

@@ -57,3 +57,26 @@ class VerifyResult:
         d["ok"] = True
         return d
 
+
+
+def merge_results(parts: list[VerifyResult]) -> VerifyResult:
+    """One result of checks run over several calls, each on some of a conversion's output shards
+    (``check_shards`` decodes each expert part in exactly one of them): per layer the experts checked
+    and decoded add up, the largest errors are the largest of the parts; the counters add up."""
+    first = parts[0]
+    out = VerifyResult(first.source, first.converted, first.target, first.device, checks=list(first.checks))
+    layers: dict[str, LayerResult] = {}
+    for part in parts:
+        out.files_hashed += part.files_hashed
+        out.copied_tensors += part.copied_tensors
+        out.decoded_block_scales += part.decoded_block_scales
+        out.peak_read_ahead = max(out.peak_read_ahead, part.peak_read_ahead)
+        for lr in part.layers:
+            acc = layers.setdefault(lr.prefix, LayerResult(lr.prefix, lr.experts, rescaled=lr.rescaled))
+            acc.checked += lr.checked
+            acc.max_rel = max(acc.max_rel, lr.max_rel)
+            acc.decoded += lr.decoded
+            if lr.max_abs is not None:
+                acc.max_abs = lr.max_abs if acc.max_abs is None else max(acc.max_abs, lr.max_abs)
+    out.layers = list(layers.values())
+    return out

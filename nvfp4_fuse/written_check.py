@@ -10,31 +10,11 @@ many runs it took, so a resumed run's card is the same bytes as an uninterrupted
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-
-
-class _LocalHeaders(Mapping):
-    """The source's shard headers with each path where the source files have the file now (a Hub
-    source's own download, or the HF cache), asked for only when a check opens it."""
-
-    def __init__(self, headers: Mapping[str, Any], files: Any):
-        self._headers, self._files = headers, files
-
-    def __getitem__(self, f: str) -> Any:
-        h = self._headers[f]
-        path = self._files.path(f)
-        return h if h.path == path else dataclasses.replace(h, path=path)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._headers)
-
-    def __len__(self) -> int:
-        return len(self._headers)
 
 
 def gpu_decode() -> str | None:
@@ -53,10 +33,10 @@ def shard_check(spec: Any, files: Any = None, *, decode: str | None = None, work
     """``check(out, name, sha256)``: check output shard ``name`` in ``out`` against the source of
     ``spec`` (read through ``files``, source_files.py, when given) and hold its bytes to ``sha256``;
     -> what it found (:func:`shard_summary`). Raises ``CheckFailed`` at the first failed check."""
+    from .source_files import local_headers
     from .verify import check_shards
 
-    if files is not None and getattr(files, "remote", False):
-        spec = dataclasses.replace(spec, source=dataclasses.replace(spec.source, headers=_LocalHeaders(spec.source.headers, files)))
+    spec = local_headers(spec, files)
     workers = workers or max(1, min(4, (os.cpu_count() or 2) // 2))
     ready: threading.Event | None = None
     if decode == "cuda":  # load the kernels once, beside the first shards' writing

@@ -12,6 +12,10 @@ a subprocess with a fresh HF_HOME:
              the converted output (converted first, untimed), then ``convert <repo id> <work>
              --push-to <repo> --max-disk SIZE``: downloads, conversion, checks and uploads at once;
              the ratio is its wall time over max(download alone, upload alone) (goal <= 1.25)
+  verify-from-hub (``--mode verify-from-hub``) the output converted first (untimed), then ``verify
+             <repo id> <out> --device cpu --work-dir DIR``: the source fetched as the checks need it,
+             each shard checked once its files are there; the ratio is its wall time over the
+             download alone, and its work folder is sampled against its --max-disk
 
 and prints the wall-time ratio hub-to-disk / download (goal <= 1.15), the peak working set sampled
 on disk every 20 ms (the run's downloads plus output shards being written) against --max-disk
@@ -198,7 +202,31 @@ def mode_hub_to_hub(b: Bench) -> dict:
     return r
 
 
-MODES = {"download": mode_download, "hub-to-disk": mode_hub_to_disk, "hub-to-hub": mode_hub_to_hub}
+def mode_verify_from_hub(b: Bench) -> dict:
+    """``verify <repo id> <out>`` against a conversion made first (untimed): the source fetched into
+    a work folder as the checks need it, each file freed once no shard left to check reads it."""
+    out, work = b.work / "verified", b.work / "verify-work"
+    for p in (out, work):
+        shutil.rmtree(p, ignore_errors=True)
+    work.mkdir()
+    cli = [sys.executable, "-m", "nvfp4_fuse.cli"]
+    subprocess.run([*cli, "convert", REPO, str(out), "--max-shard-size", b.args.max_shard_size, "--quiet", "--json"], env=b.env("convert"), capture_output=True, check=True)
+    base = [*cli, "verify", REPO, str(out), "--device", "cpu", "--work-dir", str(work)]
+    if b.args.max_disk != "auto":
+        base += ["--max-disk", b.args.max_disk]
+    plan = json.loads(subprocess.run([*base, "--dry-run", "--json"], env=b.env("plan"), capture_output=True, check=True).stdout)
+    served = b.hub.bytes_served
+    r = run_measured([*base, "--quiet", "--json"], b.env("verify"), work)
+    r["bytes"] = b.hub.bytes_served - served
+    r["max_disk"] = plan["disk"]["max_disk"]
+    r["min_max_disk"] = plan["disk"]["min_max_disk"]
+    r["left"] = sorted(p.name for p in work.iterdir())
+    for p in (out, work):
+        shutil.rmtree(p, ignore_errors=True)
+    return r
+
+
+MODES = {"download": mode_download, "hub-to-disk": mode_hub_to_disk, "hub-to-hub": mode_hub_to_hub, "verify-from-hub": mode_verify_from_hub}
 
 
 def report(b: Bench) -> None:
@@ -236,6 +264,16 @@ def report(b: Bench) -> None:
             f"source {human(b.source_bytes)}, output {human(h['output_bytes'])}"
         )
         print(f"  peak RSS: {human(h['rss_bytes'])} (goal < 1 GB); left in the work folder: {', '.join(h['left'])}")
+    if "verify-from-hub" in b.results:
+        h = b.results["verify-from-hub"]
+        print(f"verify <repo id> (CPU checks): {h['wall_s']:.2f} s, {human(h['bytes'])} fetched (headers and scalars included)")
+        print(f"  wall time / download alone: {h['wall_s'] / d['wall_s']:.3f}")
+        over = "OVER" if h["peak_disk"] > h["max_disk"] else "within"
+        print(
+            f"  work folder peak (sampled every 20 ms): {human(h['peak_disk'])} against --max-disk {human(h['max_disk'])}: {over} "
+            f"(minimum {human(h['min_max_disk'])}); source {human(b.source_bytes)}; left after: {', '.join(h['left']) or 'nothing'}"
+        )
+        print(f"  peak RSS: {human(h['rss_bytes'])}")
 
 
 def plan_dsv4_pro(a: argparse.Namespace) -> None:
@@ -303,6 +341,15 @@ def plan_dsv4_pro(a: argparse.Namespace) -> None:
         f"1-3 small files, {len(headers)} downloads"
     )
     print(f"time at {human(bw)}/s: {src_total / bw / 60:.1f} min of downloading ({human(src_total)}), conversion overlapped")
+    from nvfp4_fuse.disk_budget import check_steps, plan_steps
+
+    for decode in (False, True):
+        vplan = plan_steps(*check_steps(spec, spec.shards, [], decode=decode), sizes)
+        print(
+            f"verify <repo id> <out>{' with the GPU decode' if decode else ''}: minimum --max-disk {human(vplan.minimum)}, "
+            f"working set peak {human(vplan.peak(2 * vplan.minimum))} under the default (twice that); "
+            f"snapshot_download first: {human(src_total)}"
+        )
 
 
 def main() -> None:

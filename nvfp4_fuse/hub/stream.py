@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..source import Source
 from ..spec import OutputSpec, build_spec, disk_free, human
 from .fetch import PinnedRepo, pin_repo
 from .ranges import RemoteRangeReader
@@ -55,6 +56,17 @@ def check_same_commit(out: Path, pinned: PinnedRepo) -> None:
     )
 
 
+def remote_source(pinned: PinnedRepo, *, with_scalars: bool = True) -> tuple[Source, RemoteRangeReader, RemoteScalars | None]:
+    """The :class:`Source` of a pinned commit from its headers (range requests), the reader they came
+    through, and (``with_scalars``) its scalar scales, read now with coalesced range requests."""
+    reader = RemoteRangeReader(pinned.repo_id, revision=pinned.sha)
+    src = hub_source(pinned, reader)
+    scalars = RemoteScalars(src.headers, reader) if with_scalars else None
+    if scalars is not None:
+        scalars.prefetch()
+    return src, reader, scalars
+
+
 @dataclass
 class HubPlan:
     spec: OutputSpec
@@ -78,18 +90,14 @@ def hub_plan(
 ) -> HubPlan:
     """Pin ``repo_id``, check ``out`` was not started from another commit (unless ``overwrite``),
     plan from headers (and, ``with_scalars``, the scalar scales by range requests)."""
-    from ..source_files import HubSourceFiles
+    from ..source_files import STAGING_NAME, HubSourceFiles
 
     pinned = pin_repo(repo_id, revision)
     if not overwrite:
         check_same_commit(out, pinned)
-    reader = RemoteRangeReader(repo_id, revision=pinned.sha)
-    src = hub_source(pinned, reader)
-    scalars = RemoteScalars(src.headers, reader) if with_scalars else None
-    if scalars is not None:
-        scalars.prefetch()
+    src, reader, scalars = remote_source(pinned, with_scalars=with_scalars)
     spec = build_spec(src, options, with_scalars=with_scalars, scalar_readers=scalars)
-    files = HubSourceFiles(pinned, out, max_disk=max_disk, fetchers=fetchers, cache_dir=cache_dir, **fetch_kw)
+    files = HubSourceFiles(pinned, Path(out) / STAGING_NAME, max_disk=max_disk, fetchers=fetchers, cache_dir=cache_dir, **fetch_kw)
     plan, limit = files.plan_for(spec, spec.shards)  # refuses a budget below the minimum
     if max_disk is None:  # the default shrinks to what the disk has beside the output, down to the minimum
         room = disk_free(Path(out)) - spec.output_bytes_estimate()
@@ -152,4 +160,4 @@ def print_disk_summary(d: dict[str, Any], echo) -> None:
     )
 
 
-__all__ = ["HubPlan", "check_same_commit", "disk_summary", "hub_plan", "print_disk_summary", "recorded_revision"]
+__all__ = ["HubPlan", "check_same_commit", "disk_summary", "hub_plan", "print_disk_summary", "recorded_revision", "remote_source"]

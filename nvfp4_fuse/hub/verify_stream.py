@@ -1,0 +1,181 @@
+"""``verify <repo id> <converted>`` with bounded disk: the source fetched as the checks need it.
+
+:class:`HubVerifySource` pins the repo to the commit the conversion recorded (refusing a repo that
+moved since, naming both commits), plans from the Hub's headers and scalar scales (as ``convert``
+does, :func:`~nvfp4_fuse.hub.stream.remote_source`), and fetches the source files, within
+``--max-disk``, into a temporary folder it creates and removes: ``nvfp4-fuse-verify-*`` under
+``--work-dir``, by default beside the converted folder (the disk that held the conversion), or the
+system's temporary folder when that cannot be written. ``verify`` then checks the output shards one at
+a time in file order (:mod:`nvfp4_fuse.verify`), each once its source files are there, and each
+source file is deleted once no shard left to check reads it. Blobs the user's HF cache holds at the
+commit are read in place, never written or deleted.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..spec import disk_free, human
+from .fetch import PinnedRepo, pin_repo
+
+WORK_PREFIX = "nvfp4-fuse-verify-"
+
+
+def pin_recorded(repo_id: str, revision: str | None, recorded: dict[str, Any], converted: Path) -> PinnedRepo:
+    """Pin ``repo_id`` at ``revision`` (default ``main``); refuse it when the manifest's ``recorded``
+    source is this repo at another commit (the repo moved since the conversion, or another commit was
+    asked for)."""
+    pinned = pin_repo(repo_id, revision)
+    rec_repo, rec_rev = recorded.get("source"), recorded.get("revision")
+    if isinstance(rec_rev, str) and rec_repo == repo_id and rec_rev != pinned.sha:
+        raise InputError(
+            f"{repo_id} is not at the commit this output was converted from: the manifest records commit {rec_rev[:12]}, "
+            f"{pinned.revision} is now {pinned.sha[:12]}; pass --revision {rec_rev} to verify against the commit it was converted from",
+            file=str(converted),
+        )
+    return pinned
+
+
+def work_base(converted: Path, work_dir: Path | None) -> Path:
+    """Where the run's temporary folder goes: ``work_dir`` if given (it must exist and be writable),
+    else beside the converted folder when that can be written (and is not inside the HF cache), else
+    the system's temporary folder (``$TMPDIR``)."""
+    from huggingface_hub import constants
+
+    from ..writable import require_writable, writable_problem
+
+    if work_dir is not None:
+        if not Path(work_dir).is_dir():
+            raise InputError("--work-dir does not exist", file=str(work_dir))
+        require_writable(Path(work_dir), "--work-dir folder")
+        return Path(work_dir)
+    parent = Path(converted).resolve().parent
+    cache = Path(constants.HF_HUB_CACHE).resolve()
+    if writable_problem(parent) is None and cache != parent and cache not in parent.parents:
+        return parent
+    return Path(tempfile.gettempdir())
+
+
+class HubVerifySource:
+    """A Hub commit as ``verify``'s source (module doc): :meth:`source` pins and plans, :meth:`start`
+    makes the work folder and starts the downloads, :meth:`close` stops them and removes the folder
+    (whatever happened; also as a context manager)."""
+
+    def __init__(
+        self,
+        repo_id: str,
+        converted: Path,
+        *,
+        revision: str | None = None,
+        max_disk: int | None = None,
+        work_dir: Path | None = None,
+        cache_dir: str | None = None,
+        **fetch_kw: Any,
+    ):
+        self.repo_id, self.converted, self.revision = repo_id, Path(converted), revision
+        self.max_disk, self.cache_dir, self.fetch_kw = max_disk, cache_dir, fetch_kw
+        self.base = work_base(self.converted, work_dir)
+        self.pinned: PinnedRepo | None = None
+        self.files: Any = None  # HubSourceFiles, once planned
+        self.folder: Path | None = None  # the run's temporary folder, once made
+        self.limit = 0
+        self.on_start: Any = None  # on_start(folder, limit): the work folder is made and fetching begins
+
+    def source(self, manifest: Any) -> tuple[Any, Any]:
+        """(the :class:`~nvfp4_fuse.source.Source` of the pinned commit, its scalar readers)."""
+        from .stream import remote_source
+
+        self.pinned = pin_recorded(self.repo_id, self.revision, manifest.source, self.converted)
+        src, _, scalars = remote_source(self.pinned)
+        return src, scalars
+
+    def plan(self, spec: Any, sidecars: list[str], *, decode: bool, staging: Path) -> Any:
+        """The disk plan of checking every shard of ``spec`` and ``sidecars``, fetching into
+        ``staging``; refuses a budget below its minimum, or a work folder's disk with less free than
+        that. Sets :attr:`limit`."""
+        from ..disk_budget import check_steps
+        from ..source_files import HubSourceFiles
+
+        assert self.pinned is not None
+        steps = functools.partial(check_steps, sidecars=sidecars, decode=decode)
+        self.files = HubSourceFiles(
+            self.pinned, staging, steps=steps, max_disk=self.max_disk, cache_dir=self.cache_dir, **self.fetch_kw
+        )  # fmt: skip
+        plan, limit = self.files.plan_for(spec, spec.shards)  # refuses a budget below the minimum
+        free = disk_free(self.base)
+        if free < plan.minimum:
+            raise InputError(
+                f"verify needs at least {human(plan.minimum)} of working space for {self.repo_id}'s source files "
+                f"(those the checks of one output shard read) and {self.base} has {human(free)} free; "
+                "pass --work-dir on a disk with room"
+            )
+        if self.max_disk is None and free < limit:  # the default shrinks to the free disk, down to the minimum
+            self.files.max_disk = limit = free
+        self.limit = limit
+        return plan
+
+    def dry_run(self, *, decode: bool) -> dict[str, Any]:
+        """What ``verify --dry-run`` prints: the commit, the downloads, the working-set peak under the
+        budget, the minimum, where the work folder would go. Fetches nothing but headers and scalars."""
+        from ..verify import checked_plan
+        from ..verify_checks import checked_sidecars
+
+        manifest, _, spec = checked_plan(Path(self.repo_id), self.converted, hub=self)
+        plan = self.plan(spec, checked_sidecars(spec, manifest.model_card), decode=decode, staging=self.base / (WORK_PREFIX + "dry-run"))
+        assert self.pinned is not None
+        fetched = [it for it in plan.items if it.kind == "file"]
+        return {
+            "revision": self.pinned.sha,
+            "work_dir": str(self.base),
+            "max_disk": self.limit,
+            "min_max_disk": plan.minimum,
+            "working_set_peak": plan.peak(self.limit),
+            "working_set_unbounded": plan.peak(None),
+            "source_bytes": sum(f.size for f in self.pinned.files.values()),
+            "downloads": [it.name for it in fetched],
+            "download_bytes": sum(it.size for it in fetched),
+            "reused_from_hf_cache": sorted(self.files.local),
+        }
+
+    def start(self, spec: Any, sidecars: list[str], *, decode: bool) -> Any:
+        """Make the work folder, plan, start fetching; -> the source files (source_files.py). A
+        refused plan leaves the folder to :meth:`close`, which removes it."""
+        self.folder = Path(tempfile.mkdtemp(prefix="." + WORK_PREFIX, dir=self.base))
+        self.plan(spec, sidecars, decode=decode, staging=self.folder)
+        if self.on_start is not None:
+            self.on_start(self.folder, self.limit)
+        self.files.start(spec, spec.shards)
+        return self.files
+
+    def close(self) -> None:
+        if self.files is not None:
+            self.files.close()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+    def __enter__(self) -> HubVerifySource:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def print_dry_run(d: dict[str, Any], echo) -> None:
+    echo(f"source: commit {d['revision'][:12]}, {human(d['source_bytes'])}")
+    echo(
+        f"downloads: {len(d['downloads'])} file(s), {human(d['download_bytes'])}, one at a time in the order the shards' checks need them"
+        + (f"; {len(d['reused_from_hf_cache'])} file(s) read from the HF cache" if d["reused_from_hf_cache"] else "")
+    )
+    echo(
+        f"disk: working set peak {human(d['working_set_peak'])} under --max-disk {human(d['max_disk'])} (minimum "
+        f"{human(d['min_max_disk'])}; without a bound {human(d['working_set_unbounded'])}), in a temporary folder under {d['work_dir']}"
+    )
+
+
+__all__ = ["HubVerifySource", "WORK_PREFIX", "pin_recorded", "print_dry_run", "work_base"]
