@@ -288,7 +288,13 @@ def convert(
     hub_files = None  # a repo id: fetched as the output needs it (hub/stream.py)
     if push_branch is not None and not push_to:
         raise InputError("--push-branch applies with --push-to")
-    hp = _plan_from_hub(source, output, opts, revision, max_disk, dry_run, json_out, show, push_to, push_branch) if _streams_from_hub(source) else _LOCAL
+    # with --push-to each shard is checked as written, with the end-to-end decode where a GPU is there
+    check_decode = _written_check_decode() if push_to and not dry_run else None
+    hp = (
+        _plan_from_hub(source, output, opts, revision, max_disk, dry_run, json_out, show, push_to, push_branch, check_decode)
+        if _streams_from_hub(source)
+        else _LOCAL
+    )
     if hp is None:
         return  # a dry run, printed
     if hp is not _LOCAL:
@@ -345,7 +351,9 @@ def convert(
 
     with byte_progress(err, show) as prog:
         task = prog.add_task("convert", total=plan.total_size, kept=0)
-        sink = _push_sink(output, push_to, push_branch, token, private, prog, plan, max_disk if hub_files is None else None, hub_files)
+        sink = _push_sink(
+            output, push_to, push_branch, token, private, prog, plan, max_disk if hub_files is None else None, hub_files, check_decode
+        )
         prog.refresh()  # drawn at once, however short the run
 
         def on_resume(kept: list[str]) -> None:
@@ -427,12 +435,12 @@ def convert(
 
 def _push_sink(
     output: Path, push_to: str | None, branch: str | None, token: str | None, private: bool, prog: Any, plan: Any, max_disk: str | None,
-    files: Any,
+    files: Any, decode: str | None,
 ) -> Any:
     """The Hub side of --push-to (None without it), with its own line in the progress display: each
     shard checked against its source (read through ``files``, a Hub source, when given), uploaded and
     freed; ``max_disk`` bounds the output shards not yet uploaded (a local source: a Hub source's
-    budget counts them already)."""
+    budget counts them already); ``decode`` is the end-to-end decode each check runs (None: not run)."""
     if not push_to:
         return None
     from huggingface_hub.utils import disable_progress_bars
@@ -443,14 +451,22 @@ def _push_sink(
     disable_progress_bars()  # the upload has its own line in ours (and --json prints one object alone)
     set_stall_timeout()
     up = prog.add_task("upload", total=plan.total_size, kept=0)
-    from .written_check import gpu_decode, shard_check
+    from .written_check import shard_check
 
     limit = parse_size(max_disk) if max_disk is not None else None
-    check = shard_check(plan, files, decode=gpu_decode())
+    check = shard_check(plan, files, decode=decode)
     return HubSink(
         output, push_to, revision=branch, token=token, private=private, max_disk=limit, check=check, on_uploaded=lambda n: prog.advance(up, n),
-        source_remote=files is not None,
+        source_remote=files is not None, check_decodes=decode is not None,
     )  # fmt: skip
+def _written_check_decode() -> str | None:
+    """The end-to-end decode ``convert --push-to`` runs in each shard's check: "cuda" where a CUDA GPU
+    is visible (the CPU's torch reference is too slow to run as shards are written), else None."""
+    from .written_check import gpu_decode
+
+    return gpu_decode()
+
+
 def _streams_from_hub(source: str) -> bool:
     """A repo id (not an existing path) while the Hub may be used: fetched as needed, within --max-disk.
     Offline (HF_HUB_OFFLINE), a repo id is read from the cached snapshot, as a folder."""
@@ -466,11 +482,14 @@ _LOCAL = object()  # the source is read as a folder (a local one, or a cached sn
 
 def _plan_from_hub(
     source: str, output: Path, opts: Any, revision: str | None, max_disk: str | None, dry_run: bool, json_out: bool, show: bool,
-    push_to: str | None = None, push_branch: str | None = None,
+    push_to: str | None = None, push_branch: str | None = None, check_decode: str | None = None,
 ) -> Any:
     """The plan of converting a repo id as it streams (hub/stream.py); for a dry run, print it and
     the disk and requests it takes, and return None. When the Hub cannot be reached at all, returns
     ``_LOCAL``: the cached snapshot, if complete, is converted as a folder (as without this mode)."""
+    import functools
+
+    from .disk_budget import convert_steps
     from .hub.fetch import HubUnreachable
     from .hub.stream import disk_summary, hub_plan, print_disk_summary
     from .spec import parse_size
@@ -484,7 +503,10 @@ def _plan_from_hub(
     require_writable(output, "output folder")  # before minutes of planning, not after
     try:
         with err.status(f"planning: reading {source}'s headers and scales from the Hub", spinner="dots") if show else _null():
-            hp = hub_plan(source, output, opts.output_options(), revision=revision, max_disk=limit, overwrite=opts.overwrite, with_scalars=not dry_run)
+            hp = hub_plan(
+                source, output, opts.output_options(), revision=revision, max_disk=limit, overwrite=opts.overwrite,
+                with_scalars=not dry_run, steps=functools.partial(convert_steps, decode=check_decode is not None),
+            )  # fmt: skip
     except HubUnreachable:
         return _LOCAL
     if not dry_run:

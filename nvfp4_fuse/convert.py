@@ -44,7 +44,7 @@ import numpy as np
 
 from . import __version__
 from .budget import ByteBudget
-from .disk_budget import shard_source_files
+from .disk_budget import shard_check_files
 from .encoded_scales import EncodedScale
 from .errors import InputError, Nvfp4FuseError
 from .experts import ExpertLayer
@@ -165,14 +165,15 @@ class _Readers(dict):
 class _Ctx:
     """Shared state of one conversion: the source's readers, and when each source file is done with."""
 
-    def __init__(self, spec: OutputSpec, files: SourceFiles | None = None):
+    def __init__(self, spec: OutputSpec, files: SourceFiles | None = None, *, decode: bool = False):
         self.spec = spec
+        self.decode = decode  # shards are checked with the end-to-end decode before they are safe
         self.files = files or LocalSourceFiles(spec.source.root)
         self.readers = _Readers(spec, self.files)
         self.users: dict[str, int] = {}  # source file -> output shards still to write that read it
 
     def plan(self, todo: list[OutShard]) -> dict[str, list[str]]:
-        needs = {s.name: shard_source_files(self.spec, s) for s in todo}
+        needs = {s.name: shard_check_files(self.spec, s, decode=self.decode) for s in todo}
         for files in needs.values():
             for f in files:
                 self.users[f] = self.users.get(f, 0) + 1
@@ -711,7 +712,9 @@ def _convert_locked(
     todo = [s for s in spec.shards if s.name not in keep]
     streams = max(1, min(opts.streams(), len(todo) or 1))
 
-    ctx = _Ctx(spec, source)
+    # a shard checked with the decode before it is safe (--push-to on a GPU) reads, for the block scales
+    # it holds, the source values too: their file stays until then (disk_budget.shard_check_files)
+    ctx = _Ctx(spec, source, decode=bool(getattr(sink, "check_decodes", False)))
     needs = ctx.plan(todo)
     source.start(spec, todo)
     if sink is not None:

@@ -143,10 +143,12 @@ class DiskPlan:
 Steps = list[tuple[str | None, list[str]]]  # (output shard, or None for a sidecar; source files it needs)
 
 
-def convert_steps(spec: OutputSpec, todo: list[OutShard]) -> tuple[Steps, dict[str, int]]:
+def convert_steps(spec: OutputSpec, todo: list[OutShard], *, decode: bool = False) -> tuple[Steps, dict[str, int]]:
     """``convert``'s steps: each output shard of ``todo`` (in order), then each sidecar it copies; and
-    what each output shard costs on disk while it is written."""
-    steps: Steps = [(s.name, shard_source_files(spec, s)) for s in todo]
+    what each output shard costs on disk while it is written. With ``decode`` (``--push-to`` checking
+    each shard with the end-to-end decode) a shard's step also holds the files its check decodes from
+    (:func:`shard_check_files`): the source values of the block scales it holds."""
+    steps: Steps = [(s.name, shard_check_files(spec, s, decode=decode)) for s in todo]
     skipped = set(spec.configs()) | {"README.md"}  # written from the plan, or describing the source: not copied
     steps += [(None, [rel]) for rel in spec.source.sidecars if rel not in skipped]
     return steps, {s.name: shard_disk_bytes(spec, s) for s in todo}

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -463,3 +464,43 @@ def test_hub_to_hub_permanent_upload_fault_stops_at_once(src, tmp_path):
         assert set(hub.files(REPO)) <= INITIAL
         r = push_cli_from(hub, "org/src", work, "--max-disk", str(minimum))
         assert r.returncode == 0, r.stderr
+
+
+def test_hub_to_hub_checks_with_the_decode_keep_the_source_values_their_scales_need(tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
+    """With the end-to-end decode in each shard's check (a GPU's; here its CPU reference), a shard of
+    block scales decodes from the source values of its parts. In a source whose values lie in files of
+    their own, the values' file is read by the values' output shard and, for the decode only, by the
+    scales' shard: it must stay on disk until that shard's check, though the values' shard is long
+    uploaded (checks are held back here so that every earlier shard is up first)."""
+    import huggingface_hub.constants as C
+    from test_hub_verify import _values_apart
+
+    from nvfp4_fuse import cli
+    from nvfp4_fuse import written_check as wc
+    from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
+
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    src = tmp_path / "split"
+    make_sample_checkpoint(src, SampleSpec(layers=3, experts=4, hidden=128, inter=64, shards=1, unequal_scale_2=True, seed=7))
+    _values_apart(src)
+    fake_hub.create("org/split", {p.name: p.read_bytes() for p in src.iterdir()})
+    monkeypatch.setattr(cli, "_written_check_decode", lambda: "cpu")
+    real = wc.shard_check
+
+    def slow_check(spec, files=None, **kw):
+        check = real(spec, files, **kw)
+        order = [s.name for s in spec.shards]
+
+        def later(out, name, sha256):
+            time.sleep(0.15 * order.index(name))  # each shard checked after the ones before it are up
+            return check(out, name, sha256)
+
+        return later
+
+    monkeypatch.setattr(wc, "shard_check", slow_check)
+    work = tmp_path / "work"
+    rc, stdout, err = run_inprocess(capsys, "convert", "org/split", str(work), "--target", "vllm-fused", "--max-shard-size", "16KB",
+                                    "--push-to", "me/split", "--json")  # fmt: skip
+    assert rc == 0, stdout
+    card = fake_hub.files("me/split")["README.md"].decode()
+    assert "end to end: every checked expert of both checkpoints dequantized and compared" in card, card

@@ -172,6 +172,7 @@ class HubSink:
         retries: int = 5,
         backoff: float = 2.0,
         check: Callable[[Path, str, str], dict | None] | None = None,
+        check_decodes: bool = False,
         on_uploaded: Callable[[int], None] | None = None,
         source_remote: bool = False,
     ):
@@ -189,6 +190,7 @@ class HubSink:
         self.max_disk, self.uploaders = max_disk, uploaders
         self.retries, self.backoff = retries, backoff
         self.check, self.on_uploaded = check, on_uploaded
+        self.check_decodes = check_decodes  # ``check`` runs the end-to-end decode (convert keeps its files)
         self.source_remote = source_remote  # a Hub source, fetched as the output needs it
         self.outcome = PushOutcome(repo_id, revision or "main")
         self.budget: DiskBudget | None = None
