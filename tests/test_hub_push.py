@@ -227,6 +227,13 @@ def test_permanent_faults_stop_at_once_and_leave_a_resumable_state(src, tmp_path
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], err
     assert sleeps == [] and fake_hub.calls(endpoint).count(status) == 1  # not retried
     assert set(fake_hub.files(REPO)) <= INITIAL  # nothing visible
+    # A process that stops leaves its uploads in flight to die with it; in this one they run on: let
+    # them end, as they would have ended with the process, before the rerun asks the Hub what it holds.
+    import threading
+
+    for t in threading.enumerate():
+        if t.name.startswith("nvfp4-upload"):
+            t.join(timeout=60)
     stored = puts(fake_hub)
     code, _, err = push_inprocess(capsys, src, work)
     assert code == 0, err
