@@ -672,8 +672,11 @@ def _verify_from_hub(hub_source: Any, source: str, converted: Path, revision: st
     from .spec import human
 
     def started(folder: Path, limit: int) -> None:
-        if not quiet:
-            err.print(f"source files fetched as the checks need them into {folder} (at most {human(limit)} at once; removed at the end)", highlight=False, soft_wrap=True)
+        if quiet:
+            return
+        for old, size in hub_source.removed:
+            err.print(f"removed {old} ({human(size)}), left by an earlier verify that was killed", highlight=False, soft_wrap=True)
+        err.print(f"source files fetched as the checks need them into {folder} (at most {human(limit)} at once; removed at the end)", highlight=False, soft_wrap=True)
 
     hub_source.on_start = started
     try:

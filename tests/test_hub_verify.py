@@ -280,6 +280,50 @@ def test_the_decode_of_a_part_split_over_two_shards_has_its_source_values_at_han
     assert comparable(body) == comparable(local) and all(m["decoded"] == m["experts"] for m in body["modules"])
 
 
+def test_a_work_folder_left_by_a_killed_verify_is_removed_by_the_next_one(converted, tmp_path, fake_hub, capsys):  # noqa: F811
+    """SIGKILL mid-download leaves the run's work folder (no cleanup runs); the next verify with the
+    same work folder base removes it before it plans, and says so, while a folder another live run
+    holds, and one too young to tell, are left alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import fake_hub_env, run_cli
+
+    work = tmp_path / "work"
+    work.mkdir()
+    r = run_cli(
+        "verify", "org/src", str(converted), *VERIFY, "--work-dir", str(work), kill_at="fetch:50000",
+        env=fake_hub_env(fake_hub, tmp_path / "hf-home-killed"), timeout=120,
+    )  # fmt: skip
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    (left,) = list(work.iterdir())
+    assert left.name.startswith("." + WORK_PREFIX) and files_bytes(left, lambda p: True) > 0
+    old = time.time() - 3600
+    os.utime(left, (old, old))
+    live = work / ("." + WORK_PREFIX + "live")
+    live.mkdir()
+    os.utime(live, (old, old))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)", str(live)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        young = work / ("." + WORK_PREFIX + "young")
+        young.mkdir()
+        rc, stdout, err = run_inprocess(capsys, "verify", "org/src", str(converted), "--device", "cpu", "--workers", "2", "--work-dir", str(work))
+        assert rc == 0, err
+        assert f"removed {left}" in " ".join(err.split()) and "left by an earlier verify that was killed" in err
+        assert sorted(p.name for p in work.iterdir()) == sorted([live.name, young.name])
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_work_folder_short_of_the_minimum_is_refused_and_the_default_budget_shrinks_to_it(converted, tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
     from nvfp4_fuse.hub import verify_stream
 

@@ -9,13 +9,22 @@ system's temporary folder when that cannot be written. ``verify`` then checks th
 a time in file order (:mod:`nvfp4_fuse.verify`), each once its source files are there, and each
 source file is deleted once no shard left to check reads it. Blobs the user's HF cache holds at the
 commit are read in place, never written or deleted.
+
+A run holds an ``flock`` on its work folder while it lives, which the kernel drops when the process
+ends however it ends; a folder left by a run that was killed (SIGKILL, the OOM killer, a lost
+machine: no cleanup ran) is held by no one, and the next verify with the same work folder base
+removes it before it plans (:func:`remove_stale_work_folders`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import functools
+import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +33,50 @@ from ..spec import disk_free, human
 from .fetch import PinnedRepo, pin_repo
 
 WORK_PREFIX = "nvfp4-fuse-verify-"
+# A work folder no process holds is stale once it is this old: a run locks its folder right after
+# making it, so a younger unlocked one may be another run's, between the two.
+STALE_AFTER_S = 60.0
+
+
+def _lock(folder: Path) -> int | None:
+    """An exclusive ``flock`` on ``folder`` without waiting: its descriptor (closing it unlocks), or
+    None when another process holds one."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
+    return fd
+
+
+def remove_stale_work_folders(base: Path, *, older_than: float = STALE_AFTER_S) -> list[tuple[Path, int]]:
+    """Remove the work folders in ``base`` that earlier verify runs left when they were killed: held by
+    no process and last changed over ``older_than`` seconds ago. -> each folder removed and the bytes
+    it held. A folder another run holds is left alone."""
+    removed = []
+    try:
+        entries = list(Path(base).glob("." + WORK_PREFIX + "*"))
+    except OSError:
+        return removed
+    for folder in entries:
+        try:
+            if not folder.is_dir() or folder.is_symlink() or time.time() - folder.stat().st_mtime < older_than:
+                continue
+            fd = _lock(folder)
+        except OSError:
+            continue
+        if fd is None:
+            continue  # a live run's
+        try:
+            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
+        removed.append((folder, size))
+    return removed
 
 
 def pin_recorded(repo_id: str, revision: str | None, recorded: dict[str, Any], converted: Path) -> PinnedRepo:
@@ -85,6 +138,8 @@ class HubVerifySource:
         self.folder: Path | None = None  # the run's temporary folder, once made
         self.limit = 0
         self.on_start: Any = None  # on_start(folder, limit): the work folder is made and fetching begins
+        self.removed: list[tuple[Path, int]] = []  # stale work folders removed at the start
+        self._lock_fd: int | None = None
 
     def source(self, manifest: Any) -> tuple[Any, Any]:
         """(the :class:`~nvfp4_fuse.source.Source` of the pinned commit, its scalar readers)."""
@@ -145,7 +200,9 @@ class HubVerifySource:
     def start(self, spec: Any, sidecars: list[str], *, decode: bool) -> Any:
         """Make the work folder, plan, start fetching; -> the source files (source_files.py). A
         refused plan leaves the folder to :meth:`close`, which removes it."""
+        self.removed = remove_stale_work_folders(self.base)  # before the free disk is counted
         self.folder = Path(tempfile.mkdtemp(prefix="." + WORK_PREFIX, dir=self.base))
+        self._lock_fd = _lock(self.folder)  # held while this run lives; the kernel drops it at exit
         self.plan(spec, sidecars, decode=decode, staging=self.folder)
         if self.on_start is not None:
             self.on_start(self.folder, self.limit)
@@ -158,6 +215,9 @@ class HubVerifySource:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def __enter__(self) -> HubVerifySource:
         return self
