@@ -289,7 +289,9 @@ def convert(
     if push_branch is not None and not push_to:
         raise InputError("--push-branch applies with --push-to")
     # with --push-to each shard is checked as written, with the end-to-end decode where a GPU is there
-    check_decode = _written_check_decode() if push_to and not dry_run else None
+    from .written_check import gpu_decode
+
+    check_decode = gpu_decode() if push_to and not dry_run else None
     hp = (
         _plan_from_hub(source, output, opts, revision, max_disk, dry_run, json_out, show, push_to, push_branch, check_decode)
         if _streams_from_hub(source)
@@ -459,12 +461,6 @@ def _push_sink(
         output, push_to, revision=branch, token=token, private=private, max_disk=limit, check=check, on_uploaded=lambda n: prog.advance(up, n),
         source_remote=files is not None, check_decodes=decode is not None,
     )  # fmt: skip
-def _written_check_decode() -> str | None:
-    """The end-to-end decode ``convert --push-to`` runs in each shard's check: "cuda" where a CUDA GPU
-    is visible (the CPU's torch reference is too slow to run as shards are written), else None."""
-    from .written_check import gpu_decode
-
-    return gpu_decode()
 
 
 def _streams_from_hub(source: str) -> bool:
@@ -497,9 +493,7 @@ def _plan_from_hub(
 
     if opts.workers < 1:
         raise InputError("--workers must be at least 1")
-    limit = parse_size(max_disk) if max_disk is not None else None
-    if limit is not None and limit <= 0:
-        raise InputError(f"--max-disk must be positive, not {max_disk!r}")
+    limit = parse_size(max_disk) if max_disk is not None else None  # a size <= 0 is refused there
     require_writable(output, "output folder")  # before minutes of planning, not after
     try:
         with err.status(f"planning: reading {source}'s headers and scales from the Hub", spinner="dots") if show else _null():
@@ -579,9 +573,7 @@ def verify(
         from .hub.verify_stream import HubVerifySource
         from .spec import parse_size
 
-        limit = parse_size(max_disk) if max_disk is not None else None
-        if limit is not None and limit <= 0:
-            raise InputError(f"--max-disk must be positive, not {max_disk!r}")
+        limit = parse_size(max_disk) if max_disk is not None else None  # a size <= 0 is refused there
         hub_source = HubVerifySource(source, converted, revision=revision, max_disk=limit, work_dir=work_dir)
         folder, trust = Path(source), None
         if dry_run:

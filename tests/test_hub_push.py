@@ -482,7 +482,6 @@ def test_hub_to_hub_checks_with_the_decode_keep_the_source_values_their_scales_n
     import huggingface_hub.constants as C
     from test_hub_verify import _values_apart
 
-    from nvfp4_fuse import cli
     from nvfp4_fuse import written_check as wc
     from nvfp4_fuse.sample import SampleSpec, make_sample_checkpoint
 
@@ -491,7 +490,7 @@ def test_hub_to_hub_checks_with_the_decode_keep_the_source_values_their_scales_n
     make_sample_checkpoint(src, SampleSpec(layers=3, experts=4, hidden=128, inter=64, shards=1, unequal_scale_2=True, seed=7))
     _values_apart(src)
     fake_hub.create("org/split", {p.name: p.read_bytes() for p in src.iterdir()})
-    monkeypatch.setattr(cli, "_written_check_decode", lambda: "cpu")
+    monkeypatch.setattr(wc, "gpu_decode", lambda: "cpu")
     real = wc.shard_check
 
     def slow_check(spec, files=None, **kw):
