@@ -18,17 +18,16 @@ removes it before it plans (:func:`remove_stale_work_folders`).
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import functools
-import os
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..folder_lock import folder_lock
 from ..spec import disk_free, human
 from .fetch import PinnedRepo, pin_repo
 
@@ -36,20 +35,6 @@ WORK_PREFIX = "nvfp4-fuse-verify-"
 # A work folder no process holds is stale once it is this old: a run locks its folder right after
 # making it, so a younger unlocked one may be another run's, between the two.
 STALE_AFTER_S = 60.0
-
-
-def _lock(folder: Path) -> int | None:
-    """An exclusive ``flock`` on ``folder`` without waiting: its descriptor (closing it unlocks), or
-    None when another process holds one."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None
-        raise
-    return fd
 
 
 def remove_stale_work_folders(base: Path, *, older_than: float = STALE_AFTER_S) -> list[tuple[Path, int]]:
@@ -65,16 +50,11 @@ def remove_stale_work_folders(base: Path, *, older_than: float = STALE_AFTER_S) 
         try:
             if not folder.is_dir() or folder.is_symlink() or time.time() - folder.stat().st_mtime < older_than:
                 continue
-            fd = _lock(folder)
-        except OSError:
+            with folder_lock(folder, "removal of a stale verify work folder"):
+                size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+                shutil.rmtree(folder, ignore_errors=True)
+        except (InputError, OSError):  # a live run holds it, or it went meanwhile
             continue
-        if fd is None:
-            continue  # a live run's
-        try:
-            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-            shutil.rmtree(folder, ignore_errors=True)
-        finally:
-            os.close(fd)
         removed.append((folder, size))
     return removed
 
@@ -139,7 +119,7 @@ class HubVerifySource:
         self.limit = 0
         self.on_start: Any = None  # on_start(folder, limit): the work folder is made and fetching begins
         self.removed: list[tuple[Path, int]] = []  # stale work folders removed at the start
-        self._lock_fd: int | None = None
+        self._held = ExitStack()  # the lock on the work folder
 
     def source(self, manifest: Any) -> tuple[Any, Any]:
         """(the :class:`~nvfp4_fuse.source.Source` of the pinned commit, its scalar readers)."""
@@ -202,7 +182,7 @@ class HubVerifySource:
         refused plan leaves the folder to :meth:`close`, which removes it."""
         self.removed = remove_stale_work_folders(self.base)  # before the free disk is counted
         self.folder = Path(tempfile.mkdtemp(prefix="." + WORK_PREFIX, dir=self.base))
-        self._lock_fd = _lock(self.folder)  # held while this run lives; the kernel drops it at exit
+        self._held.enter_context(folder_lock(self.folder, "verify"))  # while this run lives; the kernel drops it at exit
         self.plan(spec, sidecars, decode=decode, staging=self.folder)
         if self.on_start is not None:
             self.on_start(self.folder, self.limit)
@@ -215,9 +195,7 @@ class HubVerifySource:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._held.close()
 
     def __enter__(self) -> HubVerifySource:
         return self
