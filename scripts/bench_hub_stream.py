@@ -131,6 +131,15 @@ def run_measured(cmd: list[str], env: dict[str, str], watch: Path | None) -> dic
     return {"wall_s": wall, "rss_bytes": peak["rss"], "peak_disk": peak["total"], "peak_working": peak["working"], "stdout": out}
 
 
+def with_disk_plan(b: Bench, base: list[str]) -> tuple[list[str], dict]:
+    """``base`` (a convert or verify command line) with ``--max-disk`` when one was given, and the disk
+    plan its ``--dry-run --json`` prints (``max_disk``, ``min_max_disk``, ...)."""
+    if b.args.max_disk != "auto":
+        base = [*base, "--max-disk", b.args.max_disk]
+    plan = json.loads(subprocess.run([*base, "--dry-run", "--json"], env=b.env("plan"), capture_output=True, check=True).stdout)
+    return base, plan["disk"]
+
+
 def mode_download(b: Bench) -> dict:
     """The download alone: snapshot_download of every file at the same rate."""
     dest = b.work / "download"
@@ -147,16 +156,11 @@ def mode_hub_to_disk(b: Bench) -> dict:
     """convert <repo id> <out> --max-disk: the source fetched as needed, overlapped with writing."""
     out = b.work / "out"
     shutil.rmtree(out, ignore_errors=True)
-    base = [sys.executable, "-m", "nvfp4_fuse.cli", "convert", REPO, str(out), "--max-shard-size", b.args.max_shard_size]
-    if b.args.max_disk != "auto":
-        base += ["--max-disk", b.args.max_disk]
-    plan = json.loads(subprocess.run([*base, "--dry-run", "--json"], env=b.env("plan"), capture_output=True, check=True).stdout)
+    base, disk = with_disk_plan(b, [sys.executable, "-m", "nvfp4_fuse.cli", "convert", REPO, str(out), "--max-shard-size", b.args.max_shard_size])
     served = b.hub.bytes_served
     r = run_measured([*base, "--quiet", "--json"], b.env("hub-to-disk"), out)
     r["bytes"] = b.hub.bytes_served - served
-    r["max_disk"] = plan["disk"]["max_disk"]
-    r["min_max_disk"] = plan["disk"]["min_max_disk"]
-    r["planned_working_peak"] = plan["disk"]["working_set_peak"]
+    r["max_disk"], r["min_max_disk"], r["planned_working_peak"] = disk["max_disk"], disk["min_max_disk"], disk["working_set_peak"]
     r["output_bytes"] = folder_bytes(out)[0]
     shutil.rmtree(out, ignore_errors=True)
     return r
@@ -182,10 +186,7 @@ def mode_hub_to_hub(b: Bench) -> dict:
 
     work = b.work / "work-h2h"
     shutil.rmtree(work, ignore_errors=True)
-    base = [*cli, "convert", REPO, str(work), *shape, "--push-to", "bench/h2h"]
-    if b.args.max_disk != "auto":
-        base += ["--max-disk", b.args.max_disk]
-    plan = json.loads(subprocess.run([*base, "--dry-run", "--json"], env=b.env("plan"), capture_output=True, check=True).stdout)
+    base, disk = with_disk_plan(b, [*cli, "convert", REPO, str(work), *shape, "--push-to", "bench/h2h"])
     b.hub.lfs_store.clear()
     served, received, stored = b.hub.bytes_served, b.hub.bytes_received, b.hub.calls("lfs-upload").count(200)
     r = run_measured([*base, "--quiet", "--json"], b.env("hub-to-hub"), work)
@@ -193,8 +194,7 @@ def mode_hub_to_hub(b: Bench) -> dict:
     r["shards"] = shards
     r["fetched"] = b.hub.bytes_served - served
     r["sent"] = b.hub.bytes_received - received
-    r["max_disk"] = plan["disk"]["max_disk"]
-    r["min_max_disk"] = plan["disk"]["min_max_disk"]
+    r["max_disk"], r["min_max_disk"] = disk["max_disk"], disk["min_max_disk"]
     r["output_bytes"] = output_bytes
     r["upload"] = up
     r["left"] = sorted(p.name for p in work.iterdir())
@@ -211,15 +211,11 @@ def mode_verify_from_hub(b: Bench) -> dict:
     work.mkdir()
     cli = [sys.executable, "-m", "nvfp4_fuse.cli"]
     subprocess.run([*cli, "convert", REPO, str(out), "--max-shard-size", b.args.max_shard_size, "--quiet", "--json"], env=b.env("convert"), capture_output=True, check=True)
-    base = [*cli, "verify", REPO, str(out), "--device", "cpu", "--work-dir", str(work)]
-    if b.args.max_disk != "auto":
-        base += ["--max-disk", b.args.max_disk]
-    plan = json.loads(subprocess.run([*base, "--dry-run", "--json"], env=b.env("plan"), capture_output=True, check=True).stdout)
+    base, disk = with_disk_plan(b, [*cli, "verify", REPO, str(out), "--device", "cpu", "--work-dir", str(work)])
     served = b.hub.bytes_served
     r = run_measured([*base, "--quiet", "--json"], b.env("verify"), work)
     r["bytes"] = b.hub.bytes_served - served
-    r["max_disk"] = plan["disk"]["max_disk"]
-    r["min_max_disk"] = plan["disk"]["min_max_disk"]
+    r["max_disk"], r["min_max_disk"] = disk["max_disk"], disk["min_max_disk"]
     r["left"] = sorted(p.name for p in work.iterdir())
     for p in (out, work):
         shutil.rmtree(p, ignore_errors=True)
