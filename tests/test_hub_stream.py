@@ -54,6 +54,18 @@ def tree_hashes(folder: Path) -> dict[str, str]:
     return out
 
 
+def cached_in_hf_home(fake_hub, tmp_path: Path, *names: str) -> tuple[Path, dict[str, str], dict[str, int]]:  # noqa: F811
+    """Download ``names`` of org/src into the test's HF cache (``tmp_path/hf-home``); -> the cache
+    folder, its :func:`tree_hashes`, and how many whole-file GETs of each name the fake Hub served so
+    far (a run that reads them in place adds none)."""
+    from huggingface_hub import hf_hub_download
+
+    for name in names:
+        hf_hub_download("org/src", name)
+    cache = tmp_path / "hf-home" / "hub"
+    return cache, tree_hashes(cache), {n: fake_hub.ranged_gets(n).count(None) for n in names}
+
+
 @pytest.fixture
 def hub_src(tmp_path, fake_hub, monkeypatch):  # noqa: F811
     """org/src on the fake Hub: 4 source shards, several output shards at 40KB; the HF cache in tmp."""
@@ -255,19 +267,13 @@ def test_a_source_changed_between_runs_is_refused_not_mixed(hub_src, local_refer
 
 
 def test_the_users_hf_cache_is_reused_read_only(hub_src, local_reference, tmp_path, fake_hub, capsys):  # noqa: F811
-    from huggingface_hub import hf_hub_download
-
     cached = "model-00002-of-00006.safetensors"
-    hf_hub_download("org/src", cached)
-    hf_hub_download("org/src", "tokenizer.json")
-    cache = tmp_path / "hf-home" / "hub"
-    before = tree_hashes(cache)
-    n_gets = fake_hub.ranged_gets(cached).count(None)
+    cache, before, gets = cached_in_hf_home(fake_hub, tmp_path, cached, "tokenizer.json")
     out = tmp_path / "out"
     rc, _, err = run_inprocess(capsys, "convert", "org/src", str(out), *ARGS)
     assert rc == 0, err
     same_as_local(snapshot(out), local_reference, fake_hub.repos["org/src"].branches["main"])
-    assert fake_hub.ranged_gets(cached).count(None) == n_gets  # read from the cache, not fetched again
+    assert fake_hub.ranged_gets(cached).count(None) == gets[cached]  # read from the cache, not fetched again
     assert tree_hashes(cache) == before
 
 

@@ -21,7 +21,7 @@ import pytest
 from fake_hub import StoredFile
 from helpers import files_bytes, run_inprocess, sample_disk_as_it_grows
 from test_hub import fake_hub  # noqa: F401  (the loopback Hub fixture)
-from test_hub_stream import ARGS, fail_first_download, hub_src, once_planned, tree_hashes  # noqa: F401  (fixture)
+from test_hub_stream import ARGS, cached_in_hf_home, fail_first_download, hub_src, once_planned, tree_hashes  # noqa: F401  (fixture)
 
 from nvfp4_fuse.hub.verify_stream import WORK_PREFIX
 from nvfp4_fuse.safetensors_header import read_header
@@ -140,19 +140,12 @@ def test_a_budget_below_the_minimum_is_refused_before_anything_is_fetched(hub_sr
 
 
 def test_the_users_hf_cache_is_read_in_place_and_left_untouched(converted, tmp_path, fake_hub, capsys):  # noqa: F811
-    from huggingface_hub import hf_hub_download
-
     cached = "model-00003-of-00006.safetensors"
-    hf_hub_download("org/src", cached)
-    hf_hub_download("org/src", "tokenizer.json")
-    cache = tmp_path / "hf-home" / "hub"
-    before = tree_hashes(cache)
-    n_gets = fake_hub.ranged_gets(cached).count(None)
-    n_tok = fake_hub.ranged_gets("tokenizer.json").count(None)
+    cache, before, gets = cached_in_hf_home(fake_hub, tmp_path, cached, "tokenizer.json")
     rc, body = verify_hub(capsys, converted, tmp_path / "work")
     assert rc == 0, body
-    assert fake_hub.ranged_gets(cached).count(None) == n_gets  # read from the cache, not fetched
-    assert fake_hub.ranged_gets("tokenizer.json").count(None) == n_tok
+    assert fake_hub.ranged_gets(cached).count(None) == gets[cached]  # read from the cache, not fetched
+    assert fake_hub.ranged_gets("tokenizer.json").count(None) == gets["tokenizer.json"]
     assert tree_hashes(cache) == before
 
 
