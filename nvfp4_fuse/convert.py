@@ -55,7 +55,7 @@ from .manifest import MANIFEST_NAME, Manifest, fingerprint, load_manifest, save_
 from .shard_reader import ShardReader
 from .shard_writer import PARTIAL_SUFFIX, Piece, StreamingShardWriter, fsync_dir, tensor_bytes, write_file_atomic
 from .source import INDEX_NAME, SourceRef, scan_source
-from .source_files import LocalSourceFiles, SourceFiles
+from .source_files import LocalSourceFiles, SourceFiles, SourceUsers
 from .spec import COPY_CHUNK, INFLIGHT_BYTES, OutputOptions, OutputSpec, OutShard, OutTensor, build_spec, disk_free, human
 from .targets import DEFAULT_TARGET, LAYOUT_VERSION, Target
 from .writable import require_writable
@@ -170,25 +170,21 @@ class _Ctx:
         self.decode = decode  # shards are checked with the end-to-end decode before they are safe
         self.files = files or LocalSourceFiles(spec.source.root)
         self.readers = _Readers(spec, self.files)
-        self.users: dict[str, int] = {}  # source file -> output shards still to write that read it
+        self.users = SourceUsers([])  # which source files the output shards still to write read
 
     def plan(self, todo: list[OutShard]) -> dict[str, list[str]]:
         needs = {s.name: shard_check_files(self.spec, s, decode=self.decode) for s in todo}
-        for files in needs.values():
-            for f in files:
-                self.users[f] = self.users.get(f, 0) + 1
+        self.users = SourceUsers(needs.values())
         return needs
 
     def shard_written(self, files: list[str]) -> None:
         """An output shard is safe: the source files no other shard reads are closed and given back."""
-        for f in files:
-            self.users[f] -= 1
-            if self.users[f] == 0:
-                with self.readers.lock:
-                    r = self.readers.pop(f, None)
-                if r is not None:
-                    r.close()
-                self.files.done(f)
+        for f in self.users.end(files):
+            with self.readers.lock:
+                r = self.readers.pop(f, None)
+            if r is not None:
+                r.close()
+            self.files.done(f)
 
     def close(self) -> None:
         with self.readers.lock:

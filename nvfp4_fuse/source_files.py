@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +57,25 @@ class SourceFiles(Protocol):
     def journal(self) -> dict: ...
     def close(self) -> None: ...
     def finish(self) -> None: ...
+
+
+class SourceUsers:
+    """How many output shards, of those still to write or check, read each source file: built from each
+    shard's files; :meth:`end` (a shard done) returns the files no shard left reads, in its order."""
+
+    def __init__(self, needs: Iterable[list[str]]):
+        self._left: dict[str, int] = {}
+        for files in needs:
+            for f in files:
+                self._left[f] = self._left.get(f, 0) + 1
+
+    def end(self, files: list[str]) -> list[str]:
+        freed = []
+        for f in files:
+            self._left[f] -= 1
+            if self._left[f] == 0:
+                freed.append(f)
+        return freed
 
 
 class LocalSourceFiles:

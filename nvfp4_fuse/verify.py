@@ -409,7 +409,7 @@ def _check_all(
     ``files``, one shard at a time in file order, each source file given back once no shard left
     reads it."""
     from .disk_budget import shard_check_files
-    from .source_files import local_headers
+    from .source_files import SourceUsers, local_headers
 
     shard_names = {s.name for s in spec.shards}
     rng = random.Random(seed)
@@ -425,19 +425,14 @@ def _check_all(
         result = check_shards(spec, conv_dir, [s.name for s in spec.shards], sha256=sha256, headers=conv.headers, **kw)
     else:
         needs = {s.name: shard_check_files(spec, s, decode=decode is not None) for s in spec.shards}
-        users: dict[str, int] = {}
-        for fs in needs.values():
-            for f in fs:
-                users[f] = users.get(f, 0) + 1
+        users = SourceUsers(needs.values())
         read_spec = local_headers(spec, files)
         parts = []
         for s in spec.shards:  # in file order: the order the files are fetched in
             one = {s.name: sha256[s.name]} if sha256 is not None else None
             parts.append(check_shards(read_spec, conv_dir, [s.name], sha256=one, headers={s.name: conv.headers[s.name]}, **kw))
-            for f in needs[s.name]:
-                users[f] -= 1
-                if users[f] == 0:
-                    files.done(f)
+            for f in users.end(needs[s.name]):
+                files.done(f)
         result = merge_results(parts)
     for lr in result.layers:
         n = spec.layers[lr.prefix].dims.experts
