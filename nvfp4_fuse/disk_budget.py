@@ -29,6 +29,14 @@ from .errors import InputError
 from .safetensors_header import build_header
 from .spec import OutputSpec, OutShard, human
 
+# A fused part's source: the roles it is made from, and which of their fields.
+FUSED_PARTS = {
+    "w13_weight": (("gate", "up"), "weight"),
+    "w2_weight": (("down",), "weight"),
+    "w13_weight_scale": (("gate", "up"), "weight_scale"),
+    "w2_weight_scale": (("down",), "weight_scale"),
+}
+
 
 def shard_source_files(spec: OutputSpec, shard: OutShard) -> list[str]:
     """The source files an output shard's tensors are read from, in order of first use."""
@@ -43,18 +51,12 @@ def shard_source_files(spec: OutputSpec, shard: OutShard) -> list[str]:
         else:
             seen.setdefault(ref.file)
 
-    parts = {
-        "w13_weight": (("gate", "up"), "weight"),
-        "w2_weight": (("down",), "weight"),
-        "w13_weight_scale": (("gate", "up"), "weight_scale"),
-        "w2_weight_scale": (("down",), "weight_scale"),
-    }
     for t in shard.tensors:
         if t.kind in ("copy", "decoded", "scalar"):
             add(t.source)
         elif t.kind == "fused":
             layer = spec.layers[t.layer]
-            roles, fld = parts[t.part]
+            roles, fld = FUSED_PARTS[t.part]
             for e in range(layer.dims.experts):
                 for role in roles:
                     add(layer.parts.get((e, role, fld)))
@@ -171,9 +173,9 @@ def shard_check_files(spec: OutputSpec, shard: OutShard, *, decode: bool) -> lis
         return files
     seen = dict.fromkeys(files)
     for t in shard.tensors:
-        if t.kind == "fused" and t.part.endswith("_scale"):
+        if t.kind == "fused" and FUSED_PARTS[t.part][1] == "weight_scale":
             layer = spec.layers[t.layer]
-            roles = ("gate", "up") if t.part.startswith("w13") else ("down",)
+            roles = FUSED_PARTS[t.part][0]
             refs = [layer.parts.get((e, r, "weight")) for e in range(layer.dims.experts) for r in roles]
         elif t.kind == "expert" and t.part.endswith(".weight_scale"):
             refs = [spec.layers[t.layer].parts.get((t.expert, t.part.split(".")[0], "weight"))]
