@@ -24,12 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..constants import S2_LIMIT
 from .reference import as_batched
 
 # Defaults picked on an H100 (docs/benchmarks.md, "## Kernels").
 DEQUANT_BPP = 128
 DEQUANT_WARPS = 4
-S2_LIMIT = 2.0**120
 
 _OUT_DTYPES = (torch.bfloat16, torch.float32)
 

@@ -9,6 +9,8 @@ packs four E4M3 scales into an int32 word and permutes rows in blocks of 128 (UT
 from __future__ import annotations
 
 NVFP4_BLOCK = 16  # values per E4M3 block scale
+# |scale_2| the compare and dequant kernels take: their fp32 products stay finite below it
+S2_LIMIT = 2.0**120
 MXFP4_BLOCK = 32  # values per E8M0 block scale
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0

@@ -1,20 +1,21 @@
 """The end-to-end decode: lanes that dequantize expert parts of both checkpoints and compare them.
 
-Each expert part's decode is a :class:`DecodeJob` (the host's views of its inputs). A :class:`GpuLane`
-(one per decode thread) gathers jobs of one shape into batches, stages a batch in one pinned copy and
+Each expert part's decode is a :class:`DecodeJob` (its inputs: arrays, or in the GPU decode process
+:class:`FileBytes`, file regions read when staged). A :class:`GpuLane` (one per lane thread of the
+decode process, :mod:`~nvfp4_fuse.decode_worker`) gathers jobs of one shape into batches, stages a batch in one pinned copy and
 one upload, finishes the inputs on the device and compares them with the Triton compare kernel (with
 its torch reference, on the GPU, until the kernel is loaded), replayed as a CUDA graph, and reads the
 statistics back in bulk; a :class:`ReferenceLane` runs the kernel's torch reference on the CPU at
-once. Either hands each part's statistics (n_diff, nonfinite, max_abs, max_rel) to
+once (:class:`HostLane` reads file regions first). Either hands each part's statistics (n_diff, nonfinite, max_abs, max_rel) to
 ``on_stats(key, row)``.
 :func:`warm_kernels` loads the kernel for every expert shape of a conversion before the first launch.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,62 @@ class DecodeJob:
         if self.layout.kernel_reads_in_place:
             return tuple(self.layout.expert_shape(self.rows, self.cols))
         return (self.rows, self.cols // NVFP4_BLOCK)
+
+
+@dataclass(frozen=True)
+class FileBytes:
+    """``nbytes`` bytes at ``offset`` of the file at ``path`` (inode ``ino``), read when staged: the
+    decode process's view of a part's input (see :mod:`~nvfp4_fuse.decode_process`)."""
+
+    files: Any  # decode_worker.Files: the open descriptors
+    path: str
+    ino: int
+    offset: int
+    nbytes: int
+
+    def read_into(self, dst: np.ndarray) -> None:
+        from .shard_reader import vectored_transfer
+
+        fd = self.files.fd(self.path, self.ino)
+        if vectored_transfer(os.preadv, fd, [memoryview(dst)], self.offset) < 0:
+            raise OSError(f"{self.path}: the file ended early while reading (truncated?)")
+
+    def read(self) -> np.ndarray:
+        a = np.empty(self.nbytes, dtype=np.uint8)
+        self.read_into(a)
+        return a
+
+
+def stage(src: np.ndarray | FileBytes, dst: np.ndarray) -> None:
+    """``src``'s bytes into ``dst`` (uint8, as many bytes)."""
+    if isinstance(src, FileBytes):
+        src.read_into(dst)
+    else:
+        dst[:] = np.ascontiguousarray(src).reshape(-1).view(np.uint8)
+
+
+def make_job(shape: dict, s2: tuple[float, float, float, float], regions: tuple, files: Any) -> DecodeJob:
+    """The decode process's :class:`DecodeJob` from a part's message (see
+    :func:`nvfp4_fuse.decode_process.region`): file regions read when staged, bytes as arrays."""
+
+    def one(r: tuple) -> np.ndarray | FileBytes:
+        if r[0] == "file":
+            return FileBytes(files, r[1], r[2], r[3], r[4])
+        return np.frombuffer(r[1], dtype=np.uint8)
+
+    values, a_scales, b_stored = regions
+    return DecodeJob(
+        rows=shape["rows"],
+        cols=shape["cols"],
+        values=one(values),
+        a_scales=tuple(one(a) for a in a_scales),
+        row_perm=shape["row_perm"],
+        b_stored=one(b_stored),
+        layout=shape["layout"],
+        s2=s2,
+        first_rows=shape["first_rows"],
+        release=lambda: None,
+    )
 
 
 class _Batches:
@@ -161,6 +218,7 @@ class GpuLane:
         self.batches: dict[tuple, _Batches] = {}
         self.pending: list[tuple[list[Any], torch.Tensor]] = []
         self.unread = 0  # parts launched and not read back
+        self.counts = {"reference": 0, "eager": 0, "graph": 0}  # batches compared each way
 
     def launch(self, key, job: DecodeJob) -> None:
         """Queue ``job`` for its shape's next batch (which runs once full); the lane owns it from here
@@ -197,15 +255,14 @@ class GpuLane:
             buf = self.bufs[i]
             if buf is None or buf.numel() < nbytes:
                 buf = self.bufs[i] = torch.empty(max(nbytes, b.cap * b.total), dtype=torch.uint8, pin_memory=True)
-            zeros = torch.zeros(self.ALIGN, dtype=torch.uint8)
-            parts: list[torch.Tensor] = []
-            for job in jobs:  # a part's slot: its values, A's scales, B's scales, the four scale_2
+            host = buf.numpy()
+            for j, job in enumerate(jobs):  # a part's slot: its values, A's scales, B's scales, the four scale_2
                 regions = (job.values,), job.a_scales, (job.b_stored,), (np.array(job.s2, dtype=np.float32),)
                 for k, group in enumerate(regions):
-                    parts += [torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(np.uint8)) for a in group]
-                    if b.pads[k]:
-                        parts.append(zeros[: b.pads[k]])
-            torch.cat(parts, out=buf[:nbytes])  # one call, out of the GIL, for every input of the batch
+                    pos = j * b.total + b.offs[k]
+                    for a in group:
+                        stage(a, host[pos : pos + a.nbytes])  # a file's bytes read straight into the pinned buffer
+                        pos += a.nbytes
         finally:
             for job in jobs:
                 job.release()
@@ -228,9 +285,11 @@ class GpuLane:
         if ready and b.graph is not None:
             b.graph.replay()
             stats = b.graph_out[:n].clone()
+            self.counts["graph"] += 1
         else:
             stats = self._stats(b, n, ready)
             b.eager_ready_runs += ready
+            self.counts["eager" if ready else "reference"] += 1
         self.pending.append((keys, stats))
         self.unread += n
 
@@ -313,10 +372,12 @@ class ReferenceLane:
 
     def __init__(self, on_stats: OnStats, kernels_ready: threading.Event | None = None):
         self.on_stats = on_stats
+        self.counts = {"cpu": 0}  # parts compared
 
     def launch(self, key, job: DecodeJob) -> None:
         import torch
 
+        self.counts["cpu"] += 1
         from .kernels.reference import compare_nvfp4_ref
 
         try:
@@ -334,32 +395,44 @@ class ReferenceLane:
         pass
 
 
-def warm_kernels(plan: Future, ready: threading.Event) -> None:
-    """Import Triton and the compare kernel, then (once ``plan`` gives the output spec) launch it once
-    on zeros of every expert shape, and set ``ready``. It starts with verify, so the import overlaps
-    the headers being read and checked; until ``ready`` is set the lanes run the kernel's torch
-    reference on the GPU (see :meth:`GpuLane._compare`). Loading a compiled kernel takes most of a
-    second the first time, and Triton does not serialise it: every lane whose first launch came before
-    it was loaded would load it again. Only a warm-up: a failure here is left to the real launches to
-    report."""
+class HostLane(ReferenceLane):
+    """:class:`ReferenceLane` for the decode process's jobs, whose inputs may be file regions: they
+    are read first (the process's CPU mode, for tests without a GPU)."""
+
+    def launch(self, key, job: DecodeJob) -> None:
+        def arr(x: np.ndarray | FileBytes) -> np.ndarray:
+            return x.read() if isinstance(x, FileBytes) else x
+
+        job.values, job.b_stored = arr(job.values), arr(job.b_stored)
+        job.a_scales = tuple(arr(a) for a in job.a_scales)
+        super().launch(key, job)
+
+
+def expert_shapes(spec: OutputSpec) -> list[tuple[int, int]]:
+    """(rows, cols) of every expert part a conversion's decode compares."""
+    shapes = {s for l in spec.layers.values() for s in ((2 * l.dims.inter, l.dims.hidden), (l.dims.hidden, l.dims.inter))}
+    if spec.target.per_expert:
+        shapes |= {(l.dims.inter, l.dims.hidden) for l in spec.layers.values()}
+    return sorted(shapes)
+
+
+def warm_kernels(layout: ScaleLayout, shapes: list[tuple[int, int]], ready: threading.Event) -> None:
+    """Import Triton and the compare kernel, launch it once on zeros of every expert shape (block
+    scales in ``layout``), and set ``ready``. Until then the lanes run the kernel's torch reference on
+    the GPU (see :meth:`GpuLane._compare`). Loading a compiled kernel takes most of a second the first
+    time, and Triton does not serialise it: every lane whose first launch came before it was loaded
+    would load it again. Only a warm-up: a failure here is left to the real launches to report."""
     try:
         import torch
 
         from .kernels.compare import compare_nvfp4
 
         dev = torch.device("cuda", torch.cuda.current_device())
-        spec: OutputSpec | None = plan.result()
-        if spec is None:
-            return
-        tgt = spec.target
-        shapes = {s for l in spec.layers.values() for s in ((2 * l.dims.inter, l.dims.hidden), (l.dims.hidden, l.dims.inter))}
-        if tgt.per_expert:
-            shapes |= {(l.dims.inter, l.dims.hidden) for l in spec.layers.values()}
-        for rows, cols in sorted(shapes):
-            swz = tgt.scales.kernel_reads_in_place
+        swz = layout.kernel_reads_in_place
+        for rows, cols in shapes:
             vals = torch.zeros((rows, cols // 2), dtype=torch.uint8, device=dev)
             a_s = torch.zeros((rows, cols // NVFP4_BLOCK), dtype=torch.uint8, device=dev)
-            b_s = torch.zeros(tgt.scales.expert_shape(rows, cols), dtype=torch.uint8, device=dev) if swz else a_s
+            b_s = torch.zeros(layout.expert_shape(rows, cols), dtype=torch.uint8, device=dev) if swz else a_s
             s2 = torch.ones(rows, dtype=torch.float32, device=dev)
             compare_nvfp4(vals, a_s, s2, vals, b_s, s2, b_swizzled=swz, check=False)
         torch.cuda.synchronize(dev)

@@ -46,6 +46,13 @@ class CheckFailed(Nvfp4FuseError):
     exit_code = EXIT_CHECK_FAILED
 
 
+class DecodeFailed(Nvfp4FuseError):
+    """The GPU decode could not run (its process failed: no CUDA, a CUDA error, it was killed): not a
+    finding about the checkpoint. ``--device cpu`` checks without it."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
 class PushFailed(Nvfp4FuseError, ConnectionError):
     """The Hub kept failing with transient errors after every retry."""
 

@@ -17,6 +17,7 @@ Linux only (``sigaction`` through ctypes, the faulting address from ``siginfo_t`
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import os
 import signal
@@ -35,6 +36,7 @@ class Mapping:
 
 
 _mappings: dict[int, tuple[int, Mapping]] = {}  # base address -> (length, mapping)
+_bases: list[int] = []  # the mappings' base addresses, sorted (locate)
 _lock = threading.Lock()
 _report: Callable[[str], None] | None = None
 _first = threading.Lock()  # taken by the one faulting thread that reports
@@ -42,12 +44,27 @@ _first = threading.Lock()  # taken by the one faulting thread that reports
 
 def register(base: int, length: int, mapping: Mapping) -> None:
     with _lock:
+        if base not in _mappings:
+            bisect.insort(_bases, base)
         _mappings[base] = (length, mapping)
 
 
 def unregister(base: int) -> None:
     with _lock:
-        _mappings.pop(base, None)
+        if _mappings.pop(base, None) is not None:
+            _bases.remove(base)
+
+
+def locate(addr: int, nbytes: int) -> tuple[Mapping, int] | None:
+    """(the mapped file, file offset) of ``nbytes`` bytes at address ``addr``, when they lie in one
+    registered mapping; else None."""
+    with _lock:
+        i = bisect.bisect_right(_bases, addr) - 1
+        if i < 0:
+            return None
+        base = _bases[i]
+        n, m = _mappings[base]
+    return (m, addr - base) if addr + nbytes <= base + n else None
 
 
 def changed_file(

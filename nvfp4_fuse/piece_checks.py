@@ -5,16 +5,14 @@ for the pass that drives them)."""
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .constants import NVFP4_BLOCK
-from .decode_lanes import DecodeJob, GpuLane, ReferenceLane
+from .constants import NVFP4_BLOCK, S2_LIMIT
+from .decode_lanes import DecodeJob, ReferenceLane, expert_shapes
 from .encoded_scales import EncodedScale
 from .experts import ExpertLayer
 from .safetensors_header import ShardHeader
@@ -23,16 +21,6 @@ from .shard_writer import tensor_bytes
 from .spec import COPY_CHUNK, OutputSpec, OutShard, OutTensor
 from .verify_checks import fail, rescale_table, rescaled_half_problem, same
 from .verify_result import LayerResult
-
-# GPU decodes waiting for the decode threads, at most this many bytes of packed values: the pass goes on
-# with its other checks meanwhile (while Triton loads the kernel, the first two seconds or so of a first
-# call, the lanes run its torch reference on the GPU). A queued decode holds its values' pages in the
-# mapped output until it is staged, so this is also what the decode adds to the resident set (file pages)
-# at most. With 1 GiB rather than 4, the pass waits for the lanes instead of leaving most decodes for
-# after it: on the H200 host a first call of a 4 GB checkpoint took 2.50 s instead of 2.91, at a peak RSS
-# of 2.6-2.9 GB instead of 4.3 (docs/benchmarks.md, 2026-12-03).
-DEFERRED_BYTES = 1 << 30
-DECODE_THREADS = 3  # threads that stage and launch the GPU decodes, beside the check workers
 
 
 @dataclass
@@ -64,7 +52,8 @@ class _SourceReaders(dict):
 class PieceChecker:
     """The checks of output shards' pieces against the source, as the pass reads them: copied tensors
     byte for byte, per-layer and per-expert scalars, packed values, block scales and their bound, and
-    the end-to-end decode (on a lane of :mod:`~nvfp4_fuse.decode_lanes`). It holds read-only mappings
+    the end-to-end decode (the kernel's torch reference here on the CPU, or the GPU decode process of
+    :mod:`~nvfp4_fuse.decode_process`). It holds read-only mappings
     of the source's shards and of the output shards in ``conv_headers`` (by file name), and gathers
     what it found in ``results`` and the counters; :func:`~nvfp4_fuse.verify.check_shards` drives it.
 
@@ -79,7 +68,7 @@ class PieceChecker:
         conv_headers: Mapping[str, ShardHeader],
         experts: dict[str, set[int]],
         decode: str | None,
-        kernels_ready: threading.Event | None = None,
+        decoder: Any = None,
     ):
         self.spec, self.tgt = spec, spec.target
         # Both checkpoints are read through read-only mappings: pieces are compared and hashed in place
@@ -90,29 +79,23 @@ class PieceChecker:
         self.conv_map = {t: f for f, h in conv_headers.items() for t in h.tensors}
         self.experts = experts  # prefix -> experts to check
         self.decode = decode  # None, or the device the end-to-end compare runs on
-        self.kernels_ready = kernels_ready  # set once the GPU kernels are loaded (warm_kernels)
         self.results = {p: LayerResult(p, l.dims.experts, rescaled=l.rescaled_experts) for p, l in spec.layers.items()}
         self.copied = 0
         self.decoded = 0  # compressed block scales outside the expert groups, checked decoded
         self.block_rel: dict[tuple[str, str, int], float] = {}  # largest block error of each checked expert part
         self.decoded_rel: dict[tuple[str, str, int], float] = {}  # end to end, rescaled expert parts
         self.stop = threading.Event()  # set when a check failed: the other shards' streams end early
-        self._local = threading.local()
-        self._lanes: list[GpuLane] = []  # one per thread that launched on the GPU
         self._lock = threading.Lock()
-        # GPU decodes queued for the decode threads (see _decode)
-        self._queue: deque[tuple[ExpertLayer, str, int, np.ndarray, bool]] = deque()
-        self._queued_bytes = 0
-        self._queue_cond = threading.Condition(threading.Lock())
-        self._queue_closed = False
-        self._decoders: list[threading.Thread] = []
-        self._decode_error: BaseException | None = None
+        self.channel = None  # the GPU decode process's channel (decode "cuda")
+        if decode == "cuda":
+            decoder.warm(self.tgt.scales, expert_shapes(spec))
+            self.channel = decoder.channel(self._decoded, self.stop.set)
         self._globals = {p: self.tgt.global_tensors(p, l.scalars) for p, l in spec.layers.items()}
         self.on_bytes: Callable[[str, int], None] | None = None  # progress: (shard, bytes done), from the streams
 
     def close(self) -> None:
-        for lane in self._lanes:  # after a failure, jobs may still wait for a batch: their holds go
-            lane.discard()
+        if self.channel is not None:
+            self.channel.close()
         for m in (*self.src_m.values(), *self.conv_m.values()):
             m.close()
 
@@ -408,114 +391,16 @@ class PieceChecker:
         are the output's, just found byte-identical to the source's); a rescaled half's result is held
         against the largest error its block scales allow once the pass has checked them
         (:meth:`check_decoded`). On the CPU the kernel's torch reference runs here. On the GPU the
-        decode rides along the pass: it is queued for the decode threads (:meth:`_decoder`), and the
-        worker goes on with its next check at once; the output's values stay mapped (held) until a
-        decode thread has staged them. At most ``DEFERRED_BYTES`` of values wait in the queue: past
-        that the worker waits for room."""
+        decode rides along the pass in a process of its own: the worker sends where the part's bytes
+        lie and goes on with its next check (see :mod:`~nvfp4_fuse.decode_process`)."""
         assert self.decode is not None
-        if self.decode == "cpu":
-            self._launch(layer, part, e, values)
-            return
-        held = self._is_open(self._operand_name(layer, part, e))  # else the values are the source's
-        if held:
-            name, m, start, n = self._operand(layer, part, e)
-            m.held_array(name, start, n)  # one more hold: the stream's release leaves the pages mapped
-        with self._queue_cond:
-            self._start_decoders()
-            while self._queued_bytes and self._queued_bytes + values.nbytes > DEFERRED_BYTES and not self.stop.is_set():
-                self._queue_cond.wait()
-            self._queue.append((layer, part, e, values, held))
-            self._queued_bytes += values.nbytes
-            self._queue_cond.notify_all()
-
-    def _start_decoders(self) -> None:
-        """Start the decode threads, once (the caller holds ``_queue_cond``)."""
-        if self._decoders:
-            return
-        for i in range(DECODE_THREADS):
-            t = threading.Thread(target=self._decoder, name=f"nvfp4-decode_{i}", daemon=True)
-            t.start()
-            self._decoders.append(t)
-
-    def _next_decode(self, wait: bool) -> tuple[ExpertLayer, str, int, np.ndarray, bool] | None:
-        """The oldest queued decode; None once the queue is closed and empty, or (``wait`` False) empty."""
-        with self._queue_cond:
-            while not self._queue:
-                if not wait or self._queue_closed:
-                    return None
-                self._queue_cond.wait()
-            item = self._queue.popleft()
-            self._queued_bytes -= item[3].nbytes
-            self._queue_cond.notify_all()
-            return item
-
-    def _decoder(self) -> None:
-        """A decode thread: queued decodes on its own GPU lane until the queue is closed and empty."""
-        while (item := self._next_decode(wait=True)) is not None:
-            self._run_decode(item)
-
-    def _run_decode(self, item: tuple[ExpertLayer, str, int, np.ndarray, bool]) -> None:
-        """One queued decode, handed to this thread's lane with the output values' hold (the lane drops
-        it once it has copied them); after a failure (the first is kept for :meth:`finish_decode`, and
-        the pass is stopped) the rest are only released."""
-        layer, part, e, values, held = item
-        release_values = _once(self._values_release(layer, part, e) if held else None)
-        try:
-            if self._decode_error is None:
-                self._lane()
-                self._launch(layer, part, e, values, release_values)
-            else:
-                release_values()
-        except BaseException as exc:  # noqa: BLE001 (raised again by finish_decode)
-            release_values()
-            with self._lock:
-                self._decode_error = self._decode_error or exc
-            self.stop.set()
-            with self._queue_cond:
-                self._queue_cond.notify_all()
-
-    def _values_release(self, layer: ExpertLayer, part: str, e: int) -> Callable[[], None]:
-        """What drops the hold :meth:`_decode` took on the output's values of expert ``e``'s ``part``."""
-        name, m, start, n = self._operand(layer, part, e)
-        return lambda: m.release_tensor(name, start, n)
-
-    def _lane(self) -> GpuLane:
-        """This thread's GPU lane; the first call makes it."""
-        if not hasattr(self._local, "lane"):
-            self._local.lane = GpuLane(self._decoded, self.kernels_ready)
-            with self._lock:
-                self._lanes.append(self._local.lane)
-        return self._local.lane
-
-    def drain_decodes(self, pool: ThreadPoolExecutor, workers: int) -> None:
-        """After the pass: the workers, idle now, help the decode threads empty the queue (a first
-        call's pass can end with decodes still queued)."""
-        if self._queue:
-            for fut in [pool.submit(self._help_decode) for _ in range(max(1, workers))]:
-                fut.result()
-
-    def _help_decode(self) -> None:
-        while (item := self._next_decode(wait=False)) is not None:
-            self._run_decode(item)
-
-    def stop_decoders(self) -> None:
-        """Close the queue and wait for the decode threads: each finishes what is queued (or, after a
-        failure, only releases it)."""
-        with self._queue_cond:
-            self._queue_closed = True
-            self._queue_cond.notify_all()
-        for t in self._decoders:
-            t.join()
+        self._launch(layer, part, e, values)
 
     def finish_decode(self) -> None:
-        """Once the pass is over: every queued decode run, and what the GPU lanes still hold read back
-        (each lane's stream synchronised); raises the first failure of a decode."""
-        self.stop_decoders()
-        if self._decode_error is None:
-            for lane in self._lanes:
-                lane.flush()
-        if self._decode_error is not None:
-            raise self._decode_error
+        """Once the pass is over: every decode sent to the GPU process run and judged; raises the first
+        failure of a decode."""
+        if self.channel is not None:
+            self.channel.finish()
 
     def _operand_name(self, layer: ExpertLayer, part: str, e: int) -> str:
         """The output tensor holding expert ``e``'s ``part`` (see :meth:`_operand`)."""
@@ -534,12 +419,10 @@ class PieceChecker:
         m = self.conv_m[self.conv_map[name]]
         return name, m, 0, m.header.tensors[name].nbytes
 
-    def _launch(
-        self, layer: ExpertLayer, part: str, e: int, values: np.ndarray, release_values: Callable[[], None] | None = None
-    ) -> None:
+    def _launch(self, layer: ExpertLayer, part: str, e: int, values: np.ndarray) -> None:
         """The decode of :meth:`_decode`: its inputs gathered (views of both checkpoints, held) into a
-        :class:`DecodeJob` for this thread's lane, or run at once by the CPU reference. The lane
-        releases them (``release_values`` too) once it has copied them."""
+        :class:`DecodeJob`, run at once by the CPU reference or sent to the GPU process (which reads
+        the bytes from the files itself: the holds end once the job is sent)."""
         assert self.decode is not None
         d = layer.dims
         w13 = part == "w13_weight"
@@ -556,17 +439,12 @@ class PieceChecker:
                 m.release_tensor(sname, start, n)
             for r in held_src:
                 self.release_src(layer, e, r, "weight_scale")
-            if release_values is not None:
-                release_values()
 
         release = _once(release)
         try:
             s2 = {r: self._scale_2(layer, r, e) for r in roles}  # (source, output, ratio)
-            if self.decode == "cuda" and (self.kernels_ready is None or self.kernels_ready.is_set()):
-                from .kernels.dequant import S2_LIMIT  # (Triton is loaded by now)
-
-                if max(abs(v) for r in roles for v in s2[r][:2]) >= S2_LIMIT:
-                    raise fail(f"{layer.prefix}.{part}: expert {e} has a scale_2 too large for the compare kernel")
+            if self.decode == "cuda" and max(abs(v) for r in roles for v in s2[r][:2]) >= S2_LIMIT:
+                raise fail(f"{layer.prefix}.{part}: expert {e} has a scale_2 too large for the compare kernel")
             # Source block scales (natural layout, a half each for w13, put in the output's row order by
             # the lane), the output's scales as stored, and both sides' scale_2 (gate's, then up's).
             a_scales = []
@@ -589,11 +467,13 @@ class PieceChecker:
                 release=release,
             )
             key = (layer.prefix, part, e, all(s2[r][2] == 1.0 for r in roles))
-            lane = self._lane() if self.decode == "cuda" else ReferenceLane(self._decoded)
         except BaseException:
             release()
             raise
-        lane.launch(key, job)  # the lane owns the job's holds from here
+        if self.channel is not None:
+            self.channel.submit(key, job, self.stop)  # releases the job's holds
+        else:
+            ReferenceLane(self._decoded).launch(key, job)
 
     def _decoded(self, key: tuple[str, str, int, bool], stats: Any) -> None:
         """The read-back statistics (n_diff, nonfinite, max_abs, max_rel) of one decoded expert part."""

@@ -31,7 +31,7 @@ manifest's) and checking each piece as it goes by, against the source read once 
 The result lists the checks that ran.
 
 The checks are those of :mod:`~nvfp4_fuse.verify_checks` (pure functions) applied to each piece by
-:mod:`~nvfp4_fuse.piece_checks`, the decode run on the lanes of :mod:`~nvfp4_fuse.decode_lanes`; this
+:mod:`~nvfp4_fuse.piece_checks`, the GPU decode in a process of its own (:mod:`~nvfp4_fuse.decode_process`); this
 module holds the pass. :func:`check_shards` runs it over any subset of a conversion's output shards
 (a shard checked as soon as it is written, before it is uploaded); :func:`verify` checks a whole
 converted folder: the manifest and the structure first, then :func:`check_shards` over every shard.
@@ -47,7 +47,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,8 +56,7 @@ from typing import Any
 import numpy as np
 
 from .budget import ByteBudget
-from .decode_lanes import warm_kernels
-from .errors import InputError
+from .errors import DecodeFailed, InputError
 from .manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
 from .piece_checks import CheckedPiece, PieceChecker
 from .safetensors_header import ShardHeader, read_header
@@ -148,8 +146,7 @@ def _run_pass(
 ) -> None:
     """The pass: every shard of ``shards`` streamed (side by side, each hashed in its own order when
     ``sha256`` gives the digests to hold them to), its pieces checked on ``workers`` threads, within
-    ``budget``, the GPU decodes riding along on their own threads; then the workers help finish the
-    decodes still queued, and every decode is read back. The mappings are closed on the way out."""
+    ``budget``, the GPU decodes riding along in their own process; then every decode is read back. The mappings are closed on the way out."""
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nvfp4-verify")
     streams = ThreadPoolExecutor(max_workers=max(1, min(len(shards), workers)), thread_name_prefix="nvfp4-verify-shard")
     futs: dict[str, Future] = {}
@@ -159,7 +156,6 @@ def _run_pass(
             digest = fut.result()
             if digest is not None and sha256 is not None and digest != sha256[name]:
                 raise fail(f"output files do not match the manifest: {name}: sha256 differs from manifest")
-        v.drain_decodes(pool, workers)
         v.finish_decode()
     finally:
         v.stop.set()  # a no-op after a full pass; after a failure, the other streams stop reading
@@ -167,7 +163,6 @@ def _run_pass(
             fut.cancel()
         streams.shutdown(wait=True, cancel_futures=True)
         pool.shutdown(wait=True, cancel_futures=True)
-        v.stop_decoders()
         v.close()
 
 
@@ -195,7 +190,7 @@ def check_shards(
     workers: int = 0,
     budget_bytes: int = BUDGET_BYTES,
     headers: Mapping[str, ShardHeader] | None = None,
-    kernels_ready: threading.Event | None = None,
+    decoder: Any = None,
     on_bytes: Callable[[str, int], None] | None = None,
 ) -> VerifyResult:
     """Check output shards ``names`` (file names in ``conv_dir``) of the conversion ``spec`` describes
@@ -216,8 +211,8 @@ def check_shards(
 
     ``experts`` (layer prefix -> experts; default: all) limits the per-expert checks; ``headers`` are
     the shards' headers where the caller has read them (else they are read here, strictly);
-    ``kernels_ready`` is an event set once the GPU kernels are loaded (else this call loads them
-    first, overlapping the pass: see :func:`~nvfp4_fuse.decode_lanes.warm_kernels`); ``workers``
+    ``decoder`` is the GPU decode process (:class:`~nvfp4_fuse.decode_process.DecodeProcess`) that
+    ``decode="cuda"`` sends its parts to (else this call starts one, and ends it); ``workers``
     threads check the pieces (0: :func:`default_workers`), within ``budget_bytes`` read ahead;
     ``on_bytes(shard, n)`` reports progress from several threads.
 
@@ -242,18 +237,23 @@ def check_shards(
         headers = read
     headers = {n: headers[n] for n in names if n in headers}
     check_shard_headers(spec, headers, names)
-    if decode == "cuda" and kernels_ready is None:
-        kernels_ready, plan = threading.Event(), Future()
-        plan.set_result(spec)
-        threading.Thread(target=warm_kernels, args=(plan, kernels_ready), daemon=True).start()
+    own = None
+    if decode == "cuda" and decoder is None:
+        from .decode_process import DecodeProcess
+
+        decoder = own = DecodeProcess("cuda")
     workers = workers or default_workers(gpu_decode=decode == "cuda")
     if experts is None:
         experts = {p: set(range(l.dims.experts)) for p, l in spec.layers.items()}
-    v = PieceChecker(spec, headers, dict(experts), decode, kernels_ready)
-    v.on_bytes = on_bytes
-    budget = ByteBudget(budget_bytes)
-    _run_pass(v, [s for s in shards if s is not None], sha256, budget, workers)
-    v.check_decoded()
+    try:
+        v = PieceChecker(spec, headers, dict(experts), decode, decoder)
+        v.on_bytes = on_bytes
+        budget = ByteBudget(budget_bytes)
+        _run_pass(v, [s for s in shards if s is not None], sha256, budget, workers)
+        v.check_decoded()
+    finally:
+        if own is not None:
+            own.close()
     result = VerifyResult(str(spec.source.root), str(conv_dir), spec.target.name, decode or "cpu")
     result.checks = checks_made(spec, hash_files=sha256 is not None, decode=decode)
     result.layers = list(v.results.values())
@@ -268,25 +268,21 @@ def check_shards(
 
 def default_workers(*, gpu_decode: bool = False, cpus: int | None = None) -> int:
     """Worker threads by default: up to 8, with or without the GPU decode, which runs on threads of its
-    own (``piece_checks.DECODE_THREADS``) beside them."""
+    own process (decode_process.py) beside them."""
     cpus = cpus or os.cpu_count() or 1
     return max(1, min(8, cpus))
 
 
 def pick_device(device: str) -> str:
-    """'cuda' or 'cpu' for --device auto|cuda|cpu. torch is imported only where a GPU may be used:
-    never for ``cpu``, nor for ``auto`` where :func:`gpu_may_be_there` says there is none."""
+    """'cuda' or 'cpu' for --device auto|cuda|cpu, without importing torch (3-4 s on a GPU host): 'cpu'
+    for ``cpu``, and for ``auto`` where :func:`gpu_may_be_there` says there is no GPU; else 'cuda', and
+    the GPU decode process finds out (with ``auto``, a GPU it cannot use means no decode, as on a
+    machine without one; with ``cuda`` it is an error)."""
     if device not in ("auto", "cuda", "cpu"):
         raise InputError(f"--device must be auto, cuda or cpu, not {device!r}")
     if device == "cpu" or (device == "auto" and not gpu_may_be_there()):
         return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if device == "cuda":
-        raise InputError("--device cuda but no CUDA device is visible")
-    return "cpu"
+    return "cuda"
 
 
 def gpu_may_be_there() -> bool:
@@ -343,17 +339,16 @@ def verify(
     dev = pick_device(device)
     decode = (dev == "cuda") if decode is None else decode
     workers = workers or default_workers(gpu_decode=decode and dev == "cuda")
-    kernels_ready, plan = threading.Event(), Future()  # plan: the spec for warm_kernels, None if there is none
-    if decode and dev == "cuda":
-        threading.Thread(target=warm_kernels, args=(plan, kernels_ready), daemon=True).start()
+    decoder = None
+    if decode and dev == "cuda":  # started first: torch's import and CUDA's start overlap the headers and the pass
+        from .decode_process import shared
+
+        decoder = shared("cuda")
+        decoder.strict = device == "cuda"  # asked for: a GPU the process cannot use is an error
     conv_dir = Path(conv_dir)
-    spec = None
     if on_stage:
         on_stage("reading headers", 0)
-    try:
-        manifest, options, spec = checked_plan(source_dir, conv_dir, trust_root, hub)
-    finally:
-        plan.set_result(spec)  # None after a failure: the warm-up thread stops
+    manifest, options, spec = checked_plan(source_dir, conv_dir, trust_root, hub)
     try:
         conv = scan_source(conv_dir)
     except InputError as e:  # the output's index and shard headers disagree, a shard is unreadable...
@@ -365,18 +360,26 @@ def verify(
         for name, rec in manifest.files.items():
             if name not in shard_names and sha256_file(conv_dir / name) != rec["sha256"]:
                 raise fail(f"output files do not match the manifest: {name}: sha256 differs from manifest")
-    if hub is None:
-        check_structure(spec, conv_dir, conv, model_card=manifest.model_card)
-        result = _check_all(spec, conv_dir, manifest, conv, hash_files, dev if decode else None, workers, budget_bytes, kernels_ready, seed, sample, on_bytes, on_stage)
-    else:
-        try:
-            files = hub.start(spec, checked_sidecars(spec, manifest.model_card), decode=bool(decode))
-            check_structure(spec, conv_dir, conv, model_card=manifest.model_card, source_file=files.path, done=files.done)
-            result = _check_all(
-                spec, conv_dir, manifest, conv, hash_files, dev if decode else None, workers, budget_bytes, kernels_ready, seed, sample, on_bytes, on_stage, files=files
-            )  # fmt: skip
-        finally:
-            hub.close()
+    try:
+        if hub is None:
+            check_structure(spec, conv_dir, conv, model_card=manifest.model_card)
+            result = _check_all(spec, conv_dir, manifest, conv, hash_files, dev if decode else None, workers, budget_bytes, decoder, seed, sample, on_bytes, on_stage)
+        else:
+            try:
+                files = hub.start(spec, checked_sidecars(spec, manifest.model_card), decode=bool(decode))
+                check_structure(spec, conv_dir, conv, model_card=manifest.model_card, source_file=files.path, done=files.done)
+                result = _check_all(
+                    spec, conv_dir, manifest, conv, hash_files, dev if decode else None, workers, budget_bytes, decoder, seed, sample, on_bytes, on_stage, files=files
+                )  # fmt: skip
+            finally:
+                hub.close()
+    except DecodeFailed:
+        if decoder is not None and decoder.ready is False:
+            raise InputError(f"--device {device} but the GPU decode cannot run: {decoder.why_not}") from None
+        raise
+    if decoder is not None and decoder.ready is False:  # auto, and the GPU process found no CUDA: as without a GPU
+        dev, decode = "cpu", False
+        result.checks = checks_made(spec, hash_files=hash_files, decode=None)
     result.source, result.converted, result.device = source_label or str(source_dir), str(conv_dir), dev
     if not decode:
         result.note = "end-to-end dequant-and-compare not run (no GPU; --decode runs its CPU reference, slowly)"
@@ -398,7 +401,7 @@ def _check_all(
     decode: str | None,
     workers: int,
     budget_bytes: int,
-    kernels_ready: threading.Event,
+    decoder: Any,
     seed: int | None,
     sample: int | None,
     on_bytes: Callable[[str, int], None] | None,
@@ -420,7 +423,7 @@ def _check_all(
     if on_stage:
         on_stage("checking", sum(s.data_bytes for s in spec.shards))
     sha256 = {n: manifest.files[n]["sha256"] for n in shard_names} if hash_files else None
-    kw = dict(experts=experts, decode=decode, workers=workers, budget_bytes=budget_bytes, kernels_ready=kernels_ready, on_bytes=on_bytes)
+    kw = dict(experts=experts, decode=decode, workers=workers, budget_bytes=budget_bytes, decoder=decoder, on_bytes=on_bytes)
     if files is None:
         result = check_shards(spec, conv_dir, [s.name for s in spec.shards], sha256=sha256, headers=conv.headers, **kw)
     else:

@@ -11,22 +11,21 @@ many runs it took, so a resumed run's card is the same bytes as an uninterrupted
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 
 def gpu_decode() -> str | None:
-    """``"cuda"`` where a CUDA GPU is visible, else None (the CPU decode is the slow torch reference:
-    not run as shards are written). Torch is imported only on a machine with an NVIDIA driver."""
-    if not Path("/dev/nvidiactl").exists():
+    """``"cuda"`` where a CUDA GPU may be used (an NVIDIA driver's device node, torch installed), else
+    None (the CPU decode is the slow torch reference: not run as shards are written). Torch is not
+    imported here: the GPU decode process finds out whether CUDA works, and :func:`shard_check` checks
+    without the decode if it does not."""
+    import importlib.util
+
+    if not Path("/dev/nvidiactl").exists() or importlib.util.find_spec("torch") is None:
         return None
-    try:
-        import torch
-    except ImportError:
-        return None
-    return "cuda" if torch.cuda.is_available() else None
+    return "cuda"
 
 
 def shard_check(spec: Any, files: Any = None, *, decode: str | None = None, workers: int = 0) -> Callable[[Path, str, str], dict]:
@@ -38,18 +37,15 @@ def shard_check(spec: Any, files: Any = None, *, decode: str | None = None, work
 
     spec = local_headers(spec, files)
     workers = workers or max(1, min(4, (os.cpu_count() or 2) // 2))
-    ready: threading.Event | None = None
-    if decode == "cuda":  # load the kernels once, beside the first shards' writing
-        from concurrent.futures import Future
+    decoder = None
+    if decode == "cuda":  # started now: torch's import and the kernel's load overlap the first shards' writing
+        from .decode_process import shared
 
-        from .decode_lanes import warm_kernels
-
-        ready, plan = threading.Event(), Future()
-        plan.set_result(spec)
-        threading.Thread(target=warm_kernels, args=(plan, ready), daemon=True).start()
+        decoder = shared("cuda")
 
     def check(out: Path, name: str, sha256: str) -> dict:
-        res = check_shards(spec, out, [name], sha256={name: sha256}, decode=decode, workers=workers, kernels_ready=ready)
+        how = decode if decoder is None or decoder.wait_ready() else None  # no usable GPU: checked without the decode
+        res = check_shards(spec, out, [name], sha256={name: sha256}, decode=how, workers=workers, decoder=decoder)
         return shard_summary(res)
 
     return check

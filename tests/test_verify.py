@@ -377,65 +377,43 @@ def test_the_rescaled_half_check_agrees_with_the_elementwise_one():
     assert problem is not None and problem.startswith(f"at [{r}, {k}]") and "off the source" in problem
 
 
-@pytest.mark.parametrize("when", ["during the pass", "after the pass", "cap"])
-def test_gpu_decodes_ride_along_the_pass_and_all_run_once(converted, monkeypatch, when):
-    """The GPU path queues each decode for threads of its own and goes on with the pass: every expert
-    part is decoded exactly once, its values' pages stay mapped until then and are dropped after (the
-    pass's release and the decode's), and the result is the CPU reference's. A stand-in lane runs the
-    kernel's torch reference. "after the pass" holds every decode until the pass is over (a pass that
-    waited for one would never end), "cap" leaves room for one part in the queue."""
-    import threading
+@pytest.mark.parametrize("backlog", ["roomy", "one part"])
+def test_gpu_decodes_go_to_the_decode_process_and_each_runs_once(converted, monkeypatch, backlog):
+    """The GPU path sends each decode to the decode process (here in its CPU mode: the same messages,
+    the kernel's torch reference in place of the kernel) and goes on with the pass: every expert part
+    is decoded exactly once, nothing of either checkpoint stays mapped here, and the result is the
+    in-process CPU reference's. "one part": the worker's backlog holds one part's values, so the pass
+    waits for it part by part."""
     from collections import Counter
 
-    from nvfp4_fuse import decode_lanes, shard_reader
+    from nvfp4_fuse import decode_process
 
     target = random.choice(["vllm-fused", "mega-moe", "linear"])
     experts = random.randint(6, 12)
     hidden, inter = (512, 512) if target == "mega-moe" else (64, 32)
     src, out = converted(target, experts=experts, hidden=hidden, inter=inter)
-    total = 2 * experts  # one MoE layer: w13 and w2 of each expert
-    launched: Counter = Counter()
-    pass_over = threading.Event()
-
-    class CpuLane(decode_lanes.ReferenceLane):  # in place of the GPU lane
-        def __init__(self, on_stats, kernels_ready=None):
-            super().__init__(on_stats)
-
-        def launch(self, key, *args):
-            if when == "after the pass":
-                assert pass_over.wait(30), "the pass waited for a decode"
-            launched[key[:3]] += 1
-            super().launch(key, *args)
-
-    if when == "cap":  # room for one expert part's values: the next worker waits for a decode thread
-        monkeypatch.setattr(piece_checks, "DEFERRED_BYTES", 2 * hidden * inter // 2)
-    real_drain = piece_checks.PieceChecker.drain_decodes
-
-    def drain(self, *a):
-        pass_over.set()
-        return real_drain(self, *a)
-
-    monkeypatch.setattr(piece_checks.PieceChecker, "drain_decodes", drain)
-    monkeypatch.setattr(piece_checks, "GpuLane", CpuLane)
-    monkeypatch.setattr(ver, "warm_kernels", lambda plan, ready: ready.set())
-    monkeypatch.setattr(ver, "pick_device", lambda device: "cuda")
-    released: Counter = Counter()  # the output's expert parts whose pages were dropped, by tensor and offset
-    real_release = shard_reader.ShardReader.release_tensor
-
-    def counting_release(self, name, start=0, length=None):
-        released[(name, start)] += 1
-        return real_release(self, name, start, length)
-
-    monkeypatch.setattr(shard_reader.ShardReader, "release_tensor", counting_release)
-    seen = verify_mapped_at_close(monkeypatch)
-    got = verify(src, out, device="cuda", workers=random.choice([1, 2, 4]))
-    assert seen == [0], f"{seen[0] >> 10} KiB still mapped after the pass"
-    assert sorted(launched.values()) == [1] * total, launched
-    for part in ("w13_weight", "w2_weight"):  # dropped by the pass once, and once the decode had staged them
-        per = 2 * inter * hidden // 2 if part == "w13_weight" else hidden * inter // 2
-        for e in range(experts):
-            assert released[(f"{P}.{part}", e * per)] == 2, (part, e)
     ref = verify(src, out, device="cpu", decode=True)
+    proc = decode_process.DecodeProcess("cpu")
+    if backlog == "one part":
+        proc.backlog = 1
+    monkeypatch.setattr(ver, "pick_device", lambda device: "cuda")
+    monkeypatch.setattr(decode_process, "shared", lambda device="cuda": proc)
+    decoded: Counter = Counter()
+    real_stats = decode_process.DecodeChannel._stats
+
+    def counting(self, key, row):
+        decoded[key[:3]] += 1
+        return real_stats(self, key, row)
+
+    monkeypatch.setattr(decode_process.DecodeChannel, "_stats", counting)
+    seen = verify_mapped_at_close(monkeypatch)
+    try:
+        got = verify(src, out, device="cuda", workers=random.choice([1, 2, 4]))
+    finally:
+        proc.close()
+    assert seen == [0], f"{seen[0] >> 10} KiB still mapped after the pass"
+    assert sorted(decoded.values()) == [1] * (2 * experts), decoded  # one MoE layer: w13 and w2 of each expert
+    assert got.device == "cuda" and proc.batches == {"cpu": 2 * experts}
     for g, c in zip(got.layers, ref.layers):
         assert g.decoded == c.decoded == experts
         assert g.max_abs == c.max_abs and g.max_rel == c.max_rel

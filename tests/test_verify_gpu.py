@@ -1,7 +1,8 @@
-"""verify's end-to-end decode on a GPU: the asynchronous lanes (expert parts of one shape batched, each
-batch staged in one pinned copy and one upload, its inputs finished on the device, one compare launch a
-batch, statistics read back every few batches) report what the kernel's torch reference reports on the
-CPU.
+"""verify's end-to-end decode on a GPU: the decode process's lanes (expert parts of one shape batched,
+each batch read from the files into one pinned buffer and uploaded once, its inputs finished on the
+device, one compare launch a batch, statistics read back every few batches) report what the kernel's
+torch reference reports on the CPU. The lanes' settings are the worker's (``NVFP4_FUSE_DECODE_KNOBS``),
+so each test starts a worker of its own.
 
 Skipped without CUDA (the CPU suite runs the same checks through the reference); run on a GPU with
 ``python3 -m pytest tests/test_verify_gpu.py``.
@@ -16,9 +17,9 @@ import time
 import pytest
 import torch
 
-from nvfp4_fuse import verify as ver
+from nvfp4_fuse import decode_process
 from nvfp4_fuse.convert import ConvertOptions, convert
-from nvfp4_fuse.decode_lanes import GpuLane
+from nvfp4_fuse.decode_worker import KNOBS_ENV
 from nvfp4_fuse.errors import CheckFailed
 from nvfp4_fuse.piece_checks import PieceChecker
 from nvfp4_fuse.verify import verify
@@ -33,6 +34,13 @@ def compiled_kernels():
     thousand times slower than compiled."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("Triton's interpreter is on in this process (test_kernels.py sets it): run this file on its own")
+    decode_process.close_shared()  # each test's worker reads its own settings
+    yield
+    decode_process.close_shared()
+
+
+def knobs(monkeypatch, **values) -> None:
+    monkeypatch.setenv(KNOBS_ENV, ",".join(f"{k}={v}" for k, v in values.items()))
 
 
 @pytest.mark.parametrize("target", ["mega-moe", "vllm-fused", "per-expert"])
@@ -42,19 +50,26 @@ def test_gpu_decode_matches_the_cpu_reference(make_ckpt, tmp_path, target, monke
     src = make_ckpt(layers=2, experts=40, hidden=512, inter=512, unequal_scale_2=True)
     out = tmp_path / "out"
     convert(src, out, ConvertOptions(target=target))
-    monkeypatch.setattr(GpuLane, "FLUSH", random.choice([7, 32]))
-    monkeypatch.setattr(GpuLane, "BATCH", random.choice([1, 3, 8]))  # part-filled batches launched at the flush
-    monkeypatch.setattr(GpuLane, "STAGE_BYTES", random.choice([1, 300_000, 32 << 20]))  # a batch's bytes cap it too
-    if slow_kernel_load:  # the pass runs ahead: decodes are put off, then run by the lanes and the main thread
-        warm = ver.warm_kernels
-        monkeypatch.setattr(ver, "warm_kernels", lambda plan, ready: (time.sleep(0.5), warm(plan, ready)))
+    knobs(
+        monkeypatch,
+        FLUSH=random.choice([7, 32]),
+        BATCH=random.choice([1, 3, 8]),  # part-filled batches launched at the flush
+        STAGE_BYTES=random.choice([1, 300_000, 32 << 20]),  # a batch's bytes cap it too
+        GRAPHS=random.choice([0, 1]),
+        WARM_DELAY=2.0 if slow_kernel_load else 0,  # the lanes run the kernel's torch reference on the GPU first
+    )
+    t0 = time.perf_counter()
     gpu = verify(src, out, device="cuda", workers=random.choice([1, 3]))
+    again = verify(src, out, device="cuda")  # the same worker, its kernel loaded
+    assert time.perf_counter() - t0 < 120
     cpu = verify(src, out, device="cpu", decode=True)
-    for g, c in zip(gpu.layers, cpu.layers):
-        assert g.decoded == c.decoded == 40 and g.checked == 40
-        assert g.max_abs == c.max_abs
-        assert g.max_rel == c.max_rel  # per block, from the scales: the same on both
-    assert any("Triton compare kernel on the GPU" in c for c in gpu.checks)
+    for res in (gpu, again):
+        assert res.device == "cuda"
+        for g, c in zip(res.layers, cpu.layers):
+            assert g.decoded == c.decoded == 40 and g.checked == 40
+            assert g.max_abs == c.max_abs
+            assert g.max_rel == c.max_rel  # per block, from the scales: the same on both
+        assert any("Triton compare kernel on the GPU" in c for c in res.checks)
 
 
 @pytest.mark.parametrize("target", ["vllm-fused", "per-expert"])
@@ -73,7 +88,34 @@ def test_gpu_decode_failure_is_named(make_ckpt, tmp_path, monkeypatch, target):
 
     monkeypatch.setattr(PieceChecker, "_scale_2", skewed)
     monkeypatch.setattr(PieceChecker, "_half_scales", lambda *a, **kw: 0.0)  # the per-block check would see it first
-    monkeypatch.setattr(GpuLane, "BATCH", random.choice([3, 8]))  # the expert is found by its row in a batch
+    knobs(monkeypatch, BATCH=random.choice([3, 8]))  # the expert is found by its row in a batch
     part = "w2_weight" if target == "vllm-fused" else f"experts.{victim}.w2.weight"
     with pytest.raises(CheckFailed, match=f"{part}: expert {victim} should decode bit-identically"):
         verify(src, out, device="cuda", workers=2)
+
+
+def test_a_warm_worker_replays_cuda_graphs(make_ckpt, tmp_path, monkeypatch):
+    """Once the kernel is loaded, a shape's batches after its first eager one are CUDA graph replays
+    (a capture that failed would fall back to eager batches: as exact, slower to launch, and this
+    test would say so); with graphs off every batch runs eagerly."""
+    src = make_ckpt(layers=2, experts=24, hidden=512, inter=512)
+    out = tmp_path / "out"
+    convert(src, out, ConvertOptions(target="mega-moe"))
+    graphs = random.choice([0, 1])
+    knobs(monkeypatch, BATCH=4, GRAPHS=graphs)
+    proc = decode_process.shared("cuda")
+    for _ in range(30):  # until the kernel is loaded
+        verify(src, out, device="cuda", sample=1)
+        if proc.kernel_loaded:
+            break
+        time.sleep(1.0)
+    assert proc.kernel_loaded
+    before = dict(proc.batches)
+    res = verify(src, out, device="cuda")
+    assert all(l.decoded == 24 for l in res.layers)
+    ran = {k: proc.batches.get(k, 0) - before.get(k, 0) for k in ("reference", "eager", "graph")}
+    assert ran["reference"] == 0, ran
+    if graphs:
+        assert ran["graph"] > ran["eager"] >= 0, ran
+    else:
+        assert ran["graph"] == 0 and ran["eager"] > 0, ran
