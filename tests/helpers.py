@@ -228,3 +228,19 @@ def sample_disk_as_it_grows(monkeypatch: pytest.MonkeyPatch, measure: Callable[[
     monkeypatch.setattr(fetch.FetchStats, "add", add)
     monkeypatch.setattr(conv.StreamingShardWriter, "put", put)
     return samples
+
+
+def skew_decoded_scale_2(monkeypatch, victim: int) -> None:
+    """The output's scale_2 the end-to-end decode is given is off (x1.5) for expert ``victim``'s down
+    projection, a copied half, so it cannot decode bit-identically; the per-block check, which would
+    see it first, is switched off."""
+    from nvfp4_fuse.piece_checks import PieceChecker
+
+    real = PieceChecker._scale_2
+
+    def skewed(self, layer, role, e):
+        s2, c, ratio = real(self, layer, role, e)
+        return (s2, c * 1.5, ratio) if role == "down" and e == victim else (s2, c, ratio)
+
+    monkeypatch.setattr(PieceChecker, "_scale_2", skewed)
+    monkeypatch.setattr(PieceChecker, "_half_scales", lambda *a, **kw: 0.0)

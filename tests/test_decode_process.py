@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
+from helpers import skew_decoded_scale_2
 
 from nvfp4_fuse import decode_process, mapped_faults
 from nvfp4_fuse import verify as ver
 from nvfp4_fuse.convert import ConvertOptions, convert
 from nvfp4_fuse.errors import CheckFailed, DecodeFailed, InputError
-from nvfp4_fuse.piece_checks import PieceChecker
 from nvfp4_fuse.safetensors_header import read_header
 from nvfp4_fuse.shard_reader import ShardReader
 from nvfp4_fuse.verify import check_shards, verify
@@ -103,14 +103,7 @@ def test_a_decoded_difference_found_by_the_worker_is_named(make_ckpt, tmp_path, 
     out = tmp_path / "out"
     convert(src, out, ConvertOptions(target="vllm-fused"))
     victim = random.randrange(6)
-    real = PieceChecker._scale_2
-
-    def skewed(self, layer, role, e):
-        s2, c, ratio = real(self, layer, role, e)
-        return (s2, c * 1.5, ratio) if role == "down" and e == victim else (s2, c, ratio)
-
-    monkeypatch.setattr(PieceChecker, "_scale_2", skewed)
-    monkeypatch.setattr(PieceChecker, "_half_scales", lambda *a, **kw: 0.0)  # the per-block check would see it first
+    skew_decoded_scale_2(monkeypatch, victim)
     worker()
     with pytest.raises(CheckFailed, match=f"w2_weight: expert {victim} should decode bit-identically"):
         verify(src, out, device="cuda", workers=2)

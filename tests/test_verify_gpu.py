@@ -16,12 +16,12 @@ import time
 
 import pytest
 import torch
+from helpers import skew_decoded_scale_2
 
 from nvfp4_fuse import decode_process
 from nvfp4_fuse.convert import ConvertOptions, convert
 from nvfp4_fuse.decode_worker import KNOBS_ENV
 from nvfp4_fuse.errors import CheckFailed
-from nvfp4_fuse.piece_checks import PieceChecker
 from nvfp4_fuse.verify import verify
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -80,14 +80,7 @@ def test_gpu_decode_failure_is_named(make_ckpt, tmp_path, monkeypatch, target):
     out = tmp_path / "out"
     convert(src, out, ConvertOptions(target=target))
     victim = random.randrange(12)
-    real = PieceChecker._scale_2
-
-    def skewed(self, layer, role, e):
-        s2, c, ratio = real(self, layer, role, e)
-        return (s2, c * 1.5, ratio) if role == "down" and e == victim else (s2, c, ratio)
-
-    monkeypatch.setattr(PieceChecker, "_scale_2", skewed)
-    monkeypatch.setattr(PieceChecker, "_half_scales", lambda *a, **kw: 0.0)  # the per-block check would see it first
+    skew_decoded_scale_2(monkeypatch, victim)
     knobs(monkeypatch, BATCH=random.choice([3, 8]))  # the expert is found by its row in a batch
     part = "w2_weight" if target == "vllm-fused" else f"experts.{victim}.w2.weight"
     with pytest.raises(CheckFailed, match=f"{part}: expert {victim} should decode bit-identically"):
