@@ -32,14 +32,11 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+# The launch's defaults (picked on an H100, docs/benchmarks.md "## Kernels") live in constants.py: the
+# driver launch of a cached binary (nvfp4_fuse/driver_lane.py) reads them without importing this.
+from ..constants import COMPARE_BPP, COMPARE_NSUB, COMPARE_WARPS
 from .dequant import _e4m3_to_f32, _nibble, _swizzle_off, is_interpreted, prepare
 from .reference import as_batched, dequantize_nvfp4_ref
-
-# Defaults picked on an H100 (docs/benchmarks.md, "## Kernels"): one 16-value block per thread, 8
-# sub-tiles per program.
-COMPARE_BPP = 64
-COMPARE_NSUB = 8
-COMPARE_WARPS = 2
 
 
 @triton.jit
@@ -188,8 +185,11 @@ class CompareResult:
 def compare_tiles(a_packed, a_scales, a_scale_2, b_packed, b_scales, b_scale_2, *,
                   a_swizzled: bool = False, b_swizzled: bool = False, exact_rel: bool = False,
                   fast_path: bool = True, check: bool = True, bpp: int | None = None,
-                  nsub: int | None = None, num_warps: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
-    """Launch the compare kernel only: returns ({stat: [E, T] per-tile tensor}, elements per expert)."""
+                  nsub: int | None = None, num_warps: int | None = None,
+                  kernel_out: list | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Launch the compare kernel only: returns ({stat: [E, T] per-tile tensor}, elements per expert).
+    ``kernel_out`` (a list) gets Triton's compiled kernel appended (None under the interpreter, or
+    when there was nothing to launch): what :mod:`nvfp4_fuse.kernel_cache` keeps."""
     A = prepare(a_packed, a_scales, a_scale_2, a_swizzled, check)
     B = prepare(b_packed, b_scales, b_scale_2, b_swizzled, check)
     wa, sa, s2a, e, m, k16, _, _, a_row, _ = A
@@ -210,13 +210,16 @@ def compare_tiles(a_packed, a_scales, a_scale_2, b_packed, b_scales, b_scale_2, 
         "n_diff": torch.empty((e, T), dtype=torch.int32, device=dev),
         "nonfinite": torch.empty((e, T), dtype=torch.int8, device=dev),
     }
+    compiled = None
     if T and e:
-        _compare_kernel[(T, e)](
+        compiled = _compare_kernel[(T, e)](
             wa, sa, s2a, wb, sb, s2b, tiles["max_abs"], tiles["max_rel"], tiles["n_diff"], tiles["nonfinite"],
             m, k16, mp, kp, nblk, T,
             BPP=bpp, NSUB=nsub, A_SWZ=a_swizzled, A_ROW=a_row, B_SWZ=b_swizzled, B_ROW=b_row,
             EVEN=nblk % (bpp * nsub) == 0, FAST_PATH=fast_path, REL_RN=exact_rel, INTERPRET=is_interpreted(_compare_kernel),
             num_warps=num_warps or COMPARE_WARPS, enable_fp_fusion=False)
+    if kernel_out is not None:
+        kernel_out.append(compiled)
     return tiles, m * k16 * 16
 
 

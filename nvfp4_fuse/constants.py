@@ -11,6 +11,12 @@ from __future__ import annotations
 NVFP4_BLOCK = 16  # values per E4M3 block scale
 # |scale_2| the compare and dequant kernels take: their fp32 products stay finite below it
 S2_LIMIT = 2.0**120
+# The compare kernel's launch (picked on an H100, docs/benchmarks.md "## Kernels"): 16-value blocks a
+# sub-tile, sub-tiles a program, warps a program. Here so a launch through the bare driver
+# (driver_lane.py) uses the ones the cached binary was compiled with, without importing the kernel.
+COMPARE_BPP = 64
+COMPARE_NSUB = 8
+COMPARE_WARPS = 2
 MXFP4_BLOCK = 32  # values per E8M0 block scale
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0

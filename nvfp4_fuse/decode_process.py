@@ -5,8 +5,9 @@ run on threads of the same process, and every torch call of theirs gave up the G
 it back behind the check workers: the pass ran 10-20% slower with the decode than without. And torch
 takes 3.3-3.7 s to import on the H200 host (Triton's cache key another second, hashed in 1 MiB chunks
 behind the same GIL), which a process that imports it before its pass pays in full. Here the parent
-never imports torch or Triton: it starts ``python -m nvfp4_fuse.decode_worker`` (which imports them,
-starts CUDA and loads the kernel on its own cores while the pass runs) and sends it, for each expert
+never imports torch or Triton: it starts ``python -m nvfp4_fuse.decode_worker`` (which starts CUDA
+through the driver alone and launches the compare kernel's binary kept by an earlier run, or the first
+time imports torch and Triton and compiles it, on its own cores while the pass runs) and sends it, for each expert
 part, where its bytes lie: (file, inode, offset, length) of the packed values and both sides' block
 scales, which the worker reads itself with ``pread`` (from the page cache: the pass has just read them),
 plus the four scale_2. A part's message is about 300 bytes; the pass's thread sends it and goes on.

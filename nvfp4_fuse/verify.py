@@ -288,7 +288,7 @@ def pick_device(device: str) -> str:
 def gpu_may_be_there() -> bool:
     """False where torch surely sees no GPU, found without importing it (1.3 s): torch is not
     installed, or a Linux machine has no GPU device node (NVIDIA's /dev/nvidia0..., ROCm's /dev/kfd,
-    WSL's /dev/dxg). True otherwise: then torch is asked."""
+    WSL's /dev/dxg). True otherwise: then the GPU decode process finds out (the CUDA driver, else torch)."""
     import glob
     import importlib.util
     import sys
@@ -340,7 +340,7 @@ def verify(
     decode = (dev == "cuda") if decode is None else decode
     workers = workers or default_workers(gpu_decode=decode and dev == "cuda")
     decoder = None
-    if decode and dev == "cuda":  # started first: torch's import and CUDA's start overlap the headers and the pass
+    if decode and dev == "cuda":  # started first: CUDA's start (a first run's torch import) overlaps the headers and the pass
         from .decode_process import shared
 
         decoder = shared("cuda")

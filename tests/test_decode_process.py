@@ -130,7 +130,7 @@ def test_a_gpu_the_worker_cannot_use(converted, worker, device):
     src, out = converted
     worker("cuda", env={"CUDA_VISIBLE_DEVICES": ""})
     if device == "cuda":
-        with pytest.raises(InputError, match="--device cuda but the GPU decode cannot run: torch sees no CUDA device"):
+        with pytest.raises(InputError, match="--device cuda but the GPU decode cannot run: no usable CUDA device"):
             verify(src, out, device=device)
         return
     res = verify(src, out, device=device)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import skew_decoded_scale_2
 
-from nvfp4_fuse import decode_process
+from nvfp4_fuse import decode_process, kernel_cache
 from nvfp4_fuse.convert import ConvertOptions, convert
 from nvfp4_fuse.decode_worker import KNOBS_ENV
 from nvfp4_fuse.errors import CheckFailed
@@ -28,12 +28,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.fixture(autouse=True)
-def compiled_kernels():
+def compiled_kernels(monkeypatch):
     """Checked when each test runs, not at collection: test_kernels.py, collected later in the same
     process, switches Triton to its interpreter, which would run these on the GPU's tensors a
-    thousand times slower than compiled."""
+    thousand times slower than compiled. The workers here compile through torch and Triton and keep
+    nothing (no kernel cache) unless the test gives them a cache of its own."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("Triton's interpreter is on in this process (test_kernels.py sets it): run this file on its own")
+    monkeypatch.setenv(kernel_cache.CACHE_ENV, "off")
     decode_process.close_shared()  # each test's worker reads its own settings
     yield
     decode_process.close_shared()
@@ -112,3 +114,52 @@ def test_a_warm_worker_replays_cuda_graphs(make_ckpt, tmp_path, monkeypatch):
         assert ran["graph"] > ran["eager"] >= 0, ran
     else:
         assert ran["graph"] == 0 and ran["eager"] > 0, ran
+
+
+@pytest.mark.parametrize("target", ["mega-moe", "vllm-fused", "per-expert"])
+def test_a_later_worker_decodes_without_torch(make_ckpt, tmp_path, monkeypatch, target):
+    """The first worker compiles through torch and Triton and keeps each expert shape's binary (once
+    the driver's launch of it matched Triton's); a later worker finds them, never imports torch, and
+    its driver lanes report what the CPU reference does, whatever the batching."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(kernel_cache.CACHE_ENV, str(cache))
+    src = make_ckpt(layers=2, experts=40, hidden=512, inter=512, unequal_scale_2=True)
+    out = tmp_path / "out"
+    convert(src, out, ConvertOptions(target=target))
+    first = decode_process.shared("cuda")
+    verify(src, out, device="cuda", sample=2)
+    assert "driver" not in first.batches
+    decode_process.close_shared()  # the worker keeps the binaries before it ends
+    kept = sorted(p.name for p in cache.iterdir())
+    # two expert shapes (w13's and w2's; per-expert's gate and up are w2's here, at hidden = inter)
+    assert len(kept) == 2 and all(n.startswith("compare-") for n in kept), kept
+    knobs(monkeypatch, FLUSH=random.choice([1, 7, 32]), BATCH=random.choice([1, 3, 8]),
+          STAGE_BYTES=random.choice([1, 300_000, 32 << 20]), RING=random.choice([1, 2]))  # fmt: skip
+    proc = decode_process.shared("cuda")
+    t0 = time.perf_counter()
+    proc.wait_ready()
+    started = time.perf_counter() - t0
+    gpu = verify(src, out, device="cuda", workers=random.choice([1, 3]))
+    maps = open(f"/proc/{proc.proc.pid}/maps").read()
+    assert "libtorch" not in maps and "triton" not in maps
+    assert set(proc.batches) == {"driver"} and proc.batches["driver"] > 0, proc.batches
+    cpu = verify(src, out, device="cpu", decode=True)
+    for g, c in zip(gpu.layers, cpu.layers):
+        assert g.decoded == c.decoded == 40 and g.max_abs == c.max_abs and g.max_rel == c.max_rel
+    assert started < 3.0, started
+
+
+def test_a_driver_lane_failure_is_named(make_ckpt, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(kernel_cache.CACHE_ENV, str(cache))
+    src = make_ckpt(layers=2, experts=12, hidden=512, inter=512)
+    out = tmp_path / "out"
+    convert(src, out, ConvertOptions(target="vllm-fused"))
+    verify(src, out, device="cuda", sample=1)
+    decode_process.close_shared()
+    victim = random.randrange(12)
+    skew_decoded_scale_2(monkeypatch, victim)
+    knobs(monkeypatch, BATCH=random.choice([3, 8]))
+    with pytest.raises(CheckFailed, match=f"w2_weight: expert {victim} should decode bit-identically"):
+        verify(src, out, device="cuda", workers=2)
+    assert set(decode_process.shared("cuda").batches) <= {"driver"}
