@@ -141,11 +141,12 @@ def main() -> None:
                 got: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name, _ in trees}
                 for _ in range(args.rounds):
                     for name, tree in trees:
-                        wall, peak, anon, stdout = run_measured([*cmd(tree), json.dumps(kw)])
+                        # run in the tree: its own nvfp4_fuse is imported first, by verify and by the GPU decode process
+                        wall, peak, anon, stdout = run_measured([*cmd(tree), json.dumps(kw)], cwd=tree)
                         res = json.loads(stdout)
                         # a second process runs verify() twice; only its second call's time is used (the peak RSS
                         # is the single call's)
-                        again = json.loads(run_measured([*cmd(tree), json.dumps({**kw, "again": True})])[3])["again_seconds"]
+                        again = json.loads(run_measured([*cmd(tree), json.dumps({**kw, "again": True})], cwd=tree)[3])["again_seconds"]
                         got[name].append((wall, res["seconds"], again, peak))
                 for name, _ in trees:
                     runs = got[name]
