@@ -223,18 +223,15 @@ class DecodeProcess:
         """The id of ``job``'s shape at the worker (sent once: layout, row order and first rows)."""
         key = (job.rows, job.cols, job.layout.__class__.__name__, job.b_shape, len(job.a_scales),
                None if job.row_perm is None else job.row_perm.tobytes())  # fmt: skip
-        with self._wlock:
+        with self._wlock:  # the shape's message goes out before any job that names it
             sid = self._shapes.get(key)
-        if sid is None:
-            with self._wlock:
-                sid = self._shapes.get(key)
-                if sid is None:
-                    sid = self._shapes[key] = len(self._shapes)
-                    shape = dict(rows=job.rows, cols=job.cols, layout=job.layout, row_perm=job.row_perm, first_rows=job.first_rows)
-                    try:
-                        send_msg(self.proc.stdin, ("shape", sid, shape))
-                    except (BrokenPipeError, OSError, ValueError):
-                        raise DecodeError(self._died()) from None
+            if sid is None:
+                sid = self._shapes[key] = len(self._shapes)
+                shape = dict(rows=job.rows, cols=job.cols, layout=job.layout, row_perm=job.row_perm, first_rows=job.first_rows)
+                try:
+                    send_msg(self.proc.stdin, ("shape", sid, shape))
+                except (BrokenPipeError, OSError, ValueError):
+                    raise DecodeError(self._died()) from None
         return sid
 
     def flush(self) -> None:

@@ -184,6 +184,10 @@ def test_a_cache_entry_is_kept_whole_and_refused_when_damaged(tmp_path, monkeypa
     assert kernel_cache.load(key) is None
     monkeypatch.setenv(kernel_cache.CACHE_ENV, "off")
     assert kernel_cache.load(key) is None and not kernel_cache.store(key, back)
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    monkeypatch.setenv(kernel_cache.CACHE_ENV, str(blocker / "kernels"))  # cannot be made, even by root
+    assert not kernel_cache.store(key, back) and kernel_cache.load(key) is None
 
 
 def test_an_entry_gives_its_parameters_in_its_own_order():
