@@ -8,7 +8,8 @@ on random inputs beside Triton's own launch, and kept only when both give the sa
 bit. Later runs load it with the driver alone (:mod:`~nvfp4_fuse.driver_lane`), ready a fraction of a
 second after the process starts instead of after torch's import.
 
-An entry is one file, ``compare-<key>.bin`` under :func:`cache_dir`: a JSON line, then the cubin. The key
+An entry is one file, ``compare-<key>.bin`` under :func:`cache_dir`: a JSON line (with the cubin's
+size and sha256, checked when it is loaded), then the cubin. The key
 hashes everything the binary depends on: the kernel's source files, Triton's version, the GPU's
 compute capability, the expert shape (every integer argument of the kernel follows from it, so Triton's
 specialisations do too), whether the output's block scales are read as stored, and the launch's
@@ -111,7 +112,7 @@ def load(key: str | None) -> Entry | None:
         data = (folder / f"compare-{key}.bin").read_bytes()
         head, _, binary = data.partition(b"\n")
         meta = json.loads(head)
-        if meta.get("format") != FORMAT or len(binary) != meta["size"]:
+        if meta.get("format") != FORMAT or len(binary) != meta["size"] or hashlib.sha256(binary).hexdigest() != meta["sha256"]:
             return None
         return Entry(meta["name"], meta["threads"], meta["shared"], [tuple(p) for p in meta["params"]], meta["scratch"], binary)
     except (OSError, ValueError, KeyError):
@@ -124,7 +125,7 @@ def store(key: str | None, entry: Entry) -> bool:
     if key is None or folder is None:
         return False
     meta = dict(format=FORMAT, name=entry.name, threads=entry.threads, shared=entry.shared, params=entry.params,
-                scratch=entry.scratch, size=len(entry.binary))  # fmt: skip
+                scratch=entry.scratch, size=len(entry.binary), sha256=hashlib.sha256(entry.binary).hexdigest())  # fmt: skip
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".compare-", dir=folder)

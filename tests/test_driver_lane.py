@@ -180,7 +180,12 @@ def test_a_cache_entry_is_kept_whole_and_refused_when_damaged(tmp_path, monkeypa
     assert back is not None and back.binary == binary and back.params == params and back.scratch == 2
     files = list((tmp_path / "cache").iterdir())
     assert [f.name for f in files] == [f"compare-{key}.bin"]
-    files[0].write_bytes(files[0].read_bytes()[:-1])  # cut short
+    whole = files[0].read_bytes()
+    files[0].write_bytes(whole[:-1])  # cut short
+    assert kernel_cache.load(key) is None
+    flipped = bytearray(whole)
+    flipped[-1 - random.randrange(len(binary))] ^= 1 << random.randrange(8)  # one bit of the binary
+    files[0].write_bytes(bytes(flipped))
     assert kernel_cache.load(key) is None
     monkeypatch.setenv(kernel_cache.CACHE_ENV, "off")
     assert kernel_cache.load(key) is None and not kernel_cache.store(key, back)
