@@ -28,7 +28,7 @@ from . import __version__, mapped_faults
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, InputError, Nvfp4FuseError
 from .json_out import emit, envelope, error_body
 from .layout import W13Order
-from .progress import byte_progress, progress_enabled
+from .progress import byte_progress, download_line, progress_enabled
 from .targets import DEFAULT_TARGET, TARGET_NAMES, TargetName
 
 err = Console(stderr=True)
@@ -362,7 +362,7 @@ def convert(
             resumed(kept)
             prog.update(task, kept=sum(s.data_bytes for s in plan.shards if s.name in kept))
 
-        with sink or _null():
+        with sink or _null(), download_line(prog, None if hub_files is None else lambda: hub_files):
             res = run_convert(
                 folder, output, opts, spec=plan, source_label=source, on_bytes=lambda n: prog.advance(task, n), on_resume=on_resume,
                 files=hub_files, sink=sink,
@@ -616,7 +616,8 @@ def verify(
         if hub_source is None:
             res = _naming(converted, run_verify)(folder, converted, trust_root=trust, **kw)
         else:
-            res = _verify_from_hub(hub_source, source, converted, revision, run_verify, kw, quiet or json_out)
+            with download_line(prog, lambda: hub_source.files):
+                res = _verify_from_hub(hub_source, source, converted, revision, run_verify, kw, quiet or json_out)
         prog.update(task, description="verify")
     body = res.to_json()
     if report is not None:

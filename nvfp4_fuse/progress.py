@@ -9,7 +9,11 @@ while the disk catches up (an fsync, writeback) instead of freezing on the last 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, SpinnerColumn, Task, TextColumn
@@ -70,3 +74,35 @@ def byte_progress(console: Console, enabled: bool) -> Progress:
         disable=not enabled,
         refresh_per_second=4,
     )
+
+
+@contextmanager
+def download_line(prog: Progress, files: Callable[[], Any] | None, interval: float = 0.25) -> Iterator[None]:
+    """A second line under ``prog`` while a Hub source is fetched (``files()``: its
+    :class:`~nvfp4_fuse.source_files.HubSourceFiles` once planned, else None; ``files`` None for a local
+    source): the bytes this run has downloaded, of those it has to, and their rate, read from the
+    fetcher's counters every ``interval`` seconds. The main line moves as shards are written or
+    checked, which waits on the downloads: without this one it can stand still for as long as a shard
+    takes to arrive."""
+    if files is None or prog.disable:
+        yield
+        return
+    task = prog.add_task("download", total=None, kept=0)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while True:
+            done = stop.wait(interval)
+            f = files()
+            if f is not None:
+                prog.update(task, completed=f.stats.bytes, total=f.download_bytes)
+            if done:
+                return
+
+    t = threading.Thread(target=poll, name="nvfp4-download-line", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()

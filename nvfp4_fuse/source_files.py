@@ -162,6 +162,7 @@ class HubSourceFiles:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self.reserve_bytes = 0
+        self.download_bytes: int | None = None  # what this run has to download, once started (progress)
 
     # -- planning -----------------------------------------------------------------------------
     def plan_for(self, spec: OutputSpec, todo: list[OutShard]) -> tuple[DiskPlan, int]:
@@ -192,6 +193,7 @@ class HubSourceFiles:
             self._ready[f] = threading.Event()
             self._ready[f].set()
         self._tidy(wanted)
+        self.download_bytes = sum(self.pinned.files[f].size for f in wanted if f not in self.local) - self._staged_bytes(wanted)
         self._pool = ThreadPoolExecutor(self.fetchers, thread_name_prefix="nvfp4-fetch")
         self._thread = threading.Thread(target=self._fetch_all, name="nvfp4-fetcher", daemon=True)
         self._thread.start()
@@ -219,6 +221,17 @@ class HubSourceFiles:
             base = rel[: -len(INCOMPLETE_SUFFIX)] if rel.endswith(INCOMPLETE_SUFFIX) else rel
             if base not in keep or base not in wanted:
                 p.unlink()
+
+    def _staged_bytes(self, wanted: set[str]) -> int:
+        """Bytes of ``wanted`` files an earlier run left in the staging folder (whole or partial)."""
+        from .hub.fetch import INCOMPLETE_SUFFIX
+
+        have = 0
+        for f in wanted:
+            for p in (self.staging / f, self.staging / (f + INCOMPLETE_SUFFIX)):
+                if p.is_file():
+                    have += p.stat().st_size
+        return have
 
     # -- the fetcher --------------------------------------------------------------------------
     def _fetch_all(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from helpers import load_all
 from test_hub import fake_hub  # noqa: F401  (the loopback Hub fixture)
@@ -93,3 +94,24 @@ def test_a_hub_that_keeps_failing_is_exit_4_with_a_json_error(make_ckpt, tmp_pat
     assert code == 4 and len(slept) == 5
     body = json.loads(stdout)
     assert body["ok"] is False and body["error"]["code"] == 4 and body["error"]["kind"] == "hub_unavailable"
+
+
+def test_a_hub_source_shows_its_downloads(make_ckpt, tmp_path, fake_hub, monkeypatch):  # noqa: F811
+    """With a repo id as source, convert's and verify's progress carry a second line: the bytes this
+    run downloaded, of those it had to (here every shard and sidecar: nothing in the HF cache)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("NVFP4_FUSE_PROGRESS", "1")
+    import huggingface_hub.constants as C
+
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    src = make_ckpt(layers=2, experts=4, hidden=64, inter=32, shards=2)
+    fake_hub.create("org/src", {p.name: p.read_bytes() for p in src.iterdir()})
+    out = tmp_path / "out"
+    runner = CliRunner()
+    for args in (["convert", "org/src", str(out), "--target", "linear"], ["verify", "org/src", str(out), "--device", "cpu"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, (r.output, r.exception)
+        lines = [ln for ln in r.output.splitlines() if ln.lstrip(" ⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏").startswith("download")]
+        assert lines, r.output
+        m = re.search(r"download\s.*?([\d.]+)/([\d.]+) (bytes|kB|MB)", lines[-1])
+        assert m and m[1] == m[2] and float(m[1]) > 0, lines[-1]  # e.g. "download ━━━━ 62.2/62.2 kB"
