@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fake_hub import FakeHub
@@ -126,45 +127,6 @@ def test_push_branch_commits_the_model_there_and_leaves_main_alone(src, referenc
         assert hub.files(REPO) == reference and hub.calls("commit") == [200, 200]
     r = run_cli("convert", str(src), str(tmp_path / "w2"), "--push-branch", "x")
     assert r.returncode == 2 and "--push-branch applies with --push-to" in r.stderr
-
-
-KILLS = {
-    "after-first-shard-written": "shard:1",
-    "mid-second-upload": "upload:2",
-    "after-third-upload-unjournaled": "uploaded:3",
-    "after-second-upload-journaled": "journaled:2",
-    "before-commit": "commit",
-    "after-commit": "committed",
-}
-
-
-@pytest.mark.parametrize("point", list(KILLS))
-def test_sigkill_then_resume_is_byte_identical_and_uploads_nothing_twice(src, reference, tmp_path, point):
-    shards = shard_names(reference)
-    with FakeHub() as hub:
-        work = tmp_path / "work"
-        r = push_cli(hub, src, work, kill_at=KILLS[point])
-        assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
-        if point != "after-commit":  # nothing of the model visible before the final commit
-            assert set(hub.files(REPO)) <= INITIAL, sorted(hub.files(REPO))
-        stored = puts(hub)
-        journal = work / PUSH_JOURNAL
-        journaled = set(json.loads(journal.read_text())["uploaded"]) if journal.is_file() else set()
-
-        r = push_cli(hub, src, work)
-        assert r.returncode == 0, r.stderr
-        body = json.loads(r.stdout)
-        assert hub.files(REPO) == reference
-        assert puts(hub) == len(shards), (stored, hub.calls("lfs-upload"))  # each shard stored once over both runs
-        assert sorted(p.name for p in work.iterdir()) == sorted([MANIFEST_NAME, PUSH_JOURNAL])
-        if point != "after-commit":  # (after it, the rerun finds the Hub complete and converts nothing)
-            assert journaled <= set(body["resumed_shards"])  # uploaded shards are not converted again
-        if point == "after-second-upload-journaled":
-            assert len(journaled) == 2
-        if point == "before-commit":
-            assert body["resumed_shards"] == shards and sorted(body["push"]["reused"]) == shards
-        if point == "after-commit":
-            assert body["already_complete"] and hub.calls("commit") == [200]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,28 +330,58 @@ def test_hub_to_hub_matches_the_folder_run_but_for_the_source_it_names(src, refe
     assert "base_model: org/src" in hub_reference["README.md"].decode()
 
 
-H2H_KILLS = {
-    "mid-download": "fetch:30000",
-    "after-first-shard-written": "shard:1",
-    "mid-second-upload": "upload:2",
-    "before-commit": "commit",
+# Kill points, by source: a local folder, or a repo id streamed from the Hub (tests/crash_runner.py
+# names them: the n-th shard written, upload, upload done, journal entry; the commit; 30000 bytes into a
+# download).
+KILLS = {
+    ("folder", "after-first-shard-written"): "shard:1",
+    ("folder", "mid-second-upload"): "upload:2",
+    ("folder", "after-third-upload-unjournaled"): "uploaded:3",
+    ("folder", "after-second-upload-journaled"): "journaled:2",
+    ("folder", "before-commit"): "commit",
+    ("folder", "after-commit"): "committed",
+    ("hub", "mid-download"): "fetch:30000",
+    ("hub", "after-first-shard-written"): "shard:1",
+    ("hub", "mid-second-upload"): "upload:2",
+    ("hub", "after-second-upload-journaled"): "journaled:2",
+    ("hub", "before-commit"): "commit",
 }
 
 
-@pytest.mark.parametrize("point", list(H2H_KILLS))
-def test_hub_to_hub_sigkill_then_resume_is_byte_identical(src, hub_reference, tmp_path, point):
-    shards = shard_names(hub_reference)
+@pytest.mark.parametrize("source, point", list(KILLS))
+def test_sigkill_then_resume_is_byte_identical_and_uploads_nothing_twice(src, reference, hub_reference, tmp_path, source, point):
+    want = reference if source == "folder" else hub_reference
+    shards = shard_names(want)
     with FakeHub() as hub:
-        hub.create("org/src", source_files(src))
         work = tmp_path / "work"
-        r = push_cli_from(hub, "org/src", work, kill_at=H2H_KILLS[point])
+        if source == "hub":
+            hub.create("org/src", source_files(src))
+
+        def run(**kw: Any) -> subprocess.CompletedProcess:
+            return push_cli(hub, src, work, **kw) if source == "folder" else push_cli_from(hub, "org/src", work, **kw)
+
+        r = run(kill_at=KILLS[source, point])
         assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
-        assert set(hub.files(REPO)) <= INITIAL if REPO in hub.repos else True
-        r = push_cli_from(hub, "org/src", work)
+        if point != "after-commit" and REPO in hub.repos:  # nothing of the model visible before the final commit
+            assert set(hub.files(REPO)) <= INITIAL, sorted(hub.files(REPO))
+        stored = puts(hub)
+        journal = work / PUSH_JOURNAL
+        journaled = set(json.loads(journal.read_text())["uploaded"]) if journal.is_file() else set()
+
+        r = run()
         assert r.returncode == 0, r.stderr
-        assert hub.files(REPO) == hub_reference
-        assert puts(hub) == len(shards), hub.calls("lfs-upload")
+        body = json.loads(r.stdout)
+        assert hub.files(REPO) == want
+        assert puts(hub) == len(shards), (stored, hub.calls("lfs-upload"))  # each shard stored once over both runs
         assert sorted(p.name for p in work.iterdir()) == sorted([MANIFEST_NAME, PUSH_JOURNAL])
+        if point != "after-commit":  # (after it, the rerun finds the Hub complete and converts nothing)
+            assert journaled <= set(body["resumed_shards"])  # uploaded shards are not converted again
+        if point == "after-second-upload-journaled":
+            assert len(journaled) == 2
+        if point == "before-commit":
+            assert body["resumed_shards"] == shards and sorted(body["push"]["reused"]) == shards
+        if point == "after-commit":
+            assert body["already_complete"] and hub.calls("commit") == [200]
 
 
 def test_hub_to_hub_working_set_measured_on_disk_stays_within_max_disk(tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
