@@ -253,7 +253,7 @@ def convert(
     source: str = typer.Argument(..., metavar="SOURCE", help="Source checkpoint: a local folder or a Hub repo id (org/name).", show_default=False),
     output: Path = typer.Argument(..., metavar="OUTPUT", help="Output folder (created).", show_default=False),
     target: TargetName = typer.Option(
-        DEFAULT_TARGET, metavar="TARGET", help=f"Output layout: {', '.join(TARGET_NAMES)} (see README, Targets)."
+        DEFAULT_TARGET, "--target", metavar="TARGET", help=f"Output layout: {', '.join(TARGET_NAMES)} (see README, Targets)."
     ),
     w13_order: W13Order = typer.Option(W13Order.GATE_UP, metavar="ORDER", help="Row order of w13 for vllm-fused/linear: gate-up or up-gate."),
     max_shard_size: str = typer.Option("5GB", metavar="SIZE", help="Largest output shard, with a unit: 5GB, 500MB, 2GiB (a tensor is never split)."),
@@ -271,7 +271,7 @@ def convert(
         None, metavar="BRANCH", help="With --push-to: commit the model to this branch (created from main if missing) instead of main."
     ),
     private: bool = flag(False, "--private/--public", "With --push-to: create the repo private (an existing repo keeps its visibility)."),
-    token: str | None = typer.Option(None, metavar="TOKEN", help="With --push-to: Hub token (default: HF_TOKEN or the saved login)."),
+    token: str | None = typer.Option(None, "--token", metavar="TOKEN", help="With --push-to: Hub token (default: HF_TOKEN or the saved login)."),
     max_disk: str | None = typer.Option(None, "--max-disk", metavar="SIZE", help=MAX_DISK_HELP, show_default=False),
     json_out: bool = flag(False, "--json", JSON_HELP),
     quiet: bool = flag(False, "--quiet", QUIET_HELP),
@@ -536,7 +536,7 @@ def verify(
     source: str = typer.Argument(..., metavar="SOURCE", help="The source checkpoint: a local folder or a Hub repo id.", show_default=False),
     converted: Path = typer.Argument(..., metavar="CONVERTED", help="The converted folder (only read).", show_default=False),
     sample_n: int | None = typer.Option(None, "--sample", metavar="N", help="Check N random experts a layer (default: all)."),
-    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cuda or cpu."),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cuda or cpu."),
     decode: bool | None = typer.Option(
         None, "--decode/--no-decode", metavar="", show_default=False, help="Dequantize and compare every checked expert end to end (default: on a GPU only)."
     ),
@@ -717,7 +717,7 @@ def _verify_json(body: dict) -> dict:
 def inspect_cmd(
     source: str = typer.Argument(..., metavar="SOURCE", help="A checkpoint: a local folder or a Hub repo id (read by HTTP range requests).", show_default=False),
     revision: str | None = typer.Option(None, metavar="REV", help="Hub revision, for a repo id."),
-    engine: str | None = typer.Option(None, metavar="ENGINE", help="Gate the exit code on one engine (vllm-0.34) or engine:backend (vllm-0.34:marlin)."),
+    engine: str | None = typer.Option(None, "--engine", metavar="ENGINE", help="Gate the exit code on one engine (vllm-0.34) or engine:backend (vllm-0.34:marlin)."),
     json_out: bool = flag(False, "--json", JSON_HELP),
 ) -> None:
     """What an NVFP4 MoE checkpoint holds and what each engine does with it, from headers and scalars
@@ -733,7 +733,7 @@ def inspect_cmd(
 def push(
     converted: Path = typer.Argument(..., metavar="FOLDER", help="A complete converted folder (never changed by push).", show_default=False),
     repo_id: str = typer.Argument(..., metavar="REPO_ID", help="Hub repo id to create or update (org/name).", show_default=False),
-    token: str | None = typer.Option(None, metavar="TOKEN", help="Hub token (default: HF_TOKEN or the one `hf auth login` saved)."),
+    token: str | None = typer.Option(None, "--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or the one `hf auth login` saved)."),
     private: bool = flag(False, "--private/--public", "Create the repo private (an existing repo keeps its visibility)."),
     revision: str | None = typer.Option(None, metavar="BRANCH", help="Branch to push to (created if missing)."),
     commit_message: str | None = typer.Option(None, metavar="TEXT", help="Commit message."),
@@ -807,9 +807,9 @@ def push(
 @app.command(cls=_Command)
 def sample(
     output: Path = typer.Argument(..., metavar="OUTPUT", help="Folder to write the sample checkpoint into (created; must be empty).", show_default=False),
-    arch: str = typer.Option("modelopt", metavar="ARCH", help="modelopt (names from --scheme), deepseek-v4 (a recipe's real format, --recipe) or deepseek-v41 (NVIDIA's V4.1 format)."),
-    recipe: str | None = typer.Option(None, metavar="RECIPE", help="deepseek-v4 only: nvidia (ModelOpt's recipe, the default) or canada (canada-quant's)."),
-    scheme: str | None = typer.Option(None, metavar="SCHEME", help="modelopt only: tensor names: deepseek (the default), hf, mixtral, compressed-tensors."),
+    arch: str = typer.Option("modelopt", "--arch", metavar="ARCH", help="modelopt (names from --scheme), deepseek-v4 (a recipe's real format, --recipe) or deepseek-v41 (NVIDIA's V4.1 format)."),
+    recipe: str | None = typer.Option(None, "--recipe", metavar="RECIPE", help="deepseek-v4 only: nvidia (ModelOpt's recipe, the default) or canada (canada-quant's)."),
+    scheme: str | None = typer.Option(None, "--scheme", metavar="SCHEME", help="modelopt only: tensor names: deepseek (the default), hf, mixtral, compressed-tensors."),
     layers: int | None = typer.Option(None, metavar="N", help="Layers (modelopt: 3, layer 0 dense; deepseek-v4: 4, the first 3 hash-routed)."),
     experts: int = typer.Option(8, metavar="N", help="Routed experts per MoE layer."),
     hidden: int | None = typer.Option(None, metavar="H", help="Hidden size (default 512: the mega-moe target needs multiples of 512)."),

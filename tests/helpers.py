@@ -17,6 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def decode_device() -> str:
+    """Where the tests that run the end-to-end decode run it: the GPU (the Triton kernel, in the decode
+    process) when there is one, else the kernel's torch reference on the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_all(folder: Path) -> dict[str, torch.Tensor]:
     idx = json.loads((folder / "model.safetensors.index.json").read_text())
     out: dict[str, torch.Tensor] = {}

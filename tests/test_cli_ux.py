@@ -526,3 +526,27 @@ def test_dry_run_predicts_what_the_run_meets_in_the_output_folder(tmp_path, smal
     (tmp_path / "theirs" / "notes.txt").write_text("mine")
     line = one_error_line(run("convert", str(small_src), str(tmp_path / "theirs"), "--target", "linear", "--dry-run"))
     assert "holds no nvfp4-fuse conversion" in line
+
+
+def test_no_option_leaves_its_flag_to_typer_when_its_metavar_is_its_name():
+    """typer 0.27 (installed beside vLLM on the GPU host) turns ``target = typer.Option(..., metavar=
+    "TARGET")`` into the flag ``--TARGET``, and ``--target`` is then "No such option"; 0.29 does not.
+    Such options declare their flag themselves: checked on the source, whatever typer is installed."""
+    import ast
+
+    import nvfp4_fuse
+
+    bad = []
+    for path in Path(nvfp4_fuse.__file__).parent.rglob("*.py"):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            a = fn.args
+            pairs = list(zip(a.args[len(a.args) - len(a.defaults) :], a.defaults)) + list(zip(a.kwonlyargs, a.kw_defaults))
+            for arg, default in pairs:
+                if isinstance(default, ast.Call) and getattr(default.func, "attr", "") == "Option":
+                    flags = [x for x in default.args[1:] if isinstance(x, ast.Constant)]
+                    metavar = [k.value.value for k in default.keywords if k.arg == "metavar" and isinstance(k.value, ast.Constant)]
+                    if not flags and metavar and metavar[0].lower() == arg.arg.lower():
+                        bad.append(f"{path.name}:{default.lineno} {fn.name}({arg.arg})")
+    assert not bad, bad

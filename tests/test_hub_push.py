@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from fake_hub import FakeHub
-from helpers import fake_hub_env, files_bytes, run_cli, run_inprocess, sample_disk_as_it_grows
+from helpers import decode_device, fake_hub_env, files_bytes, run_cli, run_inprocess, sample_disk_as_it_grows
 from test_hub import fake_hub, loopback_only  # noqa: F401  (the loopback Hub fixtures)
 
 from nvfp4_fuse.convert import ConvertOptions, make_plan
@@ -466,7 +466,7 @@ def test_hub_to_hub_permanent_upload_fault_stops_at_once(src, tmp_path):
 
 
 def test_hub_to_hub_checks_with_the_decode_keep_the_source_values_their_scales_need(tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
-    """With the end-to-end decode in each shard's check (a GPU's; here its CPU reference), a shard of
+    """With the end-to-end decode in each shard's check (a GPU's, else its CPU reference), a shard of
     block scales decodes from the source values of its parts. In a source whose values lie in files of
     their own, the values' file is read by the values' output shard and, for the decode only, by the
     scales' shard: it must stay on disk until that shard's check, though the values' shard is long
@@ -482,7 +482,7 @@ def test_hub_to_hub_checks_with_the_decode_keep_the_source_values_their_scales_n
     make_sample_checkpoint(src, SampleSpec(layers=3, experts=4, hidden=128, inter=64, shards=1, unequal_scale_2=True, seed=7))
     _values_apart(src)
     fake_hub.create("org/split", {p.name: p.read_bytes() for p in src.iterdir()})
-    monkeypatch.setattr(wc, "gpu_decode", lambda: "cpu")
+    monkeypatch.setattr(wc, "gpu_decode", decode_device)  # the GPU's where there is one
     real = wc.shard_check
 
     def slow_check(spec, files=None, **kw):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from fake_hub import StoredFile
-from helpers import files_bytes, run_inprocess, sample_disk_as_it_grows
+from helpers import decode_device, files_bytes, run_inprocess, sample_disk_as_it_grows
 from test_hub import fake_hub  # noqa: F401  (the loopback Hub fixture)
 from test_hub_stream import ARGS, cached_in_hf_home, fail_first_download, hub_src, once_planned, tree_hashes  # noqa: F401  (fixture)
 
@@ -246,7 +246,7 @@ def _values_apart(folder: Path) -> None:
 
 
 def test_the_decode_of_a_part_split_over_two_shards_has_its_source_values_at_hand(tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
-    """With the end-to-end decode (here its CPU reference), an expert part whose values and block
+    """With the end-to-end decode (the GPU's where there is one, else its CPU reference), an expert part whose values and block
     scales lie in two output shards is decoded with the scales' shard, from the source's values. A
     source whose values lie apart from everything else, a file per layer, makes that file one the
     scales' shard alone still needs: it must be fetched for it, and not freed before."""
@@ -263,11 +263,13 @@ def test_the_decode_of_a_part_split_over_two_shards_has_its_source_values_at_han
     out = tmp_path / "out"
     rc, _, err = run_inprocess(capsys, "convert", "org/split", str(out), "--target", "vllm-fused", "--max-shard-size", "16KB", "--json")
     assert rc == 0, err
-    rc, stdout, err = run_inprocess(capsys, "verify", str(src), str(out), *VERIFY, "--decode")
+    args = (*VERIFY, "--device", decode_device(), "--decode")  # the last --device given is the one used
+    rc, stdout, err = run_inprocess(capsys, "verify", str(src), str(out), *args)
     assert rc == 0, err
     local = json.loads(stdout)
+    assert local["device"] == decode_device()
     (tmp_path / "work").mkdir()
-    rc, stdout, err = run_inprocess(capsys, "verify", "org/split", str(out), *VERIFY, "--decode", "--work-dir", str(tmp_path / "work"))
+    rc, stdout, err = run_inprocess(capsys, "verify", "org/split", str(out), *args, "--work-dir", str(tmp_path / "work"))
     assert rc == 0, stdout
     body = json.loads(stdout)
     assert comparable(body) == comparable(local) and all(m["decoded"] == m["experts"] for m in body["modules"])
