@@ -609,9 +609,16 @@ def verify(
             shown[0] = shard
             prog.update(task, advance=n, description=f"verify: {shard}", refresh=changed)
 
+        def on_resume(kept: int, total: int) -> None:
+            if not (quiet or json_out):
+                prog.console.print(
+                    f"resumed: {kept} of {total} shard(s) passed in an earlier run and are unchanged; checking the other {total - kept}",
+                    highlight=False,
+                )
+
         kw = dict(
             sample=sample_n, device=device, decode=decode, hash_files=not skip_hashes, workers=max(0, workers), source_label=source, seed=seed,
-            on_bytes=on_bytes, on_stage=on_stage,
+            on_bytes=on_bytes, on_stage=on_stage, on_resume=on_resume,
         )  # fmt: skip
         if hub_source is None:
             res = _naming(converted, run_verify)(folder, converted, trust_root=trust, **kw)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = 1
-CACHE_ENV = "NVFP4_FUSE_KERNEL_CACHE"  # where entries go (default: ~/.cache/nvfp4-fuse/kernels); "off": none
+CACHE_ENV = "NVFP4_FUSE_KERNEL_CACHE"  # where entries go (default: the nvfp4-fuse cache's kernels/); "off": none
 # The compare kernel's arguments, in its order (kernels/compare.py, _compare_kernel).
 POINTERS = ("wa_ptr", "sa_ptr", "s2a_ptr", "wb_ptr", "sb_ptr", "s2b_ptr", "abs_ptr", "rel_ptr", "cnt_ptr", "flag_ptr")
 INTS = ("M", "K16", "Mp", "Kp", "nblk", "T")
@@ -37,13 +37,17 @@ _CTYPES = {"i32": ctypes.c_int32, "i64": ctypes.c_int64, "u32": ctypes.c_uint32,
 
 
 def cache_dir() -> Path | None:
+    """``$NVFP4_FUSE_KERNEL_CACHE`` ("off": none), else ``kernels`` in the nvfp4-fuse cache
+    (verify_record.py: ``$NVFP4_FUSE_CACHE``, else ``$XDG_CACHE_HOME/nvfp4-fuse``, else
+    ``~/.cache/nvfp4-fuse``)."""
     where = os.environ.get(CACHE_ENV)
     if where == "off":
         return None
     if where:
         return Path(where)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "nvfp4-fuse" / "kernels"
+    from .verify_record import cache_dir as user_cache
+
+    return user_cache() / "kernels"
 
 
 def _source_hash() -> str | None:

@@ -316,6 +316,7 @@ def verify(
     on_bytes: Callable[[str, int], None] | None = None,
     on_stage: Callable[[str, int], None] | None = None,
     hub: Any = None,
+    on_resume: Callable[[int, int], None] | None = None,
 ) -> VerifyResult:
     """Check the converted folder ``conv_dir`` against the source ``source_dir`` (see the module notes),
     or with ``hub`` (:class:`~nvfp4_fuse.hub.verify_stream.HubVerifySource`) against a Hub commit
@@ -332,6 +333,10 @@ def verify(
     Progress: ``on_stage(what, total_bytes)`` when a stage begins (reading headers, hashing the small
     files, the pass over the shards), ``on_bytes(shard, n)`` as the pass checks bytes, from several
     threads at once.
+
+    Against a Hub commit each shard's result is kept as it passes (:mod:`~nvfp4_fuse.verify_journal`),
+    and a run that finds an earlier one's checks the other shards only: ``on_resume(kept, shards)``
+    says so first. (Not with a sample drawn without a seed: each run draws another.)
     """
     import time
 
@@ -365,14 +370,27 @@ def verify(
             check_structure(spec, conv_dir, conv, model_card=manifest.model_card)
             result = _check_all(spec, conv_dir, manifest, conv, hash_files, dev if decode else None, workers, budget_bytes, decoder, seed, sample, on_bytes, on_stage)
         else:
+            journal, kept = None, {}
+            if not sample or seed is not None:
+                from .verify_journal import VerifyJournal
+
+                run = dict(sample=sample, seed=seed if sample else None, decode=dev if decode else None, hash_files=hash_files)
+                journal = VerifyJournal.open(conv_dir, hub.pinned.sha, run)
+                kept = journal.kept([s.name for s in spec.shards]) if journal is not None else {}
+                if kept and on_resume:
+                    on_resume(len(kept), len(spec.shards))
             try:
-                files = hub.start(spec, checked_sidecars(spec, manifest.model_card), decode=bool(decode))
+                todo = [s for s in spec.shards if s.name not in kept]
+                files = hub.start(spec, checked_sidecars(spec, manifest.model_card), decode=bool(decode), todo=todo)
                 check_structure(spec, conv_dir, conv, model_card=manifest.model_card, source_file=files.path, done=files.done)
                 result = _check_all(
-                    spec, conv_dir, manifest, conv, hash_files, dev if decode else None, workers, budget_bytes, decoder, seed, sample, on_bytes, on_stage, files=files
+                    spec, conv_dir, manifest, conv, hash_files, dev if decode else None, workers, budget_bytes, decoder, seed, sample, on_bytes, on_stage,
+                    files=files, kept=kept, journal=journal,
                 )  # fmt: skip
             finally:
                 hub.close()
+            if journal is not None:
+                journal.remove()  # passed: the result is recorded as every passed verify's is
     except DecodeFailed:
         if decoder is not None and decoder.ready is False:
             raise InputError(f"--device {device} but the GPU decode cannot run: {decoder.why_not}") from None
@@ -407,10 +425,13 @@ def _check_all(
     on_bytes: Callable[[str, int], None] | None,
     on_stage: Callable[[str, int], None] | None,
     files: Any = None,
+    kept: dict[str, VerifyResult] | None = None,
+    journal: Any = None,
 ) -> VerifyResult:
     """The pass over every output shard: all at once from a local source; from a Hub source's
     ``files``, one shard at a time in file order, each source file given back once no shard left
-    reads it."""
+    reads it, each shard's result kept in ``journal`` as it passes; the shards in ``kept`` (an
+    earlier run's results) are not checked again."""
     from .disk_budget import shard_check_files
     from .source_files import SourceUsers, local_headers
 
@@ -420,20 +441,26 @@ def _check_all(
     for p, layer in spec.layers.items():
         n = layer.dims.experts
         experts[p] = set(range(n)) if not sample or sample >= n else set(rng.sample(range(n), sample))
+    kept = kept or {}
     if on_stage:
-        on_stage("checking", sum(s.data_bytes for s in spec.shards))
+        on_stage("checking", sum(s.data_bytes for s in spec.shards if s.name not in kept))
     sha256 = {n: manifest.files[n]["sha256"] for n in shard_names} if hash_files else None
     kw = dict(experts=experts, decode=decode, workers=workers, budget_bytes=budget_bytes, decoder=decoder, on_bytes=on_bytes)
     if files is None:
         result = check_shards(spec, conv_dir, [s.name for s in spec.shards], sha256=sha256, headers=conv.headers, **kw)
     else:
-        needs = {s.name: shard_check_files(spec, s, decode=decode is not None) for s in spec.shards}
+        needs = {s.name: shard_check_files(spec, s, decode=decode is not None) for s in spec.shards if s.name not in kept}
         users = SourceUsers(needs.values())
         read_spec = local_headers(spec, files)
         parts = []
         for s in spec.shards:  # in file order: the order the files are fetched in
+            if s.name in kept:
+                parts.append(kept[s.name])
+                continue
             one = {s.name: sha256[s.name]} if sha256 is not None else None
             parts.append(check_shards(read_spec, conv_dir, [s.name], sha256=one, headers={s.name: conv.headers[s.name]}, **kw))
+            if journal is not None:
+                journal.record(s.name, parts[-1])
             for f in users.end(needs[s.name]):
                 files.done(f)
         result = merge_results(parts)

@@ -57,6 +57,13 @@ class VerifyResult:
         d["ok"] = True
         return d
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> VerifyResult:
+        """The result :meth:`to_json` wrote (a resumed verify's earlier shards, verify_journal.py)."""
+        d = {k: v for k, v in d.items() if k != "ok"}
+        layers = [LayerResult(**l) for l in d.pop("layers", [])]
+        return cls(**d, layers=layers)
+
 
 
 def merge_results(parts: list[VerifyResult]) -> VerifyResult:

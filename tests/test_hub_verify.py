@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -411,3 +412,65 @@ def test_transient_faults_are_retried_and_resumed_mid_file(converted, tmp_path, 
     assert [p for p, _ in fake_hub.fired_faults] == [first]
     assert "bytes=20000-" in fake_hub.ranged_gets(first)  # resumed where the reset left it
     assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_a_stopped_verify_resumes_where_it_stopped(converted, tmp_path, fake_hub, capsys, monkeypatch):  # noqa: F811
+    """Each shard's result is kept as it passes: a verify stopped (Ctrl-C) after k shards, run again,
+    checks only the other shards, fetches only their source files, and reports what an uninterrupted
+    run does; a shard whose file changed since is checked again; a passed run leaves no journal."""
+    import os
+
+    from nvfp4_fuse import verify as ver
+    from nvfp4_fuse.disk_budget import shard_check_files
+    from nvfp4_fuse.source_files import HubSourceFiles
+    from nvfp4_fuse.verify_journal import FOLDER
+    from nvfp4_fuse.verify_record import cache_dir
+
+    journals = cache_dir() / FOLDER
+    rc, full = verify_hub(capsys, converted, tmp_path / "work")
+    assert rc == 0, full
+    assert not journals.exists() or not any(journals.iterdir())
+    real = ver.check_shards
+    checked: list[str] = []
+    stop_at = [None]
+
+    def counted(spec, conv_dir, names, **kw):
+        if len(checked) == stop_at[0]:
+            raise KeyboardInterrupt
+        checked.append(names[0])
+        return real(spec, conv_dir, names, **kw)
+
+    monkeypatch.setattr(ver, "check_shards", counted)
+    shards = sorted(p.name for p in converted.glob("model-*.safetensors"))
+    k = random.randint(1, len(shards) - 1)
+    stop_at[0] = k
+    rc, _, _ = run_inprocess(capsys, "verify", "org/src", str(converted), *VERIFY, "--work-dir", str(tmp_path / "work"))
+    assert rc == 130 and len(checked) == k
+    first, checked[:], stop_at[0] = list(checked), [], None
+    planned: list = []
+    orig_start = HubSourceFiles.start
+
+    def start(self, spec, todo):
+        planned.append(({s.name for s in todo}, {f for s in todo for f in shard_check_files(spec, s, decode=False)}))
+        return orig_start(self, spec, todo)
+
+    monkeypatch.setattr(HubSourceFiles, "start", start)
+    gets = {p.name: fake_hub.ranged_gets(p.name).count(None) for p in converted.parent.parent.glob("src/*.safetensors")}
+    rc, stdout, err = run_inprocess(capsys, "verify", "org/src", str(converted), "--device", "cpu", "--workers", "2", "--work-dir", str(tmp_path / "work"))
+    assert rc == 0, err
+    assert f"resumed: {k} of {len(shards)} shard(s) passed in an earlier run" in " ".join(err.split())
+    assert sorted(checked) == sorted(set(shards) - set(first))  # the others, each once
+    ((todo, needed),) = planned
+    assert todo == set(checked)
+    # the source shards those others read, each fetched once; no other
+    assert {n: fake_hub.ranged_gets(n).count(None) - g for n, g in gets.items()} == {n: int(n in needed) for n in gets}
+    assert not any(journals.iterdir())
+    # a shard rewritten since (its modification time) is checked again
+    checked[:], stop_at[0] = [], k
+    run_inprocess(capsys, "verify", "org/src", str(converted), *VERIFY, "--work-dir", str(tmp_path / "work"))
+    touched = checked[0]
+    os.utime(converted / touched, ns=(time.time_ns(), time.time_ns()))
+    checked[:], stop_at[0] = [], None
+    rc, body = verify_hub(capsys, converted, tmp_path / "work")
+    assert rc == 0 and comparable(body) == comparable(full)
+    assert touched in checked and len(checked) == len(shards) - k + 1

@@ -129,10 +129,10 @@ class HubVerifySource:
         src, _, scalars = remote_source(self.pinned)
         return src, scalars
 
-    def plan(self, spec: Any, sidecars: list[str], *, decode: bool, staging: Path) -> Any:
-        """The disk plan of checking every shard of ``spec`` and ``sidecars``, fetching into
-        ``staging``; refuses a budget below its minimum, or a work folder's disk with less free than
-        that. Sets :attr:`limit`."""
+    def plan(self, spec: Any, sidecars: list[str], *, decode: bool, staging: Path, todo: list | None = None) -> Any:
+        """The disk plan of checking the shards ``todo`` of ``spec`` (default: every one) and
+        ``sidecars``, fetching into ``staging``; refuses a budget below its minimum, or a work folder's
+        disk with less free than that. Sets :attr:`limit`."""
         from ..disk_budget import check_steps
         from ..source_files import HubSourceFiles
 
@@ -141,7 +141,7 @@ class HubVerifySource:
         self.files = HubSourceFiles(
             self.pinned, staging, steps=steps, max_disk=self.max_disk, cache_dir=self.cache_dir, **self.fetch_kw
         )  # fmt: skip
-        plan, limit = self.files.plan_for(spec, spec.shards)  # refuses a budget below the minimum
+        plan, limit = self.files.plan_for(spec, spec.shards if todo is None else todo)  # refuses a budget below the minimum
         free = disk_free(self.base)
         if free < plan.minimum:
             raise InputError(
@@ -177,16 +177,18 @@ class HubVerifySource:
             "reused_from_hf_cache": sorted(self.files.local),
         }
 
-    def start(self, spec: Any, sidecars: list[str], *, decode: bool) -> Any:
-        """Make the work folder, plan, start fetching; -> the source files (source_files.py). A
-        refused plan leaves the folder to :meth:`close`, which removes it."""
+    def start(self, spec: Any, sidecars: list[str], *, decode: bool, todo: list | None = None) -> Any:
+        """Make the work folder, plan the checks of the shards ``todo`` (default: every one), start
+        fetching; -> the source files (source_files.py). A refused plan leaves the folder to
+        :meth:`close`, which removes it."""
         self.removed = remove_stale_work_folders(self.base)  # before the free disk is counted
         self.folder = Path(tempfile.mkdtemp(prefix="." + WORK_PREFIX, dir=self.base))
         self._held.enter_context(folder_lock(self.folder, "verify"))  # while this run lives; the kernel drops it at exit
-        self.plan(spec, sidecars, decode=decode, staging=self.folder)
+        todo = spec.shards if todo is None else todo
+        self.plan(spec, sidecars, decode=decode, staging=self.folder, todo=todo)
         if self.on_start is not None:
             self.on_start(self.folder, self.limit)
-        self.files.start(spec, spec.shards)
+        self.files.start(spec, todo)
         return self.files
 
     def close(self) -> None:
