@@ -180,7 +180,56 @@ _INDEX_LOCK = threading.Lock()
 _NOT_WRITABLE = "The given NumPy array is not writable"
 
 
-class GpuLane:
+class BatchingLane:
+    """What the GPU lanes (:class:`GpuLane`, and driver_lane.py's ``DriverLane``) share: parts wait in
+    ``groups`` (one a shape, each with its ``jobs`` and ``keys``) for their batch, which ``_run``
+    stages and launches; ``_read_back`` hands every launched part's statistics to ``on_stats``."""
+
+    groups: dict
+    FLUSH: int
+    unread: int  # parts launched and not read back
+
+    def _group(self, job: DecodeJob) -> Any:
+        """The group ``job`` waits in (made on first use)."""
+        raise NotImplementedError
+
+    def _run(self, b: Any) -> None:
+        raise NotImplementedError
+
+    def _read_back(self) -> None:
+        raise NotImplementedError
+
+    def launch(self, key: Any, job: DecodeJob) -> None:
+        """Queue ``job`` for its shape's next batch (which runs once full); the lane owns it from here
+        and releases it once staged, or at once on a failure."""
+        try:
+            b = self._group(job)
+        except BaseException:
+            job.release()
+            raise
+        b.jobs.append(job)
+        b.keys.append(key)
+        if len(b.jobs) >= b.cap:
+            self._run(b)
+        if self.unread >= self.FLUSH:
+            self._read_back()
+
+    def flush(self) -> None:
+        """Run the part-filled batches and read everything back."""
+        for b in self.groups.values():
+            if b.jobs:
+                self._run(b)
+        self._read_back()
+
+    def discard(self) -> None:
+        """Release the jobs still waiting for a batch, unrun (after a failure)."""
+        for b in self.groups.values():
+            jobs, b.jobs, b.keys = b.jobs, [], []
+            for job in jobs:
+                job.release()
+
+
+class GpuLane(BatchingLane):
     """One decode thread's GPU state, on a CUDA stream of its own (a thread waits for its own work
     only). Expert parts of one shape gather into a batch (up to ``BATCH`` parts and ``STAGE_BYTES``
     of inputs); a full batch goes to the device in one host copy, every input of every part into a
@@ -215,31 +264,20 @@ class GpuLane:
         self.bufs: list[torch.Tensor | None] = [None] * self.RING
         self.events: list[Any] = [None] * self.RING
         self.turn = 0
-        self.batches: dict[tuple, _Batches] = {}
+        self.groups: dict[tuple, _Batches] = {}
         self.pending: list[tuple[list[Any], torch.Tensor]] = []
         self.unread = 0  # parts launched and not read back
         self.counts = {"reference": 0, "eager": 0, "graph": 0}  # batches compared each way
 
-    def launch(self, key, job: DecodeJob) -> None:
-        """Queue ``job`` for its shape's next batch (which runs once full); the lane owns it from here
-        and releases it once staged, or at once on a failure."""
+    def _group(self, job: DecodeJob) -> _Batches:
         import torch
 
         shape = (job.rows, job.cols, job.b_shape, job.layout.kernel_reads_in_place, job.row_perm is not None, len(job.a_scales))
-        try:
-            with torch.cuda.stream(self.stream):
-                b = self.batches.get(shape)
-                if b is None:
-                    b = self.batches[shape] = _Batches(job, self.device, self.STAGE_BYTES, self.BATCH, self.ALIGN)
-        except BaseException:
-            job.release()
-            raise
-        b.jobs.append(job)
-        b.keys.append(key)
-        if len(b.jobs) >= b.cap:
-            self._run(b)
-        if self.unread >= self.FLUSH:
-            self._read_back()
+        with torch.cuda.stream(self.stream):
+            b = self.groups.get(shape)
+            if b is None:
+                b = self.groups[shape] = _Batches(job, self.device, self.STAGE_BYTES, self.BATCH, self.ALIGN)
+        return b
 
     def _run(self, b: _Batches) -> None:
         """Stage, upload and compare ``b``'s waiting jobs."""
@@ -352,19 +390,6 @@ class GpuLane:
             for key, row in zip(keys, got.tolist()):
                 self.on_stats(key, row)
 
-    def flush(self) -> None:
-        """Run the part-filled batches and read everything back."""
-        for b in self.batches.values():
-            if b.jobs:
-                self._run(b)
-        self._read_back()
-
-    def discard(self) -> None:
-        """Release the jobs still waiting for a batch, unrun (after a failure)."""
-        for b in self.batches.values():
-            jobs, b.jobs, b.keys = b.jobs, [], []
-            for job in jobs:
-                job.release()
 
 
 class ReferenceLane:

@@ -25,7 +25,7 @@ import numpy as np
 from . import kernel_cache
 from .constants import COMPARE_BPP, COMPARE_NSUB, COMPARE_WARPS, NVFP4_BLOCK
 from .cuda_driver import CudaDriver, Function
-from .decode_lanes import DecodeJob, stage
+from .decode_lanes import BatchingLane, DecodeJob, stage
 from .layout import LinearScales, ScaleLayout
 
 OnStats = Callable[[Any, Any], None]
@@ -129,7 +129,7 @@ class _Shape:
         return self.entry.values({**ptrs, **self.ints})
 
 
-class DriverLane:
+class DriverLane(BatchingLane):
     """One decode thread's lane for the shapes in ``kernels`` (see the module's docstring): parts of a
     shape gather into a batch (up to ``BATCH`` parts and ``STAGE_BYTES`` of inputs), staged into a
     pinned buffer (used in turn, ``RING`` of them, each refilled once its upload is done), uploaded,
@@ -149,7 +149,7 @@ class DriverLane:
         self.events = [drv.event() for _ in range(self.RING)]
         self.used = [False] * self.RING
         self.turn = 0
-        self.shapes: dict[tuple, _Shape] = {}
+        self.groups: dict[tuple, _Shape] = {}
         self.pending: list[tuple[list[Any], _Shape, int, tuple[int, np.ndarray], Any]] = []
         self.spare: list[tuple[tuple[int, np.ndarray], Any]] = []  # pinned statistics buffers and events, free
         self.unread = 0
@@ -158,24 +158,13 @@ class DriverLane:
     def handles(self, job: DecodeJob) -> bool:
         return shape_key(job.rows, job.cols, job.layout) in self.kernels
 
-    def launch(self, key: Any, job: DecodeJob) -> None:
-        """Queue ``job`` for its shape's next batch (run once full); released once staged, or at once
-        on a failure."""
+    def _group(self, job: DecodeJob) -> _Shape:
         sk = (*shape_key(job.rows, job.cols, job.layout), job.row_perm is not None, job.layout.__class__.__name__)
-        try:
-            b = self.shapes.get(sk)
-            if b is None:
-                fn, entry = self.kernels[sk[:3]]
-                b = self.shapes[sk] = _Shape(self.drv, job, fn, entry, self.STAGE_BYTES, self.BATCH)
-        except BaseException:
-            job.release()
-            raise
-        b.jobs.append(job)
-        b.keys.append(key)
-        if len(b.jobs) >= b.cap:
-            self._run(b)
-        if self.unread >= self.FLUSH:
-            self._read_back()
+        b = self.groups.get(sk)
+        if b is None:
+            fn, entry = self.kernels[sk[:3]]
+            b = self.groups[sk] = _Shape(self.drv, job, fn, entry, self.STAGE_BYTES, self.BATCH)
+        return b
 
     def _buffer(self, i: int, nbytes: int) -> tuple[int, np.ndarray]:
         buf = self.bufs[i]
@@ -231,17 +220,6 @@ class DriverLane:
             for key, row in zip(keys, rows.tolist()):
                 self.on_stats(key, row)
 
-    def flush(self) -> None:
-        for b in self.shapes.values():
-            if b.jobs:
-                self._run(b)
-        self._read_back()
-
-    def discard(self) -> None:
-        for b in self.shapes.values():
-            jobs, b.jobs, b.keys = b.jobs, [], []
-            for job in jobs:
-                job.release()
 
 
 _HARVEST_LOCK = threading.Lock()
