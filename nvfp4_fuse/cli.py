@@ -579,10 +579,13 @@ def verify(
         if dry_run:
             from .hub.verify_stream import print_dry_run
             from .verify import pick_device
+            from .verify_journal import run_options
 
             dev = pick_device(device)
+            will_decode = (dev == "cuda") if decode is None else decode
+            run = run_options(sample_n, seed, dev if will_decode else None, not skip_hashes)
             with err.status(f"planning: reading {source}'s headers and scales from the Hub", spinner="dots") if show else _null():
-                d = {"disk": hub_source.dry_run(decode=(dev == "cuda") if decode is None else decode)}
+                d = {"disk": hub_source.dry_run(decode=will_decode, run=run)}
             if json_out:
                 emit("verify", d)
             else:

@@ -370,15 +370,13 @@ def verify(
             check_structure(spec, conv_dir, conv, model_card=manifest.model_card)
             result = _check_all(spec, conv_dir, manifest, conv, hash_files, dev if decode else None, workers, budget_bytes, decoder, seed, sample, on_bytes, on_stage)
         else:
-            journal, kept = None, {}
-            if not sample or seed is not None:
-                from .verify_journal import VerifyJournal
+            from .verify_journal import VerifyJournal, run_options
 
-                run = dict(sample=sample, seed=seed if sample else None, decode=dev if decode else None, hash_files=hash_files)
-                journal = VerifyJournal.open(conv_dir, hub.pinned.sha, run)
-                kept = journal.kept([s.name for s in spec.shards]) if journal is not None else {}
-                if kept and on_resume:
-                    on_resume(len(kept), len(spec.shards))
+            run = run_options(sample, seed, dev if decode else None, hash_files)
+            journal = VerifyJournal.open(conv_dir, hub.pinned.sha, run) if run is not None else None
+            kept = journal.kept([s.name for s in spec.shards]) if journal is not None else {}
+            if kept and on_resume:
+                on_resume(len(kept), len(spec.shards))
             try:
                 todo = [s for s in spec.shards if s.name not in kept]
                 files = hub.start(spec, checked_sidecars(spec, manifest.model_card), decode=bool(decode), todo=todo)

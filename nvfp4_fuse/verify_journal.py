@@ -32,6 +32,15 @@ FORMAT = 1
 FOLDER = "verify-progress"
 
 
+def run_options(sample: int | None, seed: int | None, decode: str | None, hash_files: bool) -> dict[str, Any] | None:
+    """The options of a verify that change what it checks, as its journal's key holds them (``decode``:
+    where the end-to-end decode runs, None for none); None when the run cannot resume (a sample drawn
+    without a seed: each run draws another)."""
+    if sample and seed is None:
+        return None
+    return dict(sample=sample, seed=seed if sample else None, decode=decode, hash_files=hash_files)
+
+
 def _stat(path: Path) -> list[int] | None:
     try:
         st = path.stat()

@@ -447,6 +447,9 @@ def test_a_stopped_verify_resumes_where_it_stopped(converted, tmp_path, fake_hub
     rc, _, _ = run_inprocess(capsys, "verify", "org/src", str(converted), *VERIFY, "--work-dir", str(tmp_path / "work"))
     assert rc == 130 and len(checked) == k
     first, checked[:], stop_at[0] = list(checked), [], None
+    rc, stdout, _ = run_inprocess(capsys, "verify", "org/src", str(converted), *VERIFY, "--work-dir", str(tmp_path / "work"), "--dry-run")
+    plan = json.loads(stdout)["disk"]
+    assert rc == 0 and plan["resumed_shards"] == sorted(first) and plan["shards"] == len(shards)
     planned: list = []
     orig_start = HubSourceFiles.start
 
@@ -464,6 +467,7 @@ def test_a_stopped_verify_resumes_where_it_stopped(converted, tmp_path, fake_hub
     assert todo == set(checked)
     # the source shards those others read, each fetched once; no other
     assert {n: fake_hub.ranged_gets(n).count(None) - g for n, g in gets.items()} == {n: int(n in needed) for n in gets}
+    assert {f for f in plan["downloads"] if f.endswith(".safetensors")} == needed  # as the dry run said
     assert not any(journals.iterdir())
     # a shard rewritten since (its modification time) is checked again
     checked[:], stop_at[0] = [], k

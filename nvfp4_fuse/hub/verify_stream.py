@@ -154,18 +154,27 @@ class HubVerifySource:
         self.limit = limit
         return plan
 
-    def dry_run(self, *, decode: bool) -> dict[str, Any]:
-        """What ``verify --dry-run`` prints: the commit, the downloads, the working-set peak under the
-        budget, the minimum, where the work folder would go. Fetches nothing but headers and scalars."""
+    def dry_run(self, *, decode: bool, run: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What ``verify --dry-run`` prints: the commit, the shards an earlier run of the same options
+        ``run`` (verify_journal.run_options) left checked, the downloads of the others, the working-set
+        peak under the budget, the minimum, where the work folder would go. Fetches nothing but headers
+        and scalars."""
         from ..verify import checked_plan
         from ..verify_checks import checked_sidecars
+        from ..verify_journal import VerifyJournal
 
         manifest, _, spec = checked_plan(Path(self.repo_id), self.converted, hub=self)
-        plan = self.plan(spec, checked_sidecars(spec, manifest.model_card), decode=decode, staging=self.base / (WORK_PREFIX + "dry-run"))
+        assert self.pinned is not None
+        journal = VerifyJournal.open(self.converted, self.pinned.sha, run) if run is not None else None
+        kept = journal.kept([s.name for s in spec.shards]) if journal is not None else {}
+        todo = [s for s in spec.shards if s.name not in kept]
+        plan = self.plan(spec, checked_sidecars(spec, manifest.model_card), decode=decode, staging=self.base / (WORK_PREFIX + "dry-run"), todo=todo)
         assert self.pinned is not None
         fetched = [it for it in plan.items if it.kind == "file"]
         return {
             "revision": self.pinned.sha,
+            "shards": len(spec.shards),
+            "resumed_shards": sorted(kept),
             "work_dir": str(self.base),
             "max_disk": self.limit,
             "min_max_disk": plan.minimum,
@@ -208,6 +217,9 @@ class HubVerifySource:
 
 def print_dry_run(d: dict[str, Any], echo) -> None:
     echo(f"source: commit {d['revision'][:12]}, {human(d['source_bytes'])}")
+    if d["resumed_shards"]:
+        n, k = d["shards"], len(d["resumed_shards"])
+        echo(f"resumes: {k} of {n} output shard(s) passed in an earlier run and are unchanged; planned: the other {n - k}")
     echo(
         f"downloads: {len(d['downloads'])} file(s), {human(d['download_bytes'])}, one at a time in the order the shards' checks need them"
         + (f"; {len(d['reused_from_hf_cache'])} file(s) read from the HF cache" if d["reused_from_hf_cache"] else "")
