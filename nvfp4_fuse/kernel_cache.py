@@ -23,7 +23,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,12 +129,11 @@ def store(key: str | None, entry: Entry) -> bool:
         return False
     meta = dict(format=FORMAT, name=entry.name, threads=entry.threads, shared=entry.shared, params=entry.params,
                 scratch=entry.scratch, size=len(entry.binary), sha256=hashlib.sha256(entry.binary).hexdigest())  # fmt: skip
+    from .shard_writer import write_file_atomic
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".compare-", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(meta).encode() + b"\n" + entry.binary)
-        os.replace(tmp, folder / f"compare-{key}.bin")
+        write_file_atomic(folder / f"compare-{key}.bin", json.dumps(meta).encode() + b"\n" + entry.binary, shared=True)
         return True
     except OSError:
         return False

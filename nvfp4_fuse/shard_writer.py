@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import tempfile
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -278,14 +279,27 @@ class StreamingShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def write_file_atomic(path: Path, data: bytes) -> tuple[int, str]:
-    """Write a small file under a temporary name, fsync, rename; returns (size, sha256)."""
+def write_file_atomic(path: Path, data: bytes, *, shared: bool = False) -> tuple[int, str]:
+    """Write a small file under a temporary name, fsync, rename; returns (size, sha256). The temporary
+    name is ``<name>.partial``; with ``shared`` (a file of the user's cache, which other runs may write
+    at the same moment) it is this write's own, ``.<name>.<random>.partial``, so two writers never
+    write into one file and the last rename wins whole."""
     path = Path(path)
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    if shared:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
+        tmp, fh = Path(name), os.fdopen(fd, "wb")
+    else:
+        tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+        fh = open(tmp, "wb")
+    try:
+        with fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if shared:
+            tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
     return len(data), hashlib.sha256(data).hexdigest()

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .shard_writer import write_file_atomic
 from .verify_record import _manifest_digest, cache_dir
 from .verify_result import VerifyResult
 
@@ -93,10 +92,7 @@ class VerifyJournal:
         data = json.dumps({"format": FORMAT, "key": self.key, "shards": self.entries}).encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".journal-", dir=self.path.parent)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.path)
+            write_file_atomic(self.path, data, shared=True)
         except OSError:
             pass
 

@@ -48,7 +48,7 @@ def record_verified(folder: Path, body: dict) -> Path | None:
     p = cache_dir() / "verified" / f"{digest}.json"
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        write_file_atomic(p, (json.dumps(dict(body, manifest_sha256=digest), indent=1) + "\n").encode())
+        write_file_atomic(p, (json.dumps(dict(body, manifest_sha256=digest), indent=1) + "\n").encode(), shared=True)
     except OSError:
         return None
     return p

@@ -180,3 +180,34 @@ def test_mega_moe_refuses_shapes_the_kernel_cannot_take(make_ckpt, tmp_path):
         convert(src, tmp_path / "out", ConvertOptions(target="mega-moe"))
     with pytest.raises(InputError, match="--w13-order"):
         convert(src, tmp_path / "out", ConvertOptions(target="mega-moe", w13_order="up-gate"))
+
+
+def test_a_shared_atomic_write_lands_whole_whoever_writes_at_the_same_time(tmp_path):
+    """A cache file (a kernel binary, a verify journal, a recorded result) may be written by two runs at
+    once: with ``shared`` each write has a temporary file of its own, so the file ends as one writer's
+    bytes, whole, and no temporary file is left."""
+    import threading
+
+    import numpy as np
+
+    from nvfp4_fuse.shard_writer import write_file_atomic
+
+    path = tmp_path / "entry.bin"
+    blobs = [np.random.randint(0, 256, np.random.randint(1, 300_000), dtype=np.uint8).tobytes() for _ in range(6)]
+    errors: list[BaseException] = []
+
+    def writer(blob: bytes) -> None:
+        try:
+            for _ in range(20):
+                assert write_file_atomic(path, blob, shared=True)[0] == len(blob)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(b,)) for b in blobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert path.read_bytes() in blobs
+    assert [p.name for p in tmp_path.iterdir()] == ["entry.bin"]
