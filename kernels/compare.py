@@ -35,6 +35,7 @@ from triton.language.extra import libdevice
 # The launch's defaults (picked on an H100, docs/benchmarks.md "## Kernels") live in constants.py: the
 # driver launch of a cached binary (nvfp4_fuse/driver_lane.py) reads them without importing this.
 from ..constants import COMPARE_BPP, COMPARE_NSUB, COMPARE_WARPS
+from ..kernel_cache import compare_ints
 from .dequant import _e4m3_to_f32, _nibble, _swizzle_off, is_interpreted, prepare
 from .reference import as_batched, dequantize_nvfp4_ref
 
@@ -198,11 +199,11 @@ def compare_tiles(a_packed, a_scales, a_scale_2, b_packed, b_scales, b_scale_2, 
         raise ValueError(f"A is [E, M, K] = {[e, m, k16 * 16]} but B is {[eb, mb, k16b * 16]}")
     if wa.device != wb.device:
         raise ValueError("A and B must be on one device")
-    mp, kp = (m + 127) // 128 * 128, (k16 + 3) // 4 * 4
-    nblk = m * k16
     bpp = bpp or COMPARE_BPP
     nsub = nsub or COMPARE_NSUB
-    T = triton.cdiv(nblk, bpp * nsub)
+    # the kernel's integer arguments, as a launch of its cached binary passes them (kernel_cache.py)
+    ints = compare_ints(m, k16 * 16, bpp, nsub)
+    mp, kp, nblk, T = ints["Mp"], ints["Kp"], ints["nblk"], ints["T"]
     dev = wa.device
     tiles = {  # every program writes its tile's four entries
         "max_abs": torch.empty((e, T), dtype=torch.float32, device=dev),

@@ -19,6 +19,7 @@ constants. A folder that cannot be written leaves the fast start off, nothing el
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import importlib.util
 import json
@@ -72,17 +73,19 @@ def _triton_version() -> str | None:
         return None
 
 
-_BASE: list[str | None] = []
+@functools.cache
+def _base_key() -> str | None:
+    """What every key shares: the format, the kernel's source, Triton's version (once a process)."""
+    src, tv = _source_hash(), _triton_version()
+    return None if src is None or tv is None else f"{FORMAT}|{src}|{tv}"
 
 
 def entry_key(capability: tuple[int, int], rows: int, cols: int, in_place: bool, constants: dict[str, Any]) -> str | None:
     """The cache key of one compiled variant; None when the kernel's source or Triton cannot be found."""
-    if not _BASE:
-        src, tv = _source_hash(), _triton_version()
-        _BASE.append(None if src is None or tv is None else f"{FORMAT}|{src}|{tv}")
-    if _BASE[0] is None:
+    base = _base_key()
+    if base is None:
         return None
-    what = f"{_BASE[0]}|sm{capability[0]}{capability[1]}|{rows}x{cols}|{int(in_place)}|{json.dumps(constants, sort_keys=True)}"
+    what = f"{base}|sm{capability[0]}{capability[1]}|{rows}x{cols}|{int(in_place)}|{json.dumps(constants, sort_keys=True)}"
     return hashlib.sha256(what.encode()).hexdigest()[:32]
 
 
