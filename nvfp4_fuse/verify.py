@@ -373,8 +373,7 @@ def verify(
             from .verify_journal import VerifyJournal, run_options
 
             run = run_options(sample, seed, dev if decode else None, hash_files)
-            journal = VerifyJournal.open(conv_dir, hub.pinned.sha, run) if run is not None else None
-            kept = journal.kept([s.name for s in spec.shards]) if journal is not None else {}
+            journal, kept = VerifyJournal.resume(conv_dir, hub.pinned.sha, run, [s.name for s in spec.shards])
             if kept and on_resume:
                 on_resume(len(kept), len(spec.shards))
             try:

@@ -74,6 +74,13 @@ class VerifyJournal:
         key = hashlib.sha256(what.encode()).hexdigest()
         return cls(cache_dir() / FOLDER / f"{key[:32]}.json", key, conv_dir)
 
+    @classmethod
+    def resume(cls, conv_dir: Path, commit: str, run: dict[str, Any] | None, names: list[str]) -> tuple[VerifyJournal | None, dict[str, VerifyResult]]:
+        """(the journal of this run, or None where it cannot resume: ``run`` None, no manifest; the
+        results of the shards among ``names`` it holds as passed, see :meth:`kept`)."""
+        journal = cls.open(conv_dir, commit, run) if run is not None else None
+        return journal, journal.kept(names) if journal is not None else {}
+
     def kept(self, names: list[str]) -> dict[str, VerifyResult]:
         """The results of the shards among ``names`` an earlier run checked, whose files are unchanged."""
         out = {}

@@ -165,8 +165,7 @@ class HubVerifySource:
 
         manifest, _, spec = checked_plan(Path(self.repo_id), self.converted, hub=self)
         assert self.pinned is not None
-        journal = VerifyJournal.open(self.converted, self.pinned.sha, run) if run is not None else None
-        kept = journal.kept([s.name for s in spec.shards]) if journal is not None else {}
+        _, kept = VerifyJournal.resume(self.converted, self.pinned.sha, run, [s.name for s in spec.shards])
         todo = [s for s in spec.shards if s.name not in kept]
         plan = self.plan(spec, checked_sidecars(spec, manifest.model_card), decode=decode, staging=self.base / (WORK_PREFIX + "dry-run"), todo=todo)
         assert self.pinned is not None
