@@ -192,19 +192,20 @@ class HubSourceFiles:
         for f in self.local:
             self._ready[f] = threading.Event()
             self._ready[f].set()
-        self._tidy(wanted)
-        self.download_bytes = sum(self.pinned.files[f].size for f in wanted if f not in self.local) - self._staged_bytes(wanted)
+        staged = self._tidy(wanted)
+        self.download_bytes = sum(self.pinned.files[f].size for f in wanted if f not in self.local) - staged
         self._pool = ThreadPoolExecutor(self.fetchers, thread_name_prefix="nvfp4-fetch")
         self._thread = threading.Thread(target=self._fetch_all, name="nvfp4-fetcher", daemon=True)
         self._thread.start()
 
-    def _tidy(self, wanted: set[str]) -> None:
+    def _tidy(self, wanted: set[str]) -> int:
         """Keep an earlier run's downloads (whole or partial) that the plan's first reservations
-        cover; delete the rest, so the working set is within the budget from the first moment."""
+        cover; delete the rest, so the working set is within the budget from the first moment.
+        -> the bytes kept (what this run need not download)."""
         from .hub.fetch import INCOMPLETE_SUFFIX
 
         if not self.staging.is_dir():
-            return
+            return 0
         assert self.plan is not None and self.budget is not None
         keep: set[str] = set()
         total = 0
@@ -214,6 +215,7 @@ class HubSourceFiles:
                 break
             if it.kind == "file":
                 keep.add(it.name)
+        kept = 0
         for p in sorted(self.staging.rglob("*")):
             if p.is_dir():
                 continue
@@ -221,17 +223,9 @@ class HubSourceFiles:
             base = rel[: -len(INCOMPLETE_SUFFIX)] if rel.endswith(INCOMPLETE_SUFFIX) else rel
             if base not in keep or base not in wanted:
                 p.unlink()
-
-    def _staged_bytes(self, wanted: set[str]) -> int:
-        """Bytes of ``wanted`` files an earlier run left in the staging folder (whole or partial)."""
-        from .hub.fetch import INCOMPLETE_SUFFIX
-
-        have = 0
-        for f in wanted:
-            for p in (self.staging / f, self.staging / (f + INCOMPLETE_SUFFIX)):
-                if p.is_file():
-                    have += p.stat().st_size
-        return have
+            else:
+                kept += p.stat().st_size
+        return kept
 
     # -- the fetcher --------------------------------------------------------------------------
     def _fetch_all(self) -> None:
